@@ -1,0 +1,766 @@
+"""
+The configuration: ``routes.yaml``, CLI routes and API manifests, parsed into
+frozen, validated objects.
+
+Every problem is a L{ConfigError} whose message can be shown to an operator as
+is: the file, the field path (0-based, ``projects[2].listen.port``) and what is
+wrong. Strports and client endpoint strings are checked by Twisted's own
+parsers, so what validates here is what binds and connects later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+from twisted.internet.endpoints import clientFromString, serverFromString
+
+PROTOCOLS = ("http", "tcp", "udp", "ws")
+SERVICE_PROTOCOLS = ("http", "tcp")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+DEFAULT_INGRESS = "tcp:8080"
+DEFAULT_STATE = "./portrouter-state"
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, printable as is.
+
+    @ivar field: the dotted field path (``projects[2].listen.port``), or ``""``
+        for the document as a whole.
+    @ivar problem: what is wrong, without the field path.
+    @ivar source: the file name, or L{None} for an API body or the CLI.
+    """
+
+    def __init__(self, field: str, problem: str, source: str | None = None):
+        self.field = field
+        self.problem = problem
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.source, self.field) if p]
+        return ": ".join(parts + [self.problem])
+
+    def within(self, source: str) -> ConfigError:
+        return ConfigError(self.field, self.problem, source)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def _expect_mapping(value: object, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+    return value
+
+
+def _expect_list(value: object, path: str) -> Sequence[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(path, f"expected a list, got {_kind(value)}")
+    return value
+
+
+def _expect_str(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected a string, got {_kind(value)}")
+    if not value:
+        raise ConfigError(path, "must not be empty")
+    return value
+
+
+def _expect_bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+    allowed = list(allowed)
+    for key in data:
+        if not isinstance(key, str) or key not in allowed:
+            hint = ""
+            if isinstance(key, str):
+                close = difflib.get_close_matches(key, allowed, n=1)
+                if close:
+                    hint = f" (did you mean '{close[0]}'?)"
+            raise ConfigError(_join(path, str(key)), f"unknown key{hint}")
+
+
+def _port(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(path, f"{value!r} is not a port (1-65535)")
+    return value
+
+
+def _number(value: object, path: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        what = "a number of seconds or null" if optional else "a number of seconds"
+        raise ConfigError(path, f"expected {what}, got {_kind(value)}")
+    if not value > 0:
+        raise ConfigError(path, f"{value!r} must be greater than 0")
+    return float(value)
+
+
+def _count(value: object, path: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        what = "a whole number or null" if optional else "a whole number"
+        raise ConfigError(path, f"expected {what}, got {_kind(value)}")
+    if value < 1:
+        raise ConfigError(path, f"{value!r} must be at least 1")
+    return value
+
+
+def _interface(value: object, path: str) -> str:
+    text = _expect_str(value, path)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(path, f"{text!r} is not an IP address") from None
+    return text
+
+
+def _endpoint_problem(exc: Exception) -> str:
+    # Twisted's parsers speak Python (``__init__() missing 1 required
+    # positional argument: 'port'``); keep the part an operator can act on.
+    text = str(exc)
+    missing = re.search(r"missing \d+ required positional arguments?: (.*)", text)
+    if missing:
+        return "missing " + missing.group(1).replace("'", "")
+    return text
+
+
+def _checked_port(endpoint: object, desc: str, path: str, *, allow_zero: bool) -> None:
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(path, f"{desc!r}: {port} is not a port (1-65535)")
+
+
+def check_server_strport(value: object, path: str, *, allow_zero: bool = False) -> str:
+    """Check a listening strports description (``tcp:8080``) with Twisted's parser."""
+    from twisted.internet import reactor
+
+    desc = _expect_str(value, path)
+    try:
+        endpoint = serverFromString(reactor, desc)
+    except Exception as e:
+        raise ConfigError(
+            path, f"{desc!r} is not a listening endpoint: {_endpoint_problem(e)}"
+        ) from None
+    _checked_port(endpoint, desc, path, allow_zero=allow_zero)
+    return desc
+
+
+def check_client_endpoint(value: object, path: str) -> str:
+    """Check a client endpoint string (``tcp:127.0.0.1:3000``) with Twisted's parser."""
+    from twisted.internet import reactor
+
+    desc = _expect_str(value, path)
+    try:
+        endpoint = clientFromString(reactor, desc)
+    except Exception as e:
+        raise ConfigError(
+            path, f"{desc!r} is not a client endpoint: {_endpoint_problem(e)}"
+        ) from None
+    _checked_port(endpoint, desc, path, allow_zero=False)
+    return desc
+
+
+def split_hostport(value: object, path: str) -> tuple[str, int]:
+    """Check a UDP backend ``HOST:PORT`` (``[v6]:PORT`` for IPv6 literals)."""
+    text = _expect_str(value, path)
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ConfigError(path, f"{text!r} is not HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, f"{text!r}: {port} is not a port (1-65535)")
+    return host, port
+
+
+# --- limits ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Timeouts and bounds; global ``defaults`` overridden per project or service."""
+
+    connect_timeout: float = 10.0
+    idle_timeout: float | None = None
+    udp_timeout: float = 60.0
+    udp_max_sessions: int = 10000
+    max_connections: int | None = None
+    start_timeout: float = 30.0
+
+
+_LIMIT_PARSERS: dict[str, Callable[[object, str], Any]] = {
+    "connect_timeout": _number,
+    "idle_timeout": lambda v, p: _number(v, p, optional=True),
+    "udp_timeout": _number,
+    "udp_max_sessions": _count,
+    "max_connections": lambda v, p: _count(v, p, optional=True),
+    "start_timeout": _number,
+}
+LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+
+
+def _limits(data: Mapping[str, Any], base: Limits, path: str) -> Limits:
+    """Apply the limit keys present in C{data} on top of C{base}."""
+    changes = {
+        key: _LIMIT_PARSERS[key](data[key], _join(path, key))
+        for key in LIMIT_KEYS
+        if key in data
+    }
+    return replace(base, **changes) if changes else base
+
+
+# --- projects ---------------------------------------------------------------
+
+
+def _escape_strport(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+@dataclass(frozen=True)
+class Listen:
+    """
+    Where a project is bound of its own.
+
+    @ivar endpoint: the strports description that is bound (for UDP,
+        ``udp:PORT[:interface=ADDR]``, parsed by portrouter itself).
+    @ivar port: the port number, or L{None} for a UNIX socket or an inherited
+        descriptor; 0 (CLI only) lets the OS pick.
+    """
+
+    protocol: str
+    port: int | None
+    interface: str | None
+    endpoint: str
+
+    @property
+    def namespace(self) -> str:
+        return "udp" if self.protocol == "udp" else "tcp"
+
+
+def listen_from(protocol: str, port: int, interface: str | None) -> Listen:
+    if protocol == "udp":
+        endpoint = f"udp:{port}"
+    else:
+        endpoint = f"tcp:{port}"
+    if interface:
+        endpoint += f":interface={_escape_strport(interface)}"
+    return Listen(protocol, port, interface, endpoint)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A backend that portrouter starts on demand (SPEC section 5)."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    idle_stop: float | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service port: a named TCP service inside a project, reached by tunnel."""
+
+    name: str
+    protocol: str
+    port: int
+    command: Command | None
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Project:
+    """
+    A deployed project, validated.
+
+    @ivar manifest: the manifest as given (file or API), shown back as is.
+    @ivar static: defined in the config file or on the CLI, not through the API.
+    """
+
+    name: str
+    backend: str | None
+    listen: Listen | None
+    host: str | None
+    services: tuple[Service, ...]
+    command: Command | None
+    limits: Limits
+    runtime: str | None = None
+    entry: str | None = None
+    manifest: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    static: bool = True
+
+    @property
+    def path_routed(self) -> bool:
+        return self.listen is None and self.backend is not None
+
+    def service(self, name: str) -> Service | None:
+        for service in self.services:
+            if service.name == name:
+                return service
+        return None
+
+
+_COMMAND_KEYS = ("command", "env", "cwd", "idle_stop")
+_PROJECT_KEYS = (
+    "name", "backend", "listen", "runtime", "entry", "host", "services",
+) + _COMMAND_KEYS + LIMIT_KEYS
+_SERVICE_KEYS = ("name", "protocol", "port") + _COMMAND_KEYS + LIMIT_KEYS
+_LISTEN_KEYS = ("port", "protocol", "interface")
+
+
+def _name(value: object, path: str) -> str:
+    text = _expect_str(value, path)
+    if not NAME_RE.match(text):
+        raise ConfigError(
+            path, f"{text!r} is not a valid name (lower-case letters, digits and "
+            "'-', starting with a letter or digit, at most 63)"
+        )
+    return text
+
+
+def _command(data: Mapping[str, Any], path: str) -> Command | None:
+    if data.get("command") is None:
+        for key in ("env", "cwd", "idle_stop"):
+            if data.get(key) is not None:
+                raise ConfigError(_join(path, key), "only makes sense with 'command'")
+        return None
+    cpath = _join(path, "command")
+    argv = _expect_list(data["command"], cpath)
+    if not argv:
+        raise ConfigError(cpath, "must name a program to run")
+    args = tuple(_expect_str(a, _join(cpath, i)) for i, a in enumerate(argv))
+    env = None
+    if data.get("env") is not None:
+        epath = _join(path, "env")
+        raw = _expect_mapping(data["env"], epath)
+        env = {}
+        for k, v in raw.items():
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ConfigError(_join(epath, str(k)), f"expected a string, got {_kind(v)}")
+            env[str(k)] = str(v)
+    cwd = _expect_str(data["cwd"], _join(path, "cwd")) if data.get("cwd") is not None else None
+    idle_stop = _number(data.get("idle_stop"), _join(path, "idle_stop"), optional=True)
+    return Command(args, env, cwd, idle_stop)
+
+
+def _listen(value: object, path: str) -> Listen | None:
+    if value is None:
+        return None
+    data = _expect_mapping(value, path)
+    _check_keys(data, _LISTEN_KEYS, path)
+    if "port" not in data:
+        raise ConfigError(_join(path, "port"), "is required")
+    port = _port(data["port"], _join(path, "port"))
+    protocol = data.get("protocol", "http")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            _join(path, "protocol"),
+            f"{protocol!r} is not a protocol ({', '.join(PROTOCOLS)})",
+        )
+    interface = None
+    if data.get("interface") is not None:
+        interface = _interface(data["interface"], _join(path, "interface"))
+    return listen_from(protocol, port, interface)
+
+
+def _service(value: object, path: str, defaults: Limits) -> Service:
+    data = _expect_mapping(value, path)
+    _check_keys(data, _SERVICE_KEYS, path)
+    for key in ("name", "port"):
+        if key not in data:
+            raise ConfigError(_join(path, key), "is required")
+    name = _name(data["name"], _join(path, "name"))
+    protocol = data.get("protocol", "tcp")
+    if protocol not in SERVICE_PROTOCOLS:
+        raise ConfigError(
+            _join(path, "protocol"),
+            f"{protocol!r} is not a service protocol ({', '.join(SERVICE_PROTOCOLS)})",
+        )
+    port = _port(data["port"], _join(path, "port"))
+    return Service(name, protocol, port, _command(data, path), _limits(data, defaults, path))
+
+
+def parse_project(
+    value: object, defaults: Limits = Limits(), path: str = "", *, static: bool = True
+) -> Project:
+    """
+    Validate one manifest. C{path} prefixes field paths in errors
+    (``projects[2]`` in a file, ``""`` for an API body).
+    """
+    data = _expect_mapping(value, path)
+    _check_keys(data, _PROJECT_KEYS, path)
+    if "name" not in data:
+        raise ConfigError(_join(path, "name"), "is required")
+    name = _name(data["name"], _join(path, "name"))
+    listen = _listen(data.get("listen"), _join(path, "listen"))
+
+    backend: str | None = None
+    bpath = _join(path, "backend")
+    if data.get("backend") is not None:
+        if listen is not None and listen.protocol == "udp":
+            host, port = split_hostport(data["backend"], bpath)
+            backend = data["backend"]
+        else:
+            backend = check_client_endpoint(data["backend"], bpath)
+
+    services: tuple[Service, ...] = ()
+    if data.get("services") is not None:
+        spath = _join(path, "services")
+        items = _expect_list(data["services"], spath)
+        seen: dict[str, int] = {}
+        parsed = []
+        for i, item in enumerate(items):
+            service = _service(item, _join(spath, i), _limits(data, defaults, path))
+            if service.name in seen:
+                raise ConfigError(
+                    _join(_join(spath, i), "name"),
+                    f"{service.name!r} is already the name of {spath}[{seen[service.name]}]",
+                )
+            seen[service.name] = i
+            parsed.append(service)
+        services = tuple(parsed)
+
+    if backend is None and not services:
+        raise ConfigError(path or name, "needs 'backend', 'services', or both")
+    if listen is not None and backend is None:
+        raise ConfigError(bpath, "is required for a project with 'listen'")
+
+    host = None
+    if data.get("host") is not None:
+        host = _expect_str(data["host"], _join(path, "host"))
+    elif services:
+        host = "127.0.0.1"
+
+    command = _command(data, path)
+    if command is not None and backend is None:
+        raise ConfigError(_join(path, "command"), "needs a 'backend' to start")
+
+    for key in ("runtime", "entry"):
+        if data.get(key) is not None:
+            _expect_str(data[key], _join(path, key))
+
+    return Project(
+        name=name,
+        backend=backend,
+        listen=listen,
+        host=host,
+        services=services,
+        command=command,
+        limits=_limits(data, defaults, path),
+        runtime=data.get("runtime"),
+        entry=data.get("entry"),
+        manifest=dict(data),
+        static=static,
+    )
+
+
+# --- CLI routes -------------------------------------------------------------
+
+
+def _udp_listen(desc: str, path: str) -> Listen:
+    """``udp:PORT[:interface=ADDR]``: Twisted has no UDP strports, so parse it here."""
+    match = re.fullmatch(r"udp:(?:port=)?(\d+)(?::interface=(.+))?", desc)
+    if not match:
+        raise ConfigError(path, f"{desc!r} is not a UDP listen description (udp:PORT[:interface=ADDR])")
+    port = int(match.group(1))
+    if not 0 <= port <= 65535:
+        raise ConfigError(path, f"{desc!r}: {port} is not a port (1-65535)")
+    interface = match.group(2).replace("\\:", ":") if match.group(2) else None
+    if interface is not None:
+        _interface(interface, path)
+    return Listen("udp", port, interface, desc)
+
+
+def parse_cli_route(protocol: str, text: str, defaults: Limits = Limits()) -> Project:
+    """
+    Turn ``--tcp 'tcp:5000 -> tcp:127.0.0.1:6000'`` into a project named for
+    its protocol and port (``tcp-5000``). Port 0 is allowed here: the OS picks.
+    """
+    path = f"--{protocol}"
+    if "->" not in text:
+        raise ConfigError(path, f"{text!r} is not 'LISTEN -> BACKEND'")
+    listen_desc, backend = (part.strip() for part in text.split("->", 1))
+    if protocol == "udp":
+        listen = _udp_listen(listen_desc, path)
+        split_hostport(backend, path)
+    else:
+        check_server_strport(listen_desc, path, allow_zero=True)
+        from twisted.internet import reactor
+
+        endpoint = serverFromString(reactor, listen_desc)
+        port = getattr(endpoint, "_port", None)
+        interface = getattr(endpoint, "_interface", None) or None
+        listen = Listen(protocol, port, interface, listen_desc)
+        check_client_endpoint(backend, path)
+    tag = listen.port if listen.port is not None else re.sub(r"[^a-z0-9]+", "-", listen_desc.lower()).strip("-")
+    name = f"{protocol}-{tag}"[:63].rstrip("-")
+    manifest = {"name": name, "backend": backend, "listen": {"endpoint": listen_desc, "protocol": protocol}}
+    return Project(
+        name=name, backend=backend, listen=listen, host=None, services=(),
+        command=None, limits=defaults, manifest=manifest,
+    )
+
+
+# --- the whole file -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    secret: str = field(repr=False)
+    admin: bool
+    projects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Keypair:
+    access_key: str
+    secret_key: str = field(repr=False)
+    projects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Auth:
+    tokens: tuple[Token, ...] = ()
+    keypairs: tuple[Keypair, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manhole:
+    listen: str
+    authorized_keys: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything portrouter is told at start-up, file and CLI together."""
+
+    source: str | None = None
+    ingress: str = DEFAULT_INGRESS
+    state: str = DEFAULT_STATE
+    drain_timeout: float = 30.0
+    defaults: Limits = Limits()
+    auth: Auth | None = None
+    manhole: Manhole | None = None
+    projects: tuple[Project, ...] = ()
+
+
+_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects")
+
+
+def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
+    """A secret given inline (C{key}) or, preferably, in a file (C{key}_file)."""
+    file_key = f"{key}_file"
+    if (data.get(key) is None) == (data.get(file_key) is None):
+        raise ConfigError(path, f"needs exactly one of '{key}' and '{file_key}'")
+    if data.get(key) is not None:
+        return _expect_str(data[key], _join(path, key))
+    fpath = _join(path, file_key)
+    name = os.path.expanduser(_expect_str(data[file_key], fpath))
+    try:
+        with open(name, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(fpath, f"cannot read {name!r}: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(fpath, f"{name!r} is empty")
+    return secret
+
+
+def _project_list(value: object, path: str) -> tuple[str, ...]:
+    items = _expect_list(value, path)
+    names = []
+    for i, item in enumerate(items):
+        text = _expect_str(item, _join(path, i))
+        if text != "*":
+            _name(text, _join(path, i))
+        names.append(text)
+    return tuple(names)
+
+
+def _auth(value: object, path: str) -> Auth:
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("tokens", "keypairs"), path)
+    tokens = []
+    tpath = _join(path, "tokens")
+    for i, item in enumerate(_expect_list(data.get("tokens") or [], tpath)):
+        ipath = _join(tpath, i)
+        item = _expect_mapping(item, ipath)
+        _check_keys(item, ("token", "token_file", "admin", "projects"), ipath)
+        tokens.append(Token(
+            secret=_secret(item, "token", ipath),
+            admin=_expect_bool(item.get("admin", False), _join(ipath, "admin")),
+            projects=_project_list(item.get("projects", []), _join(ipath, "projects")),
+        ))
+    keypairs = []
+    kpath = _join(path, "keypairs")
+    for i, item in enumerate(_expect_list(data.get("keypairs") or [], kpath)):
+        ipath = _join(kpath, i)
+        item = _expect_mapping(item, ipath)
+        _check_keys(item, ("access_key", "secret_key", "secret_key_file", "projects"), ipath)
+        if "access_key" not in item:
+            raise ConfigError(_join(ipath, "access_key"), "is required")
+        keypairs.append(Keypair(
+            access_key=_expect_str(item["access_key"], _join(ipath, "access_key")),
+            secret_key=_secret(item, "secret_key", ipath),
+            projects=_project_list(item.get("projects", []), _join(ipath, "projects")),
+        ))
+    return Auth(tuple(tokens), tuple(keypairs))
+
+
+def _manhole(value: object, path: str) -> Manhole:
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("listen", "authorized_keys"), path)
+    for key in ("listen", "authorized_keys"):
+        if key not in data:
+            raise ConfigError(_join(path, key), "is required")
+    return Manhole(
+        listen=check_server_strport(data["listen"], _join(path, "listen")),
+        authorized_keys=os.path.expanduser(
+            _expect_str(data["authorized_keys"], _join(path, "authorized_keys"))
+        ),
+    )
+
+
+def parse(data: object, source: str | None = None) -> Config:
+    """Validate a whole config document (already loaded from YAML)."""
+    try:
+        return _parse(data, source)
+    except ConfigError as e:
+        raise e.within(source) if source else e
+
+
+def _parse(data: object, source: str | None) -> Config:
+    if data is None:
+        data = {}
+    data = _expect_mapping(data, "")
+    _check_keys(data, _TOP_KEYS, "")
+    config = Config(source=source)
+    if data.get("ingress") is not None:
+        config = replace(config, ingress=check_server_strport(data["ingress"], "ingress", allow_zero=True))
+    if data.get("state") is not None:
+        config = replace(config, state=_expect_str(data["state"], "state"))
+    if "drain_timeout" in data:
+        config = replace(config, drain_timeout=_number(data["drain_timeout"], "drain_timeout"))
+    if data.get("defaults") is not None:
+        defaults = _expect_mapping(data["defaults"], "defaults")
+        _check_keys(defaults, LIMIT_KEYS, "defaults")
+        config = replace(config, defaults=_limits(defaults, Limits(), "defaults"))
+    if data.get("auth") is not None:
+        config = replace(config, auth=_auth(data["auth"], "auth"))
+    if data.get("manhole") is not None:
+        config = replace(config, manhole=_manhole(data["manhole"], "manhole"))
+
+    projects: list[Project] = []
+    seen: dict[str, int] = {}
+    items = _expect_list(data.get("projects") or [], "projects")
+    for i, item in enumerate(items):
+        path = _join("projects", i)
+        project = parse_project(item, config.defaults, path)
+        if project.name in seen:
+            raise ConfigError(
+                _join(path, "name"),
+                f"{project.name!r} is already the name of projects[{seen[project.name]}]",
+            )
+        seen[project.name] = i
+        projects.append(project)
+    config = replace(config, projects=tuple(projects))
+
+    # Conflicts are the routing table's to judge; run it once here so that a
+    # file that cannot be served is refused before anything binds.
+    from portrouter.table import PortConflict, RoutingTable
+
+    try:
+        RoutingTable.build(config.ingress, config.manhole, config.projects)
+    except PortConflict as e:
+        index = seen[e.claimant]
+        raise ConfigError(f"projects[{index}].listen.port", str(e)) from None
+    return config
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read the file: {e.strerror}", path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(where, f"invalid YAML: {problem}", path) from None
+    return parse(data, path)
+
+
+def with_cli(
+    config: Config,
+    *,
+    ingress: str | None = None,
+    state: str | None = None,
+    manhole: str | None = None,
+    routes: Sequence[tuple[str, str]] = (),
+) -> Config:
+    """Join CLI options to a config: CLI values win, CLI routes join the file's."""
+    if ingress is not None:
+        config = replace(config, ingress=check_server_strport(ingress, "--ingress", allow_zero=True))
+    if state is not None:
+        config = replace(config, state=state)
+    if manhole is not None:
+        keys = config.manhole.authorized_keys if config.manhole else os.path.expanduser("~/.ssh/authorized_keys")
+        config = replace(config, manhole=Manhole(check_server_strport(manhole, "--manhole", allow_zero=True), keys))
+    projects = list(config.projects)
+    names = {p.name for p in projects}
+    for protocol, text in routes:
+        project = parse_cli_route(protocol, text, config.defaults)
+        name, n = project.name, 1
+        while name in names:
+            n += 1
+            name = f"{project.name}-{n}"
+        names.add(name)
+        projects.append(replace(project, name=name, manifest={**project.manifest, "name": name}))
+    config = replace(config, projects=tuple(projects))
+    from portrouter.table import PortConflict, RoutingTable
+
+    try:
+        RoutingTable.build(config.ingress, config.manhole, config.projects)
+    except PortConflict as e:
+        raise ConfigError("", str(e)) from None
+    return config

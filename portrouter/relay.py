@@ -1,0 +1,367 @@
+"""
+Moving bytes between two connections: the one place where backpressure and
+half-close are done, for every route kind that carries a byte stream.
+
+Two ways, chosen per connection pair:
+
+  - L{SpliceRelay}: both sides are plain kernel sockets (TCP or UNIX). Bytes
+    go socket -> pipe -> socket with C{splice(2)} and never enter Python, which
+    is what lets one core keep up with HAProxy (see shared/NOTES.md). The pipe
+    holds at most one chunk per direction and a side is read only while its
+    pipe is empty, so a slow reader costs a bounded amount of kernel memory and
+    none in Python.
+  - L{pair_streams}: anything else (TLS, WebSocket bridges): Twisted's
+    producer/consumer contract both ways, as C{portforward} does, plus
+    half-close.
+
+Both report to a L{Session}, which is what logs, metrics, the manhole and
+draining see of a connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from typing import Any, Callable
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorFDSet,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger(namespace="portrouter")
+
+_SPLICE = getattr(os, "splice", None)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# One chunk per direction; also the most a slow reader can make us hold.
+CHUNK = 256 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# Reads per readiness event before going back to the reactor, so one busy
+# connection cannot starve the others.
+_BURST = 8
+
+
+class Session:
+    """
+    One relayed connection as an operator sees it: who, where, how much, how
+    long, and why it ended. Relays fill the counters; the route module logs it.
+    """
+
+    __slots__ = (
+        "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
+        "reason", "_closer", "_on_end",
+    )
+
+    def __init__(
+        self, protocol: str, project: str, peer: str, started: float,
+        on_end: Callable[[Session], None],
+    ):
+        self.protocol = protocol
+        self.project = project
+        self.peer = peer
+        self.started = started
+        self.bytes_in = 0  # from the client towards the backend
+        self.bytes_out = 0  # from the backend towards the client
+        self.reason: str | None = None
+        self._closer: Callable[[], None] | None = None
+        self._on_end: Callable[[Session], None] | None = on_end
+
+    def close(self) -> None:
+        """Close both sides now (drain timeout, idle timeout, shutdown)."""
+        if self._closer is not None:
+            self._closer()
+
+    def ended(self, reason: str) -> None:
+        if self._on_end is None:
+            return
+        self.reason = reason
+        on_end, self._on_end = self._on_end, None
+        self._closer = None
+        on_end(self)
+
+
+def splicable(transport: object) -> bool:
+    """A plain kernel stream socket, no TLS in between, and splice(2) exists."""
+    return _SPLICE is not None and isinstance(transport, tcp.Connection)
+
+
+def detach(transport: tcp.Connection) -> socket.socket:
+    """
+    Take the socket away from a Twisted transport that has not read or written
+    anything yet; the transport is left to the garbage collector unclosed.
+    """
+    transport.stopReading()
+    transport.stopWriting()
+    return transport.socket
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """One socket of a spliced pair, as the reactor sees it."""
+
+    __slots__ = ("relay", "sock", "fd", "inbound", "outbound")
+
+    def __init__(self, relay: SpliceRelay, sock: socket.socket):
+        self.relay = relay
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbound: _Direction
+        self.outbound: _Direction
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        try:
+            self.inbound.pump()
+        except OSError as e:
+            self.relay.fail(e, self)
+
+    def doWrite(self) -> None:
+        try:
+            self.outbound.drain()
+        except OSError as e:
+            self.relay.fail(e, self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.relay.fail(reason.value, self)
+
+    def logPrefix(self) -> str:
+        return "portrouter"
+
+
+class _Direction:
+    """Bytes from C{src} to C{dst} through a pipe made on first use."""
+
+    __slots__ = ("relay", "src", "dst", "rpipe", "wpipe", "pending", "eof", "done", "inbound")
+
+    def __init__(self, relay: SpliceRelay, src: _End, dst: _End, inbound: bool):
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.rpipe = -1
+        self.wpipe = -1
+        self.pending = 0
+        self.eof = False
+        self.done = False
+        self.inbound = inbound  # client -> backend
+
+    def pump(self) -> None:
+        """C{src} is readable; only called while the pipe is empty."""
+        if self.wpipe < 0:
+            self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
+            except OSError:
+                pass  # over the per-user pipe quota: the default size still works
+        reactor = self.relay.reactor
+        for _ in range(_BURST):
+            try:
+                n = _SPLICE(self.src.fd, self.wpipe, CHUNK, flags=_FLAGS)
+            except BlockingIOError:
+                return  # the pipe is empty, so the socket is
+            if n == 0:
+                self.eof = True
+                reactor.removeReader(self.src)
+                self.relay.first_eof(self)
+                self._finish()
+                return
+            self.pending += n
+            self.relay.count(self, n)
+            if not self._flush():
+                reactor.removeReader(self.src)
+                reactor.addWriter(self.dst)
+                return
+
+    def _flush(self) -> bool:
+        """Move the pipe into C{dst}; C{True} once it is empty."""
+        while self.pending:
+            try:
+                n = _SPLICE(self.rpipe, self.dst.fd, self.pending, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            self.pending -= n
+        return True
+
+    def drain(self) -> None:
+        """C{dst} is writable again."""
+        if not self._flush():
+            return
+        self.relay.reactor.removeWriter(self.dst)
+        if self.eof:
+            self._finish()
+        else:
+            self.relay.reactor.addReader(self.src)
+
+    def _finish(self) -> None:
+        # Half-close: EOF from one side becomes a FIN to the other once all
+        # that came before it was written; the other direction goes on.
+        if self.pending:
+            return
+        try:
+            self.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.done = True
+        self.close_pipe()
+        self.relay.direction_done()
+
+    def close_pipe(self) -> None:
+        if self.rpipe >= 0:
+            os.close(self.rpipe)
+            os.close(self.wpipe)
+            self.rpipe = self.wpipe = -1
+
+
+class SpliceRelay:
+    """Relay two connected stream sockets until both directions reach EOF."""
+
+    __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed")
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        session: Session,
+        client: socket.socket,
+        backend: socket.socket,
+    ):
+        self.reactor = reactor
+        self.session = session
+        self.client = _End(self, client)
+        self.backend = _End(self, backend)
+        self.up = _Direction(self, self.client, self.backend, True)
+        self.down = _Direction(self, self.backend, self.client, False)
+        self.client.inbound = self.backend.outbound = self.up
+        self.backend.inbound = self.client.outbound = self.down
+        self.closed = False
+        session._closer = self.close
+
+    def start(self) -> None:
+        self.reactor.addReader(self.client)
+        self.reactor.addReader(self.backend)
+
+    def count(self, direction: _Direction, n: int) -> None:
+        if direction.inbound:
+            self.session.bytes_in += n
+        else:
+            self.session.bytes_out += n
+
+    def first_eof(self, direction: _Direction) -> None:
+        if self.session.reason is None:
+            other = self.down if direction is self.up else self.up
+            if not other.eof:
+                self.session.reason = "client closed" if direction.inbound else "backend closed"
+
+    def direction_done(self) -> None:
+        if self.up.done and self.down.done:
+            self._close(self.session.reason or "closed")
+
+    def fail(self, error: BaseException | None, end: _End) -> None:
+        who = "client" if end is self.client else "backend"
+        if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.EPIPE):
+            reason = f"{who} reset the connection"
+        else:
+            reason = f"{who} error: {error}"
+        self._close(reason)
+
+    def close(self) -> None:
+        self._close("closed by portrouter")
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for end in (self.client, self.backend):
+            self.reactor.removeReader(end)
+            self.reactor.removeWriter(end)
+            end.sock.close()
+        self.up.close_pipe()
+        self.down.close_pipe()
+        self.session.ended(reason)
+
+
+def _half_close(transport: Any) -> None:
+    # TLS has no half-close in Twisted: close the whole connection instead.
+    if isinstance(transport, tcp.Connection):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class StreamSide(Protocol):
+    """
+    One side of a relayed pair of Twisted transports: what it reads is written
+    to its peer; each side's transport is the other's producer, so a full
+    write buffer on one side stops reading on the other.
+    """
+
+    peer: StreamSide | None = None
+    session: Session | None = None
+    inbound = False  # True for the client side
+    read_eof = False
+    write_eof = False
+
+    def dataReceived(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return
+        if self.inbound:
+            self.session.bytes_in += len(data)  # type: ignore[union-attr]
+        else:
+            self.session.bytes_out += len(data)  # type: ignore[union-attr]
+        peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.read_eof = True
+        if self.session is not None and self.session.reason is None and not (self.peer and self.peer.read_eof):
+            self.session.reason = "client closed" if self.inbound else "backend closed"
+        if self.peer is not None and self.peer.transport is not None:
+            _half_close(self.peer.transport)
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        self.write_eof = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.read_eof and self.write_eof:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.peer = None
+            if peer.transport is not None:
+                peer.transport.loseConnection()
+            if self.session is not None:
+                if self.session.reason is None:
+                    who = "client" if self.inbound else "backend"
+                    self.session.reason = f"{who} closed"
+                self.session.ended(self.session.reason)
+
+
+def pair_streams(session: Session, client: StreamSide, backend: StreamSide) -> None:
+    """Wire two connected L{StreamSide}s together; the client side must be paused."""
+    client.peer, backend.peer = backend, client
+    client.session = backend.session = session
+    client.inbound = True
+    client.transport.registerProducer(backend.transport, True)
+    backend.transport.registerProducer(client.transport, True)
+
+    def close() -> None:
+        session.reason = "closed by portrouter"
+        client.transport.loseConnection()
+        backend.transport.loseConnection()
+
+    session._closer = close
+    client.transport.resumeProducing()

@@ -1,0 +1,187 @@
+"""
+The router: a C{MultiService} with one child per bound port, reconciled from
+the routing table.
+
+Binding is all-or-nothing: when one port cannot be bound, the ones bound by
+the same change are released again and the old state stays in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from portrouter.config import Config, Project
+from portrouter.table import Route, RoutingTable
+from portrouter.tcp import Sessions, TCPRoute
+
+log = Logger(namespace="portrouter")
+
+
+class BindError(Exception):
+    """A port the OS refused to bind; the message names the project and port."""
+
+    def __init__(self, route: Route, reason: str):
+        self.route = route
+        self.reason = reason
+        where = f"port {route.port}/{route.namespace}" if route.port else route.listen
+        who = f"project {route.project!r}" if route.project else "the ingress"
+        super().__init__(f"cannot bind {where} for {who}: {reason}")
+
+
+def _os_reason(failure: Any) -> str:
+    """The OS's own words (``Address already in use``) from a listen failure."""
+    exc = failure.value if hasattr(failure, "value") else failure
+    sockerr = getattr(exc, "socketError", None)
+    if sockerr is not None and getattr(sockerr, "strerror", None):
+        return str(sockerr.strerror)
+    if getattr(exc, "strerror", None):
+        return str(exc.strerror)
+    return str(exc)
+
+
+class Listener(Service):
+    """One bound port and what answers on it."""
+
+    def __init__(self, route: Route, factory: Any, port: IListeningPort):
+        self.route = route
+        self.factory = factory
+        self.port = port
+        self.setName(route.project or "ingress")
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+class RouterService(MultiService):
+    """
+    Everything portrouter serves, built from a L{Config}. C{table} is the
+    current routing table; C{listeners} what is bound for it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        ingress_factory: Callable[[RouterService], Factory] | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.sessions = Sessions(reactor)
+        self.table = RoutingTable.build(config.ingress, config.manhole, config.projects)
+        self.listeners: dict[str, Listener] = {}
+        self.ingress: Listener | None = None
+        self._ingress_factory = ingress_factory
+
+    # -- start-up -------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every port before privileges are dropped. Any failure releases
+        what was bound and raises L{BindError}: nothing stays bound.
+        """
+        d = defer.Deferred.fromCoroutine(self._bind_all())
+        failures: list[Any] = []
+        d.addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+        super().privilegedStartService()
+
+    async def _bind_all(self) -> None:
+        ingress_route = self.table.routes[0]
+        factory = self._make_ingress()
+        port = await self._listen(ingress_route, factory)
+        self.ingress = Listener(ingress_route, factory, port)
+        try:
+            await self.apply(self.table, first=True)
+        except BaseException:
+            await self.ingress.port.stopListening()
+            self.ingress = None
+            raise
+        self.ingress.setServiceParent(self)
+
+    def _make_ingress(self) -> Factory:
+        if self._ingress_factory is not None:
+            return self._ingress_factory(self)
+        from portrouter.ingress import make_ingress
+
+        return make_ingress(self)
+
+    # -- reconciling ------------------------------------------------------------
+
+    def _factory_for(self, project: Project) -> Any:
+        assert project.listen is not None
+        return TCPRoute(self.reactor, project, self.sessions)
+
+    async def _listen(self, route: Route, factory: Any) -> IListeningPort:
+        endpoint = serverFromString(self.reactor, route.listen)
+        try:
+            port: IListeningPort = await endpoint.listen(factory)
+        except Exception as e:
+            raise BindError(route, _os_reason(e)) from None
+        log.info(
+            "{what} listening on {address}",
+            what=f"{route.protocol} route {route.project}" if route.project else "ingress",
+            address=_address(port),
+            project=route.project,
+        )
+        return port
+
+    async def apply(self, table: RoutingTable, *, first: bool = False) -> None:
+        """
+        Make the listeners match C{table}: bind the new ports first, and only
+        when all of them are bound, switch tables, update changed routes in
+        place and release the ports no longer wanted.
+        """
+        wanted = table.listeners()
+        current = {} if first else self.listeners
+        bound: dict[str, Listener] = {}
+        try:
+            for name, route in wanted.items():
+                old = current.get(name)
+                if old is not None and old.route.listen == route.listen:
+                    continue
+                project = table.projects[name]
+                factory = self._factory_for(project)
+                bound[name] = Listener(route, factory, await self._listen(route, factory))
+        except BaseException:
+            for listener in bound.values():
+                await listener.port.stopListening()
+            raise
+
+        released = [l for name, l in current.items() if name not in wanted or name in bound]
+        self.table = table
+        for name, route in wanted.items():
+            if name in bound:
+                continue
+            listener = current[name]
+            listener.route = route
+            listener.factory.update(table.projects[name])
+        new = {name: l for name, l in current.items() if name in wanted and name not in bound}
+        new.update(bound)
+        self.listeners = new
+        for listener in bound.values():
+            listener.setServiceParent(self)
+        for listener in released:
+            await defer.maybeDeferred(listener.disownServiceParent)
+
+    def port_of(self, project: str | None = None) -> int:
+        """The port actually bound for a project (or the ingress): for port 0."""
+        listener = self.ingress if project is None else self.listeners[project]
+        assert listener is not None
+        return int(listener.port.getHost().port)  # type: ignore[attr-defined]
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
+    return str(getattr(host, "name", host))

@@ -1,0 +1,97 @@
+"""
+``twistd portrouter``: options and the service they make.
+
+A bad config or a port the OS refuses ends the process before anything is
+bound, with one line on stderr that names the problem, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from portrouter.config import Config, ConfigError, load, with_cli
+from portrouter.router import BindError, RouterService
+
+
+class Options(usage.Options):
+    synopsis = "[--config routes.yaml] [options]"
+    longdesc = (
+        "Routes HTTP by path on the ingress, and HTTP, TCP, UDP and WebSocket "
+        "on per-project ports. Every route given here joins those of the file. "
+        "LISTEN is a strports description (tcp:3000, ssl:443:..., unix:/path); "
+        "BACKEND is a client endpoint (tcp:127.0.0.1:3001, unix:/run/app.sock); "
+        "a UDP route is 'udp:PORT[:interface=ADDR] -> HOST:PORT'."
+    )
+    optParameters = [
+        ["config", "c", None, "The routes file (YAML)."],
+        ["ingress", None, None, "Where the ingress listens (default tcp:8080)."],
+        ["manhole", None, None, "Where the SSH admin shell listens."],
+        ["state", None, None, "Where API-deployed projects are kept (default ./portrouter-state)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["routes"] = []
+
+    def _route(protocol: str) -> Any:  # type: ignore[misc]
+        def opt(self: Options, value: str) -> None:
+            self["routes"].append((protocol, value))
+
+        opt.__doc__ = f"A {protocol.upper()} route 'LISTEN -> BACKEND' (repeatable)."
+        return opt
+
+    opt_http = _route("http")
+    opt_tcp = _route("tcp")
+    opt_udp = _route("udp")
+    opt_ws = _route("ws")
+    del _route
+
+    def postOptions(self) -> None:
+        try:
+            config = load(self["config"]) if self["config"] else Config()
+            self["parsed"] = with_cli(
+                config,
+                ingress=self["ingress"],
+                state=self["state"],
+                manhole=self["manhole"],
+                routes=self["routes"],
+            )
+        except ConfigError as e:
+            # One line an operator can act on, not a usage screen.
+            sys.stderr.write(f"{e}\n")
+            raise SystemExit(1) from None
+
+
+class _Daemon(RouterService):
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except BindError as e:
+            sys.stderr.write(f"portrouter: {e}\n")
+            raise SystemExit(1) from None
+
+
+def _raise_fd_limit() -> None:
+    # Each relayed connection holds two sockets (and two pipes while data
+    # flows); the usual soft limit of 1024 would cap us at a few hundred.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    _raise_fd_limit()
+    return _Daemon(options["parsed"], reactor)

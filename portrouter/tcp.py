@@ -1,0 +1,149 @@
+"""
+TCP routes: each accepted connection becomes one connection to the project's
+backend (any Twisted client endpoint), bytes both ways, half-close carried.
+
+The accepted side is paused until the backend answers, so nothing it sends
+early is read, let alone lost; it is delivered once the backend is connected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IAddress, IReactorCore, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from portrouter.config import Project
+from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
+
+log = Logger(namespace="portrouter.tcp")
+
+
+def peer_of(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "name", None) or "unix"
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"  # type: ignore[attr-defined]
+
+
+def connect_failure(reason: Failure, timeout: float, timed_out: bool) -> str:
+    """Why a backend connection attempt failed, in words."""
+    if timed_out or reason.check(defer.CancelledError, error.TimeoutError):
+        return f"backend did not answer within {timeout:g} s"
+    if reason.check(error.ConnectionRefusedError):
+        return "backend refused the connection"
+    return f"backend connection failed: {reason.getErrorMessage()}"
+
+
+class Sessions:
+    """
+    The live sessions of the router: what the manhole lists, what draining
+    waits for, and where the one log line per finished session is written.
+    """
+
+    def __init__(self, reactor: IReactorCore):
+        self.reactor = reactor
+        self.live: set[Session] = set()
+
+    def open(self, protocol: str, project: str, peer: str) -> Session:
+        session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
+        self.live.add(session)
+        return session
+
+    def _ended(self, session: Session) -> None:
+        self.live.discard(session)
+        log.info(
+            "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
+            "{bytes_out} bytes out, {duration:.3f} s",
+            protocol=session.protocol,
+            project=session.project,
+            peer=session.peer,
+            reason=session.reason,
+            bytes_in=session.bytes_in,
+            bytes_out=session.bytes_out,
+            duration=self.reactor.seconds() - session.started,
+        )
+
+
+class _Backend(StreamSide):
+    pass
+
+
+class _BackendFactory(Factory):
+    noisy = False
+    protocol = _Backend
+
+
+class _Inbound(StreamSide):
+    """An accepted client connection, waiting for its backend, then relayed."""
+
+    def __init__(self, route: TCPRoute, addr: IAddress):
+        self.route = route
+        self.addr = addr
+        self.pending: defer.Deferred[Any] | None = None
+
+    def connectionMade(self) -> None:
+        route = self.route
+        self.transport.pauseProducing()
+        self.session = route.sessions.open("tcp", route.project.name, peer_of(self.addr))
+        connect_timeout = route.project.limits.connect_timeout
+        d = self.pending = route.endpoint.connect(_BackendFactory())
+        timer = route.reactor.callLater(connect_timeout, d.cancel)
+        d.addBoth(self._answered, timer, connect_timeout)
+
+    def _answered(self, result: Any, timer: Any, timeout: float) -> None:
+        self.pending = None
+        timed_out = not timer.active()
+        if not timed_out:
+            timer.cancel()
+        session = self.session
+        assert session is not None
+        if isinstance(result, Failure):
+            if self.transport is not None and session.reason is None:
+                self.transport.loseConnection()
+                session.ended(connect_failure(result, timeout, timed_out))
+            return
+        backend: _Backend = result
+        if splicable(self.transport) and splicable(backend.transport):
+            relay = SpliceRelay(
+                self.route.reactor, session, detach(self.transport), detach(backend.transport)
+            )
+            # The Twisted transports are let go of: from here on the relay
+            # owns both sockets.
+            self.transport = backend.transport = None
+            relay.start()
+        else:
+            pair_streams(session, self, backend)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.pending is not None:
+            # The client left before the backend answered.
+            self.session.reason = "client closed before the backend answered"  # type: ignore[union-attr]
+            self.pending.cancel()
+            self.session.ended(self.session.reason)  # type: ignore[union-attr]
+            return
+        super().connectionLost(reason)
+
+
+class TCPRoute(Factory):
+    """The listening side of one project's TCP route."""
+
+    noisy = False
+
+    def __init__(self, reactor: Any, project: Project, sessions: Sessions):
+        self.reactor = reactor
+        self.sessions = sessions
+        self.update(project)
+
+    def update(self, project: Project) -> None:
+        """Take a changed manifest; new connections use it, open ones go on."""
+        assert project.backend is not None
+        self.project = project
+        self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, project.backend)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return _Inbound(self, addr)
