@@ -93,6 +93,14 @@ class RouterService(MultiService):
         d.addErrback(failures.append)
         if failures:
             failures[0].raiseException()
+        if not d.called:
+            # An endpoint that binds asynchronously (not TCP/UNIX): a late
+            # failure still must not leave a half-started router running.
+            def late(failure: Any) -> None:
+                log.failure("start-up failed", failure)
+                self.reactor.stop()
+
+            d.addErrback(late)
         super().privilegedStartService()
 
     async def _bind_all(self) -> None:
@@ -103,7 +111,7 @@ class RouterService(MultiService):
         try:
             await self.apply(self.table, first=True)
         except BaseException:
-            await self.ingress.port.stopListening()
+            _release(self.ingress.port)
             self.ingress = None
             raise
         self.ingress.setServiceParent(self)
@@ -153,8 +161,10 @@ class RouterService(MultiService):
                 factory = self._factory_for(project)
                 bound[name] = Listener(route, factory, await self._listen(route, factory))
         except BaseException:
+            # Release without waiting, so the error surfaces synchronously
+            # (twistd's start-up and the API both need it at once).
             for listener in bound.values():
-                await listener.port.stopListening()
+                _release(listener.port)
             raise
 
         released = [l for name, l in current.items() if name not in wanted or name in bound]
@@ -178,6 +188,11 @@ class RouterService(MultiService):
         listener = self.ingress if project is None else self.listeners[project]
         assert listener is not None
         return int(listener.port.getHost().port)  # type: ignore[attr-defined]
+
+
+def _release(port: IListeningPort) -> None:
+    d = defer.maybeDeferred(port.stopListening)
+    d.addErrback(lambda f: log.failure("releasing {port}", f, port=port))
 
 
 def _address(port: IListeningPort) -> str:

@@ -8,14 +8,18 @@ bound, with one line on stderr that names the problem, and a non-zero exit.
 from __future__ import annotations
 
 import resource
+import signal
 import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from portrouter.config import Config, ConfigError, load, with_cli
 from portrouter.router import BindError, RouterService
+
+log = Logger(namespace="portrouter")
 
 
 class Options(usage.Options):
@@ -68,11 +72,28 @@ class Options(usage.Options):
 
 
 class _Daemon(RouterService):
+    """The router as twistd runs it: one-line start-up errors, our own signals."""
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._install_signals)
+
+    def _install_signals(self) -> None:
+        # twistd re-raises the signal that stopped it (exit status -15); a
+        # SIGTERM is how operators ask for a normal stop, which exits 0.
+        def stop(signum: int, frame: Any) -> None:
+            log.info("Received {signal}, shutting down", signal=signal.Signals(signum).name)
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except BindError as e:
-            sys.stderr.write(f"portrouter: {e}\n")
+            # twistd has redirected sys.stderr into the log by now.
+            sys.__stderr__.write(f"portrouter: {e}\n")
             raise SystemExit(1) from None
 
 

@@ -1,0 +1,212 @@
+"""
+Helpers for end-to-end tests: real loopback sockets, real processes.
+
+Blocking peers run in threads (C{deferToThread}) so that they are independent
+of the reactor that runs the router, the way an outside client is. Waiting is
+done on Deferreds or by polling a condition with a deadline, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from twisted.internet import defer, reactor, task, threads
+
+from portrouter.config import Config, with_cli
+from portrouter.router import RouterService
+
+LOOPBACK = "127.0.0.1"
+MiB = 1024 * 1024
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port that was free a moment ago, for configs that need a number."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll C{condition} every 20 ms until it is true; fail after C{timeout}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+async def start_router(*routes: tuple[str, str], config: Config | None = None) -> RouterService:
+    config = with_cli(config or Config(ingress=f"tcp:0:interface={LOOPBACK}"), routes=routes)
+    router = RouterService(config, reactor)
+    router.privilegedStartService()
+    router.startService()
+    return router
+
+
+def pattern(seed: int, size: int) -> Iterator[bytes]:
+    """Deterministic, incompressible-enough data in 1 MiB blocks."""
+    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
+    for i in range(0, size, MiB):
+        n = min(MiB, size - i)
+        yield block[:n] if i % (3 * MiB) else bytes(reversed(block[:n]))
+
+
+class ThreadServer:
+    """
+    A blocking TCP server on 127.0.0.1 that runs C{handler(conn)} in a thread
+    per connection; C{results} collects what handlers return.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], Any]):
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.results: list[Any] = []
+        self.errors: list[BaseException] = []
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"tcp:{LOOPBACK}:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.results.append(self.handler(conn))
+        except BaseException as e:  # reported by the test, not lost in a thread
+            self.errors.append(e)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def send_all_and_hash(sock: socket.socket, seed: int, size: int) -> str:
+    digest = hashlib.sha256()
+    for block in pattern(seed, size):
+        sock.sendall(block)
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def recv_all_and_hash(sock: socket.socket) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    total = 0
+    while True:
+        data = sock.recv(MiB)
+        if not data:
+            return total, digest.hexdigest()
+        total += len(data)
+        digest.update(data)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    return threads.deferToThread(fn, *args, **kwargs)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def twistd_path() -> str:
+    """The twistd of the Python running the tests, not whatever is on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
+    found = beside if os.path.exists(beside) else shutil.which("twistd")
+    assert found, "twistd is not installed"
+    return found
+
+
+class Twistd:
+    """
+    A real ``twistd -n portrouter`` process; its output is collected so tests
+    can wait for log lines (the ports bound, a session's end).
+    """
+
+    def __init__(self, *args: str, cwd: str | None = None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [twistd_path(), "-n", "--pidfile=", "portrouter", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+        )
+        self.output: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.output), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.errors), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream: Any, into: list[str]) -> None:
+        for line in iter(stream.readline, b""):
+            into.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def find(self, regex: str) -> re.Match[str] | None:
+        for line in list(self.output):
+            m = re.search(regex, line)
+            if m:
+                return m
+        return None
+
+    async def wait_line(self, regex: str, timeout: float = 30.0) -> re.Match[str]:
+        def check() -> Any:
+            if self.proc.poll() is not None and not self.find(regex):
+                raise AssertionError(
+                    f"twistd exited ({self.proc.returncode}):\n" + "\n".join(self.output + self.errors)
+                )
+            return self.find(regex)
+
+        return await wait_for(check, timeout, f"log line {regex!r}")
+
+    async def port_of(self, project: str) -> int:
+        m = await self.wait_line(rf"route {re.escape(project)} listening on [\d.]+:(\d+)")
+        return int(m.group(1))
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        await wait_for(lambda: self.proc.poll() is not None, timeout, "twistd to exit")
+        for t in self._readers:
+            t.join(5)
+        return int(self.proc.returncode)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,217 @@
+"""
+TCP routes end to end over real loopback sockets, for both relays: the
+spliced one (plain sockets) and the producer/consumer one (used for TLS).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+import portrouter.tcp
+from portrouter.relay import CHUNK
+from tests.support import (
+    LOOPBACK,
+    MiB,
+    ThreadServer,
+    free_port,
+    in_thread,
+    recv_all_and_hash,
+    send_all_and_hash,
+    start_router,
+    wait_for,
+)
+
+
+@pytest.fixture(params=["splice", "stream"])
+def relay_mode(request: Any, monkeypatch: Any) -> str:
+    if request.param == "stream":
+        monkeypatch.setattr(portrouter.tcp, "splicable", lambda transport: False)
+    return str(request.param)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection((LOOPBACK, port), timeout=60)
+
+
+async def route_to(backend: ThreadServer | str) -> Any:
+    address = backend.address if isinstance(backend, ThreadServer) else backend
+    router = await start_router(("tcp", f"tcp:0:interface={LOOPBACK} -> {address}"))
+    return router, router.port_of("tcp-0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_64_mib_each_way_arrives_intact(relay_mode: str) -> None:
+    size = 64 * MiB
+
+    def backend(conn: socket.socket) -> tuple[int, str, str]:
+        # Read and write at once, as a real peer would, until both are done.
+        received: list[Any] = []
+        reader = threading.Thread(target=lambda: received.append(recv_all_and_hash(conn)))
+        reader.start()
+        sent = send_all_and_hash(conn, 2, size)
+        conn.shutdown(socket.SHUT_WR)
+        reader.join(60)
+        return received[0][0], received[0][1], sent
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    try:
+        def client() -> tuple[str, tuple[int, str]]:
+            with connect(port) as sock:
+                received: list[Any] = []
+                reader = threading.Thread(target=lambda: received.append(recv_all_and_hash(sock)))
+                reader.start()
+                sent = send_all_and_hash(sock, 1, size)
+                sock.shutdown(socket.SHUT_WR)
+                reader.join(60)
+                return sent, received[0]
+
+        client_sent, (client_got, client_hash) = await in_thread(client)
+        await wait_for(lambda: server.results or server.errors, what="backend to finish")
+        assert not server.errors
+        backend_got, backend_hash, backend_sent = server.results[0]
+        assert (backend_got, backend_hash) == (size, client_sent)
+        assert (client_got, client_hash) == (size, backend_sent)
+        await wait_for(lambda: not router.sessions.live, what="session to end")
+    finally:
+        server.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_reply_still_flows(relay_mode: str) -> None:
+    def backend(conn: socket.socket) -> None:
+        total, _ = recv_all_and_hash(conn)  # until the client's EOF
+        reply = f"got {total} bytes".encode() * 1000
+        conn.sendall(reply)
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    try:
+        def client() -> bytes:
+            with connect(port) as sock:
+                sock.sendall(b"x" * 100_000)
+                sock.shutdown(socket.SHUT_WR)
+                chunks = []
+                while data := sock.recv(65536):
+                    chunks.append(data)
+                return b"".join(chunks)
+
+        reply = await in_thread(client)
+        assert reply == b"got 100000 bytes" * 1000
+    finally:
+        server.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_keeps_buffering_bounded(relay_mode: str) -> None:
+    """The backend can only get ahead of a client that does not read by kernel buffers."""
+    size = 256 * MiB
+    progress = {"sent": 0, "done": False}
+
+    def backend(conn: socket.socket) -> None:
+        block = b"\xab" * MiB
+        for _ in range(size // MiB):
+            conn.sendall(block)
+            progress["sent"] += MiB
+        progress["done"] = True
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    sock = connect(port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    try:
+        # Wait until nothing moves any more: every buffer on the way is full.
+        history: list[int] = []
+
+        def stalled() -> bool:
+            history.append(progress["sent"])
+            return progress["done"] or (len(history) > 25 and len(set(history[-25:])) == 1)
+
+        await wait_for(stalled, 60, "the backend to stall or finish")
+        assert not progress["done"], "the whole 256 MiB was taken while the client read nothing"
+        assert progress["sent"] < 32 * MiB
+        for session in router.sessions.live:
+            assert session.bytes_out < 32 * MiB
+        # Nothing was lost: once the client reads, all of it arrives.
+        total, _ = await in_thread(recv_all_and_hash, sock)
+        assert total == size
+    finally:
+        sock.close()
+        server.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_refused_closes_client_at_once(relay_mode: str) -> None:
+    router, port = await route_to(f"tcp:{LOOPBACK}:{free_port()}")
+    try:
+        def client() -> bytes:
+            with connect(port) as sock:
+                sock.sendall(b"hello")
+                return sock.recv(100)
+
+        assert await in_thread(client) == b""
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_sent_before_backend_connects_are_delivered(relay_mode: str) -> None:
+    """The client speaks first (as SSH and Redis clients do) and fast."""
+    def backend(conn: socket.socket) -> None:
+        data = b""
+        while len(data) < 10:
+            data += conn.recv(100)
+        conn.sendall(data.upper())
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    try:
+        def client() -> bytes:
+            with connect(port) as sock:
+                sock.sendall(b"helloworld")
+                return sock.recv(100)
+
+        assert await in_thread(client) == b"HELLOWORLD"
+    finally:
+        server.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_concurrent_connections(relay_mode: str) -> None:
+    def backend(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    try:
+        def one(i: int) -> bool:
+            with connect(port) as sock:
+                msg = f"message {i} ".encode() * 100
+                sock.sendall(msg)
+                sock.shutdown(socket.SHUT_WR)
+                got = b""
+                while data := sock.recv(65536):
+                    got += data
+                return got == msg
+
+        results = await _gather([in_thread(one, i) for i in range(50)])
+        assert all(results)
+        await wait_for(lambda: not router.sessions.live, what="all sessions to end")
+    finally:
+        server.close()
+        await router.stopService()
+
+
+async def _gather(ds: list[Any]) -> list[Any]:
+    return [await d for d in ds]
