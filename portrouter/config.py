@@ -75,6 +75,15 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+def _show(value: object) -> str:
+    """A value as it is written in YAML (C{true}, C{null}), not in Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _expect_mapping(value: object, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
@@ -115,7 +124,7 @@ def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> N
 
 def _port(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(path, f"{value!r} is not a port (1-65535)")
+        raise ConfigError(path, f"{_show(value)} is not a port (1-65535)")
     return value
 
 
@@ -157,13 +166,20 @@ def _endpoint_problem(exc: Exception) -> str:
     missing = re.search(r"missing \d+ required positional arguments?: (.*)", text)
     if missing:
         return "missing " + missing.group(1).replace("'", "")
+    number = re.search(r"invalid literal for int\(\) with base 10: (.*)", text)
+    if number:
+        return f"{number.group(1)} is not a number"
+    option = re.search(r"got an unexpected keyword argument (.*)", text)
+    if option:
+        return f"unknown option {option.group(1)}"
     return text
 
 
 def _checked_port(endpoint: object, desc: str, path: str, *, allow_zero: bool) -> None:
     port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not (0 if allow_zero else 1) <= port <= 65535:
-        raise ConfigError(path, f"{desc!r}: {port} is not a port (1-65535)")
+    low = 0 if allow_zero else 1
+    if isinstance(port, int) and not low <= port <= 65535:
+        raise ConfigError(path, f"{desc!r}: {port} is not a port ({low}-65535)")
 
 
 def check_server_strport(value: object, path: str, *, allow_zero: bool = False) -> str:
@@ -391,7 +407,7 @@ def _listen(value: object, path: str) -> Listen | None:
     if protocol not in PROTOCOLS:
         raise ConfigError(
             _join(path, "protocol"),
-            f"{protocol!r} is not a protocol ({', '.join(PROTOCOLS)})",
+            f"{_show(protocol)} is not a protocol ({', '.join(PROTOCOLS)})",
         )
     interface = None
     if data.get("interface") is not None:
@@ -410,7 +426,7 @@ def _service(value: object, path: str, defaults: Limits) -> Service:
     if protocol not in SERVICE_PROTOCOLS:
         raise ConfigError(
             _join(path, "protocol"),
-            f"{protocol!r} is not a service protocol ({', '.join(SERVICE_PROTOCOLS)})",
+            f"{_show(protocol)} is not a service protocol ({', '.join(SERVICE_PROTOCOLS)})",
         )
     port = _port(data["port"], _join(path, "port"))
     return Service(name, protocol, port, _command(data, path), _limits(data, defaults, path))
@@ -500,7 +516,7 @@ def _udp_listen(desc: str, path: str) -> Listen:
         raise ConfigError(path, f"{desc!r} is not a UDP listen description (udp:PORT[:interface=ADDR])")
     port = int(match.group(1))
     if not 0 <= port <= 65535:
-        raise ConfigError(path, f"{desc!r}: {port} is not a port (1-65535)")
+        raise ConfigError(path, f"{desc!r}: {port} is not a port (0-65535)")
     interface = match.group(2).replace("\\:", ":") if match.group(2) else None
     if interface is not None:
         _interface(interface, path)
@@ -602,6 +618,11 @@ def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
     return secret
 
 
+def _or_empty(value: object) -> object:
+    """An absent or null list is an empty one; C{{}} or C{""} stays an error."""
+    return [] if value is None else value
+
+
 def _project_list(value: object, path: str) -> tuple[str, ...]:
     items = _expect_list(value, path)
     names = []
@@ -618,7 +639,7 @@ def _auth(value: object, path: str) -> Auth:
     _check_keys(data, ("tokens", "keypairs"), path)
     tokens = []
     tpath = _join(path, "tokens")
-    for i, item in enumerate(_expect_list(data.get("tokens") or [], tpath)):
+    for i, item in enumerate(_expect_list(_or_empty(data.get("tokens")), tpath)):
         ipath = _join(tpath, i)
         item = _expect_mapping(item, ipath)
         _check_keys(item, ("token", "token_file", "admin", "projects"), ipath)
@@ -629,7 +650,7 @@ def _auth(value: object, path: str) -> Auth:
         ))
     keypairs = []
     kpath = _join(path, "keypairs")
-    for i, item in enumerate(_expect_list(data.get("keypairs") or [], kpath)):
+    for i, item in enumerate(_expect_list(_or_empty(data.get("keypairs")), kpath)):
         ipath = _join(kpath, i)
         item = _expect_mapping(item, ipath)
         _check_keys(item, ("access_key", "secret_key", "secret_key_file", "projects"), ipath)
@@ -688,7 +709,7 @@ def _parse(data: object, source: str | None) -> Config:
 
     projects: list[Project] = []
     seen: dict[str, int] = {}
-    items = _expect_list(data.get("projects") or [], "projects")
+    items = _expect_list(_or_empty(data.get("projects")), "projects")
     for i, item in enumerate(items):
         path = _join("projects", i)
         project = parse_project(item, config.defaults, path)
@@ -713,6 +734,32 @@ def _parse(data: object, source: str | None) -> Config:
     return config
 
 
+class _Loader(yaml.SafeLoader):
+    """
+    PyYAML keeps the last of two equal keys; a second C{projects:} section
+    would silently drop the first, so a repeated key is an error.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.get(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"duplicate key {key!r} (first on line {first + 1})",
+                    key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str) -> Config:
     """Read and validate a config file."""
     try:
@@ -721,7 +768,7 @@ def load(path: str) -> Config:
     except OSError as e:
         raise ConfigError("", f"cannot read the file: {e.strerror}", path) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -748,6 +795,7 @@ def with_cli(
         config = replace(config, manhole=Manhole(check_server_strport(manhole, "--manhole", allow_zero=True), keys))
     projects = list(config.projects)
     names = {p.name for p in projects}
+    options: dict[str, str] = {}
     for protocol, text in routes:
         project = parse_cli_route(protocol, text, config.defaults)
         name, n = project.name, 1
@@ -755,6 +803,7 @@ def with_cli(
             n += 1
             name = f"{project.name}-{n}"
         names.add(name)
+        options[name] = f"--{protocol}"
         projects.append(replace(project, name=name, manifest={**project.manifest, "name": name}))
     config = replace(config, projects=tuple(projects))
     from portrouter.table import PortConflict, RoutingTable
@@ -762,5 +811,13 @@ def with_cli(
     try:
         RoutingTable.build(config.ingress, config.manhole, config.projects)
     except PortConflict as e:
-        raise ConfigError("", str(e)) from None
+        # Name what the operator wrote: the CLI option, or the file's field.
+        if e.claimant in options:
+            raise ConfigError(options[e.claimant], str(e)) from None
+        if e.holder == "the ingress" and ingress is not None:
+            raise ConfigError("--ingress", str(e)) from None
+        if e.holder == "the manhole" and manhole is not None:
+            raise ConfigError("--manhole", str(e)) from None
+        index = [p.name for p in config.projects].index(e.claimant)
+        raise ConfigError(f"projects[{index}].listen.port", str(e), config.source) from None
     return config

@@ -151,9 +151,16 @@ class RoutingTable:
         return {r.project: r for r in self.routes if r.project is not None and r.path is None}
 
     def with_project(self, project: Project) -> RoutingTable:
-        """A table with C{project} added or replaced; this one is unchanged."""
+        """
+        A table with C{project} added or replaced; this one is unchanged. On a
+        clash, C{project} is the claimant and the project already bound the
+        holder, even when a replace moves an earlier project onto a later
+        one's port.
+        """
+        others = [p for name, p in self.projects.items() if name != project.name]
+        self.build(self.ingress, self.manhole, [*others, project])
         projects = dict(self.projects)
-        projects[project.name] = project
+        projects[project.name] = project  # a replace keeps its place
         return self.build(self.ingress, self.manhole, projects.values())
 
     def without(self, name: str) -> RoutingTable:
