@@ -238,6 +238,11 @@ class Limits:
     udp_max_sessions: int = 10000
     max_connections: int | None = None
     start_timeout: float = 30.0
+    # HTTP: the backend's response head (504 past it), the client's request
+    # head (408, against slowloris), and the largest request head (431).
+    response_timeout: float = 60.0
+    header_timeout: float = 30.0
+    max_header_size: int = 65536
 
 
 _LIMIT_PARSERS: dict[str, Callable[[object, str], Any]] = {
@@ -247,6 +252,9 @@ _LIMIT_PARSERS: dict[str, Callable[[object, str], Any]] = {
     "udp_max_sessions": _count,
     "max_connections": lambda v, p: _count(v, p, optional=True),
     "start_timeout": _number,
+    "response_timeout": _number,
+    "header_timeout": _number,
+    "max_header_size": _count,
 }
 LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 
@@ -340,6 +348,7 @@ class Project:
     entry: str | None = None
     manifest: Mapping[str, Any] = field(default_factory=dict, compare=False)
     static: bool = True
+    preserve_host: bool = True
 
     @property
     def path_routed(self) -> bool:
@@ -354,7 +363,7 @@ class Project:
 
 _COMMAND_KEYS = ("command", "env", "cwd", "idle_stop")
 _PROJECT_KEYS = (
-    "name", "backend", "listen", "runtime", "entry", "host", "services",
+    "name", "backend", "listen", "runtime", "entry", "host", "services", "preserve_host",
 ) + _COMMAND_KEYS + LIMIT_KEYS
 _SERVICE_KEYS = ("name", "protocol", "port") + _COMMAND_KEYS + LIMIT_KEYS
 _LISTEN_KEYS = ("port", "protocol", "interface")
@@ -500,6 +509,7 @@ def parse_project(
         command=command,
         limits=_limits(data, defaults, path),
         runtime=data.get("runtime"),
+        preserve_host=_expect_bool(data.get("preserve_host", True), _join(path, "preserve_host")),
         entry=data.get("entry"),
         manifest=dict(data),
         static=static,

@@ -1,53 +1,57 @@
 """
-The default ingress (``tcp:8080``): the HTTP front door of the router.
+The default ingress (``tcp:8080``): ``/<name>/...`` goes to project
+``<name>`` with the prefix stripped; ``/_api/`` and ``/stream/`` are
+portrouter's own.
 
-For now it answers ``/_api/health`` and 404 for everything else; path
-routing, the API and service ports mount here.
+The project is chosen from the raw first path segment, before any decoding,
+so an encoded slash (``%2F``) can never change which project a request goes
+to; dot segments in the rest are resolved within the project's prefix.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from portrouter.http import NAME
+from portrouter.web import Channel, ChannelFactory, Fixed, Request
 
 if TYPE_CHECKING:
     from portrouter.router import RouterService
 
-
-class _Health(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"status": "ok"}\n'
+RESERVED = (b"_api", b"stream")
 
 
-class _Root(Resource):
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return _Text(b"no such project\n")
+class IngressSite:
+    def __init__(self, router: RouterService):
+        self.router = router
+        defaults = router.config.defaults
+        self.header_timeout = defaults.header_timeout
+        self.max_header_size = defaults.max_header_size
+
+    def handler(self, channel: Channel, request: Request) -> Any:
+        path = request.path
+        if not path.startswith(b"/"):
+            return Fixed(lambda: channel.error(400, "the request target must be a path"))
+        segment, slash, rest = path[1:].partition(b"/")
+        if segment == b"_api":
+            return self._api(channel, request, rest)
+        if segment == b"stream":
+            return self.router.stream_handler(channel, request)
+        project = self.router.table.projects.get(segment.decode("latin-1")) if NAME.match(segment) else None
+        if project is None or not project.path_routed:
+            return Fixed(lambda: channel.send(404, b"portrouter: no such project\n"))
+        if not slash:
+            location = b"/%s/" % segment + (b"?" + request.query if request.query else b"")
+            return Fixed(lambda: channel.send(
+                301, b"", headers=[(b"Location", location)]
+            ))
+        return self.router.http.proxy(channel, request, project, b"/" + rest, b"/" + segment)
+
+    def _api(self, channel: Channel, request: Request, rest: bytes) -> Any:
+        if rest == b"health":
+            return Fixed(lambda: channel.send(200, b'{"status": "ok"}\n', b"application/json"))
+        return self.router.api_handler(channel, request, rest)
 
 
-class _Text(Resource):
-    isLeaf = True
-
-    def __init__(self, body: bytes):
-        super().__init__()
-        self.body = body
-
-    def render(self, request: Request) -> bytes:
-        return self.body
-
-
-def make_ingress(router: RouterService) -> Site:
-    root = _Root()
-    api = Resource()
-    api.putChild(b"health", _Health())
-    root.putChild(b"_api", api)
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+def make_ingress(router: RouterService) -> ChannelFactory:
+    return ChannelFactory(IngressSite(router), router.reactor)

@@ -19,7 +19,9 @@ from twisted.logger import Logger
 
 from portrouter.config import Config, Project
 from portrouter.table import Route, RoutingTable
+from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.tcp import Sessions, TCPRoute
+from portrouter.web import Channel, Fixed, Request
 
 log = Logger(namespace="portrouter")
 
@@ -76,6 +78,7 @@ class RouterService(MultiService):
         self.config = config
         self.reactor = reactor
         self.sessions = Sessions(reactor)
+        self.http = HTTPRoutes(reactor, self.sessions)
         self.table = RoutingTable.build(config.ingress, config.manhole, config.projects)
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
@@ -127,7 +130,20 @@ class RouterService(MultiService):
 
     def _factory_for(self, project: Project) -> Any:
         assert project.listen is not None
-        return TCPRoute(self.reactor, project, self.sessions)
+        protocol = project.listen.protocol
+        if protocol == "http":
+            return HTTPRoute(self.reactor, self.http, project)
+        if protocol == "tcp":
+            return TCPRoute(self.reactor, project, self.sessions)
+        raise NotImplementedError(f"{protocol} routes are not served yet")
+
+    # -- what the ingress mounts ------------------------------------------------
+
+    def api_handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
+        return Fixed(lambda: channel.send(404, b"portrouter: no such API endpoint\n"))
+
+    def stream_handler(self, channel: Channel, request: Request) -> Any:
+        return Fixed(lambda: channel.send(404, b"portrouter: no such stream\n"))
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
         endpoint = serverFromString(self.reactor, route.listen)
@@ -180,6 +196,8 @@ class RouterService(MultiService):
         self.listeners = new
         for listener in bound.values():
             listener.setServiceParent(self)
+        for name in set(self.http.pools) - set(table.projects):
+            self.http.forget(name)
         for listener in released:
             await defer.maybeDeferred(listener.disownServiceParent)
 

@@ -1,0 +1,660 @@
+"""
+HTTP routes: the reverse proxy behind the ingress's path routing and behind
+a project's own HTTP port.
+
+What C{twisted.web.proxy.ReverseProxyResource} does not, this does: HTTP/1.1
+to the backend over pooled keep-alive connections parsed by C{httptools};
+request and response bodies streamed with backpressure both ways; hop-by-hop
+headers removed and forwarding headers set; repeated headers kept; C{Upgrade}
+requests tunnelled byte for byte after the backend's C{101}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import httptools
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from portrouter.config import Project
+from portrouter.relay import Session, StreamSide, pair_streams
+from portrouter.tcp import Sessions, connect_failure
+from portrouter.web import Channel, ChannelFactory, Fixed, Request
+
+log = Logger(namespace="portrouter.http")
+
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+))
+# Set by us from what we know of the client; a client's own values are not trusted.
+_OURS = frozenset((
+    b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
+    b"content-length", b"expect", b"x-forwarded-for",
+))
+NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
+# How long an idle pooled connection is trusted: below the keep-alive timeout
+# of common backends (Node and uvicorn close after 5 s), so a request is
+# rarely sent on a connection the backend is closing.
+POOL_IDLE = 4.0
+POOL_MAX_IDLE = 64
+
+
+class BadPath(Exception):
+    pass
+
+
+def authority(backend: str) -> str:
+    """``host:port`` of a client endpoint string, for a rewritten C{Host}."""
+    parts = re.split(r"(?<!\\):", backend)
+    positional = [p for p in parts[1:] if "=" not in p]
+    named = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    host = named.get("host", positional[0] if positional else "localhost").replace("\\:", ":")
+    port = named.get("port", positional[1] if len(positional) > 1 else "")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+def normalize(path: bytes) -> bytes:
+    """
+    Resolve ``.`` and ``..`` segments, raw or percent-encoded, never above
+    ``/``: no ``..`` reaches a backend. Everything else stays as sent,
+    ``%2F`` included.
+    """
+    if b"%" not in path and b"/." not in path:
+        return path  # the common case: nothing to resolve
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        decoded = unquote_to_bytes(segment) if b"%" in segment else segment
+        last = i == len(segments) - 1
+        if decoded == b".":
+            if last:
+                out.append(b"")
+        elif decoded == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The request's end-to-end headers, in order, repeated ones kept."""
+    named = set()
+    for value in request.header_values(b"connection"):
+        named.update(t.strip().lower() for t in value.split(b","))
+    kept = []
+    for name, value in request.headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low in _OURS or low.startswith(b"proxy-"):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    named = set()
+    length = None
+    for name, value in headers:
+        low = name.lower()
+        if low == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    kept = []
+    for name, value in headers:
+        low = name.lower()
+        if low == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+            continue
+        if low in HOP_BY_HOP or low in named or low.startswith(b"proxy-"):
+            continue
+        kept.append((name, value))
+    return kept, length
+
+
+@implementer(IHalfCloseableProtocol)
+class Upstream(Protocol):
+    """One connection to a backend, carrying one exchange at a time."""
+
+    tunnel: StreamSide | None = None  # after a 101: bytes go to the relay
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: ProxyExchange | None = None
+        self.idle_since = 0.0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.interim = False
+        self.complete = False
+        self.reset_parser = False
+        self.until_close = False
+        self.keep_alive = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.dataReceived(data)
+            return
+        if self.exchange is None:
+            self.transport.loseConnection()  # a backend must not speak unasked
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.exchange is not None:
+                self.exchange.switched(self, data[e.args[0]:])
+            return
+        except httptools.HttpParserError as e:
+            if self.exchange is not None:
+                self.exchange.upstream_failed(self, f"invalid response from the backend: {e}")
+            self.transport.loseConnection()
+            return
+        if self.reset_parser:
+            # A response to HEAD: complete at its head whatever its
+            # Content-Length says, so the parser starts afresh.
+            self.reset_parser = False
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.complete = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        code = self.parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            self.interim = True
+            if exchange is not None:
+                exchange.interim(code, self.reason, self.headers)
+            return
+        self.interim = False
+        self.keep_alive = self.parser.should_keep_alive()
+        if exchange is None:
+            return
+        head_only = exchange.request.method == b"HEAD"
+        headers, length = _response_headers(self.headers)
+        chunked = any(n.lower() == b"transfer-encoding" for n, _ in self.headers)
+        self.until_close = (
+            length is None and not chunked and not head_only and code not in (101, 204, 304)
+        )
+        if self.until_close:
+            self.keep_alive = False
+        exchange.response_head(code, self.reason, headers, length)
+        if head_only and self.exchange is exchange:
+            self.reset_parser = True
+            self._complete()
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if not self.complete:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.complete = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.response_done(self)
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.readConnectionLost()
+        else:
+            self.transport.loseConnection()  # HTTP has no half-close
+
+    def writeConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.tunnel is not None:
+            self.tunnel.connectionLost(reason)
+            return
+        self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if self.until_close and exchange.responding:
+            exchange.response_done(self)  # the close is the end of the body
+        else:
+            self.exchange = exchange
+            exchange.upstream_lost(self)
+            self.exchange = None
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def buildProtocol(self, addr: Any) -> Upstream:
+        return Upstream(self.pool)
+
+
+class Pool:
+    """Kept-alive connections to one backend, most recently used first."""
+
+    def __init__(self, reactor: Any, project: Project):
+        assert project.backend is not None
+        self.reactor = reactor
+        self.backend = project.backend
+        self.endpoint = clientFromString(reactor, project.backend)
+        self.factory = _UpstreamFactory(self)
+        self.idle: list[Upstream] = []
+        self.opened = 0  # connections made, for tests and metrics
+
+    def take(self) -> Upstream | None:
+        now = self.reactor.seconds()
+        while self.idle:
+            upstream = self.idle.pop()
+            if now - upstream.idle_since < POOL_IDLE and upstream.transport is not None \
+                    and upstream.transport.connected:
+                return upstream
+            upstream.transport.loseConnection()
+        return None
+
+    def connect(self, timeout: float) -> defer.Deferred[Upstream]:
+        d = self.endpoint.connect(self.factory)
+        timer = self.reactor.callLater(timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            elif isinstance(result, Failure):
+                return Failure(error.TimeoutError())
+            if not isinstance(result, Failure):
+                self.opened += 1
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def release(self, upstream: Upstream) -> None:
+        if len(self.idle) >= POOL_MAX_IDLE or upstream.transport is None:
+            upstream.transport.loseConnection()
+            return
+        upstream.idle_since = self.reactor.seconds()
+        self.idle.append(upstream)
+
+    def forget(self, upstream: Upstream) -> None:
+        try:
+            self.idle.remove(upstream)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for upstream in idle:
+            upstream.transport.loseConnection()
+
+
+class ProxyExchange:
+    """
+    One request through the proxy: to a backend connection (pooled, or new
+    for an upgrade) and its response back, both bodies streamed.
+    """
+
+    def __init__(
+        self, channel: Channel, request: Request, project: Project, pool: Pool,
+        path: bytes, prefix: bytes | None, sessions: Sessions,
+    ):
+        self.channel = channel
+        self.request = request
+        self.project = project
+        self.pool = pool
+        self.sessions = sessions
+        self.upstream: Upstream | None = None
+        self.pending: list[bytes] = []  # body bytes before the backend is there
+        self.body_sent = 0
+        self.request_ended = False
+        self.responding = False
+        self.done = False
+        self.reused = False
+        self.timer: Any = None
+        self.connecting: defer.Deferred[Any] | None = None
+        self.chunked = request.header(b"transfer-encoding") is not None
+        channel.project = project.name
+        self.head = self._head(path, prefix)
+        self.wants_continue = (request.header(b"expect") or b"").lower() == b"100-continue"
+        upstream = None if request.upgrade else pool.take()
+        if upstream is not None:
+            self.reused = True
+            self._send(upstream)
+        else:
+            self._connect()
+
+    # -- the request -----------------------------------------------------------
+
+    def _head(self, path: bytes, prefix: bytes | None) -> bytes:
+        request = self.request
+        headers = _clean_headers(request)
+        host = request.header(b"host")
+        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, path + (b"?" + request.query if request.query else b""))]
+        if not self.project.preserve_host or host is None:
+            lines.append(b"Host: %s\r\n" % authority(self.project.backend).encode())  # type: ignore[arg-type]
+        for name, value in headers:
+            if name.lower() == b"host" and not self.project.preserve_host:
+                continue
+            lines.append(b"%s: %s\r\n" % (name, value))
+        client = request.client.encode()
+        # Appended to, as nginx's $proxy_add_x_forwarded_for does.
+        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join([*request.header_values(b"x-forwarded-for"), client]))
+        lines.append(b"X-Forwarded-Proto: %s\r\n" % (b"https" if request.secure else b"http"))
+        if host is not None:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+        lines.append(b"X-Real-IP: %s\r\n" % client)
+        if prefix is not None:
+            lines.append(b"X-Forwarded-Prefix: %s\r\n" % prefix)
+        if request.upgrade:
+            lines.append(b"Connection: Upgrade\r\n")
+            lines.append(b"Upgrade: %s\r\n" % (request.header(b"upgrade") or b""))
+        if self.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            length = request.header(b"content-length")
+            if length is not None:
+                lines.append(b"Content-Length: %s\r\n" % length.strip())
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _connect(self) -> None:
+        limits = self.project.limits
+        d = self.connecting = self.pool.connect(limits.connect_timeout)
+        if self.request.has_body:
+            self.channel.transport.pauseProducing()  # hold the body until there is somewhere to send it
+
+        def connected(upstream: Upstream) -> None:
+            self.connecting = None
+            if self.done:
+                upstream.transport.loseConnection()
+                return
+            self._send(upstream)
+
+        def failed(reason: Failure) -> None:
+            self.connecting = None
+            if self.done:
+                return
+            timed_out = reason.check(error.TimeoutError) is not None
+            self._fail(504 if timed_out else 502, connect_failure(reason, limits.connect_timeout, timed_out))
+
+        d.addCallbacks(connected, failed)
+
+    def _send(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        upstream.exchange = self
+        transport = upstream.transport
+        if self.wants_continue:
+            self.channel.interim(100, [])
+        transport.write(self.head)
+        if self.pending:
+            for chunk in self.pending:
+                self._write_body(chunk)
+            self.pending = []
+        if self.request_ended:
+            self._end_body()
+        elif self.request.has_body:
+            transport.registerProducer(self.channel.transport, True)
+            self.channel.resume_reading()
+        self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._timed_out)
+
+    def _write_body(self, data: bytes) -> None:
+        self.body_sent += len(data)
+        if self.chunked:
+            self.upstream.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+        else:
+            self.upstream.transport.write(data)  # type: ignore[union-attr]
+
+    def _end_body(self) -> None:
+        if self.chunked:
+            self.upstream.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+
+    def body(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self._write_body(data)
+
+    def end(self) -> None:
+        self.request_ended = True
+        if self.upstream is not None and not self.done:
+            self._end_body()
+            if self.request.has_body:
+                self.upstream.transport.unregisterProducer()
+                self.channel.resume_reading()
+
+    def lost(self) -> None:
+        """The client went away: cancel the backend request, quietly."""
+        if self.done:
+            return
+        self.done = True
+        self._stop_timer()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.transport.loseConnection()
+
+    # -- the response ------------------------------------------------------------
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        timeout = self.project.limits.response_timeout
+        self._fail(504, f"backend did not answer within {timeout:g} s", close=True)
+
+    def interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if code == 100 and self.wants_continue:
+            return  # already told the client
+        kept, _ = _response_headers(headers)
+        self.channel.interim(code, kept, reason)
+
+    def response_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        self._stop_timer()
+        if self.done:
+            return
+        if code == 101:
+            return  # switched() takes it from here
+        self.responding = True
+        self.channel.status = code
+        if self.request.upgrade:
+            self.channel.closing = True  # the parser is past the upgrade: no keep-alive
+        self.channel.respond(code, headers, length=length, reason=reason)
+        self.channel.transport.registerProducer(self.upstream.transport, True)  # type: ignore[union-attr]
+
+    def response_body(self, data: bytes) -> None:
+        if not self.done:
+            self.channel.write(data)
+
+    def response_done(self, upstream: Upstream) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.upstream = None
+        upstream.exchange = None
+        channel = self.channel
+        channel.transport.unregisterProducer()
+        transport = upstream.transport
+        if upstream.keep_alive and self.request_ended and transport is not None and transport.connected \
+                and not self.request.upgrade:
+            transport.resumeProducing()
+            self.pool.release(upstream)
+        elif transport is not None:
+            if not self.request_ended and self.request.has_body:
+                transport.unregisterProducer()
+            transport.loseConnection()
+        channel.finish()
+
+    def upstream_lost(self, upstream: Upstream) -> None:
+        """The backend closed before the response was complete."""
+        if self.done:
+            return
+        self._stop_timer()
+        if self.responding:
+            self.done = True
+            self.channel.transport.unregisterProducer()
+            self.channel.abort()
+            return
+        if self.reused and self.body_sent == 0 and not self.request.has_body:
+            # The usual keep-alive race: the backend closed an idle connection
+            # as we sent on it. Safe to send again on a new one.
+            self.upstream = None
+            self.reused = False
+            self._connect()
+            return
+        self._fail(502, "backend closed the connection without answering")
+
+    def upstream_failed(self, upstream: Upstream, why: str) -> None:
+        if self.responding:
+            self.upstream_lost(upstream)
+        else:
+            self._fail(502, why, close=True)
+
+    def _fail(self, code: int, why: str, close: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._stop_timer()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            if upstream.transport is not None:
+                if self.request.has_body and not self.request_ended:
+                    upstream.transport.unregisterProducer()
+                upstream.transport.loseConnection()
+        log.info("{project}: {method} {target}: {code} {why}", project=self.project.name,
+                 method=self.request.method.decode("latin-1"),
+                 target=self.request.target.decode("latin-1"), code=code, why=why)
+        headers = [(b"Retry-After", b"5")] if code == 503 else []
+        self.channel.error(code, f"portrouter: project '{self.project.name}': {why}", headers)
+
+    # -- upgrades ------------------------------------------------------------------
+
+    def take_over(self, leftover: bytes) -> None:
+        """The client's side of an upgrade: hold its early bytes for the backend."""
+        if leftover:
+            self.pending.append(leftover)
+        self.request_ended = True
+        # Not another byte until the backend has said yes (then the relay
+        # reads) or no (then the connection closes after the answer).
+        self.channel.transport.pauseProducing()
+
+    def switched(self, upstream: Upstream, leftover: bytes) -> None:
+        """The backend answered 101: splice the two connections byte for byte."""
+        self._stop_timer()
+        if self.done:
+            return
+        self.done = True
+        channel = self.channel
+        self.channel.status = 101
+        headers = [(n, v) for n, v in upstream.headers if n.lower() not in (b"content-length",)]
+        lines = [b"HTTP/1.1 101 %s\r\n" % (upstream.reason or b"Switching Protocols")]
+        lines += [b"%s: %s\r\n" % (n, v) for n, v in headers]
+        lines.append(b"\r\n")
+        channel.transport.write(b"".join(lines))
+        if leftover:
+            channel.transport.write(leftover)
+        channel._log()
+        session = self.sessions.open("upgrade", self.project.name, self.request.client)
+        client = StreamSide()
+        client.makeConnection(channel.transport)
+        channel.tunnel = client
+        backend = StreamSide()
+        backend.makeConnection(upstream.transport)
+        upstream.tunnel = backend
+        upstream.exchange = None
+        for data in self.pending:
+            upstream.transport.write(data)
+        self.pending = []
+        pair_streams(session, client, backend)
+
+
+class HTTPRoutes:
+    """Pools per project, shared by the ingress and the projects' own ports."""
+
+    def __init__(self, reactor: Any, sessions: Sessions):
+        self.reactor = reactor
+        self.sessions = sessions
+        self.pools: dict[str, Pool] = {}
+
+    def pool(self, project: Project) -> Pool:
+        pool = self.pools.get(project.name)
+        if pool is None or pool.backend != project.backend:
+            if pool is not None:
+                pool.close()
+            pool = self.pools[project.name] = Pool(self.reactor, project)
+        return pool
+
+    def proxy(self, channel: Channel, request: Request, project: Project,
+              path: bytes, prefix: bytes | None) -> Any:
+        try:
+            path = normalize(path)
+        except BadPath as e:
+            return Fixed(lambda: channel.error(400, str(e)))
+        return ProxyExchange(channel, request, project, self.pool(project), path, prefix, self.sessions)
+
+    def forget(self, name: str) -> None:
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            pool.close()
+
+
+class ProjectSite:
+    """A project's own HTTP port: everything goes to the project."""
+
+    def __init__(self, routes: HTTPRoutes, project: Project):
+        self.routes = routes
+        self.update(project)
+
+    def update(self, project: Project) -> None:
+        self.project = project
+        self.header_timeout = project.limits.header_timeout
+        self.max_header_size = project.limits.max_header_size
+
+    def handler(self, channel: Channel, request: Request) -> Any:
+        if not request.path.startswith(b"/"):
+            return Fixed(lambda: channel.error(400, "the request target must be a path"))
+        return self.routes.proxy(channel, request, self.project, request.path, None)
+
+
+class HTTPRoute(ChannelFactory):
+    """The listening side of a project's own HTTP port."""
+
+    def __init__(self, reactor: Any, routes: HTTPRoutes, project: Project):
+        super().__init__(ProjectSite(routes, project), reactor)
+
+    def update(self, project: Project) -> None:
+        self.site.update(project)  # type: ignore[attr-defined]

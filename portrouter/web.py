@@ -1,0 +1,497 @@
+"""
+The server side of HTTP/1.1: one L{Channel} per client connection, parsing
+with C{httptools} (the C parser uvicorn uses) and handing each request to a
+L{Handler} chosen by the site (the ingress, a project's own port).
+
+Why not C{twisted.web.server}: its C{Request} reads the whole request body
+before a resource sees the request, so an upload cannot be streamed, and it
+cannot hand the connection over after an C{Upgrade}. This channel streams the
+body to the handler as it arrives, under backpressure, and lets a handler
+take the connection over.
+
+Responses are written through the channel, which owns framing (length,
+chunked, or close-delimited for HTTP/1.0), keep-alive and the access log.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Protocol as TypingProtocol
+
+import httptools
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger(namespace="portrouter.http")
+
+REASONS = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
+    204: b"No Content", 301: b"Moved Permanently", 304: b"Not Modified",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+    413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class Request:
+    """A request head as parsed; the body arrives through L{Handler.body}."""
+
+    __slots__ = (
+        "method", "target", "path", "query", "version", "headers", "keep_alive",
+        "upgrade", "client", "secure", "started", "has_body", "_index",
+    )
+
+    def __init__(self, client: str, secure: bool, started: float):
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.query = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.upgrade = False
+        self.client = client
+        self.secure = secure
+        self.started = started
+        self.has_body = False
+        self._index: dict[bytes, bytes] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of a header (lower-case name), or L{None}."""
+        if self._index is None:
+            self._index = {k.lower(): v for k, v in self.headers}
+        return self._index.get(name)
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+class Handler(TypingProtocol):
+    """What answers one request; told of its body, its end, and a lost client."""
+
+    def body(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def lost(self) -> None: ...
+
+
+class Site(TypingProtocol):
+    """Chooses the handler for each request of a channel."""
+
+    header_timeout: float
+    max_header_size: int
+
+    def handler(self, channel: Channel, request: Request) -> Handler: ...
+
+
+def _peer(address: IAddress) -> str:
+    return str(getattr(address, "host", None) or "unix")
+
+
+def reason_for(code: int) -> bytes:
+    return REASONS.get(code, b"Unknown")
+
+
+@implementer(IHalfCloseableProtocol)
+class Channel(Protocol):
+    """One client connection: parse requests, run their handlers one at a time."""
+
+    tunnel: Any = None  # after an upgrade: bytes go to the relay
+
+    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+        self.site = site
+        self.reactor = reactor
+        self.secure = secure
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: Request | None = None  # being parsed
+        self.handler: Handler | None = None  # answering; None between requests
+        self.queue: list[tuple[Request, list[bytes]]] = []  # pipelined, waiting
+        self.head_bytes = 0
+        self.timer: Any = None
+        self.closing = False
+        self.taken_over = False
+        self.client = ""
+        self.current: Request
+        self.request_done = False
+        # response state
+        self.responding = False
+        self.chunked = False
+        self.close_after = False
+        self.status = 0
+        self.sent = 0
+        self.project: str | None = None
+
+    # -- connection --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.client = _peer(self.transport.getPeer())
+        self.secure = self.secure or ISSLTransport.providedBy(self.transport)
+        self._wait_for_head()
+
+    def _wait_for_head(self) -> None:
+        timeout = self.site.header_timeout
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(timeout)
+        else:
+            self.timer = self.reactor.callLater(timeout, self._head_timed_out)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _head_timed_out(self) -> None:
+        self.timer = None
+        if self.request is not None and not self.responding:
+            log.info("{client}: no complete request head within {timeout:g} s; closing",
+                     client=self.client, timeout=self.site.header_timeout)
+            self.error(408, "the request head did not arrive in time")
+        else:
+            self.transport.loseConnection()  # idle keep-alive connection
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.dataReceived(data)
+            return
+        if self.taken_over or self.closing:
+            return
+        if self.request is not None or self.handler is None:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded(data[e.args[0]:])
+        except httptools.HttpParserCallbackError:
+            raise
+        except httptools.HttpParserError as e:
+            if not self.responding and self.handler is None:
+                self.error(400, f"malformed request: {e}")
+            else:
+                self.transport.loseConnection()
+        else:
+            if self.request is not None and self.head_bytes > self.site.max_header_size:
+                self.error(431, "the request head is too large")
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.readConnectionLost()
+        elif self.responding or self.handler is not None:
+            self.close_after = True  # answer what was asked, then close
+            self.closing = True
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.tunnel is not None:
+            self.tunnel.connectionLost(reason)
+            return
+        self._stop_timer()
+        handler, self.handler = self.handler, None
+        if handler is not None and not self.taken_over:
+            handler.lost()
+        self.queue = []
+
+    # -- httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = Request(self.client, self.secure, self.reactor.seconds())
+        if self.handler is None and not self.queue:
+            self._wait_for_head()
+
+    def on_url(self, url: bytes) -> None:
+        self.request.target += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.request.headers.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        target = request.target
+        q = target.find(b"?")
+        if q >= 0:
+            request.path, request.query = target[:q], target[q + 1:]
+        else:
+            request.path = target
+        cl = request.header(b"content-length")
+        request.has_body = bool(cl and cl.strip() != b"0") or request.header(b"transfer-encoding") is not None
+        self.request = None
+        self.head_bytes = 0
+        if self.handler is not None or self.queue:
+            # Pipelined behind a request still being answered: hold it (and
+            # stop reading) until its turn.
+            self.queue.append((request, []))
+            self.transport.pauseProducing()
+            return
+        self._stop_timer()
+        self._dispatch(request)
+
+    def on_body(self, data: bytes) -> None:
+        if self.queue:
+            self.queue[-1][1].append(data)
+        elif self.handler is not None:
+            self.handler.body(data)
+
+    def on_message_complete(self) -> None:
+        if self.queue:
+            self.queue[-1][1].append(b"")  # end marker
+        elif self.handler is not None:
+            self.request_done = True
+            self.handler.end()
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        self.current = request
+        self.request_done = False
+        self.responding = False
+        self.close_after = not request.keep_alive
+        self.sent = 0
+        self.status = 0
+        self.project = None
+        self.handler = self.site.handler(self, request)
+
+    def _upgraded(self, leftover: bytes) -> None:
+        """The parser saw a complete Upgrade request; the handler takes over."""
+        handler = self.handler
+        take = getattr(handler, "take_over", None)
+        if take is None:
+            # Not something that can be upgraded here: it has been or will be
+            # answered normally, and the connection closes after it.
+            self.close_after = True
+            self.closing = True
+            return
+        self.taken_over = True
+        self._stop_timer()
+        take(leftover)
+
+    # -- responses -------------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        length: int | None,
+        reason: bytes | None = None,
+    ) -> None:
+        """
+        Start the response. C{length} is the body's size when known (also for
+        HEAD); L{None} means it streams: chunked for HTTP/1.1, else ended by
+        closing the connection.
+        """
+        request = self.current
+        self.responding = True
+        self.status = status
+        no_body = request.method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_for(status))]
+        self.chunked = False
+        if length is not None:
+            if status not in (204, 304):
+                lines.append(b"Content-Length: %d\r\n" % length)
+        elif not no_body:
+            if request.version == "1.1":
+                self.chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_after = True
+        if self.closing:
+            self.close_after = True
+        for name, value in headers:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if self.close_after:
+            lines.append(b"Connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+
+    def interim(self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes | None = None) -> None:
+        """A 1xx response (103 Early Hints) ahead of the final one."""
+        if self.current.version != "1.1":
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_for(status))]
+        lines += [b"%s: %s\r\n" % (n, v) for n, v in headers]
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.sent += len(data)
+        if self.chunked:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def finish(self) -> None:
+        """The response is complete; log it and go on to the next request."""
+        if self.chunked:
+            self.transport.write(b"0\r\n\r\n")
+        self._log()
+        self.handler = None
+        self.responding = False
+        if self.close_after or not self.request_done:
+            # A body we did not read to its end would be taken for the next
+            # request; closing is the only safe way out.
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        self._wait_for_head()
+        if self.queue:
+            self._next_queued()
+
+    def _next_queued(self) -> None:
+        request, body = self.queue.pop(0)
+        self._stop_timer()
+        self._dispatch(request)
+        for chunk in body:
+            if self.handler is None:
+                break
+            if chunk:
+                self.handler.body(chunk)
+            else:
+                self.request_done = True
+                self.handler.end()
+        if not self.queue and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        """The response cannot be completed (the backend broke off): close."""
+        self._log(aborted=True)
+        self.handler = None
+        self.closing = True
+        self.transport.loseConnection()
+
+    def error(self, status: int, text: str, headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+        """A short plain-text response, then close (the request may be broken)."""
+        if self.responding:
+            self.abort()  # too late for a status: the client sees a cut response
+            return
+        if self.handler is None:
+            # No request is being answered (a broken or slow head): answer
+            # as if for a GET of nothing.
+            self.current = Request(self.client, self.secure, self.reactor.seconds())
+            self.current.method = b"-"
+            self.current.version = "1.1"
+        self.request_done = True
+        self.close_after = True
+        self.closing = True
+        body = text.encode("utf-8") + b"\n"
+        self.respond(status, [(b"Content-Type", b"text/plain; charset=utf-8"), *headers], length=len(body))
+        if self.current.method != b"HEAD":
+            self.write(body)
+        self._log()
+        self.handler = None
+        self.transport.loseConnection()
+
+    def resume_reading(self) -> None:
+        """A handler's flow control is done with the client: read again, unless waiting."""
+        if not self.queue and not self.closing and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    ) -> None:
+        """A whole response at once (API answers, redirects, 404s)."""
+        self.respond(status, [(b"Content-Type", content_type), *headers], length=len(body))
+        if self.current.method != b"HEAD":
+            self.write(body)
+        self.finish()
+
+    def _log(self, aborted: bool = False) -> None:
+        request = self.current
+        log.info(
+            "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}",
+            client=request.client,
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            status=self.status,
+            bytes=self.sent,
+            duration=self.reactor.seconds() - request.started,
+            project=self.project or "-",
+            aborted=" (aborted)" if aborted else "",
+        )
+
+
+class ChannelFactory(Factory):
+    """Builds a L{Channel} per connection for a site."""
+
+    noisy = False
+
+    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+        self.site = site
+        self.reactor = reactor
+        self.secure = secure
+
+    def buildProtocol(self, addr: IAddress) -> Channel:
+        return Channel(self.site, self.reactor, self.secure)
+
+
+class Buffered:
+    """
+    A handler for small bodies (API calls): collects up to C{limit} bytes,
+    then calls C{respond(body)}; a larger body is a 413.
+    """
+
+    def __init__(self, channel: Channel, respond: Callable[[bytes], None], limit: int = 1 << 20):
+        self.channel = channel
+        self.respond = respond
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.gone = False
+
+    def body(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            if not self.gone:
+                self.gone = True
+                self.channel.error(413, f"the request body is larger than {self.limit} bytes")
+            return
+        self.parts.append(data)
+
+    def end(self) -> None:
+        if not self.gone:
+            self.respond(b"".join(self.parts))
+
+    def lost(self) -> None:
+        self.gone = True
+
+
+class Fixed:
+    """A handler that answers at once, whatever the body."""
+
+    def __init__(self, answer: Callable[[], None]):
+        self.answer = answer
+        self.done = False
+
+    def body(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.answer()
+
+    def lost(self) -> None:
+        self.done = True
