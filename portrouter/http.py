@@ -27,7 +27,7 @@ from zope.interface import implementer
 from portrouter.config import Project
 from portrouter.relay import Session, StreamSide, pair_streams
 from portrouter.tcp import Sessions, connect_failure
-from portrouter.web import Channel, ChannelFactory, Fixed, Request
+from portrouter.web import Channel, ChannelFactory, Fixed, Request, no_delay
 
 log = Logger(namespace="portrouter.http")
 
@@ -144,6 +144,9 @@ class Upstream(Protocol):
         self.reset_parser = False
         self.until_close = False
         self.keep_alive = True
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:

@@ -101,7 +101,11 @@ def detach(transport: tcp.Connection) -> socket.socket:
     """
     transport.stopReading()
     transport.stopWriting()
-    return transport.socket
+    sock = transport.socket
+    if sock.family != socket.AF_UNIX:
+        # Interactive protocols (SSH, Redis) must not wait on Nagle.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -310,6 +314,14 @@ class StreamSide(Protocol):
     inbound = False  # True for the client side
     read_eof = False
     write_eof = False
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer

@@ -1,0 +1,289 @@
+"""HTTP routes end to end over loopback: the ingress's path routing and a project's own port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from dataclasses import replace
+
+from portrouter.config import Config, Listen, parse_project
+from tests.httpbackend import Backend, raw_request
+from tests.support import LOOPBACK, MiB, free_port, in_thread, start_router, wait_for
+
+
+@pytest.fixture
+def backend() -> Any:
+    server = Backend()
+    yield server
+    server.close()
+
+
+async def router_for(backend_address: str, **extra: Any) -> Any:
+    web = parse_project({"name": "web", "backend": backend_address, **extra})
+    own = parse_project({"name": "own", "backend": backend_address, "listen": {"port": 1}, **extra})
+    # Port 1 stands for "its own port"; the test binds it to 0 instead.
+    own = replace(own, listen=Listen("http", 0, LOOPBACK, f"tcp:0:interface={LOOPBACK}"))
+    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", projects=(web, own))
+    router = await start_router(config=config)
+    return router, router.port_of(), router.port_of("own")
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, list[str]], bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        body = response.read()
+        merged: dict[str, list[str]] = {}
+        for k, v in response.getheaders():
+            merged.setdefault(k.lower(), []).append(v)
+        return response.status, merged, body
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_path_routing_table(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        status, _, body = await in_thread(get, ingress, "/web/a/b?x=1")
+        assert (status, body) == (200, b"backend saw GET /a/b?x=1\n")
+        status, headers, _ = await in_thread(get, ingress, "/web?x=1")
+        assert (status, headers["location"]) == (301, ["/web/?x=1"])
+        assert (await in_thread(get, ingress, "/nope/x"))[0] == 404
+        # A project with its own port is not path-routed.
+        assert (await in_thread(get, ingress, "/own/x"))[0] == 404
+        cases = {
+            # raw request target -> what the backend of 'web' sees
+            b"/web/a/../b": b"/b",
+            b"/web/../../etc/passwd": b"/etc/passwd",
+            b"/web/%2e%2e/%2E%2E/x": b"/x",
+            b"/web/a/.%2E/own/x": b"/own/x",
+            b"/web/a%2Fb": b"/a%2Fb",
+            b"/web/./x/.": b"/x/",
+        }
+        for target, seen in cases.items():
+            reply = await in_thread(raw_request, ingress, b"GET %s HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % target)
+            assert reply.endswith(b"backend saw GET %s\n" % seen), (target, reply)
+        # An encoded slash never changes which project a request goes to.
+        reply = await in_thread(raw_request, ingress, b"GET /web%2Fx/y HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404")
+        reply = await in_thread(raw_request, ingress, b"GET /%2e%2e/web/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404")
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_forwarded_and_hop_by_hop_removed(backend: Backend) -> None:
+    router, ingress, own = await router_for(backend.address)
+    try:
+        sent = {
+            "Host": "example.test:8080",
+            "X-Forwarded-For": "1.2.3.4",
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "secret",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eHg=",
+            "X-Real-IP": "6.6.6.6",
+            "X-Custom": "kept",
+        }
+        status, _, body = await in_thread(get, ingress, "/web/headers", sent)
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert seen["host"] == "example.test:8080"
+        assert seen["x-forwarded-host"] == "example.test:8080"
+        assert seen["x-forwarded-for"] == "1.2.3.4, 127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"
+        assert seen["x-forwarded-prefix"] == "/web"
+        assert seen["x-real-ip"] == "127.0.0.1"
+        assert seen["x-custom"] == "kept"
+        for hop in ("x-private", "keep-alive", "te", "proxy-authorization", "transfer-encoding", "upgrade"):
+            assert hop not in seen, hop
+        assert seen.get("connection", "keep-alive").lower() == "keep-alive"
+        # On a project's own port there is no prefix.
+        _, _, body = await in_thread(get, own, "/headers")
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert "x-forwarded-prefix" not in seen and seen["x-forwarded-for"] == "127.0.0.1"
+        # Repeated response headers survive, in order.
+        status, headers, _ = await in_thread(get, ingress, "/web/cookies")
+        assert headers["set-cookie"] == ["a=1; Path=/", "b=2; Path=/"]
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_to_the_backend(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        def hundred() -> list[int]:
+            return [get(ingress, f"/web/n/{i}")[0] for i in range(100)]
+
+        assert await in_thread(hundred) == [200] * 100
+        assert backend.stats.connections < 5
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_204_304_keep_the_connection_usable(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        def sequence() -> list[tuple[int, str | None, bytes]]:
+            conn = http.client.HTTPConnection(LOOPBACK, ingress, timeout=30)
+            out = []
+            for method, path in [("HEAD", "/web/blob?size=1000"), ("GET", "/web/status?code=204"),
+                                 ("GET", "/web/status?code=304"), ("GET", "/web/x")]:
+                conn.request(method, path)
+                r = conn.getresponse()
+                out.append((r.status, r.getheader("content-length"), r.read()))
+            conn.close()
+            return out
+
+        result = await in_thread(sequence)
+        assert result[0] == (200, "1000", b"")
+        assert [r[0] for r in result[1:]] == [204, 304, 200]
+        assert result[3][2] == b"backend saw GET /x\n"
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_sent_events_arrive_one_by_one(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    sock = socket.create_connection((LOOPBACK, ingress), timeout=30)
+    try:
+        sock.sendall(b"GET /web/sse?n=3 HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n\r\n")
+        received = bytearray()
+
+        def read_until(marker: bytes) -> None:
+            while marker not in received:
+                data = sock.recv(65536)
+                assert data, "connection closed early"
+                received.extend(data)
+
+        for i in range(3):
+            # Event i is released only now; it must arrive before the next is.
+            backend.stats.sse_release.release()
+            await in_thread(read_until, f"data: event {i}".encode())
+            assert f"event {i + 1}".encode() not in received
+    finally:
+        sock.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_refused_is_502_naming_the_project() -> None:
+    router, ingress, own = await router_for(f"tcp:{LOOPBACK}:{free_port()}")
+    try:
+        status, _, body = await in_thread(get, ingress, "/web/x")
+        assert status == 502
+        assert body == b"portrouter: project 'web': backend refused the connection\n"
+        status, _, body = await in_thread(get, own, "/x")
+        assert (status, body) == (502, b"portrouter: project 'own': backend refused the connection\n")
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_and_download_stream_intact(backend: Backend) -> None:
+    """Content-length and chunked, both directions, through the ingress."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        def transfer() -> list[Any]:
+            import hashlib
+            from tests.support import pattern
+
+            out = []
+            for chunked in ("0", "1"):
+                conn = http.client.HTTPConnection(LOOPBACK, ingress, timeout=60)
+                conn.request("GET", f"/web/blob?size={8 * MiB + 7}&seed=5&chunked={chunked}")
+                r = conn.getresponse()
+                digest = hashlib.sha256()
+                while data := r.read(MiB):
+                    digest.update(data)
+                want = hashlib.sha256(b"".join(pattern(5, 8 * MiB + 7))).hexdigest()
+                out.append(digest.hexdigest() == want)
+            body = b"".join(pattern(9, 8 * MiB + 3))
+            for encode_chunked in (False, True):
+                conn = http.client.HTTPConnection(LOOPBACK, ingress, timeout=60)
+                if encode_chunked:
+                    conn.request("PUT", "/web/sink", body=iter([body[:MiB], body[MiB:]]), encode_chunked=True)
+                else:
+                    conn.request("POST", "/web/sink", body=body)
+                reply = json.loads(conn.getresponse().read())
+                out.append(reply == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+            return out
+
+        assert await in_thread(transfer) == [True, True, True, True]
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_pauses_the_backend(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    size = 256 * MiB
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect((LOOPBACK, ingress))
+    try:
+        sock.sendall(b"GET /web/blob?size=%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+        history: list[int] = []
+
+        def stalled() -> bool:
+            history.append(backend.stats.blob_sent)
+            return history[-1] >= size or (len(history) > 25 and len(set(history[-25:])) == 1)
+
+        await wait_for(stalled, 60, "the backend to stall")
+        assert backend.stats.blob_sent < 32 * MiB
+
+        def drain() -> int:
+            total = 0
+            while total < size:
+                data = sock.recv(MiB)
+                assert data
+                total += len(data)
+            return total
+
+        assert await in_thread(drain) >= size
+    finally:
+        sock.close()
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_mid_response_cancels_quietly(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        def leave() -> None:
+            with socket.create_connection((LOOPBACK, ingress), timeout=30) as sock:
+                sock.sendall(b"GET /web/blob?size=%d HTTP/1.1\r\nHost: h\r\n\r\n" % (64 * MiB))
+                sock.recv(65536)
+
+        await in_thread(leave)
+        # The backend connection is closed too, so its sender stops early.
+        await wait_for(lambda: not router.http.pools["web"].idle and backend.stats.blob_sent < 64 * MiB, what="cancel")
+        status, _, _ = await in_thread(get, ingress, "/web/x")
+        assert status == 200
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_gets_400_and_reaches_no_backend(backend: Backend) -> None:
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        reply = await in_thread(raw_request, ingress, b"GET /web/x HTTP/1.1\r\nHost h\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400")
+        reply = await in_thread(raw_request, ingress, b"GET /web/x HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 431")
+        assert backend.stats.seen == []
+    finally:
+        await router.stopService()
