@@ -216,6 +216,8 @@ class Upstream(Protocol):
         if self.interim:
             self.interim = False
             return
+        if self.parser.get_status_code() == 101:
+            return  # the parser raises HttpParserUpgrade next: switched() takes it
         if not self.complete:
             self._complete()
 

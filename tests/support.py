@@ -196,6 +196,10 @@ class Twistd:
 
         return await wait_for(check, timeout, f"log line {regex!r}")
 
+    async def ingress_port(self) -> int:
+        m = await self.wait_line(r"ingress listening on [\d.]+:(\d+)")
+        return int(m.group(1))
+
     async def port_of(self, project: str) -> int:
         m = await self.wait_line(rf"route {re.escape(project)} listening on [\d.]+:(\d+)")
         return int(m.group(1))

@@ -1,0 +1,175 @@
+"""Real clients through HTTP routes: curl for big bodies, websocat for WebSocket upgrades."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from portrouter.config import Config, Listen, parse_project
+from tests.httpbackend import Backend
+from tests.support import (
+    LOOPBACK, MiB, Twistd, free_port, in_thread, pattern, rss_kib, start_router, wait_for,
+)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (.ci/run installs it)"
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_512_mib_each_way_with_bounded_memory(tmp_path: Any) -> None:
+    size = 512 * MiB
+    backend = Backend()
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        f"ingress: tcp:0:interface={LOOPBACK}\n"
+        f"projects:\n  - name: web\n    backend: {backend.address}\n"
+    )
+    daemon = Twistd("--config", str(config))
+    peak = {"rss": 0}
+    sampler = None
+    try:
+        port = await daemon.ingress_port()
+        base = f"http://{LOOPBACK}:{port}/web"
+        # Warm up (first request, pool, imports), then take the baseline.
+        await in_thread(subprocess.run, [tool("curl"), "-sS", "--fail", "-o", "/dev/null", f"{base}/x"], check=True)
+        baseline = rss_kib(daemon.proc.pid)
+
+        def sample() -> None:
+            peak["rss"] = max(peak["rss"], rss_kib(daemon.proc.pid))
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.05)
+
+        def download() -> tuple[str, str]:
+            want = hashlib.sha256()
+            for block in pattern(11, size):
+                want.update(block)
+            curl = subprocess.Popen(
+                [tool("curl"), "-sS", "--fail", "-o", "-", f"{base}/blob?size={size}&seed=11"],
+                stdout=subprocess.PIPE,
+            )
+            got = hashlib.sha256()
+            while data := curl.stdout.read(MiB):  # type: ignore[union-attr]
+                got.update(data)
+            assert curl.wait(120) == 0
+            return got.hexdigest(), want.hexdigest()
+
+        def upload() -> tuple[dict[str, Any], str]:
+            curl = subprocess.Popen(
+                [tool("curl"), "-sS", "--fail", "-T", "-", f"{base}/sink"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )
+            sent = hashlib.sha256()
+
+            def feed() -> None:
+                for block in pattern(12, size):
+                    curl.stdin.write(block)  # type: ignore[union-attr]
+                    sent.update(block)
+                curl.stdin.close()  # type: ignore[union-attr]
+
+            feeder = threading.Thread(target=feed)
+            feeder.start()
+            out = curl.stdout.read()  # type: ignore[union-attr]
+            feeder.join(120)
+            assert curl.wait(120) == 0
+            return json.loads(out), sent.hexdigest()
+
+        got, want = await in_thread(download)
+        assert got == want
+        reply, sent = await in_thread(upload)
+        assert reply == {"size": size, "sha256": sent}
+        sample()
+        grown_mib = (peak["rss"] - baseline) / 1024
+        assert grown_mib < 64, f"portrouter grew by {grown_mib:.1f} MiB"
+    finally:
+        if sampler is not None and sampler.running:
+            sampler.stop()
+        daemon.stop()
+        backend.close()
+
+
+class WebSocketEcho:
+    """websocat as a WebSocket echo server (`mirror:`), on a loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [tool("websocat"), "--binary", f"ws-l:{LOOPBACK}:{self.port}", "mirror:"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    async def ready(self) -> None:
+        def accepting() -> bool:
+            try:
+                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        await wait_for(accepting, 20, "websocat to listen")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def websocat_echo(url: str, size: int) -> tuple[str, str]:
+    """Send C{size} bytes as binary messages, read the echo, compare."""
+    client = subprocess.Popen(
+        [tool("websocat"), "--binary", url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    sent = hashlib.sha256()
+
+    def feed() -> None:
+        for block in pattern(21, size):
+            for i in range(0, len(block), 65536):
+                client.stdin.write(block[i:i + 65536])  # type: ignore[union-attr]
+                sent.update(block[i:i + 65536])
+        client.stdin.flush()  # type: ignore[union-attr]
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    got = hashlib.sha256()
+    total = 0
+    while total < size:
+        data = client.stdout.read1(MiB)  # type: ignore[union-attr]
+        assert data, client.stderr.read()  # type: ignore[union-attr]
+        got.update(data)
+        total += len(data)
+    feeder.join(60)
+    client.stdin.close()  # type: ignore[union-attr]
+    client.wait(30)
+    return got.hexdigest(), sent.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_echo_through_path_route_and_http_port() -> None:
+    echo = WebSocketEcho()
+    await echo.ready()
+    web = parse_project({"name": "web", "backend": f"tcp:{LOOPBACK}:{echo.port}"})
+    own = parse_project({"name": "own", "backend": f"tcp:{LOOPBACK}:{echo.port}", "listen": {"port": 1}})
+    own = replace(own, listen=Listen("http", 0, LOOPBACK, f"tcp:0:interface={LOOPBACK}"))
+    router = await start_router(config=Config(ingress=f"tcp:0:interface={LOOPBACK}", projects=(web, own)))
+    try:
+        for url in (f"ws://{LOOPBACK}:{router.port_of()}/web/socket", f"ws://{LOOPBACK}:{router.port_of('own')}/socket"):
+            got, sent = await in_thread(websocat_echo, url, 10 * MiB)
+            assert got == sent, url
+        await wait_for(lambda: not router.sessions.live, what="the tunnels to close")
+    finally:
+        await router.stopService()
+        echo.close()
