@@ -21,6 +21,7 @@ from portrouter.config import Config, Project
 from portrouter.table import Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.tcp import Sessions, TCPRoute
+from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.web import Channel, Fixed, Request
 
 log = Logger(namespace="portrouter")
@@ -135,6 +136,8 @@ class RouterService(MultiService):
             return HTTPRoute(self.reactor, self.http, project)
         if protocol == "tcp":
             return TCPRoute(self.reactor, project, self.sessions)
+        if protocol == "udp":
+            return UDPRoute(self.reactor, project)
         raise NotImplementedError(f"{protocol} routes are not served yet")
 
     # -- what the ingress mounts ------------------------------------------------
@@ -146,9 +149,14 @@ class RouterService(MultiService):
         return Fixed(lambda: channel.send(404, b"portrouter: no such stream\n"))
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
-        endpoint = serverFromString(self.reactor, route.listen)
         try:
-            port: IListeningPort = await endpoint.listen(factory)
+            if route.protocol == "udp":
+                # Twisted has no UDP strports: bind directly.
+                port: IListeningPort = self.reactor.listenUDP(
+                    route.port, factory, interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
+                )
+            else:
+                port = await serverFromString(self.reactor, route.listen).listen(factory)
         except Exception as e:
             raise BindError(route, _os_reason(e)) from None
         log.info(

@@ -1,0 +1,245 @@
+"""
+UDP routes: a datagram relay with one session per client address.
+
+Each session has its own connected socket towards the backend, so a reply
+can only have come from the backend and goes back to the client that caused
+it, from the listening socket the client sent to. A session ends
+C{udp_timeout} seconds after its last datagram in either direction; sessions
+are kept in last-activity order, so expiry pops from the front and costs
+nothing per datagram beyond moving one entry to the end.
+
+Binding the listener to the wildcard address on a host with several
+addresses lets the kernel choose a reply's source address, which may not be
+the one the client sent to; bind to the configured C{interface} for that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import OrderedDict
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from portrouter.config import Project, split_hostport
+
+log = Logger(namespace="portrouter.udp")
+
+MAX_DATAGRAM = 65535
+# How often expiry looks at the oldest sessions, at most.
+SWEEP = 1.0
+# Datagrams read per readiness event, so one busy session cannot starve others.
+_BURST = 64
+# Dropped datagrams are reported at most this often.
+DROP_REPORT = 10.0
+
+
+@implementer(IReadDescriptor)
+class _Session:
+    """One client's traffic: a connected socket to the backend, read by the reactor."""
+
+    __slots__ = (
+        "route", "client", "started", "last", "datagrams_in", "datagrams_out",
+        "bytes_in", "bytes_out", "sock", "fd",
+    )
+
+    def __init__(self, route: UDPRoute, client: tuple[str, int], started: float, sock: socket.socket):
+        self.route = route
+        self.client = client
+        self.started = started
+        self.last = started
+        self.datagrams_in = self.datagrams_out = 0
+        self.bytes_in = self.bytes_out = 0
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "portrouter.udp"
+
+    def doRead(self) -> None:
+        for _ in range(_BURST):
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                # ICMP port unreachable from the backend: that datagram is
+                # lost, as it would be without us; the session goes on.
+                self.route.refused += 1
+                continue
+            except OSError:
+                return
+            self.received(data)
+
+    def received(self, data: bytes) -> None:
+        route = self.route
+        self.datagrams_out += 1
+        self.bytes_out += len(data)
+        self.last = route.reactor.seconds()
+        if route.sessions.get(self.client) is self:
+            route.sessions.move_to_end(self.client)
+        route.reply(data, self.client)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.route._close(self, "socket error")
+
+    def send(self, data: bytes) -> None:
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
+        try:
+            self.sock.send(data)
+        except OSError:
+            # A full buffer or an ICMP error reported late: UDP may drop.
+            self.route.send_errors += 1
+
+
+class UDPRoute(DatagramProtocol):
+    """The listening side of one project's UDP route."""
+
+    noisy = False
+
+    def __init__(self, reactor: Any, project: Project):
+        self.reactor = reactor
+        self.sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()
+        self.dropped = 0
+        self.refused = 0
+        self.send_errors = 0
+        self._dropped_reported = 0
+        self._last_report = -DROP_REPORT
+        self._sweeper: Any = None
+        self.backend: tuple[str, int] | None = None
+        self._resolving: defer.Deferred[Any] | None = None
+        self._waiting: list[tuple[bytes, tuple[str, int]]] = []
+        self.update(project)
+
+    def update(self, project: Project) -> None:
+        self.project = project
+        assert project.backend is not None
+        host, port = split_hostport(project.backend, "backend")
+        self.backend = None
+        try:
+            ipaddress.ip_address(host)
+            self.backend = (host, port)
+        except ValueError:
+            self._resolve(host, port)
+
+    def _resolve(self, host: str, port: int) -> None:
+        # Names are resolved off the reactor thread, once per change.
+        d = self._resolving = self.reactor.resolve(host)
+
+        def resolved(address: str) -> None:
+            self.backend = (address, port)
+            waiting, self._waiting = self._waiting, []
+            for data, client in waiting:
+                self.datagramReceived(data, client)
+
+        def failed(reason: Any) -> None:
+            log.warn("udp {project}: cannot resolve {host}: {why}", project=self.project.name,
+                     host=host, why=reason.getErrorMessage())
+            self._waiting = []
+
+        d.addCallbacks(resolved, failed)
+
+    def startProtocol(self) -> None:
+        self._sweeper = self.reactor.callLater(self._sweep_interval(), self._sweep)
+
+    def stopProtocol(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        self.close_all("listener stopped")
+
+    def _sweep_interval(self) -> float:
+        return min(SWEEP, self.project.limits.udp_timeout / 4)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        client = (addr[0], addr[1])
+        session = self.sessions.get(client)
+        if session is None:
+            if self.backend is None:
+                if len(self._waiting) < 1000:
+                    self._waiting.append((data, client))
+                return
+            session = self._open(client)
+            if session is None:
+                return
+        else:
+            session.last = self.reactor.seconds()
+            self.sessions.move_to_end(client)
+        session.send(data)
+
+    def _open(self, client: tuple[str, int]) -> _Session | None:
+        limit = self.project.limits.udp_max_sessions
+        now = self.reactor.seconds()
+        if len(self.sessions) >= limit:
+            self.dropped += 1
+            if now - self._last_report >= DROP_REPORT:
+                log.warn(
+                    "udp {project}: {limit} sessions open; dropped {count} datagrams from new clients",
+                    project=self.project.name, limit=limit, count=self.dropped - self._dropped_reported,
+                )
+                self._last_report = now
+                self._dropped_reported = self.dropped
+            return None
+        assert self.backend is not None
+        family = socket.AF_INET6 if ":" in self.backend[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.backend)  # replies can only come from the backend
+        except OSError as e:
+            sock.close()
+            log.warn("udp {project}: cannot open a socket to the backend: {why}",
+                     project=self.project.name, why=e)
+            return None
+        session = _Session(self, client, now, sock)
+        self.sessions[client] = session
+        self.reactor.addReader(session)
+        return session
+
+    def reply(self, data: bytes, client: tuple[str, int]) -> None:
+        sock = getattr(self.transport, "socket", None)
+        try:
+            if sock is not None:
+                sock.sendto(data, client)  # skips Twisted's per-datagram address checks
+            else:
+                self.transport.write(data, client)
+        except OSError:
+            self.send_errors += 1
+
+    def _sweep(self) -> None:
+        now = self.reactor.seconds()
+        timeout = self.project.limits.udp_timeout
+        while self.sessions:
+            client, session = next(iter(self.sessions.items()))
+            if now - session.last < timeout:
+                break
+            self._close(session, f"idle for {timeout:g} s")
+        self._sweeper = self.reactor.callLater(self._sweep_interval(), self._sweep)
+
+    def _close(self, session: _Session, reason: str) -> None:
+        if self.sessions.get(session.client) is not session:
+            return
+        del self.sessions[session.client]
+        self.reactor.removeReader(session)
+        session.sock.close()
+        log.info(
+            "udp {project} {client}: {reason}; {datagrams_in} datagrams ({bytes_in} bytes) in, "
+            "{datagrams_out} datagrams ({bytes_out} bytes) out, {duration:.3f} s",
+            project=self.project.name, client=f"{session.client[0]}:{session.client[1]}",
+            reason=reason, datagrams_in=session.datagrams_in, bytes_in=session.bytes_in,
+            datagrams_out=session.datagrams_out, bytes_out=session.bytes_out,
+            duration=self.reactor.seconds() - session.started,
+        )
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            self._close(session, reason)
