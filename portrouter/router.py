@@ -22,6 +22,7 @@ from portrouter.table import Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.tcp import Sessions, TCPRoute
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
+from portrouter.ws import WSRoute
 from portrouter.web import Channel, Fixed, Request
 
 log = Logger(namespace="portrouter")
@@ -138,6 +139,8 @@ class RouterService(MultiService):
             return TCPRoute(self.reactor, project, self.sessions)
         if protocol == "udp":
             return UDPRoute(self.reactor, project)
+        if protocol == "ws":
+            return WSRoute(self.reactor, project, self.sessions)
         raise NotImplementedError(f"{protocol} routes are not served yet")
 
     # -- what the ingress mounts ------------------------------------------------

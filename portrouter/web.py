@@ -195,7 +195,11 @@ class Channel(Protocol):
 
     def readConnectionLost(self) -> None:
         if self.tunnel is not None:
-            self.tunnel.readConnectionLost()
+            half_close = getattr(self.tunnel, "readConnectionLost", None)
+            if half_close is not None:
+                half_close()
+            else:
+                self.transport.loseConnection()  # WebSocket has no half-close
         elif self.responding or self.handler is not None:
             self.close_after = True  # answer what was asked, then close
             self.closing = True
@@ -203,7 +207,7 @@ class Channel(Protocol):
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        if self.tunnel is not None:
+        if self.tunnel is not None and hasattr(self.tunnel, "writeConnectionLost"):
             self.tunnel.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
@@ -294,9 +298,12 @@ class Channel(Protocol):
         take = getattr(handler, "take_over", None)
         if take is None:
             # Not something that can be upgraded here: it has been or will be
-            # answered normally, and the connection closes after it.
+            # answered normally, and the connection closes after it (the
+            # parser is past the upgrade).
             self.close_after = True
             self.closing = True
+            if handler is None and not self.responding:
+                self.transport.loseConnection()
             return
         self.taken_over = True
         self._stop_timer()

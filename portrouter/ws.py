@@ -1,0 +1,322 @@
+"""
+WebSocket-to-TCP bridges: service ports (``/stream/.../tcpproxy?app=...`` on
+the ingress, authenticated) and ``ws`` routes (a port of their own, any path,
+no credentials: a websockify replacement).
+
+One WebSocket is one TCP connection. BINARY messages carry the bytes, frame
+data is passed on as it arrives (a message is never assembled in memory), and
+each side's transport is the other's producer, so a slow reader on either
+side stops reading on the other. The service closing ends the WebSocket with
+1000 after everything before it was sent; the client closing closes the TCP
+connection after what is pending was written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from portrouter.config import Limits, Project
+from portrouter.relay import Session
+from portrouter.tcp import Sessions, connect_failure, peer_of
+from portrouter.web import Channel, Fixed, Request
+
+log = Logger(namespace="portrouter.ws")
+
+# Close codes (RFC 6455 section 7.4.1, and the IANA registry).
+NORMAL = 1000
+UNSUPPORTED = 1003
+INTERNAL = 1011
+TRY_AGAIN = 1013
+# Client-to-service bytes held while the service connection is being made;
+# past this the WebSocket is not read until the service is there.
+EARLY_LIMIT = 1 << 20
+
+
+@implementer(IHalfCloseableProtocol)
+class _Service(Protocol):
+    """The TCP side of a bridge."""
+
+    bridge: Bridge | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        bridge = self.bridge
+        if bridge is not None:
+            bridge.session.bytes_out += len(data)
+            bridge.sendMessage(data, isBinary=True)
+
+    def readConnectionLost(self) -> None:
+        # WebSocket has no half-close: the service is done talking, so the
+        # WebSocket ends (after the frames already queued).
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        bridge, self.bridge = self.bridge, None
+        if bridge is not None:
+            bridge.service_closed()
+
+
+class _ServiceFactory(Factory):
+    noisy = False
+    protocol = _Service
+
+
+class Target:
+    """Where a bridge goes: the service's endpoint, for whom, with which limits."""
+
+    __slots__ = ("project", "service", "endpoint", "limits", "start")
+
+    def __init__(
+        self, project: str, service: str | None, endpoint: IStreamClientEndpoint, limits: Limits,
+        start: Callable[[], defer.Deferred[None]] | None = None,
+    ):
+        self.project = project
+        self.service = service
+        self.endpoint = endpoint
+        self.limits = limits
+        self.start = start  # starts the service on demand, if it has a command
+
+
+class Bridge(WebSocketServerProtocol):
+    """One WebSocket bridged to one TCP connection."""
+
+    target: Target
+    sessions: Sessions
+    session: Session
+    service: _Service | None = None
+    early: list[bytes] | None = None
+    early_size = 0
+    dropping = False
+    ended = False
+
+    def onConnect(self, request: Any) -> str | None:
+        # noVNC and websockify speak the "binary" subprotocol.
+        return "binary" if "binary" in request.protocols else None
+
+    def onOpen(self) -> None:
+        target = self.target
+        name = target.project if target.service is None else f"{target.project}/{target.service}"
+        self.session = self.sessions.open("ws", name, peer_of(self.transport.getPeer()))
+        self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
+        self.early = []
+        d = defer.Deferred.fromCoroutine(self._connect())
+        d.addErrback(self._failed)
+
+    async def _connect(self) -> None:
+        target = self.target
+        if target.start is not None:
+            try:
+                await target.start()
+            except Exception as e:
+                self._close(INTERNAL, f"the service could not be started: {e}")
+                return
+        timeout = target.limits.connect_timeout
+        d = target.endpoint.connect(_ServiceFactory())
+        timer = self.factory.reactor.callLater(timeout, d.cancel)
+        try:
+            service: _Service = await d
+        except Exception as e:
+            timed_out = not timer.active()
+            if not timed_out:
+                timer.cancel()
+            why = connect_failure(Failure(e), timeout, timed_out)
+            self._close(TRY_AGAIN, why)
+            return
+        if timer.active():
+            timer.cancel()
+        if self.ended:
+            service.transport.loseConnection()
+            return
+        self.service = service
+        service.bridge = self
+        for data in self.early or ():
+            service.transport.write(data)
+        self.early = None
+        self.transport.registerProducer(service.transport, True)
+        service.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+
+    def _failed(self, reason: Failure) -> None:
+        log.failure("bridge {project}", reason, project=self.target.project)
+        self._close(INTERNAL, "internal error")
+
+    def _close(self, code: int, reason: str) -> None:
+        if self.session.reason is None:
+            self.session.reason = reason
+        if code != NORMAL:
+            log.info("ws {project} {peer}: closing with {code}: {reason}", project=self.session.project,
+                     peer=self.session.peer, code=code, reason=reason)
+        # sendClose() lets applications use only 1000 and 3000-4999; a proxy
+        # speaks for the protocol (1003, 1011, 1013), so send the frame itself.
+        # A close reason must fit a control frame (125 bytes, 2 for the code).
+        self.sendCloseFrame(code, reason.encode("utf-8")[:123], isReply=False)
+
+    # -- client to service, frame data as it arrives ------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        if not isBinary:
+            self.dropping = True
+            self._close(UNSUPPORTED, "only binary messages are carried")
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)  # enforces the size limits, if set
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.dropping or self.failedByMe:
+            return
+        self.session.bytes_in += len(payload)
+        service = self.service
+        if service is not None:
+            service.transport.write(payload)
+        elif self.early is not None:
+            self.early.append(payload)
+            self.early_size += len(payload)
+            if self.early_size > EARLY_LIMIT:
+                self.transport.pauseProducing()
+
+    def onMessageFrameEnd(self) -> None:
+        pass
+
+    def onMessageEnd(self) -> None:
+        pass
+
+    # -- endings ----------------------------------------------------------------------
+
+    def service_closed(self) -> None:
+        """The service closed: end the WebSocket once the queued frames are out."""
+        self.service = None
+        if self.session.reason is None:
+            self.session.reason = "service closed"
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.transport.unregisterProducer()
+            self.sendClose(NORMAL)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.ended = True
+        service, self.service = self.service, None
+        if service is not None:
+            service.bridge = None
+            # What the client sent is written before the connection closes.
+            service.transport.unregisterProducer()
+            service.transport.loseConnection()
+        session = getattr(self, "session", None)
+        if session is not None:
+            if session.reason is None:
+                session.reason = f"client closed ({code})" if code else "client went away"
+            session.ended(session.reason)
+
+
+class BridgeFactory(WebSocketServerFactory):
+    """Builds L{Bridge}s; one per ``ws`` route, one for all service ports."""
+
+    protocol = Bridge
+    noisy = False
+
+    def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
+        super().__init__(reactor=reactor)
+        self.sessions = sessions
+        self.target = target
+        self.setProtocolOptions(
+            utf8validateIncoming=False,  # binary only; a TEXT message is refused anyway
+            openHandshakeTimeout=30,
+            closeHandshakeTimeout=5,
+        )
+
+    def bridge(self, target: Target, addr: Any) -> Bridge:
+        proto: Bridge = self.buildProtocol(addr)
+        proto.target = target
+        proto.sessions = self.sessions
+        return proto
+
+    def buildProtocol(self, addr: Any) -> Bridge:
+        proto: Bridge = super().buildProtocol(addr)
+        proto.sessions = self.sessions
+        if self.target is not None:
+            proto.target = self.target
+        return proto
+
+
+class WSRoute(BridgeFactory):
+    """The listening side of a project's ``ws`` route: any path, no credentials."""
+
+    def __init__(self, reactor: Any, project: Project, sessions: Sessions):
+        super().__init__(reactor, sessions)
+        self.update(project)
+
+    def update(self, project: Project) -> None:
+        assert project.backend is not None
+        self.project = project
+        self.target = Target(
+            project.name, None, clientFromString(self.reactor, project.backend), project.limits
+        )
+
+
+# -- service ports on the ingress ----------------------------------------------------
+
+_STREAM = re.compile(rb"/stream/(kernel|session)/([a-z0-9][a-z0-9-]{0,62})/(tcpproxy|httpproxy|apps)\Z")
+
+
+def problem(channel: Channel, status: int, title: str, kind: str) -> Fixed:
+    """An error as Backend.AI answers it: ``application/problem+json``."""
+    body = json.dumps({"type": f"https://api.backend.ai/probs/{kind}", "title": title}).encode() + b"\n"
+    return Fixed(lambda: channel.send(status, body, b"application/problem+json"))
+
+
+def is_websocket(request: Request) -> bool:
+    connection = {t.strip().lower() for t in (request.header(b"connection") or b"").split(b",")}
+    return b"upgrade" in connection and (request.header(b"upgrade") or b"").lower() == b"websocket"
+
+
+def query_value(query: bytes, name: bytes) -> str | None:
+    from urllib.parse import parse_qs
+
+    values = parse_qs(query.decode("latin-1")).get(name.decode())
+    return values[-1] if values else None
+
+
+class _Takeover:
+    """The handler of an accepted service-port upgrade: gives the connection to a L{Bridge}."""
+
+    def __init__(self, channel: Channel, request: Request, bridge: Bridge):
+        self.channel = channel
+        self.request = request
+        self.bridge = bridge
+
+    def body(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def lost(self) -> None:
+        pass
+
+    def take_over(self, leftover: bytes) -> None:
+        channel, request = self.channel, self.request
+        channel.project = self.bridge.target.project
+        channel.status = 101
+        channel._log()
+        bridge = self.bridge
+        bridge.makeConnection(channel.transport)
+        channel.tunnel = bridge
+        # Autobahn reads the handshake itself, as its own WebSocketResource
+        # arranges it: give it the request as it came.
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+        head += [b"%s: %s\r\n" % (n, v) for n, v in request.headers]
+        head.append(b"\r\n")
+        bridge.dataReceived(b"".join(head) + leftover)
+        channel.transport.resumeProducing()
