@@ -6,3 +6,10 @@ portrouter = ServiceMaker(
     "Route HTTP, TCP, UDP and WebSocket traffic to the services of deployed projects.",
     "portrouter",
 )
+
+portrouter_tunnel = ServiceMaker(
+    "portrouter-tunnel",
+    "portrouter.tunnel",
+    "Carry local TCP connections to a portrouter service port, one WebSocket each.",
+    "portrouter-tunnel",
+)
