@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from portrouter.router import RouterService
 
 RESERVED = (b"_api", b"stream")
+# What the Backend.AI SDK needs from GET /: an API version it can speak
+# (v7.20230615 is what 23.09 clients use at most).
+VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'
 
 
 class IngressSite:
@@ -33,6 +36,11 @@ class IngressSite:
         if not path.startswith(b"/"):
             return Fixed(lambda: channel.error(400, "the request target must be a path"))
         segment, slash, rest = path[1:].partition(b"/")
+        if path == b"/":
+            # The Backend.AI client asks for the API version before anything else.
+            return Fixed(lambda: channel.send(200, VERSION, b"application/json"))
+        if path == b"/manager/announcement" and b"manager" not in self._path_routed():
+            return Fixed(lambda: channel.send(200, b'{"enabled": false, "message": ""}\n', b"application/json"))
         if segment == b"_api":
             return self._api(channel, request, rest)
         if segment == b"stream":
@@ -46,6 +54,9 @@ class IngressSite:
                 301, b"", headers=[(b"Location", location)]
             ))
         return self.router.http.proxy(channel, request, project, b"/" + rest, b"/" + segment)
+
+    def _path_routed(self) -> set[bytes]:
+        return {n.encode() for n, p in self.router.table.projects.items() if p.path_routed}
 
     def _api(self, channel: Channel, request: Request, rest: bytes) -> Any:
         if rest == b"health":

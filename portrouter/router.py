@@ -22,7 +22,8 @@ from portrouter.table import Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.tcp import Sessions, TCPRoute
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
-from portrouter.ws import WSRoute
+from portrouter.auth import Credentials
+from portrouter.ws import StreamEndpoint, WSRoute
 from portrouter.web import Channel, Fixed, Request
 
 log = Logger(namespace="portrouter")
@@ -81,6 +82,8 @@ class RouterService(MultiService):
         self.reactor = reactor
         self.sessions = Sessions(reactor)
         self.http = HTTPRoutes(reactor, self.sessions)
+        self.credentials = Credentials(config.auth)
+        self.stream = StreamEndpoint(self)
         self.table = RoutingTable.build(config.ingress, config.manhole, config.projects)
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
@@ -149,7 +152,11 @@ class RouterService(MultiService):
         return Fixed(lambda: channel.send(404, b"portrouter: no such API endpoint\n"))
 
     def stream_handler(self, channel: Channel, request: Request) -> Any:
-        return Fixed(lambda: channel.send(404, b"portrouter: no such stream\n"))
+        return self.stream.handler(channel, request)
+
+    def starter(self, project: Project, service: Any = None) -> Any:
+        """What starts a service on demand (SPEC section 5), or None."""
+        return None
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
         try:

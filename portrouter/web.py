@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.auth import redact_target
+
 log = Logger(namespace="portrouter.http")
 
 REASONS = {
@@ -453,7 +455,7 @@ class Channel(Protocol):
             "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}",
             client=request.client,
             method=request.method.decode("latin-1"),
-            target=request.target.decode("latin-1"),
+            target=redact_target(request.target).decode("latin-1"),
             status=self.status,
             bytes=self.sent,
             duration=self.reactor.seconds() - request.started,

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.auth import Refused
 from portrouter.config import Limits, Project
 from portrouter.relay import Session
 from portrouter.tcp import Sessions, connect_failure, peer_of
@@ -320,3 +321,48 @@ class _Takeover:
         head.append(b"\r\n")
         bridge.dataReceived(b"".join(head) + leftover)
         channel.transport.resumeProducing()
+
+
+class StreamEndpoint:
+    """
+    ``/stream/{kernel,session}/<name>/{tcpproxy,httpproxy,apps}`` on the
+    ingress. Checks run in this order: credentials (so an anonymous caller
+    learns nothing of which projects exist), then project and service, then
+    the upgrade; what goes wrong after the upgrade is told by the close code.
+    """
+
+    def __init__(self, router: Any):
+        self.router = router
+        self.factory = BridgeFactory(router.reactor, router.sessions)
+
+    def handler(self, channel: Channel, request: Request) -> Any:
+        match = _STREAM.match(request.path)
+        name = match.group(2).decode() if match else None
+        try:
+            self.router.credentials.check(request, name)
+        except Refused as refused:
+            body = refused.body()
+            return Fixed(lambda: channel.send(
+                refused.status, body, refused.content_type, headers=refused.headers()
+            ))
+        if match is None:
+            return problem(channel, 404, "Not found.", "not-found")
+        project = self.router.table.projects.get(name)
+        if project is None or not project.services:
+            return problem(channel, 404, "No such session.", "session-not-found")
+        if match.group(3) == b"apps":
+            apps = [{"name": s.name, "protocol": s.protocol, "ports": [s.port]} for s in project.services]
+            body = json.dumps(apps).encode() + b"\n"
+            return Fixed(lambda: channel.send(200, body, b"application/json"))
+        app = query_value(request.query, b"app")
+        service = project.service(app) if app else None
+        if service is None:
+            return problem(channel, 404, "No such app service.", "app-not-found")
+        if request.method != b"GET" or not is_websocket(request):
+            return problem(channel, 400, "Not a WebSocket request.", "invalid-api-params")
+        host = project.host or "127.0.0.1"
+        escaped = host.replace(":", "\\:")
+        endpoint = clientFromString(self.router.reactor, f"tcp:{escaped}:{service.port}")
+        target = Target(project.name, service.name, endpoint, service.limits,
+                        self.router.starter(project, service))
+        return _Takeover(channel, request, self.factory.bridge(target, channel.transport.getPeer()))

@@ -145,6 +145,18 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def backendai_python() -> str:
+    """
+    The Python of the venv that holds the real Backend.AI client (installed by
+    .ci/run: it pins an aiohttp/yarl that must not mix with ours). Missing it
+    is a failure, not a skip.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = os.environ.get("BACKENDAI_SDK_PYTHON", os.path.join(root, ".venv-backendai", "bin", "python"))
+    assert os.path.exists(python), f"{python} is missing: run .ci/run (it installs backend.ai-client)"
+    return python
+
+
 def twistd_path() -> str:
     """The twistd of the Python running the tests, not whatever is on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "twistd")
