@@ -274,6 +274,7 @@ class Pool:
         self.factory = _UpstreamFactory(self)
         self.idle: list[Upstream] = []
         self.opened = 0  # connections made, for tests and metrics
+        self.supervisor: Any = None  # starts the backend on demand, if it has a command
 
     def take(self) -> Upstream | None:
         now = self.reactor.seconds()
@@ -348,6 +349,9 @@ class ProxyExchange:
         channel.project = project.name
         self.head = self._head(path, prefix)
         self.wants_continue = (request.header(b"expect") or b"").lower() == b"100-continue"
+        self.supervisor = pool.supervisor
+        if self.supervisor is not None:
+            self.supervisor.acquire()
         upstream = None if request.upgrade else pool.take()
         if upstream is not None:
             self.reused = True
@@ -390,10 +394,24 @@ class ProxyExchange:
         return b"".join(lines)
 
     def _connect(self) -> None:
-        limits = self.project.limits
-        d = self.connecting = self.pool.connect(limits.connect_timeout)
         if self.request.has_body:
             self.channel.transport.pauseProducing()  # hold the body until there is somewhere to send it
+        supervisor = self.supervisor
+        if supervisor is not None and not supervisor.ready:
+            d = self.connecting = supervisor.ensure()
+
+            def not_started(reason: Failure) -> None:
+                self.connecting = None
+                if not reason.check(defer.CancelledError):
+                    self._fail(503, reason.getErrorMessage())
+
+            d.addCallbacks(lambda _: self._connect_now(), not_started)
+            return
+        self._connect_now()
+
+    def _connect_now(self) -> None:
+        limits = self.project.limits
+        d = self.connecting = self.pool.connect(limits.connect_timeout)
 
         def connected(upstream: Upstream) -> None:
             self.connecting = None
@@ -456,11 +474,17 @@ class ProxyExchange:
                 self.upstream.transport.unregisterProducer()
                 self.channel.resume_reading()
 
+    def _release_service(self) -> None:
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.release()
+
     def lost(self) -> None:
         """The client went away: cancel the backend request, quietly."""
         if self.done:
             return
         self.done = True
+        self._release_service()
         self._stop_timer()
         if self.connecting is not None:
             self.connecting.cancel()
@@ -508,6 +532,7 @@ class ProxyExchange:
         if self.done:
             return
         self.done = True
+        self._release_service()
         self.upstream = None
         upstream.exchange = None
         channel = self.channel
@@ -530,6 +555,7 @@ class ProxyExchange:
         self._stop_timer()
         if self.responding:
             self.done = True
+            self._release_service()
             self.channel.transport.unregisterProducer()
             self.channel.abort()
             return
@@ -552,6 +578,7 @@ class ProxyExchange:
         if self.done:
             return
         self.done = True
+        self._release_service()
         self._stop_timer()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
@@ -594,6 +621,7 @@ class ProxyExchange:
             channel.transport.write(leftover)
         channel._log()
         session = self.sessions.open("upgrade", self.project.name, self.request.client)
+        session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
         client.makeConnection(channel.transport)
         channel.tunnel = client
@@ -610,9 +638,10 @@ class ProxyExchange:
 class HTTPRoutes:
     """Pools per project, shared by the ingress and the projects' own ports."""
 
-    def __init__(self, reactor: Any, sessions: Sessions):
+    def __init__(self, reactor: Any, sessions: Sessions, services: Any = None):
         self.reactor = reactor
         self.sessions = sessions
+        self.services = services
         self.pools: dict[str, Pool] = {}
 
     def pool(self, project: Project) -> Pool:
@@ -621,6 +650,7 @@ class HTTPRoutes:
             if pool is not None:
                 pool.close()
             pool = self.pools[project.name] = Pool(self.reactor, project)
+        pool.supervisor = self.services.get(project) if self.services is not None else None
         return pool
 
     def proxy(self, channel: Channel, request: Request, project: Project,

@@ -58,7 +58,7 @@ class Session:
 
     __slots__ = (
         "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end",
+        "reason", "_closer", "_on_end", "supervisor",
     )
 
     def __init__(
@@ -74,6 +74,7 @@ class Session:
         self.reason: str | None = None
         self._closer: Callable[[], None] | None = None
         self._on_end: Callable[[Session], None] | None = on_end
+        self.supervisor: Any = None  # a started-on-demand service it keeps in use
 
     def close(self) -> None:
         """Close both sides now (drain timeout, idle timeout, shutdown)."""

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from portrouter.config import Config, Project
 from portrouter.table import Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
+from portrouter.services import Services
 from portrouter.tcp import Sessions, TCPRoute
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
@@ -81,7 +82,8 @@ class RouterService(MultiService):
         self.config = config
         self.reactor = reactor
         self.sessions = Sessions(reactor)
-        self.http = HTTPRoutes(reactor, self.sessions)
+        self.commands = Services(reactor)
+        self.http = HTTPRoutes(reactor, self.sessions, self.commands)
         self.credentials = Credentials(config.auth)
         self.stream = StreamEndpoint(self)
         self.table = RoutingTable.build(config.ingress, config.manhole, config.projects)
@@ -139,11 +141,11 @@ class RouterService(MultiService):
         if protocol == "http":
             return HTTPRoute(self.reactor, self.http, project)
         if protocol == "tcp":
-            return TCPRoute(self.reactor, project, self.sessions)
+            return TCPRoute(self.reactor, project, self.sessions, self.commands)
         if protocol == "udp":
             return UDPRoute(self.reactor, project)
         if protocol == "ws":
-            return WSRoute(self.reactor, project, self.sessions)
+            return WSRoute(self.reactor, project, self.sessions, self.commands)
         raise NotImplementedError(f"{protocol} routes are not served yet")
 
     # -- what the ingress mounts ------------------------------------------------
@@ -154,9 +156,6 @@ class RouterService(MultiService):
     def stream_handler(self, channel: Channel, request: Request) -> Any:
         return self.stream.handler(channel, request)
 
-    def starter(self, project: Project, service: Any = None) -> Any:
-        """What starts a service on demand (SPEC section 5), or None."""
-        return None
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
         try:
@@ -216,8 +215,16 @@ class RouterService(MultiService):
             listener.setServiceParent(self)
         for name in set(self.http.pools) - set(table.projects):
             self.http.forget(name)
+        for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
+            self.commands.forget(name)
         for listener in released:
             await defer.maybeDeferred(listener.disownServiceParent)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        """Stop listening, then stop every child process portrouter started."""
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.commands.stop_all())
+        return d
 
     def port_of(self, project: str | None = None) -> int:
         """The port actually bound for a project (or the ingress): for port 0."""

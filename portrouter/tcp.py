@@ -56,6 +56,8 @@ class Sessions:
 
     def _ended(self, session: Session) -> None:
         self.live.discard(session)
+        if session.supervisor is not None:
+            session.supervisor.release()
         log.info(
             "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
             "{bytes_out} bytes out, {duration:.3f} s",
@@ -90,6 +92,28 @@ class _Inbound(StreamSide):
         route = self.route
         self.transport.pauseProducing()
         self.session = route.sessions.open("tcp", route.project.name, peer_of(self.addr))
+        supervisor = route.supervisor
+        if supervisor is None:
+            self._connect()
+            return
+        # Started on demand: the client stays paused (its first bytes wait
+        # in the kernel) until the service accepts.
+        supervisor.acquire()
+        self.session.supervisor = supervisor
+        d = self.pending = supervisor.ensure()
+        d.addCallbacks(lambda _: self._connect(), self._not_started)
+
+    def _not_started(self, reason: Failure) -> None:
+        self.pending = None
+        if reason.check(defer.CancelledError):
+            return
+        session = self.session
+        if session is not None and session.reason is None:
+            self.transport.loseConnection()
+            session.ended(reason.getErrorMessage())
+
+    def _connect(self) -> None:
+        route = self.route
         connect_timeout = route.project.limits.connect_timeout
         d = self.pending = route.endpoint.connect(_BackendFactory())
         timer = route.reactor.callLater(connect_timeout, d.cancel)
@@ -134,9 +158,10 @@ class TCPRoute(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions):
+    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
         self.reactor = reactor
         self.sessions = sessions
+        self.services = services
         self.update(project)
 
     def update(self, project: Project) -> None:
@@ -144,6 +169,7 @@ class TCPRoute(Factory):
         assert project.backend is not None
         self.project = project
         self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, project.backend)
+        self.supervisor = self.services.get(project) if self.services is not None else None
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         return _Inbound(self, addr)

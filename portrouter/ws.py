@@ -78,17 +78,17 @@ class _ServiceFactory(Factory):
 class Target:
     """Where a bridge goes: the service's endpoint, for whom, with which limits."""
 
-    __slots__ = ("project", "service", "endpoint", "limits", "start")
+    __slots__ = ("project", "service", "endpoint", "limits", "supervisor")
 
     def __init__(
         self, project: str, service: str | None, endpoint: IStreamClientEndpoint, limits: Limits,
-        start: Callable[[], defer.Deferred[None]] | None = None,
+        supervisor: Any = None,
     ):
         self.project = project
         self.service = service
         self.endpoint = endpoint
         self.limits = limits
-        self.start = start  # starts the service on demand, if it has a command
+        self.supervisor = supervisor  # starts the service on demand, if it has a command
 
 
 class Bridge(WebSocketServerProtocol):
@@ -118,11 +118,13 @@ class Bridge(WebSocketServerProtocol):
 
     async def _connect(self) -> None:
         target = self.target
-        if target.start is not None:
+        if target.supervisor is not None:
+            target.supervisor.acquire()
+            self.session.supervisor = target.supervisor
             try:
-                await target.start()
+                await target.supervisor.ensure()
             except Exception as e:
-                self._close(INTERNAL, f"the service could not be started: {e}")
+                self._close(INTERNAL, str(e))
                 return
         timeout = target.limits.connect_timeout
         d = target.endpoint.connect(_ServiceFactory())
@@ -254,15 +256,17 @@ class BridgeFactory(WebSocketServerFactory):
 class WSRoute(BridgeFactory):
     """The listening side of a project's ``ws`` route: any path, no credentials."""
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions):
+    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
         super().__init__(reactor, sessions)
+        self.services = services
         self.update(project)
 
     def update(self, project: Project) -> None:
         assert project.backend is not None
         self.project = project
         self.target = Target(
-            project.name, None, clientFromString(self.reactor, project.backend), project.limits
+            project.name, None, clientFromString(self.reactor, project.backend), project.limits,
+            self.services.get(project) if self.services is not None else None,
         )
 
 
@@ -364,5 +368,5 @@ class StreamEndpoint:
         escaped = host.replace(":", "\\:")
         endpoint = clientFromString(self.router.reactor, f"tcp:{escaped}:{service.port}")
         target = Target(project.name, service.name, endpoint, service.limits,
-                        self.router.starter(project, service))
+                        self.router.commands.get(project, service))
         return _Takeover(channel, request, self.factory.bridge(target, channel.transport.getPeer()))

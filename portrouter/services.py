@@ -1,0 +1,287 @@
+"""
+Starting backends on demand (SPEC section 5).
+
+A project or service with a ``command`` is spawned by the first connection
+that needs it; every connection that arrives while it starts waits for the
+same start. portrouter polls the port until it accepts, then lets the waiting
+connections through (their early bytes are held by the connections
+themselves, paused). A command that exits first, or a port that does not open
+within ``start_timeout``, fails every waiting connection with the reason; one
+service failing never blocks another. Output goes to the log line by line;
+``idle_stop`` stops a service after its last connection; every child is
+stopped (SIGTERM, then SIGKILL) when portrouter stops.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from portrouter.config import Command
+
+log = Logger(namespace="portrouter.services")
+
+POLL = 0.1  # seconds between attempts to connect to a starting service
+GRACE = 5.0  # SIGTERM, then this long, then SIGKILL
+MAX_LINE = 8192
+
+
+class StartFailed(Exception):
+    """A service could not be started; the message says why, for the client too."""
+
+
+class _Output(ProcessProtocol):
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+        self.partial = {1: b"", 2: b""}
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self.partial.get(fd, b"") + data).split(b"\n")
+        self.partial[fd] = lines.pop()
+        if len(self.partial[fd]) > MAX_LINE:
+            lines.append(self.partial[fd])
+            self.partial[fd] = b""
+        for line in lines:
+            self.supervisor.output(fd, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self.partial.items():
+            if rest:
+                self.supervisor.output(fd, rest)
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        self.ended.callback(code if signal is None else -signal)
+
+
+class _Probe(Protocol):
+    def connectionMade(self) -> None:
+        # A plain close: an abort (RST) makes some servers log a traceback.
+        self.transport.loseConnection()
+
+
+class _ProbeFactory(Factory):
+    noisy = False
+    protocol = _Probe
+
+
+class Supervisor:
+    """One command: started once on demand, shared by every connection."""
+
+    def __init__(self, reactor: Any, name: str, command: Command, backend: str,
+                 start_timeout: float, clock: Any = None):
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.name = name
+        self.command = command
+        self.endpoint = clientFromString(reactor, backend)
+        self.backend = backend
+        self.start_timeout = start_timeout
+        self.process: Any = None
+        self.output_protocol: _Output | None = None
+        self.starting: defer.Deferred[None] | None = None
+        self.waiters: list[defer.Deferred[None]] = []
+        self.ready = False
+        self.active = 0  # connections using it, for idle_stop
+        self.idle_timer: Any = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.process, "pid", None) if self.process is not None else None
+
+    def output(self, fd: int, line: bytes) -> None:
+        log.info("{service} {stream}: {line}", service=self.name,
+                 stream="stdout" if fd == 1 else "stderr", line=line.decode("utf-8", "replace"))
+
+    def ensure(self) -> defer.Deferred[None]:
+        """Fire when the service accepts connections, starting it if needed."""
+        if self.ready and self.process is not None:
+            return defer.succeed(None)
+        # Each waiter has its own Deferred: one giving up (its client left)
+        # does not cancel the start the others wait for.
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiters.append(waiter)
+        if self.starting is None:
+            self.starting = defer.Deferred.fromCoroutine(self._start())
+            self.starting.addBoth(self._started)
+        return waiter
+
+    def _started(self, result: Any) -> None:
+        self.starting = None
+        waiters, self.waiters = self.waiters, []
+        if isinstance(result, Failure) and not result.check(StartFailed):
+            log.failure("starting {service}", result, service=self.name)
+            result = Failure(StartFailed(f"{self.name} could not be started"))
+        for waiter in waiters:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    async def _start(self) -> None:
+        argv = list(self.command.argv)
+        executable = shutil.which(argv[0]) or argv[0]
+        env = dict(os.environ)
+        env.update(self.command.env or {})
+        protocol = _Output(self)
+        log.info("starting {service}: {argv}", service=self.name, argv=" ".join(argv))
+        try:
+            self.process = self.reactor.spawnProcess(
+                protocol, executable, argv, env=env, path=self.command.cwd,
+            )
+        except OSError as e:
+            raise StartFailed(f"cannot run {argv[0]!r}: {e.strerror}") from None
+        self.output_protocol = protocol
+        self.starts += 1
+        ended = protocol.ended
+        ended.addCallback(self._exited, protocol)
+        deadline = self.clock.seconds() + self.start_timeout
+        while True:
+            if ended.called:
+                raise StartFailed(f"{self.name} exited with {_describe(ended.result)} before it opened its port")
+            try:
+                await self._probe()
+                break
+            except (error.ConnectError, error.ConnectionRefusedError, defer.CancelledError, OSError):
+                pass
+            if self.clock.seconds() >= deadline:
+                self.stop()
+                raise StartFailed(f"{self.name} did not open its port within {self.start_timeout:g} s")
+            await _sleep(self.clock, POLL)
+        self.ready = True
+        log.info("{service} is ready (pid {pid})", service=self.name, pid=self.pid)
+
+    async def _probe(self) -> None:
+        d = self.endpoint.connect(_ProbeFactory())
+        timer = self.reactor.callLater(1.0, d.cancel)
+        try:
+            await d
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _exited(self, code: int | None, protocol: _Output) -> int | None:
+        if protocol is not self.output_protocol:
+            return code
+        log.info("{service} exited with {how}", service=self.name, how=_describe(code))
+        self.process = None
+        self.output_protocol = None
+        self.ready = False
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        return code
+
+    # -- use counting, for idle_stop -----------------------------------------------
+
+    def acquire(self) -> None:
+        self.active += 1
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)
+        idle_stop = self.command.idle_stop
+        if self.active == 0 and idle_stop is not None and self.process is not None:
+            self.idle_timer = self.clock.callLater(idle_stop, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.active == 0 and self.process is not None:
+            log.info("{service}: no connection for {seconds:g} s; stopping it",
+                     service=self.name, seconds=self.command.idle_stop)
+            self.stop()
+
+    def stop(self) -> defer.Deferred[None]:
+        """SIGTERM, then SIGKILL after a grace period; fires once it is gone."""
+        process, protocol = self.process, self.output_protocol
+        self.ready = False
+        if process is None or protocol is None:
+            return defer.succeed(None)
+        try:
+            process.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            return defer.succeed(None)
+        killer = self.reactor.callLater(GRACE, _kill, process)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def gone(result: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            if not done.called:
+                done.callback(None)
+            return result
+
+        protocol.ended.addBoth(gone)
+        return done
+
+
+def _kill(process: Any) -> None:
+    try:
+        process.signalProcess("KILL")
+    except error.ProcessExitedAlready:
+        pass
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+class Services:
+    """Every supervised command of the router, by project and service name."""
+
+    def __init__(self, reactor: Any, clock: Any = None):
+        self.reactor = reactor
+        self.clock = clock
+        self.supervisors: dict[tuple[str, str | None], Supervisor] = {}
+
+    def get(self, project: Any, service: Any = None) -> Supervisor | None:
+        owner = service if service is not None else project
+        command = owner.command
+        if command is None:
+            return None
+        key = (project.name, service.name if service is not None else None)
+        if service is not None:
+            host = (project.host or "127.0.0.1").replace(":", "\\:")
+            backend = f"tcp:{host}:{service.port}"
+        else:
+            backend = project.backend
+        supervisor = self.supervisors.get(key)
+        if supervisor is None or supervisor.command != command or supervisor.backend != backend:
+            if supervisor is not None:
+                supervisor.stop()
+            name = project.name if service is None else f"{project.name}/{service.name}"
+            supervisor = Supervisor(self.reactor, name, command, backend,
+                                    owner.limits.start_timeout, self.clock)
+            self.supervisors[key] = supervisor
+        return supervisor
+
+    def forget(self, project: str) -> defer.Deferred[Any]:
+        """Stop the commands of a project that is gone."""
+        stopping = [s.stop() for key, s in list(self.supervisors.items()) if key[0] == project]
+        for key in [k for k in self.supervisors if k[0] == project]:
+            del self.supervisors[key]
+        return defer.gatherResults(stopping)
+
+    def stop_all(self) -> defer.Deferred[Any]:
+        return defer.gatherResults([s.stop() for s in self.supervisors.values()])
