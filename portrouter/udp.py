@@ -15,6 +15,7 @@ the one the client sent to; bind to the configured C{interface} for that.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections import OrderedDict
@@ -37,6 +38,10 @@ SWEEP = 1.0
 _BURST = 64
 # Dropped datagrams are reported at most this often.
 DROP_REPORT = 10.0
+# Receive buffer asked for the listening socket, which every client shares
+# (the kernel caps it at net.core.rmem_max); the usual default holds only
+# three of the largest datagrams.
+LISTEN_BUFFER = 4 * 1024 * 1024
 
 
 @implementer(IReadDescriptor)
@@ -89,6 +94,19 @@ class _Session:
         route.reply(data, self.client)
 
     def connectionLost(self, reason: Any) -> None:
+        # Poll-like reactors report a pending socket error (ICMP port
+        # unreachable from a backend that is down) as a lost connection and
+        # stop reading; as in doRead, that is one lost datagram: clear the
+        # error and go on reading.
+        try:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 0
+        if error and self.route.sessions.get(self.client) is self:
+            if error == errno.ECONNREFUSED:
+                self.route.refused += 1
+            self.route.reactor.addReader(self)
+            return
         self.route._close(self, "socket error")
 
     def send(self, data: bytes) -> None:
@@ -149,6 +167,9 @@ class UDPRoute(DatagramProtocol):
         d.addCallbacks(resolved, failed)
 
     def startProtocol(self) -> None:
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_BUFFER)
         self._sweeper = self.reactor.callLater(self._sweep_interval(), self._sweep)
 
     def stopProtocol(self) -> None:
