@@ -344,10 +344,12 @@ class StreamEndpoint:
         name = match.group(2).decode() if match else None
         try:
             self.router.credentials.check(request, name)
-        except Refused as refused:
-            body = refused.body()
+        except Refused as e:
+            # Python unbinds the name of the exception when the except block
+            # ends, and Fixed answers later: keep the refusal under another name.
+            refused = e
             return Fixed(lambda: channel.send(
-                refused.status, body, refused.content_type, headers=refused.headers()
+                refused.status, refused.body(), refused.content_type, headers=refused.headers()
             ))
         if match is None:
             return problem(channel, 404, "Not found.", "not-found")
