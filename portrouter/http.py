@@ -425,7 +425,9 @@ class ProxyExchange:
             if self.done:
                 return
             timed_out = reason.check(error.TimeoutError) is not None
-            self._fail(504 if timed_out else 502, connect_failure(reason, limits.connect_timeout, timed_out))
+            why = connect_failure(reason, limits.connect_timeout, timed_out)
+            self.sessions.stats.connect_failed(self.project.name, why)
+            self._fail(504 if timed_out else 502, why)
 
         d.addCallbacks(connected, failed)
 
@@ -672,6 +674,7 @@ class ProjectSite:
 
     def __init__(self, routes: HTTPRoutes, project: Project):
         self.routes = routes
+        self.stats = routes.sessions.stats
         self.update(project)
 
     def update(self, project: Project) -> None:

@@ -27,6 +27,7 @@ VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'
 class IngressSite:
     def __init__(self, router: RouterService):
         self.router = router
+        self.stats = router.sessions.stats
         defaults = router.config.defaults
         self.header_timeout = defaults.header_timeout
         self.max_header_size = defaults.max_header_size

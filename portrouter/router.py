@@ -8,6 +8,7 @@ the same change are released again and the old state stays in place.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
@@ -17,8 +18,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from portrouter.config import Config, Project
-from portrouter.table import Route, RoutingTable
+from portrouter.config import Config, ConfigError, Project
+from portrouter.state import State, StateError
+from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.services import Services
 from portrouter.tcp import Sessions, TCPRoute
@@ -77,6 +79,7 @@ class RouterService(MultiService):
         config: Config,
         reactor: Any,
         ingress_factory: Callable[[RouterService], Factory] | None = None,
+        reload_config: Callable[[], Config] | None = None,
     ):
         super().__init__()
         self.config = config
@@ -86,7 +89,20 @@ class RouterService(MultiService):
         self.http = HTTPRoutes(reactor, self.sessions, self.commands)
         self.credentials = Credentials(config.auth)
         self.stream = StreamEndpoint(self)
-        self.table = RoutingTable.build(config.ingress, config.manhole, config.projects)
+        self.state = State(config.state)
+        self.reload_config = reload_config
+        deployed = self.state.load(config.defaults)
+        clash = {p.name for p in deployed} & {p.name for p in config.projects}
+        if clash:
+            raise StateError(f"{self.state.path}: project {sorted(clash)[0]!r} is also in the config file; "
+                             "remove it from one of them")
+        try:
+            self.table = RoutingTable.build(config.ingress, config.manhole, [*config.projects, *deployed])
+        except PortConflict as e:
+            raise StateError(f"{self.state.path}: {e}") from None
+        from portrouter.api import API
+
+        self.api = API(self)
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
         self._ingress_factory = ingress_factory
@@ -151,7 +167,7 @@ class RouterService(MultiService):
     # -- what the ingress mounts ------------------------------------------------
 
     def api_handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
-        return Fixed(lambda: channel.send(404, b"portrouter: no such API endpoint\n"))
+        return self.api.handler(channel, request, rest)
 
     def stream_handler(self, channel: Channel, request: Request) -> Any:
         return self.stream.handler(channel, request)
@@ -182,35 +198,55 @@ class RouterService(MultiService):
         when all of them are bound, switch tables, update changed routes in
         place and release the ports no longer wanted.
         """
-        wanted = table.listeners()
+        bound = await self._prepare(table, first=first)
+        self._commit(table, bound, first=first)
+
+    async def _prepare(self, table: RoutingTable, *, first: bool = False) -> dict[str, Listener]:
+        """Bind what C{table} needs and is not bound yet; all or nothing."""
         current = {} if first else self.listeners
         bound: dict[str, Listener] = {}
         try:
-            for name, route in wanted.items():
+            for name, route in table.listeners().items():
                 old = current.get(name)
                 if old is not None and old.route.listen == route.listen:
                     continue
-                project = table.projects[name]
-                factory = self._factory_for(project)
+                factory = self._factory_for(table.projects[name])
                 bound[name] = Listener(route, factory, await self._listen(route, factory))
         except BaseException:
             # Release without waiting, so the error surfaces synchronously
             # (twistd's start-up and the API both need it at once).
-            for listener in bound.values():
-                _release(listener.port)
+            self._abandon(bound)
             raise
+        return bound
 
+    @staticmethod
+    def _abandon(bound: dict[str, Listener]) -> None:
+        for listener in bound.values():
+            _release(listener.port)
+
+    def _commit(self, table: RoutingTable, bound: dict[str, Listener], *, first: bool = False) -> None:
+        """Switch to C{table}: nothing here can fail for want of a port."""
+        wanted = table.listeners()
+        current = {} if first else self.listeners
         released = [l for name, l in current.items() if name not in wanted or name in bound]
+        removed = set(self.table.projects) - set(table.projects)
         self.table = table
+        kept: dict[str, Listener] = {}
         for name, route in wanted.items():
             if name in bound:
                 continue
-            listener = current[name]
+            listener = kept[name] = current[name]
+            project = table.projects[name]
+            if listener.route.protocol == route.protocol:
+                listener.factory.update(project)  # open connections go on untouched
+            else:
+                # Same port, another kind of route: new connections get the
+                # new kind; the socket stays bound throughout.
+                listener.factory = self._factory_for(project)
+                listener.port.factory = listener.factory  # type: ignore[attr-defined]
             listener.route = route
-            listener.factory.update(table.projects[name])
-        new = {name: l for name, l in current.items() if name in wanted and name not in bound}
-        new.update(bound)
-        self.listeners = new
+        kept.update(bound)
+        self.listeners = kept
         for listener in bound.values():
             listener.setServiceParent(self)
         for name in set(self.http.pools) - set(table.projects):
@@ -218,7 +254,85 @@ class RouterService(MultiService):
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
             self.commands.forget(name)
         for listener in released:
-            await defer.maybeDeferred(listener.disownServiceParent)
+            # Stop accepting at once; what is open may finish (below).
+            d = defer.maybeDeferred(listener.disownServiceParent)
+            d.addErrback(lambda f: log.failure("stopping a listener", f))
+        if removed and not first:
+            self._drain(removed)
+
+    def _drain(self, projects: set[str]) -> None:
+        """Open connections of removed projects may finish until drain_timeout."""
+        timeout = self.config.drain_timeout
+
+        def close() -> None:
+            left = [s for s in self.sessions.live if s.project.split("/")[0] in projects]
+            for session in left:
+                session.reason = f"project removed; closed after the drain timeout ({timeout:g} s)"
+                session.close()
+
+        if any(s.project.split("/")[0] in projects for s in self.sessions.live):
+            self.reactor.callLater(timeout, close)
+
+    async def change(self, table: RoutingTable, *, persist: bool) -> None:
+        """
+        A run-time change (API deploy or delete, reload): bind, write the
+        state file, then switch. A failure at any step leaves listeners,
+        table and state file as they were.
+        """
+        from portrouter.api import APIError
+
+        try:
+            bound = await self._prepare(table)
+        except BindError as e:
+            raise APIError(409, "port_unavailable", str(e), "listen.port") from None
+        if persist:
+            try:
+                self.state.save(p for p in table.projects.values() if not p.static)
+            except OSError as e:
+                self._abandon(bound)
+                raise APIError(500, "state_unwritable",
+                               f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
+        self._commit(table, bound)
+
+    async def reload(self) -> dict[str, list[str]]:
+        """
+        Re-read the config file and apply only the difference; projects
+        deployed through the API stay. An invalid file changes nothing.
+        """
+        from portrouter.api import APIError
+
+        if self.reload_config is None:
+            raise APIError(409, "no_config_file", "portrouter was started without --config")
+        try:
+            config = self.reload_config()
+        except ConfigError as e:
+            log.error("reload refused: {error}", error=str(e))
+            raise APIError(400, "invalid", str(e), e.field or None) from None
+        dynamic = [p for p in self.table.projects.values() if not p.static]
+        clash = {p.name for p in config.projects} & {p.name for p in dynamic}
+        if clash:
+            name = sorted(clash)[0]
+            raise APIError(409, "invalid", f"project {name!r} is in the file and was deployed through the API")
+        try:
+            table = RoutingTable.build(self.table.ingress, self.table.manhole, [*config.projects, *dynamic])
+        except PortConflict as e:
+            log.error("reload refused: {error}", error=str(e))
+            raise APIError(409, "port_conflict", str(e), "listen.port") from None
+        if config.ingress != self.config.ingress or config.manhole != self.config.manhole:
+            log.warn("reload: the ingress and manhole stay as they are until a restart")
+        old = self.table.projects
+        changed = {
+            "added": sorted(n for n in table.projects if n not in old),
+            "removed": sorted(n for n in old if n not in table.projects),
+            "changed": sorted(n for n, p in table.projects.items() if n in old and old[n] != p),
+        }
+        await self.change(table, persist=False)
+        self.config = replace(self.config, auth=config.auth, defaults=config.defaults,
+                              drain_timeout=config.drain_timeout, projects=config.projects)
+        self.credentials = Credentials(config.auth)
+        log.info("reloaded {source}: {added} added, {removed} removed, {changed} changed",
+                 source=config.source, **{k: len(v) for k, v in changed.items()})
+        return changed
 
     def stopService(self) -> defer.Deferred[Any]:
         """Stop listening, then stop every child process portrouter started."""

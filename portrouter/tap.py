@@ -13,11 +13,14 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from portrouter.config import Config, ConfigError, load, with_cli
+from portrouter.api import APIError
 from portrouter.router import BindError, RouterService
+from portrouter.state import StateError
 
 log = Logger(namespace="portrouter")
 
@@ -55,16 +58,20 @@ class Options(usage.Options):
     opt_ws = _route("ws")
     del _route
 
+    def read_config(self) -> Config:
+        """The file (if any) and the CLI, joined; again on every reload."""
+        config = load(self["config"]) if self["config"] else Config()
+        return with_cli(
+            config,
+            ingress=self["ingress"],
+            state=self["state"],
+            manhole=self["manhole"],
+            routes=self["routes"],
+        )
+
     def postOptions(self) -> None:
         try:
-            config = load(self["config"]) if self["config"] else Config()
-            self["parsed"] = with_cli(
-                config,
-                ingress=self["ingress"],
-                state=self["state"],
-                manhole=self["manhole"],
-                routes=self["routes"],
-            )
+            self["parsed"] = self.read_config()
         except ConfigError as e:
             # One line an operator can act on, not a usage screen.
             sys.stderr.write(f"{e}\n")
@@ -87,6 +94,17 @@ class _Daemon(RouterService):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+        def hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._reload)
+
+        signal.signal(signal.SIGHUP, hup)
+
+    def _reload(self) -> None:
+        log.info("Received SIGHUP, reloading")
+        d = defer.Deferred.fromCoroutine(self.reload())
+        # A refused reload is logged by reload() itself; nothing changed.
+        d.addErrback(lambda f: None if f.check(APIError) else log.failure("reload", f))
 
     def privilegedStartService(self) -> None:
         try:
@@ -115,4 +133,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     _raise_fd_limit()
-    return _Daemon(options["parsed"], reactor)
+    try:
+        return _Daemon(options["parsed"], reactor,
+                       reload_config=options.read_config if options["config"] else None)
+    except StateError as e:
+        sys.stderr.write(f"{e}\n")
+        raise SystemExit(1) from None

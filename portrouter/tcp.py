@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.config import Project
+from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
 
 log = Logger(namespace="portrouter.tcp")
@@ -48,14 +49,19 @@ class Sessions:
     def __init__(self, reactor: IReactorCore):
         self.reactor = reactor
         self.live: set[Session] = set()
+        self.stats = Stats()
 
     def open(self, protocol: str, project: str, peer: str) -> Session:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
         self.live.add(session)
+        self.stats.connections[(protocol, project)] += 1
         return session
 
     def _ended(self, session: Session) -> None:
         self.live.discard(session)
+        key = (session.protocol, session.project)
+        self.stats.bytes_in[key] += session.bytes_in
+        self.stats.bytes_out[key] += session.bytes_out
         if session.supervisor is not None:
             session.supervisor.release()
         log.info(
@@ -128,8 +134,10 @@ class _Inbound(StreamSide):
         assert session is not None
         if isinstance(result, Failure):
             if self.transport is not None and session.reason is None:
+                why = connect_failure(result, timeout, timed_out)
+                self.route.sessions.stats.connect_failed(session.project, why)
                 self.transport.loseConnection()
-                session.ended(connect_failure(result, timeout, timed_out))
+                session.ended(why)
             return
         backend: _Backend = result
         if splicable(self.transport) and splicable(backend.transport):

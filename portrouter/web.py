@@ -88,6 +88,7 @@ class Site(TypingProtocol):
 
     header_timeout: float
     max_header_size: int
+    stats: Any  # portrouter.metrics.Stats
 
     def handler(self, channel: Channel, request: Request) -> Handler: ...
 
@@ -451,6 +452,7 @@ class Channel(Protocol):
 
     def _log(self, aborted: bool = False) -> None:
         request = self.current
+        self.site.stats.http_request(self.project, self.status)
         log.info(
             "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}",
             client=request.client,

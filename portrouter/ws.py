@@ -136,6 +136,7 @@ class Bridge(WebSocketServerProtocol):
             if not timed_out:
                 timer.cancel()
             why = connect_failure(Failure(e), timeout, timed_out)
+            self.sessions.stats.connect_failed(target.project, why)
             self._close(TRY_AGAIN, why)
             return
         if timer.active():

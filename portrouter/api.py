@@ -1,0 +1,223 @@
+"""
+``/_api/``: the routing table, deploy and undeploy at run time, reload,
+health and metrics.
+
+Every change goes through one lock and follows one order: validate (the
+config file's own validator, so the API and the file say the same thing for
+the same mistake), check the table for conflicts, bind the new ports, and
+only then switch tables and write the state file. A change refused at any
+step leaves routes, listeners and the state file as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from portrouter.auth import Refused
+from portrouter.config import ConfigError, parse_project
+from portrouter.metrics import CONTENT_TYPE, registry_for, render
+from portrouter.table import PortConflict, Route
+from portrouter.web import Buffered, Channel, Fixed, Request
+
+if TYPE_CHECKING:
+    from portrouter.router import RouterService
+
+log = Logger(namespace="portrouter.api")
+
+JSON = b"application/json"
+
+
+class APIError(Exception):
+    """An answer of the API's error form: ``{"error": {"code", "message", "field"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return json.dumps({"error": error}).encode() + b"\n"
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=2).encode() + b"\n"
+
+
+def route_rows(router: RouterService) -> list[dict[str, Any]]:
+    """The table as the API shows it, with the ports actually bound."""
+    rows = []
+    ingress_port = router.port_of() if router.ingress is not None else None
+    for route in router.table.routes:
+        port = route.port
+        if route.project is None or route.path is not None:
+            port = ingress_port if ingress_port is not None else port
+        elif route.port == 0 and route.project in router.listeners:
+            port = router.port_of(route.project)
+        row: dict[str, Any] = {
+            "port": port, "protocol": route.protocol, "project": route.project,
+            "backend": route.backend,
+        }
+        if route.path is not None:
+            row["path"] = route.path
+        if route.interface is not None:
+            row["interface"] = route.interface
+        rows.append(row)
+    head, rest = rows[:1], rows[1:]
+    # By port; on the ingress's port its path routes come first.
+    rest.sort(key=lambda r: (r["port"] if isinstance(r["port"], int) else 1 << 17, "path" not in r, r["project"]))
+    return head + rest
+
+
+def route_text(rows: list[dict[str, Any]]) -> bytes:
+    """The table aligned in columns, as an operator reads it in a terminal."""
+    table = [("Host port", "Protocol", "Project", "Backend")]
+    for row in rows:
+        backend = row["backend"]
+        if "path" in row:
+            backend = f"{backend} (path {row['path']})"
+        port = "-" if row["port"] is None else str(row["port"])
+        table.append((port, row["protocol"], row["project"] or "-", backend))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(r)) for r in table]
+    return ("\n".join(lines) + "\n").encode()
+
+
+class API:
+    def __init__(self, router: RouterService):
+        self.router = router
+        self.lock = defer.DeferredLock()
+        self.registry = registry_for(router)
+
+    def handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
+        try:
+            self.router.credentials.check(request, None, admin=True)
+        except Refused as e:
+            refusal = APIError(e.status, "unauthorized" if e.status == 401 else "forbidden", e.detail)
+            return self._error(channel, refusal)
+        method = request.method
+        parts = rest.split(b"/")
+        try:
+            if parts == [b"routes"] and method == b"GET":
+                return self._routes(channel, request)
+            if parts == [b"projects"] and method == b"GET":
+                projects = [self._shown(p) for p in self.router.table.projects.values()]
+                return Fixed(lambda: channel.send(200, _json({"projects": projects}), JSON))
+            if len(parts) == 2 and parts[0] == b"projects" and parts[1]:
+                name = parts[1].decode("latin-1")
+                if method == b"GET":
+                    project = self._existing(name)
+                    return Fixed(lambda: channel.send(200, _json(self._shown(project)), JSON))
+                if method == b"PUT":
+                    return Buffered(channel, lambda body: self._later(channel, self._deploy(name, body)))
+                if method == b"DELETE":
+                    return Fixed(lambda: self._later(channel, self._delete(name)))
+                raise APIError(405, "method_not_allowed", f"{method.decode()} is not allowed here")
+            if parts == [b"reload"] and method == b"POST":
+                return Fixed(lambda: self._later(channel, self._reload()))
+            if parts == [b"metrics"] and method == b"GET":
+                return Fixed(lambda: channel.send(200, render(self.registry), CONTENT_TYPE))
+            raise APIError(404, "not_found", "no such API endpoint")
+        except APIError as e:
+            return self._error(channel, e)
+
+    @staticmethod
+    def _error(channel: Channel, error: APIError) -> Fixed:
+        return Fixed(lambda: channel.send(error.status, error.body(), JSON))
+
+    def _routes(self, channel: Channel, request: Request) -> Fixed:
+        rows = route_rows(self.router)
+        fmt = None
+        for pair in request.query.split(b"&"):
+            if pair.startswith(b"format="):
+                fmt = pair[len(b"format="):]
+        accept = request.header(b"accept") or b""
+        if fmt == b"text" or (fmt is None and b"text/plain" in accept and b"json" not in accept):
+            return Fixed(lambda: channel.send(200, route_text(rows), b"text/plain; charset=utf-8"))
+        return Fixed(lambda: channel.send(200, _json({"routes": rows}), JSON))
+
+    def _shown(self, project: Any) -> dict[str, Any]:
+        shown = dict(project.manifest)
+        shown["source"] = "config" if project.static else "api"
+        return shown
+
+    def _existing(self, name: str) -> Any:
+        project = self.router.table.projects.get(name)
+        if project is None:
+            raise APIError(404, "not_found", f"no project named {name!r}")
+        return project
+
+    def _later(self, channel: Channel, work: Any) -> None:
+        """Run a change under the lock and answer with its result."""
+        d = self.lock.run(lambda: defer.Deferred.fromCoroutine(work))
+
+        def answer(result: tuple[int, bytes | None]) -> None:
+            status, body = result
+            if body is None:
+                channel.respond(status, [], length=0)
+                channel.finish()
+            else:
+                channel.send(status, body, JSON)
+
+        def failed(failure: Any) -> None:
+            if failure.check(APIError):
+                channel.send(failure.value.status, failure.value.body(), JSON)
+            else:
+                log.failure("API change failed", failure)
+                error = APIError(500, "internal", "the change failed; nothing was changed")
+                channel.send(500, error.body(), JSON)
+
+        d.addCallbacks(answer, failed)
+
+    async def _deploy(self, name: str, body: bytes) -> tuple[int, bytes]:
+        router = self.router
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise APIError(400, "invalid", f"the body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        except UnicodeDecodeError:
+            raise APIError(400, "invalid", "the body is not UTF-8") from None
+        if isinstance(data, dict):
+            if "name" not in data:
+                data = {"name": name, **data}
+            elif data["name"] != name:
+                raise APIError(400, "invalid", f"the body names project {data['name']!r}, the URL {name!r}", "name")
+        try:
+            project = parse_project(data, router.config.defaults, "", static=False)
+        except ConfigError as e:
+            raise APIError(400, "invalid", e.problem, e.field or None) from None
+        existing = router.table.projects.get(name)
+        if existing is not None and existing.static:
+            raise APIError(409, "static_project",
+                           f"project {name!r} is defined in the config file; edit the file and reload")
+        try:
+            table = router.table.with_project(project)
+        except PortConflict as e:
+            raise APIError(409, "port_conflict", f"port {e.port}/{e.namespace} is "
+                           f"{'reserved for' if e.holder.startswith('the ') else 'already bound by'} "
+                           f"{e.bound_by}", "listen.port") from None
+        await router.change(table, persist=True)
+        log.info("deployed project {project}{how}", project=name, how=" (replaced)" if existing else "")
+        return (200 if existing is not None else 201), _json(self._shown(project))
+
+    async def _delete(self, name: str) -> tuple[int, None]:
+        router = self.router
+        project = self._existing(name)
+        if project.static:
+            raise APIError(409, "static_project",
+                           f"project {name!r} is defined in the config file; edit the file and reload")
+        await router.change(router.table.without(name), persist=True)
+        log.info("removed project {project}", project=name)
+        return 204, None
+
+    async def _reload(self) -> tuple[int, bytes]:
+        changed = await self.router.reload()
+        return 200, _json({"reloaded": True, "changed": changed})

@@ -1,0 +1,120 @@
+"""
+``/_api/metrics``: Prometheus text, via prometheus-client.
+
+The hot paths only bump plain counters in L{Stats} (a dict increment per
+connection or request, nothing per byte); a custom collector turns them, the
+live sessions and the UDP routes into metric families when scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from portrouter.router import RouterService
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class Stats:
+    """Totals since start-up, by project and protocol."""
+
+    def __init__(self) -> None:
+        self.connections: Counter[tuple[str, str]] = Counter()  # (protocol, project)
+        self.bytes_in: Counter[tuple[str, str]] = Counter()
+        self.bytes_out: Counter[tuple[str, str]] = Counter()
+        self.http: Counter[tuple[str, str]] = Counter()  # (project, "2xx")
+        self.connect_failures: Counter[tuple[str, str]] = Counter()  # (project, reason)
+        self.refused_at_limit: Counter[tuple[str, str]] = Counter()  # (protocol, project)
+
+    def http_request(self, project: str | None, status: int) -> None:
+        self.http[(project or "-", f"{status // 100}xx")] += 1
+
+    def connect_failed(self, project: str, why: str) -> None:
+        if "did not answer" in why:
+            reason = "timeout"
+        elif "refused" in why:
+            reason = "refused"
+        else:
+            reason = "error"
+        self.connect_failures[(project, reason)] += 1
+
+
+class _Collector:
+    def __init__(self, router: RouterService):
+        self.router = router
+
+    def collect(self) -> Iterator[Any]:
+        router = self.router
+        stats = router.sessions.stats
+        active = GaugeMetricFamily("portrouter_connections_active", "Open relayed connections",
+                                   labels=["project", "protocol"])
+        live: Counter[tuple[str, str]] = Counter((s.protocol, s.project) for s in router.sessions.live)
+        for (protocol, project), n in sorted(live.items()):
+            active.add_metric([project, protocol], n)
+        yield active
+
+        total = CounterMetricFamily("portrouter_connections", "Relayed connections accepted",
+                                    labels=["project", "protocol"])
+        for (protocol, project), n in sorted(stats.connections.items()):
+            total.add_metric([project, protocol], n)
+        yield total
+
+        moved = CounterMetricFamily("portrouter_bytes", "Bytes relayed, counted when a connection ends",
+                                    labels=["project", "protocol", "direction"])
+        for (protocol, project), n in sorted(stats.bytes_in.items()):
+            moved.add_metric([project, protocol, "in"], n)
+        for (protocol, project), n in sorted(stats.bytes_out.items()):
+            moved.add_metric([project, protocol, "out"], n)
+        yield moved
+
+        http = CounterMetricFamily("portrouter_http_requests", "HTTP requests answered",
+                                   labels=["project", "code"])
+        for (project, code), n in sorted(stats.http.items()):
+            http.add_metric([project, code], n)
+        yield http
+
+        failures = CounterMetricFamily("portrouter_backend_connect_failures",
+                                       "Backend connections that failed", labels=["project", "reason"])
+        for (project, reason), n in sorted(stats.connect_failures.items()):
+            failures.add_metric([project, reason], n)
+        yield failures
+
+        limited = CounterMetricFamily("portrouter_connections_refused_at_limit",
+                                      "Connections closed at once by max_connections",
+                                      labels=["project", "protocol"])
+        for (protocol, project), n in sorted(stats.refused_at_limit.items()):
+            limited.add_metric([project, protocol], n)
+        yield limited
+
+        udp_sessions = GaugeMetricFamily("portrouter_udp_sessions", "Open UDP sessions", labels=["project"])
+        udp_dropped = CounterMetricFamily("portrouter_udp_dropped", "Datagrams from new clients dropped "
+                                          "at udp_max_sessions", labels=["project"])
+        for name, listener in sorted(router.listeners.items()):
+            route = listener.factory
+            if hasattr(route, "dropped") and hasattr(route, "sessions"):
+                udp_sessions.add_metric([name], len(route.sessions))
+                udp_dropped.add_metric([name], route.dropped)
+        yield udp_sessions
+        yield udp_dropped
+
+        starts = CounterMetricFamily("portrouter_service_starts", "Backends started on demand",
+                                     labels=["project", "service"])
+        for (project, service), supervisor in sorted(router.commands.supervisors.items(),
+                                                      key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            starts.add_metric([project, service or ""], supervisor.starts)
+        yield starts
+
+
+def registry_for(router: RouterService) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(router))  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

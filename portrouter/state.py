@@ -1,0 +1,85 @@
+"""
+The state directory: projects deployed through the API, kept across restarts.
+
+The file is replaced atomically (a temporary file in the same directory,
+fsync, rename, fsync of the directory), so a crash leaves either the old or
+the new list, never half of one. A file that does not parse stops start-up
+with a message that says so, rather than starting without those projects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+from portrouter.config import ConfigError, Limits, Project, parse_project
+
+FILE = "projects.json"
+VERSION = 1
+
+
+class StateError(Exception):
+    """The state file cannot be read; the message says which file and why."""
+
+
+class State:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, FILE)
+
+    def load(self, defaults: Limits) -> list[Project]:
+        """The API-deployed projects, validated as the API validates them."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot read: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StateError(
+                f"{self.path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                "it may be truncated or corrupt. Nothing was started; restore it, or move it "
+                "aside to start without the projects deployed through the API"
+            ) from None
+        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("projects"), list):
+            raise StateError(f"{self.path}: not a portrouter state file (version {VERSION})")
+        projects = []
+        for i, manifest in enumerate(data["projects"]):
+            try:
+                projects.append(parse_project(manifest, defaults, f"projects[{i}]", static=False))
+            except ConfigError as e:
+                raise StateError(f"{self.path}: {e}") from None
+        return projects
+
+    def save(self, projects: Iterable[Project]) -> None:
+        """Replace the file atomically with these projects' manifests."""
+        os.makedirs(self.directory, exist_ok=True)
+        data = {"version": VERSION, "projects": [dict(p.manifest) for p in projects]}
+        body = json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dirfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+
+def manifests(projects: Iterable[Project]) -> list[dict[str, Any]]:
+    return [dict(p.manifest) for p in projects]
