@@ -39,7 +39,8 @@ class BindError(Exception):
         self.route = route
         self.reason = reason
         where = f"port {route.port}/{route.namespace}" if route.port else route.listen
-        who = f"project {route.project!r}" if route.project else "the ingress"
+        who = f"project {route.project!r}" if route.project else (
+            "the manhole" if route.protocol == "ssh" else "the ingress")
         super().__init__(f"cannot bind {where} for {who}: {reason}")
 
 
@@ -105,6 +106,7 @@ class RouterService(MultiService):
         self.api = API(self)
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
+        self.manhole: Listener | None = None
         self._ingress_factory = ingress_factory
 
     # -- start-up -------------------------------------------------------------
@@ -135,12 +137,25 @@ class RouterService(MultiService):
         port = await self._listen(ingress_route, factory)
         self.ingress = Listener(ingress_route, factory, port)
         try:
+            if self.config.manhole is not None:
+                from portrouter.manhole import make_manhole
+
+                manhole = self.config.manhole
+                route = Route(None, "ssh", None, "manhole", manhole.listen)
+                factory = make_manhole(self, manhole.authorized_keys, self.config.state)
+                self.manhole = Listener(route, factory, await self._listen(route, factory))
+                self.manhole.setName("manhole")
             await self.apply(self.table, first=True)
         except BaseException:
             _release(self.ingress.port)
             self.ingress = None
+            if self.manhole is not None:
+                _release(self.manhole.port)
+                self.manhole = None
             raise
         self.ingress.setServiceParent(self)
+        if self.manhole is not None:
+            self.manhole.setServiceParent(self)
 
     def _make_ingress(self) -> Factory:
         if self._ingress_factory is not None:
@@ -186,7 +201,8 @@ class RouterService(MultiService):
             raise BindError(route, _os_reason(e)) from None
         log.info(
             "{what} listening on {address}",
-            what=f"{route.protocol} route {route.project}" if route.project else "ingress",
+            what=f"{route.protocol} route {route.project}" if route.project else
+            ("manhole" if route.protocol == "ssh" else "ingress"),
             address=_address(port),
             project=route.project,
         )
