@@ -31,6 +31,8 @@ from portrouter.web import Channel, Fixed, Request
 
 log = Logger(namespace="portrouter")
 
+DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
+
 
 class BindError(Exception):
     """A port the OS refused to bind; the message names the project and port."""
@@ -108,6 +110,8 @@ class RouterService(MultiService):
         self.ingress: Listener | None = None
         self.manhole: Listener | None = None
         self._ingress_factory = ingress_factory
+        self.stopping = False
+        self.forced = False
 
     # -- start-up -------------------------------------------------------------
 
@@ -263,16 +267,18 @@ class RouterService(MultiService):
             listener.route = route
         kept.update(bound)
         self.listeners = kept
+        for listener in released:
+            # Stop accepting at once; what is open may finish (below). Before
+            # the new listeners join: a moved port's new listener has the
+            # same service name as the old one.
+            d = defer.maybeDeferred(listener.disownServiceParent)
+            d.addErrback(lambda f: log.failure("stopping a listener", f))
         for listener in bound.values():
             listener.setServiceParent(self)
         for name in set(self.http.pools) - set(table.projects):
             self.http.forget(name)
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
             self.commands.forget(name)
-        for listener in released:
-            # Stop accepting at once; what is open may finish (below).
-            d = defer.maybeDeferred(listener.disownServiceParent)
-            d.addErrback(lambda f: log.failure("stopping a listener", f))
         if removed and not first:
             self._drain(removed)
 
@@ -351,10 +357,54 @@ class RouterService(MultiService):
         return changed
 
     def stopService(self) -> defer.Deferred[Any]:
-        """Stop listening, then stop every child process portrouter started."""
-        d = defer.maybeDeferred(super().stopService)
-        d.addBoth(lambda _: self.commands.stop_all())
-        return d
+        """
+        Stop accepting at once; let open connections and requests finish until
+        drain_timeout, then close them; then stop the child processes.
+        """
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    def _channels(self) -> list[Any]:
+        listeners = [self.ingress, *self.listeners.values()]
+        return [c for l in listeners if l is not None for c in getattr(l.factory, "channels", ())]
+
+    def _busy(self) -> bool:
+        return bool(self.sessions.live) or any(c.busy for c in self._channels())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        await defer.maybeDeferred(super().stopService)
+        self.commands.stop_starting()
+        for channel in self._channels():
+            channel.drain()
+        timeout = self.config.drain_timeout
+        deadline = self.reactor.seconds() + timeout
+        if self._busy() and not self.forced:
+            log.info("draining {count} open connections (at most {timeout:g} s)",
+                     count=len(self.sessions.live) + sum(c.busy for c in self._channels()), timeout=timeout)
+        while self._busy() and not self.forced and self.reactor.seconds() < deadline:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.reactor.callLater(DRAIN_POLL, d.callback, None)
+            await d
+        self._close_everything(f"portrouter stopped; closed after the drain timeout ({timeout:g} s)"
+                               if not self.forced else "portrouter stopped at once")
+        for pool in self.http.pools.values():
+            pool.close()
+        await self.commands.stop_all()
+
+    def _close_everything(self, reason: str) -> None:
+        for session in list(self.sessions.live):
+            if session.reason is None:
+                session.reason = reason
+            session.close()
+        for channel in self._channels():
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
+    def force_stop(self) -> None:
+        """A second signal: stop now, without waiting for anyone."""
+        self.forced = True
+        self._close_everything("portrouter stopped at once")
+        self.commands.kill_all()
 
     def port_of(self, project: str | None = None) -> int:
         """The port actually bound for a project (or the ingress): for port 0."""

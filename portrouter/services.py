@@ -283,5 +283,16 @@ class Services:
             del self.supervisors[key]
         return defer.gatherResults(stopping)
 
+    def stop_starting(self) -> None:
+        """Shutting down: starts still under way fail now (their clients are told)."""
+        for supervisor in self.supervisors.values():
+            if supervisor.starting is not None:
+                supervisor.stop()
+
+    def kill_all(self) -> None:
+        for supervisor in self.supervisors.values():
+            if supervisor.process is not None:
+                _kill(supervisor.process)
+
     def stop_all(self) -> defer.Deferred[Any]:
         return defer.gatherResults([s.stop() for s in self.supervisors.values()])

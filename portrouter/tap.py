@@ -89,7 +89,13 @@ class _Daemon(RouterService):
         # twistd re-raises the signal that stopped it (exit status -15); a
         # SIGTERM is how operators ask for a normal stop, which exits 0.
         def stop(signum: int, frame: Any) -> None:
-            log.info("Received {signal}, shutting down", signal=signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self.stopping:
+                log.info("Received {signal} again, stopping at once", signal=name)
+                self.reactor.callFromThread(self.force_stop)
+                return
+            log.info("Received {signal}, shutting down", signal=name)
+            self.stopping = True
             self.reactor.callFromThread(self.reactor.stop)
 
         signal.signal(signal.SIGTERM, stop)

@@ -146,6 +146,20 @@ class Channel(Protocol):
 
     # -- connection --------------------------------------------------------------
 
+    factory: Any = None
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered (or waits its turn)."""
+        return self.handler is not None or self.responding or bool(self.queue) or self.tunnel is not None
+
+    def drain(self) -> None:
+        """Stop taking requests: close now if idle, else after the current answer."""
+        self.close_after = True
+        if not self.busy:
+            self.closing = True
+            self.transport.loseConnection()
+
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self.client = _peer(self.transport.getPeer())
@@ -214,6 +228,8 @@ class Channel(Protocol):
             self.tunnel.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.factory is not None:
+            self.factory.channels.discard(self)
         if self.tunnel is not None:
             self.tunnel.connectionLost(reason)
             return
@@ -475,9 +491,13 @@ class ChannelFactory(Factory):
         self.site = site
         self.reactor = reactor
         self.secure = secure
+        self.channels: set[Channel] = set()  # for draining
 
     def buildProtocol(self, addr: IAddress) -> Channel:
-        return Channel(self.site, self.reactor, self.secure)
+        channel = Channel(self.site, self.reactor, self.secure)
+        channel.factory = self
+        self.channels.add(channel)
+        return channel
 
 
 class Buffered:
