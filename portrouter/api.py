@@ -34,12 +34,14 @@ JSON = b"application/json"
 class APIError(Exception):
     """An answer of the API's error form: ``{"error": {"code", "message", "field"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or []
 
     def body(self) -> bytes:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -101,7 +103,9 @@ class API:
         try:
             self.router.credentials.check(request, None, admin=True)
         except Refused as e:
-            refusal = APIError(e.status, "unauthorized" if e.status == 401 else "forbidden", e.detail)
+            # A 401 carries its challenge (RFC 9110), as Refused provides it.
+            refusal = APIError(e.status, "unauthorized" if e.status == 401 else "forbidden", e.detail,
+                               headers=e.headers())
             return self._error(channel, refusal)
         method = request.method
         parts = rest.split(b"/")
@@ -131,7 +135,7 @@ class API:
 
     @staticmethod
     def _error(channel: Channel, error: APIError) -> Fixed:
-        return Fixed(lambda: channel.send(error.status, error.body(), JSON))
+        return Fixed(lambda: channel.send(error.status, error.body(), JSON, error.headers))
 
     def _routes(self, channel: Channel, request: Request) -> Fixed:
         rows = route_rows(self.router)

@@ -12,6 +12,7 @@ requests tunnelled byte for byte after the backend's C{101}.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -46,10 +47,6 @@ NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # rarely sent on a connection the backend is closing.
 POOL_IDLE = 4.0
 POOL_MAX_IDLE = 64
-
-
-class BadPath(Exception):
-    pass
 
 
 def authority(backend: str) -> str:
@@ -329,7 +326,7 @@ class ProxyExchange:
 
     def __init__(
         self, channel: Channel, request: Request, project: Project, pool: Pool,
-        path: bytes, prefix: bytes | None, sessions: Sessions,
+        path: bytes, prefix: bytes | None, sessions: Sessions, routes: HTTPRoutes,
     ):
         self.channel = channel
         self.request = request
@@ -349,6 +346,9 @@ class ProxyExchange:
         channel.project = project.name
         self.head = self._head(path, prefix)
         self.wants_continue = (request.header(b"expect") or b"").lower() == b"100-continue"
+        self.routes = routes
+        self.counted = True
+        routes.inflight[project.name] += 1
         self.supervisor = pool.supervisor
         if self.supervisor is not None:
             self.supervisor.acquire()
@@ -477,9 +477,13 @@ class ProxyExchange:
                 self.channel.resume_reading()
 
     def _release_service(self) -> None:
+        """The exchange is over: it no longer counts against limits or keeps a service up."""
         supervisor, self.supervisor = self.supervisor, None
         if supervisor is not None:
             supervisor.release()
+        if self.counted:
+            self.counted = False
+            self.routes.inflight[self.project.name] -= 1
 
     def lost(self) -> None:
         """The client went away: cancel the backend request, quietly."""
@@ -645,6 +649,7 @@ class HTTPRoutes:
         self.sessions = sessions
         self.services = services
         self.pools: dict[str, Pool] = {}
+        self.inflight: Counter[str] = Counter()  # requests in progress per project, for max_connections
 
     def pool(self, project: Project) -> Pool:
         pool = self.pools.get(project.name)
@@ -657,11 +662,14 @@ class HTTPRoutes:
 
     def proxy(self, channel: Channel, request: Request, project: Project,
               path: bytes, prefix: bytes | None) -> Any:
-        try:
-            path = normalize(path)
-        except BadPath as e:
-            return Fixed(lambda: channel.error(400, str(e)))
-        return ProxyExchange(channel, request, project, self.pool(project), path, prefix, self.sessions)
+        limit = project.limits.max_connections
+        if limit is not None and self.inflight[project.name] >= limit:
+            self.sessions.stats.refused_at_limit[("http", project.name)] += 1
+            channel.project = project.name
+            why = f"portrouter: project '{project.name}': {limit} requests in progress (max_connections)\n"
+            return Fixed(lambda: channel.send(503, why.encode(), headers=[(b"Retry-After", b"1")]))
+        return ProxyExchange(channel, request, project, self.pool(project), normalize(path), prefix,
+                             self.sessions, self)
 
     def forget(self, name: str) -> None:
         pool = self.pools.pop(name, None)

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import socket
+import time
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -58,7 +59,7 @@ class Session:
 
     __slots__ = (
         "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end", "supervisor",
+        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer",
     )
 
     def __init__(
@@ -75,6 +76,8 @@ class Session:
         self._closer: Callable[[], None] | None = None
         self._on_end: Callable[[Session], None] | None = on_end
         self.supervisor: Any = None  # a started-on-demand service it keeps in use
+        self.last = started  # last byte either way, for idle_timeout
+        self.idle_timer: Any = None
 
     def close(self) -> None:
         """Close both sides now (drain timeout, idle timeout, shutdown)."""
@@ -255,10 +258,12 @@ class SpliceRelay:
         self.reactor.addReader(self.backend)
 
     def count(self, direction: _Direction, n: int) -> None:
+        session = self.session
         if direction.inbound:
-            self.session.bytes_in += n
+            session.bytes_in += n
         else:
-            self.session.bytes_out += n
+            session.bytes_out += n
+        session.last = self.reactor.seconds()
 
     def first_eof(self, direction: _Direction) -> None:
         if self.session.reason is None:
@@ -312,6 +317,7 @@ class StreamSide(Protocol):
 
     peer: StreamSide | None = None
     session: Session | None = None
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
     inbound = False  # True for the client side
     read_eof = False
     write_eof = False
@@ -328,10 +334,12 @@ class StreamSide(Protocol):
         peer = self.peer
         if peer is None or peer.transport is None:
             return
+        session = self.session
         if self.inbound:
-            self.session.bytes_in += len(data)  # type: ignore[union-attr]
+            session.bytes_in += len(data)  # type: ignore[union-attr]
         else:
-            self.session.bytes_out += len(data)  # type: ignore[union-attr]
+            session.bytes_out += len(data)  # type: ignore[union-attr]
+        session.last = self.clock()  # type: ignore[union-attr]
         peer.transport.write(data)
 
     def readConnectionLost(self) -> None:
@@ -363,8 +371,11 @@ class StreamSide(Protocol):
                 self.session.ended(self.session.reason)
 
 
-def pair_streams(session: Session, client: StreamSide, backend: StreamSide) -> None:
+def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
+                 clock: Callable[[], float] | None = None) -> None:
     """Wire two connected L{StreamSide}s together; the client side must be paused."""
+    if clock is not None:
+        client.clock = backend.clock = clock
     client.peer, backend.peer = backend, client
     client.session = backend.session = session
     client.inbound = True

@@ -273,6 +273,10 @@ class RouterService(MultiService):
             # same service name as the old one.
             d = defer.maybeDeferred(listener.disownServiceParent)
             d.addErrback(lambda f: log.failure("stopping a listener", f))
+            # Its kept-alive HTTP clients take no new requests there: idle
+            # ones are closed now, busy ones after the current answer.
+            for channel in list(getattr(listener.factory, "channels", ())):
+                channel.drain()
         for listener in bound.values():
             listener.setServiceParent(self)
         for name in set(self.http.pools) - set(table.projects):
@@ -280,19 +284,25 @@ class RouterService(MultiService):
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
             self.commands.forget(name)
         if removed and not first:
-            self._drain(removed)
+            self._drain(removed, [l for l in released if l.route.project in removed])
 
-    def _drain(self, projects: set[str]) -> None:
+    def _drain(self, projects: set[str], released: list[Listener]) -> None:
         """Open connections of removed projects may finish until drain_timeout."""
         timeout = self.config.drain_timeout
+
+        def channels() -> list[Any]:
+            return [c for l in released for c in getattr(l.factory, "channels", ())]
 
         def close() -> None:
             left = [s for s in self.sessions.live if s.project.split("/")[0] in projects]
             for session in left:
                 session.reason = f"project removed; closed after the drain timeout ({timeout:g} s)"
                 session.close()
+            for channel in channels():
+                if channel.transport is not None:
+                    channel.transport.abortConnection()
 
-        if any(s.project.split("/")[0] in projects for s in self.sessions.live):
+        if any(s.project.split("/")[0] in projects for s in self.sessions.live) or channels():
             self.reactor.callLater(timeout, close)
 
     async def change(self, table: RoutingTable, *, persist: bool) -> None:

@@ -63,22 +63,32 @@ class State:
         tmp = f"{self.path}.tmp.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
         except BaseException:
-            os.unlink(tmp)
+            # The old file stands, and no half-written temporary is left behind.
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             raise
-        dirfd = os.open(self.directory, os.O_RDONLY)
+        # The rename was the commit: the new list is what is read from now on,
+        # so a failure to make the rename durable must not report the change
+        # as not made.
         try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+            dirfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError:
+            pass
 
 
 def manifests(projects: Iterable[Project]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ early is read, let alone lost; it is delivered once the backend is connected.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet import defer, error
@@ -22,6 +23,8 @@ from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
 
 log = Logger(namespace="portrouter.tcp")
+
+LIMIT_REPORT = 10.0  # seconds between "refused at max_connections" log lines per project
 
 
 def peer_of(address: IAddress) -> str:
@@ -50,15 +53,51 @@ class Sessions:
         self.reactor = reactor
         self.live: set[Session] = set()
         self.stats = Stats()
+        self.active: Counter[str] = Counter()  # open sessions by project, for max_connections
+        self._limit_reported: dict[str, float] = {}
 
-    def open(self, protocol: str, project: str, peer: str) -> Session:
+    def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None) -> Session:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
         self.live.add(session)
+        self.active[project] += 1
         self.stats.connections[(protocol, project)] += 1
+        if idle_timeout is not None:
+            session.idle_timer = self.reactor.callLater(idle_timeout, self._idle, session, idle_timeout)
         return session
+
+    def full(self, protocol: str, project: str, limit: int | None, peer: str) -> bool:
+        """
+        C{project} has C{limit} sessions open: count the refusal and say so in
+        the log (at most once per 10 s per project, so a flood stays readable).
+        """
+        if limit is None or self.active[project] < limit:
+            return False
+        self.stats.refused_at_limit[(protocol, project)] += 1
+        now = self.reactor.seconds()
+        if now - self._limit_reported.get(project, -LIMIT_REPORT) >= LIMIT_REPORT:
+            self._limit_reported[project] = now
+            log.warn("{protocol} {project} {peer}: refused, {limit} connections open (max_connections)",
+                     protocol=protocol, project=project, peer=peer, limit=limit)
+        return True
+
+    def _idle(self, session: Session, timeout: float) -> None:
+        # One timer per session, moved only when it fires: activity itself
+        # just writes a timestamp.
+        idle = self.reactor.seconds() - session.last
+        if idle < timeout:
+            session.idle_timer = self.reactor.callLater(timeout - idle, self._idle, session, timeout)
+            return
+        session.idle_timer = None
+        session.reason = f"idle for {timeout:g} s"
+        session.close()
 
     def _ended(self, session: Session) -> None:
         self.live.discard(session)
+        self.active[session.project] -= 1
+        if not self.active[session.project]:
+            del self.active[session.project]
+        if session.idle_timer is not None and session.idle_timer.active():
+            session.idle_timer.cancel()
         key = (session.protocol, session.project)
         self.stats.bytes_in[key] += session.bytes_in
         self.stats.bytes_out[key] += session.bytes_out
@@ -96,8 +135,13 @@ class _Inbound(StreamSide):
 
     def connectionMade(self) -> None:
         route = self.route
+        limits = route.project.limits
+        peer = peer_of(self.addr)
+        if route.sessions.full("tcp", route.project.name, limits.max_connections, peer):
+            self.transport.loseConnection()  # accepted and closed at once: clients never hang
+            return
         self.transport.pauseProducing()
-        self.session = route.sessions.open("tcp", route.project.name, peer_of(self.addr))
+        self.session = route.sessions.open("tcp", route.project.name, peer, limits.idle_timeout)
         supervisor = route.supervisor
         if supervisor is None:
             self._connect()
@@ -149,7 +193,7 @@ class _Inbound(StreamSide):
             self.transport = backend.transport = None
             relay.start()
         else:
-            pair_streams(session, self, backend)
+            pair_streams(session, self, backend, self.route.reactor.seconds)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if self.pending is not None:

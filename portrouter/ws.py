@@ -53,7 +53,9 @@ class _Service(Protocol):
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
         if bridge is not None:
-            bridge.session.bytes_out += len(data)
+            session = bridge.session
+            session.bytes_out += len(data)
+            session.last = bridge.factory.reactor.seconds()
             bridge.sendMessage(data, isBinary=True)
 
     def readConnectionLost(self) -> None:
@@ -110,7 +112,12 @@ class Bridge(WebSocketServerProtocol):
     def onOpen(self) -> None:
         target = self.target
         name = target.project if target.service is None else f"{target.project}/{target.service}"
-        self.session = self.sessions.open("ws", name, peer_of(self.transport.getPeer()))
+        peer = peer_of(self.transport.getPeer())
+        if self.sessions.full("ws", name, target.limits.max_connections, peer):
+            self.ended = True
+            self.sendCloseFrame(TRY_AGAIN, b"too many connections (max_connections)", isReply=False)
+            return
+        self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout)
         self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
         self.early = []
         d = defer.Deferred.fromCoroutine(self._connect())
@@ -182,7 +189,9 @@ class Bridge(WebSocketServerProtocol):
     def onMessageFrameData(self, payload: bytes) -> None:
         if self.dropping or self.failedByMe:
             return
-        self.session.bytes_in += len(payload)
+        session = self.session
+        session.bytes_in += len(payload)
+        session.last = self.factory.reactor.seconds()
         service = self.service
         if service is not None:
             service.transport.write(payload)
