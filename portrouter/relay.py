@@ -284,7 +284,8 @@ class SpliceRelay:
         self._close(reason)
 
     def close(self) -> None:
-        self._close("closed by portrouter")
+        # Whoever closes may have said why (idle, drain timeout, shutdown).
+        self._close(self.session.reason or "closed by portrouter")
 
     def _close(self, reason: str) -> None:
         if self.closed:
@@ -383,7 +384,8 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     backend.transport.registerProducer(client.transport, True)
 
     def close() -> None:
-        session.reason = "closed by portrouter"
+        if session.reason is None:  # else whoever closes has said why
+            session.reason = "closed by portrouter"
         client.transport.loseConnection()
         backend.transport.loseConnection()
 
