@@ -482,7 +482,7 @@ def parse_project(
         services = tuple(parsed)
 
     if backend is None and not services:
-        raise ConfigError(path or name, "needs 'backend', 'services', or both")
+        raise ConfigError(path, "needs 'backend', 'services', or both")
     if listen is not None and backend is None:
         raise ConfigError(bpath, "is required for a project with 'listen'")
 
