@@ -4,6 +4,8 @@ Logs for machines: one JSON object per line, for log shippers.
     twistd --logger portrouter.logs.json -n portrouter --config routes.yaml
 
 writes to standard output, or to the file named by ``PORTROUTER_JSON_LOG``.
+Under ``twistd -n`` with no log option, portrouter uses L{text}: twistd's
+own line format, flushed once per reactor turn (see L{BufferedText}).
 Each line has ``time`` (ISO 8601, UTC), ``level``, ``namespace``, ``message``
 (the text twistd would print) and every structured field of the event (a
 finished connection carries ``protocol``, ``project``, ``peer``, ``bytes_in``,
@@ -16,10 +18,12 @@ from __future__ import annotations
 import json as _json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 
@@ -43,6 +47,56 @@ class JSONLines:
             record["traceback"] = failure.getTraceback()
         self.out.write(_json.dumps(record, default=repr) + "\n")
         self.out.flush()
+
+
+class BufferedText:
+    """
+    twistd's classic text lines (``TIME [namespace#level] message``), written
+    without what makes them cost under load: the timestamp is formatted once
+    per second rather than once per line, and the stream is flushed once per
+    reactor turn rather than once per line.
+    """
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+        self._second = -1
+        self._stamp = ""
+        self._flush_scheduled = False
+
+    def _time(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = formatEventAsClassicLogText(event, formatTime=self._time)
+        if text is None:
+            return
+        self.out.write(text)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            from twisted.internet import reactor
+
+            if isInIOThread():
+                reactor.callLater(0, self._flush)
+            else:
+                reactor.callFromThread(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # stdout went away; nothing better to do with a log line
+
+
+def text() -> BufferedText:
+    """The observer portrouter uses under ``twistd -n`` when no log option is given."""
+    return BufferedText(sys.stdout)
 
 
 def json() -> JSONLines:

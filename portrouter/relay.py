@@ -46,6 +46,8 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 # One chunk per direction; also the most a slow reader can make us hold.
 CHUNK = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# Reads smaller than this go through Python; a full one makes the direction bulk.
+SMALL = 16 * 1024
 # Reads per readiness event before going back to the reactor, so one busy
 # connection cannot starve the others.
 _BURST = 8
@@ -135,12 +137,18 @@ class _End:
             self.relay.fail(e, self)
 
     def doWrite(self) -> None:
+        if self.relay.connecting is not None:
+            self.relay.connected()
+            return
         try:
             self.outbound.drain()
         except OSError as e:
             self.relay.fail(e, self)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self.relay.connecting is not None:
+            self.relay.connected()  # a failed connect: SO_ERROR says why
+            return
         self.relay.fail(reason.value, self)
 
     def logPrefix(self) -> str:
@@ -148,9 +156,13 @@ class _End:
 
 
 class _Direction:
-    """Bytes from C{src} to C{dst} through a pipe made on first use."""
+    """
+    Bytes from C{src} to C{dst}. Small reads go through Python (recv, send)
+    and cost no pipe; once a read fills the buffer the direction is bulk and
+    switches to splice through a pipe of its own, for good.
+    """
 
-    __slots__ = ("relay", "src", "dst", "rpipe", "wpipe", "pending", "eof", "done", "inbound")
+    __slots__ = ("relay", "src", "dst", "rpipe", "wpipe", "pending", "held", "eof", "done", "inbound")
 
     def __init__(self, relay: SpliceRelay, src: _End, dst: _End, inbound: bool):
         self.relay = relay
@@ -158,40 +170,81 @@ class _Direction:
         self.dst = dst
         self.rpipe = -1
         self.wpipe = -1
-        self.pending = 0
+        self.pending = 0  # bytes in the pipe
+        self.held = b""  # bytes read but not yet written (small-read path)
         self.eof = False
         self.done = False
         self.inbound = inbound  # client -> backend
 
     def pump(self) -> None:
-        """C{src} is readable; only called while the pipe is empty."""
+        """C{src} is readable; only called while nothing is held or piped."""
         if self.wpipe < 0:
-            self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
-            except OSError:
-                pass  # over the per-user pipe quota: the default size still works
-        reactor = self.relay.reactor
+            self._pump_small()
+        else:
+            self._pump_splice()
+
+    def _pump_small(self) -> None:
+        try:
+            data = self.src.sock.recv(SMALL)
+        except BlockingIOError:
+            return
+        if not data:
+            self._eof()
+            return
+        self.relay.count(self, len(data))
+        try:
+            sent = self.dst.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self.held = data[sent:]
+            self._blocked()
+        elif len(data) == SMALL:
+            self._open_pipe()  # a full read: this is a bulk transfer
+
+    def _open_pipe(self) -> None:
+        self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass  # over the per-user pipe quota: the default size still works
+
+    def _pump_splice(self) -> None:
         for _ in range(_BURST):
             try:
                 n = _SPLICE(self.src.fd, self.wpipe, CHUNK, flags=_FLAGS)
             except BlockingIOError:
                 return  # the pipe is empty, so the socket is
             if n == 0:
-                self.eof = True
-                reactor.removeReader(self.src)
-                self.relay.first_eof(self)
-                self._finish()
+                self._eof()
                 return
             self.pending += n
             self.relay.count(self, n)
             if not self._flush():
-                reactor.removeReader(self.src)
-                reactor.addWriter(self.dst)
+                self._blocked()
                 return
 
+    def _eof(self) -> None:
+        self.eof = True
+        self.relay.reactor.removeReader(self.src)
+        self.relay.first_eof(self)
+        self._finish()
+
+    def _blocked(self) -> None:
+        """C{dst} is full: stop reading C{src} until it takes what we hold."""
+        self.relay.reactor.removeReader(self.src)
+        self.relay.reactor.addWriter(self.dst)
+
     def _flush(self) -> bool:
-        """Move the pipe into C{dst}; C{True} once it is empty."""
+        """Write what is held, then the pipe, into C{dst}; C{True} once both are empty."""
+        if self.held:
+            try:
+                sent = self.dst.sock.send(self.held)
+            except BlockingIOError:
+                return False
+            self.held = self.held[sent:]
+            if self.held:
+                return False
         while self.pending:
             try:
                 n = _SPLICE(self.rpipe, self.dst.fd, self.pending, flags=_FLAGS)
@@ -213,12 +266,15 @@ class _Direction:
     def _finish(self) -> None:
         # Half-close: EOF from one side becomes a FIN to the other once all
         # that came before it was written; the other direction goes on.
-        if self.pending:
+        if self.pending or self.held:
             return
-        try:
-            self.dst.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        other = self.relay.down if self is self.relay.up else self.relay.up
+        if not other.done:
+            # The last direction needs no shutdown: closing sends the FIN.
+            try:
+                self.dst.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.done = True
         self.close_pipe()
         self.relay.direction_done()
@@ -233,7 +289,8 @@ class _Direction:
 class SpliceRelay:
     """Relay two connected stream sockets until both directions reach EOF."""
 
-    __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed")
+    __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed", "connecting",
+                 "on_connect_failure")
 
     def __init__(
         self,
@@ -244,6 +301,8 @@ class SpliceRelay:
     ):
         self.reactor = reactor
         self.session = session
+        self.connecting: Any = None  # the connect timeout, while the backend connects
+        self.on_connect_failure: Callable[[str], None] | None = None
         self.client = _End(self, client)
         self.backend = _End(self, backend)
         self.up = _Direction(self, self.client, self.backend, True)
@@ -256,6 +315,62 @@ class SpliceRelay:
     def start(self) -> None:
         self.reactor.addReader(self.client)
         self.reactor.addReader(self.backend)
+
+    def connect(self, address: Any, timeout: float) -> None:
+        """
+        Connect the (non-blocking) backend socket, then relay. The client is
+        not read until then, so what it sends early waits in the kernel.
+        """
+        err = self.backend.sock.connect_ex(address)
+        if err == 0:
+            self.start()
+        elif err in (errno.EINPROGRESS, errno.EAGAIN):
+            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)  # type: ignore[attr-defined]
+            self.reactor.addWriter(self.backend)
+        else:
+            self._connect_failed(err)
+
+    def connected(self) -> None:
+        """The backend socket is writable (or failed): did the connect succeed?"""
+        timer, self.connecting = self.connecting, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.reactor.removeWriter(self.backend)
+        err = self.backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(err)
+        else:
+            self.start()
+
+    def _connect_timed_out(self, timeout: float) -> None:
+        self.connecting = None
+        self.reactor.removeWriter(self.backend)
+        self._connect_problem(f"backend did not answer within {timeout:g} s")
+
+    def _connect_failed(self, err: int) -> None:
+        if err == errno.ECONNREFUSED:
+            self._connect_problem("backend refused the connection")
+        else:
+            self._connect_problem(f"backend connection failed: {os.strerror(err)}")
+
+    def _connect_problem(self, reason: str) -> None:
+        if self.on_connect_failure is not None:
+            self.on_connect_failure(reason)
+        # What the client sent can never be delivered now. Closing a socket
+        # with unread bytes makes the kernel answer RST, and the client would
+        # see "connection reset" instead of a plain close: read them away.
+        sock = self.client.sock
+        try:
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._close(reason)
 
     def count(self, direction: _Direction, n: int) -> None:
         session = self.session
@@ -291,6 +406,9 @@ class SpliceRelay:
         if self.closed:
             return
         self.closed = True
+        timer, self.connecting = self.connecting, None
+        if timer is not None and timer.active():
+            timer.cancel()
         for end in (self.client, self.backend):
             self.reactor.removeReader(end)
             self.reactor.removeWriter(end)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -23,7 +23,7 @@ from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.services import Services
-from portrouter.tcp import Sessions, TCPRoute
+from portrouter.tcp import Sessions, TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
 from portrouter.ws import StreamEndpoint, WSRoute
@@ -32,6 +32,7 @@ from portrouter.web import Channel, Fixed, Request
 log = Logger(namespace="portrouter")
 
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
+BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
 
 
 class BindError(Exception):
@@ -200,7 +201,10 @@ class RouterService(MultiService):
                     route.port, factory, interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
                 )
             else:
-                port = await serverFromString(self.reactor, route.listen).listen(factory)
+                endpoint = serverFromString(self.reactor, route.listen)
+                port = self._listen_tcp(endpoint, factory)
+                if port is None:
+                    port = await endpoint.listen(factory)
         except Exception as e:
             raise BindError(route, _os_reason(e)) from None
         log.info(
@@ -210,6 +214,20 @@ class RouterService(MultiService):
             address=_address(port),
             project=route.project,
         )
+        return port
+
+    def _listen_tcp(self, endpoint: Any, factory: Any) -> IListeningPort | None:
+        """
+        Bind a plain TCP strport ourselves: TCP routes accept directly,
+        and every port a backlog fit for a proxy (Twisted's default of 50
+        drops SYNs under a burst). Other strports go through their endpoint.
+        """
+        if type(endpoint).__name__ not in ("TCP4ServerEndpoint", "TCP6ServerEndpoint"):
+            return None
+        backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
+        port = self.reactor.listenTCP(endpoint._port, factory, backlog, endpoint._interface)
+        if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
+            accept_directly(port)
         return port
 
     async def apply(self, table: RoutingTable, *, first: bool = False) -> None:

@@ -92,6 +92,7 @@ class Supervisor:
         self.active = 0  # connections using it, for idle_stop
         self.idle_timer: Any = None
         self.starts = 0
+        self.stop_requested = False
 
     @property
     def pid(self) -> int | None:
@@ -129,6 +130,15 @@ class Supervisor:
                 waiter.callback(None)
 
     async def _start(self) -> None:
+        if self.output_protocol is not None and not self.output_protocol.ended.called:
+            # The last run is still being stopped (idle_stop, a start that
+            # timed out): it may hold the port, and the probe would find it.
+            # Start once it is gone, unless it is being stopped for good.
+            gone = self.stop()
+            self.stop_requested = False
+            await gone
+            if self.stop_requested:
+                raise StartFailed(f"{self.name} was stopped")
         argv = list(self.command.argv)
         executable = shutil.which(argv[0]) or argv[0]
         env = dict(os.environ)
@@ -204,6 +214,7 @@ class Supervisor:
 
     def stop(self) -> defer.Deferred[None]:
         """SIGTERM, then SIGKILL after a grace period; fires once it is gone."""
+        self.stop_requested = True  # a start waiting for the last run to go is not made
         process, protocol = self.process, self.output_protocol
         self.ready = False
         if process is None or protocol is None:

@@ -8,10 +8,14 @@ early is read, let alone lost; it is delivered once the backend is connected.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IReactorCore, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -25,6 +29,8 @@ from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_stre
 log = Logger(namespace="portrouter.tcp")
 
 LIMIT_REPORT = 10.0  # seconds between "refused at max_connections" log lines per project
+_ACCEPTS = 64  # accepts per readiness event, so a flood cannot starve the rest
+_SPLICE_OK = hasattr(os, "splice")
 
 
 def peer_of(address: IAddress) -> str:
@@ -205,6 +211,53 @@ class _Inbound(StreamSide):
         super().connectionLost(reason)
 
 
+def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
+    """
+    (family, address) when C{endpoint} is a plain TCP endpoint to an IP
+    literal, which the relay can connect itself; else L{None}.
+    """
+    if _SPLICE_OK and type(endpoint).__name__ in ("TCP4ClientEndpoint", "TCP6ClientEndpoint"):
+        host = getattr(endpoint, "_host", None)
+        port = getattr(endpoint, "_port", None)
+        if getattr(endpoint, "_bindAddress", None) is None and isinstance(port, int) and isinstance(host, str):
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                return None  # a name: Twisted resolves it without blocking
+            return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (host, port)
+    return None
+
+
+def accept_directly(port: tcp.Port) -> None:
+    """
+    Give a listening TCP port a C{doRead} that hands accepted sockets
+    straight to its route's relay when the route can take them
+    (L{TCPRoute.direct}), and otherwise does what Twisted's port does.
+    """
+    twisted_read = port.doRead
+
+    def doRead() -> None:
+        factory = port.factory
+        if getattr(factory, "direct", None) is None:
+            twisted_read()
+            return
+        for _ in range(_ACCEPTS):
+            try:
+                sock, address = port.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that client gave up; go on with the next
+                # Out of descriptors or memory: try again at the next event
+                # rather than spin; the kernel keeps the queue.
+                log.warn("tcp {project}: cannot accept: {why}", project=factory.project.name, why=e.strerror)
+                return
+            factory.accept_socket(sock, address)
+
+    port.doRead = doRead  # type: ignore[method-assign]
+
+
 class TCPRoute(Factory):
     """The listening side of one project's TCP route."""
 
@@ -222,6 +275,32 @@ class TCPRoute(Factory):
         self.project = project
         self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, project.backend)
         self.supervisor = self.services.get(project) if self.services is not None else None
+        self.direct = None if self.supervisor is not None else direct_address(self.endpoint)
+
+    def accept_socket(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """
+        The direct path (L{accept_directly}): a plain TCP client to a plain TCP
+        backend given by IP address. No Twisted transport is made for
+        either side; the relay connects the backend and splices.
+        """
+        project = self.project
+        limits = project.limits
+        host, port = address[0], address[1]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.sessions.full("tcp", project.name, limits.max_connections, peer):
+            sock.close()  # accepted and closed at once: clients never hang
+            return
+        family, target = self.direct  # type: ignore[misc]
+        backend = socket.socket(family, socket.SOCK_STREAM)
+        backend.setblocking(False)
+        backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = self.sessions.open("tcp", project.name, peer, limits.idle_timeout)
+        relay = SpliceRelay(self.reactor, session, sock, backend)
+        stats = self.sessions.stats
+        relay.on_connect_failure = lambda why: stats.connect_failed(project.name, why)
+        relay.connect(target, limits.connect_timeout)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         return _Inbound(self, addr)

@@ -31,7 +31,9 @@ from tests.support import (
 @pytest.fixture(params=["splice", "stream"])
 def relay_mode(request: Any, monkeypatch: Any) -> str:
     if request.param == "stream":
+        # Neither the direct path nor splicing: Twisted transports both ways.
         monkeypatch.setattr(portrouter.tcp, "splicable", lambda transport: False)
+        monkeypatch.setattr(portrouter.tcp, "direct_address", lambda endpoint: None)
     return str(request.param)
 
 
