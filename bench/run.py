@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""
+portrouter's benchmarks in one command: ``python3 bench/run.py [SECTION ...]``.
+
+Each section measures portrouter side by side with the alternatives in the
+same run, because only same-run ratios are comparable on this machine. With
+no section named, every section runs. A section is a module with
+C{add_arguments(parser)} and C{run(args, procs)}; add new ones to L{SECTIONS}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+from types import FrameType, ModuleType
+
+import harness
+import tcp_bench
+
+SECTIONS: dict[str, ModuleType] = {
+    "tcp": tcp_bench,
+    # "http": http_bench, "udp": udp_bench, "ws": ws_bench  -- to come
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Measure portrouter against no proxy and the usual alternatives, side by side.",
+    )
+    parser.add_argument(
+        "sections", nargs="*", metavar="SECTION",
+        help=f"which sections to run: {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--wait-quiet", type=float, default=20.0, metavar="SECONDS",
+        help="before each section, wait up to this long for cores 0 and 1 to be idle (default 20)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, binaries)")
+    for module in SECTIONS.values():
+        module.add_arguments(parser)
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM/SIGHUP into an exception so every finally block runs and
+    # no proxy or backend is left behind.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    chosen = args.sections or list(SECTIONS)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still
+    # end the run through the finally blocks.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        harness.check_cores()
+    except harness.BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    harness.pin_self(harness.LOAD_CORE)
+    limit = harness.raise_nofile()
+    if limit < 8192:
+        print(f"bench: only {limit} file descriptors allowed; the idle test needs ~8192", file=sys.stderr)
+        return 2
+
+    workdir = harness.new_workdir()
+    procs = harness.Procs(workdir)
+    failed = False
+    try:
+        for name in chosen:
+            SECTIONS[name].run(args, procs)
+    except harness.Missing as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    except harness.BenchError as e:
+        failed = True
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        failed = True
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        procs.stop_all()
+        if (failed or args.keep) and workdir.is_dir() and any(workdir.iterdir()):
+            print(f"bench: logs and configs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
