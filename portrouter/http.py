@@ -28,7 +28,7 @@ from zope.interface import implementer
 from portrouter.config import Project
 from portrouter.relay import Session, StreamSide, pair_streams
 from portrouter.tcp import Sessions, connect_failure
-from portrouter.web import Channel, ChannelFactory, Fixed, Request, no_delay
+from portrouter.web import Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
 
@@ -149,11 +149,13 @@ class Upstream(Protocol):
         if self.tunnel is not None:
             self.tunnel.dataReceived(data)
             return
-        if self.exchange is None:
+        exchange = self.exchange
+        if exchange is None:
             self.transport.loseConnection()  # a backend must not speak unasked
             return
         try:
             self.parser.feed_data(data)
+            exchange.channel.flush()  # what this read produced, in one send
         except httptools.HttpParserUpgrade as e:
             if self.exchange is not None:
                 self.exchange.switched(self, data[e.args[0]:])
@@ -437,7 +439,14 @@ class ProxyExchange:
         transport = upstream.transport
         if self.wants_continue:
             self.channel.interim(100, [])
-        transport.write(self.head)
+            self.channel.flush()
+        if self.pending and not self.chunked:
+            head = b"".join([self.head, *self.pending])
+            self.body_sent += len(head) - len(self.head)
+            self.pending = []
+            write_now(transport, head)
+        else:
+            write_now(transport, self.head)
         if self.pending:
             for chunk in self.pending:
                 self._write_body(chunk)
@@ -454,7 +463,7 @@ class ProxyExchange:
         if self.chunked:
             self.upstream.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
         else:
-            self.upstream.transport.write(data)  # type: ignore[union-attr]
+            write_now(self.upstream.transport, data)  # type: ignore[union-attr]
 
     def _end_body(self) -> None:
         if self.chunked:
@@ -622,6 +631,7 @@ class ProxyExchange:
         lines = [b"HTTP/1.1 101 %s\r\n" % (upstream.reason or b"Switching Protocols")]
         lines += [b"%s: %s\r\n" % (n, v) for n, v in headers]
         lines.append(b"\r\n")
+        channel.flush()
         channel.transport.write(b"".join(lines))
         if leftover:
             channel.transport.write(leftover)

@@ -322,6 +322,7 @@ class _Takeover:
 
     def take_over(self, leftover: bytes) -> None:
         channel, request = self.channel, self.request
+        channel.flush()
         channel.project = self.bridge.target.project
         channel.status = 101
         channel._log()
