@@ -11,6 +11,8 @@ requests tunnelled byte for byte after the backend's C{101}.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from collections import Counter
 from typing import Any
@@ -26,9 +28,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import Project
-from portrouter.relay import Session, StreamSide, pair_streams
+from portrouter.relay import _F_SETPIPE_SZ, _FLAGS, _SPLICE, CHUNK, Session, StreamSide, pair_streams
 from portrouter.tcp import Sessions, connect_failure
-from portrouter.web import Channel, ChannelFactory, Fixed, Request, no_delay, write_now
+from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
 
@@ -47,6 +49,9 @@ NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # rarely sent on a connection the backend is closing.
 POOL_IDLE = 4.0
 POOL_MAX_IDLE = 64
+# A response body at least this large (its length known, plain sockets both
+# sides) is spliced, not copied through Python.
+SPLICE_BODY = 64 * 1024
 
 
 def authority(backend: str) -> str:
@@ -141,6 +146,7 @@ class Upstream(Protocol):
         self.reset_parser = False
         self.until_close = False
         self.keep_alive = True
+        self.splice_left: int | None = None  # body bytes to splice once this read is done
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -156,6 +162,10 @@ class Upstream(Protocol):
         try:
             self.parser.feed_data(data)
             exchange.channel.flush()  # what this read produced, in one send
+            left, self.splice_left = self.splice_left, None
+            if left and self.exchange is exchange and not exchange.done:
+                BodySplice(self, exchange, left).start()
+                return
         except httptools.HttpParserUpgrade as e:
             if self.exchange is not None:
                 self.exchange.switched(self, data[e.args[0]:])
@@ -206,8 +216,14 @@ class Upstream(Protocol):
         if head_only and self.exchange is exchange:
             self.reset_parser = True
             self._complete()
+        elif (length is not None and length >= SPLICE_BODY and not chunked and code not in (204, 304)
+              and _SPLICE is not None and type(self.transport) in _PLAIN
+              and type(exchange.channel.transport) in _PLAIN):
+            self.splice_left = length  # less what arrives with this read (on_body)
 
     def on_body(self, data: bytes) -> None:
+        if self.splice_left is not None:
+            self.splice_left -= len(data)
         if self.exchange is not None:
             self.exchange.response_body(data)
 
@@ -222,6 +238,7 @@ class Upstream(Protocol):
 
     def _complete(self) -> None:
         self.complete = True
+        self.splice_left = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.response_done(self)
@@ -250,6 +267,137 @@ class Upstream(Protocol):
             self.exchange = exchange
             exchange.upstream_lost(self)
             self.exchange = None
+
+
+class BodySplice:
+    """
+    The rest of a large response body (its length known), moved from the
+    backend's socket to the client's with splice(2) through a pipe, never
+    entering Python, like the TCP relay. For the while, it lends itself the
+    two transports' C{doRead}/C{doWrite} (as Twisted's own C{abortConnection}
+    replaces them): the backend is read only while the pipe is empty, so a
+    slow client holds back the backend as before. Then all is handed back and
+    the exchange completes as usual.
+    """
+
+    def __init__(self, upstream: Upstream, exchange: ProxyExchange, left: int):
+        self.upstream = upstream
+        self.exchange = exchange
+        self.left = left
+        self.pending = 0
+        self.moved = 0
+        self.src = upstream.transport
+        self.dst = exchange.channel.transport
+        self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass  # over the per-user pipe quota: the default size still works
+        self.over = False
+
+    def start(self) -> None:
+        exchange = self.exchange
+        exchange.body_splice = self
+        self.dst.unregisterProducer()  # flow control is ours until the end
+        self.src.doRead = self.readable  # type: ignore[method-assign]
+        self.dst.doWrite = self.writable  # type: ignore[method-assign]
+        if self._queued():
+            # Twisted still holds the head and the first bytes: they go first.
+            self.src.stopReading()
+            self.dst.startWriting()
+        else:
+            self.src.startReading()
+
+    def _queued(self) -> bool:
+        dst = self.dst
+        return bool(dst._tempDataLen or dst.offset < len(dst.dataBuffer))
+
+    def readable(self) -> Any:
+        if self.pending and not self._flush():
+            self._wait_for_client()
+            return None
+        try:
+            n = _SPLICE(self.src.socket.fileno(), self.wpipe, min(self.left, CHUNK), flags=_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._broken_upstream()
+            return None
+        if n == 0:
+            self._broken_upstream()
+            return None
+        self.left -= n
+        self.pending += n
+        if not self._flush():
+            self._wait_for_client()
+        elif not self.left:
+            self._finish()
+        return None
+
+    def _wait_for_client(self) -> None:
+        self.src.stopReading()
+        self.dst.startWriting()
+
+    def _flush(self) -> bool:
+        while self.pending:
+            try:
+                n = _SPLICE(self.rpipe, self.dst.socket.fileno(), self.pending, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self._broken_client()
+                return False
+            self.pending -= n
+            self.moved += n
+        return True
+
+    def writable(self) -> Any:
+        if self._queued():
+            # Twisted's own buffer first (the head and the first bytes).
+            result = type(self.dst).doWrite(self.dst)
+            if result is not None or self._queued():
+                return result
+        if self.over or not self._flush():
+            return None
+        self.dst.stopWriting()
+        if self.left:
+            self.src.startReading()
+        else:
+            self._finish()
+        return None
+
+    def _restore(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        for transport, name in ((self.src, "doRead"), (self.dst, "doWrite")):
+            transport.__dict__.pop(name, None)
+        os.close(self.rpipe)
+        os.close(self.wpipe)
+        self.exchange.body_splice = None
+        self.exchange.channel.sent += self.moved
+
+    def _finish(self) -> None:
+        self._restore()
+        self.dst.stopWriting()
+        upstream = self.upstream
+        # The parser still waits for the bytes that went around it.
+        upstream.parser = httptools.HttpResponseParser(upstream)
+        upstream._complete()
+
+    def _broken_upstream(self) -> None:
+        self._restore()
+        self.src.stopReading()
+        self.exchange.upstream_lost(self.upstream)
+        self.src.loseConnection()
+
+    def _broken_client(self) -> None:
+        self._restore()
+        self.dst.abortConnection()
+
+    def cancel(self) -> None:
+        """The exchange ended another way (the client left): hand everything back."""
+        self._restore()
 
 
 class _UpstreamFactory(Factory):
@@ -344,6 +492,7 @@ class ProxyExchange:
         self.reused = False
         self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
+        self.body_splice: BodySplice | None = None
         self.chunked = request.header(b"transfer-encoding") is not None
         channel.project = project.name
         self.head = self._head(path, prefix)
@@ -501,6 +650,8 @@ class ProxyExchange:
         self.done = True
         self._release_service()
         self._stop_timer()
+        if self.body_splice is not None:
+            self.body_splice.cancel()
         if self.connecting is not None:
             self.connecting.cancel()
         upstream, self.upstream = self.upstream, None
