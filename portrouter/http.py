@@ -352,8 +352,9 @@ class BodySplice:
         return True
 
     def writable(self) -> Any:
-        if self._queued():
-            # Twisted's own buffer first (the head and the first bytes).
+        if self._queued() or self.dst.disconnecting:
+            # Twisted's own buffer first (the head and the first bytes), and
+            # a loseConnection() is Twisted's to finish.
             result = type(self.dst).doWrite(self.dst)
             if result is not None or self._queued():
                 return result
