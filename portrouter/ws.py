@@ -21,6 +21,7 @@ import struct
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -33,7 +34,7 @@ from portrouter.auth import Refused
 from portrouter.config import Limits, Project
 from portrouter.relay import _F_SETPIPE_SZ, _FLAGS, _SPLICE, CHUNK, Session
 from portrouter.tcp import Sessions, connect_failure, peer_of
-from portrouter.web import _PLAIN, Channel, Fixed, Request
+from portrouter.web import _PLAIN, Channel, Fixed, Request, write_now
 
 log = Logger(namespace="portrouter.ws")
 
@@ -213,6 +214,73 @@ class Bridge(WebSocketServerProtocol):
 
     def onMessageEnd(self) -> None:
         pass
+
+    # -- the fast path for data frames ----------------------------------------------------
+
+    fast_head = b""  # a data frame's header, as far as it has arrived
+    fast_left = 0  # payload still to come of the data frame being passed on
+    fast_masker: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Unfragmented, masked BINARY frames in the open state are parsed here
+        and their payload, unmasked with Autobahn's own (NVX) masker, goes
+        straight to the service. Autobahn keeps everything else: the
+        handshake, control frames, TEXT, fragments, and any frame at all while
+        its own parser is not between frames. Control passes at frame
+        boundaries only, so its parser always starts on a frame.
+        """
+        if (self.fast_left or self.fast_head) or (
+            self.state == WebSocketServerProtocol.STATE_OPEN and self.current_frame is None
+            and not self.data and not self.inside_message and not self.dropping
+            and self.service is not None
+        ):
+            self._fast(data)
+        else:
+            super().dataReceived(data)
+
+    def _fast(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.fast_left:
+                take = min(self.fast_left, end - pos)
+                chunk = data[pos:pos + take] if (pos or take < end) else data
+                pos += take
+                self.fast_left -= take
+                self._deliver(self.fast_masker.process(chunk))
+                continue
+            head = self.fast_head + data[pos:pos + 14]
+            if len(head) < 2:
+                self.fast_head = head
+                return
+            first, second = head[0], head[1]
+            if first != 0x82 or not second & 0x80:
+                # Not a final, masked BINARY frame with no RSV bits: Autobahn's.
+                rest = self.fast_head + data[pos:]
+                self.fast_head = b""
+                super().dataReceived(rest)
+                return
+            length = second & 0x7F
+            size = 6 if length < 126 else (8 if length == 126 else 14)
+            if len(head) < size:
+                self.fast_head = head
+                return
+            pos += size - len(self.fast_head)
+            self.fast_head = b""
+            if length == 126:
+                length = struct.unpack_from("!H", head, 2)[0]
+            elif length == 127:
+                length = struct.unpack_from("!Q", head, 2)[0]
+            self.fast_left = length
+            self.fast_masker = create_xor_masker(head[size - 4:size], length) if length else None
+
+    def _deliver(self, payload: bytes) -> None:
+        session = self.session
+        session.bytes_in += len(payload)
+        session.last = self.factory.reactor.seconds()
+        service = self.service
+        if service is not None and service.transport is not None:
+            write_now(service.transport, payload)
 
     # -- endings ----------------------------------------------------------------------
 
