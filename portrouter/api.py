@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from portrouter.auth import Refused
 from portrouter.config import ConfigError, parse_project
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
-from portrouter.table import PortConflict, Route
+from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
 
 if TYPE_CHECKING:

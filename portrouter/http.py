@@ -11,7 +11,6 @@ requests tunnelled byte for byte after the backend's C{101}.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 from collections import Counter
@@ -28,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import Project
-from portrouter.relay import _F_SETPIPE_SZ, _FLAGS, _SPLICE, CHUNK, Session, StreamSide, pair_streams
+from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
 from portrouter.tcp import Sessions, connect_failure
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
@@ -288,11 +287,7 @@ class BodySplice:
         self.moved = 0
         self.src = upstream.transport
         self.dst = exchange.channel.transport
-        self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass  # over the per-user pipe quota: the default size still works
+        self.rpipe, self.wpipe = open_pipe()
         self.over = False
 
     def start(self) -> None:

@@ -53,6 +53,16 @@ SMALL = 16 * 1024
 _BURST = 8
 
 
+def open_pipe() -> tuple[int, int]:
+    """A non-blocking pipe that holds one CHUNK, for splicing through."""
+    rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(wpipe, _F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass  # over the per-user pipe quota: the default size still works
+    return rpipe, wpipe
+
+
 class Session:
     """
     One relayed connection as an operator sees it: who, where, how much, how
@@ -203,11 +213,7 @@ class _Direction:
             self._open_pipe()  # a full read: this is a bulk transfer
 
     def _open_pipe(self) -> None:
-        self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass  # over the per-user pipe quota: the default size still works
+        self.rpipe, self.wpipe = open_pipe()
 
     def _pump_splice(self) -> None:
         for _ in range(_BURST):

@@ -27,7 +27,7 @@ from portrouter.tcp import Sessions, TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
 from portrouter.ws import StreamEndpoint, WSRoute
-from portrouter.web import Channel, Fixed, Request
+from portrouter.web import Channel, Request
 
 log = Logger(namespace="portrouter")
 
@@ -237,7 +237,7 @@ class RouterService(MultiService):
         place and release the ports no longer wanted.
         """
         bound = await self._prepare(table, first=first)
-        self._commit(table, bound, first=first)
+        await self._commit(table, bound, first=first)
 
     async def _prepare(self, table: RoutingTable, *, first: bool = False) -> dict[str, Listener]:
         """Bind what C{table} needs and is not bound yet; all or nothing."""
@@ -262,8 +262,13 @@ class RouterService(MultiService):
         for listener in bound.values():
             _release(listener.port)
 
-    def _commit(self, table: RoutingTable, bound: dict[str, Listener], *, first: bool = False) -> None:
-        """Switch to C{table}: nothing here can fail for want of a port."""
+    def _commit(self, table: RoutingTable, bound: dict[str, Listener], *, first: bool = False) -> defer.Deferred[Any]:
+        """
+        Switch to C{table}: nothing here can fail for want of a port. The
+        result fires once the released ports are closed (Twisted closes a
+        listening socket on the next reactor turn), so whoever answers for the
+        change answers when it is true.
+        """
         wanted = table.listeners()
         current = {} if first else self.listeners
         released = [l for name, l in current.items() if name not in wanted or name in bound]
@@ -285,12 +290,14 @@ class RouterService(MultiService):
             listener.route = route
         kept.update(bound)
         self.listeners = kept
+        closing = []
         for listener in released:
             # Stop accepting at once; what is open may finish (below). Before
             # the new listeners join: a moved port's new listener has the
             # same service name as the old one.
             d = defer.maybeDeferred(listener.disownServiceParent)
             d.addErrback(lambda f: log.failure("stopping a listener", f))
+            closing.append(d)
             # Its kept-alive HTTP clients take no new requests there: idle
             # ones are closed now, busy ones after the current answer.
             for channel in list(getattr(listener.factory, "channels", ())):
@@ -303,6 +310,7 @@ class RouterService(MultiService):
             self.commands.forget(name)
         if removed and not first:
             self._drain(removed, [l for l in released if l.route.project in removed])
+        return defer.gatherResults(closing)
 
     def _drain(self, projects: set[str], released: list[Listener]) -> None:
         """Open connections of removed projects may finish until drain_timeout."""
@@ -342,7 +350,7 @@ class RouterService(MultiService):
                 self._abandon(bound)
                 raise APIError(500, "state_unwritable",
                                f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
-        self._commit(table, bound)
+        await self._commit(table, bound)
 
     async def reload(self) -> dict[str, list[str]]:
         """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString

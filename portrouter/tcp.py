@@ -13,7 +13,7 @@ import ipaddress
 import os
 import socket
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import clientFromString

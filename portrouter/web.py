@@ -15,7 +15,6 @@ chunked, or close-delimited for HTTP/1.0), keep-alive and the access log.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Protocol as TypingProtocol
 
 import httptools

@@ -13,16 +13,15 @@ connection after what is pending was written.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import struct
-from typing import Any, Callable
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -32,7 +31,7 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.config import Limits, Project
-from portrouter.relay import _F_SETPIPE_SZ, _FLAGS, _SPLICE, CHUNK, Session
+from portrouter.relay import _FLAGS, _SPLICE, CHUNK, Session, open_pipe
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import _PLAIN, Channel, Fixed, Request, write_now
 
@@ -335,11 +334,7 @@ class FrameSplice:
         self.bridge = bridge
         self.src = service.transport
         self.dst = bridge.transport
-        self.rpipe, self.wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.wpipe, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass
+        self.rpipe, self.wpipe = open_pipe()
         self.head = b""  # the current frame's header, as far as not yet sent
         self.pending = 0  # the current frame's payload still in the pipe
         self.over = False
@@ -422,9 +417,13 @@ class FrameSplice:
             return
         self.over = True
         self.src.__dict__.pop("doRead", None)
-        if self.head or self.pending:
+        if (self.head or self.pending) and self.dst.connected:
             self.dst.startWriting()
         else:
+            # Nothing to finish, or no one to finish it for: the client's
+            # connection is lost (its socket already closed) with a frame
+            # partly sent, so the rest of the frame goes with it.
+            self.head, self.pending = b"", 0
             self._release_client()
 
     def _release_client(self) -> None:
