@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import struct
 from typing import Any
 
@@ -384,7 +385,9 @@ class FrameSplice:
         fd = self.dst.socket.fileno()
         try:
             while self.head:
-                sent = self.dst.socket.send(self.head)
+                # MSG_MORE: the header goes out with the payload that follows
+                # (the socket has TCP_NODELAY), not as a tiny segment of its own.
+                sent = self.dst.socket.send(self.head, socket.MSG_MORE)
                 self.head = self.head[sent:]
             while self.pending:
                 self.pending -= _SPLICE(self.rpipe, fd, self.pending, flags=_FLAGS)
