@@ -265,12 +265,23 @@ class Bridge(WebSocketServerProtocol):
             if len(head) < size:
                 self.fast_head = head
                 return
-            pos += size - len(self.fast_head)
-            self.fast_head = b""
             if length == 126:
                 length = struct.unpack_from("!H", head, 2)[0]
+                valid = length >= 126
             elif length == 127:
                 length = struct.unpack_from("!Q", head, 2)[0]
+                valid = 65536 <= length < 1 << 63
+            else:
+                valid = True
+            if not valid:
+                # A length not in its shortest form, or too large: Autobahn
+                # fails the connection for it, as for any other frame.
+                rest = self.fast_head + data[pos:]
+                self.fast_head = b""
+                super().dataReceived(rest)
+                return
+            pos += size - len(self.fast_head)
+            self.fast_head = b""
             self.fast_left = length
             self.fast_masker = create_xor_masker(head[size - 4:size], length) if length else None
 
