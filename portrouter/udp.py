@@ -166,8 +166,10 @@ class UDPRoute(DatagramProtocol):
 
         d.addCallbacks(resolved, failed)
 
+    _sock: socket.socket | None = None  # the listening socket, for replies
+
     def startProtocol(self) -> None:
-        sock = getattr(self.transport, "socket", None)
+        sock = self._sock = getattr(self.transport, "socket", None)
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_BUFFER)
         self._sweeper = self.reactor.callLater(self._sweep_interval(), self._sweep)
@@ -182,7 +184,7 @@ class UDPRoute(DatagramProtocol):
         return min(SWEEP, self.project.limits.udp_timeout / 4)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        client = (addr[0], addr[1])
+        client = addr  # (host, port): Twisted gives IPv4 and trimmed IPv6 addresses alike
         session = self.sessions.get(client)
         if session is None:
             if self.backend is None:
@@ -227,10 +229,9 @@ class UDPRoute(DatagramProtocol):
         return session
 
     def reply(self, data: bytes, client: tuple[str, int]) -> None:
-        sock = getattr(self.transport, "socket", None)
         try:
-            if sock is not None:
-                sock.sendto(data, client)  # skips Twisted's per-datagram address checks
+            if self._sock is not None:
+                self._sock.sendto(data, client)  # skips Twisted's per-datagram address checks
             else:
                 self.transport.write(data, client)
         except OSError:
