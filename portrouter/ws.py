@@ -14,9 +14,7 @@ connection after what is pending was written.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import struct
 from typing import Any
 
@@ -32,9 +30,9 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.config import Limits, Project
-from portrouter.relay import _FLAGS, _SPLICE, CHUNK, Session, open_pipe
+from portrouter.relay import Session
 from portrouter.tcp import Sessions, connect_failure, peer_of
-from portrouter.web import _PLAIN, Channel, Fixed, Request, write_now
+from portrouter.web import Channel, Fixed, Request, write_now
 
 log = Logger(namespace="portrouter.ws")
 
@@ -108,7 +106,6 @@ class Bridge(WebSocketServerProtocol):
     early_size = 0
     dropping = False
     ended = False
-    frames: FrameSplice | None = None
 
     def onConnect(self, request: Any) -> str | None:
         # noVNC and websockify speak the "binary" subprotocol.
@@ -164,9 +161,6 @@ class Bridge(WebSocketServerProtocol):
         self.transport.registerProducer(service.transport, True)
         service.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
-        if _SPLICE is not None and type(self.transport) in _PLAIN and type(service.transport) in _PLAIN:
-            self.frames = FrameSplice(self, service)
-            self.frames.start()
 
     def _failed(self, reason: Failure) -> None:
         log.failure("bridge {project}", reason, project=self.target.project)
@@ -202,7 +196,9 @@ class Bridge(WebSocketServerProtocol):
         session.last = self.factory.reactor.seconds()
         service = self.service
         if service is not None:
-            service.transport.write(payload)
+            # At once, as the fast path does: a frame Autobahn fails next
+            # (and drops the connection for) must not overtake these bytes.
+            write_now(service.transport, payload)
         elif self.early is not None:
             self.early.append(payload)
             self.early_size += len(payload)
@@ -306,8 +302,6 @@ class Bridge(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.ended = True
-        if self.frames is not None:
-            self.frames.stop()
         service, self.service = self.service, None
         if service is not None:
             service.bridge = None
@@ -319,131 +313,6 @@ class Bridge(WebSocketServerProtocol):
             if session.reason is None:
                 session.reason = f"client closed ({code})" if code else "client went away"
             session.ended(session.reason)
-
-
-def frame_header(length: int) -> bytes:
-    """A final, unmasked BINARY frame's header (RFC 6455 5.2): server to client."""
-    if length < 126:
-        return bytes((0x82, length))
-    if length < 65536:
-        return struct.pack("!BBH", 0x82, 126, length)
-    return struct.pack("!BBQ", 0x82, 127, length)
-
-
-class FrameSplice:
-    """
-    Service-to-client bytes as BINARY frames whose payload never enters
-    Python: splice up to a chunk from the service into a pipe, send a frame
-    header for exactly that much, then splice the pipe into the WebSocket.
-    (Server frames are unmasked, so the payload goes as it is.) It lends
-    itself the service transport's C{doRead} and the client transport's
-    C{doWrite}: the service is read only when the last frame is wholly out,
-    and whatever Autobahn writes (pongs, a close) waits in Twisted's buffer
-    until a frame is complete, so frames never interleave.
-    """
-
-    def __init__(self, bridge: Bridge, service: _Service):
-        self.bridge = bridge
-        self.src = service.transport
-        self.dst = bridge.transport
-        self.rpipe, self.wpipe = open_pipe()
-        self.head = b""  # the current frame's header, as far as not yet sent
-        self.pending = 0  # the current frame's payload still in the pipe
-        self.over = False
-
-    def start(self) -> None:
-        self.src.doRead = self.readable  # type: ignore[method-assign]
-        self.dst.doWrite = self.writable  # type: ignore[method-assign]
-
-    def _queued(self) -> bool:
-        dst = self.dst
-        return bool(dst._tempDataLen or dst.offset < len(dst.dataBuffer))
-
-    def readable(self) -> Any:
-        bridge = self.bridge
-        if bridge.state != WebSocketServerProtocol.STATE_OPEN:
-            self.src.stopReading()  # closing: no more frames
-            return None
-        if self.head or self.pending or self._queued():
-            # A frame or Autobahn's own bytes go first.
-            self._wait_for_client()
-            return None
-        try:
-            n = _SPLICE(self.src.socket.fileno(), self.wpipe, CHUNK, flags=_FLAGS)
-        except BlockingIOError:
-            return None
-        except OSError:
-            self.stop()  # Twisted's own read will meet the error and report it
-            return None
-        if n == 0:
-            self.stop()  # the service's EOF: Twisted's read takes it from here
-            return None
-        session = bridge.session
-        session.bytes_out += n
-        session.last = bridge.factory.reactor.seconds()
-        self.head = frame_header(n)
-        self.pending = n
-        if not self._flush():
-            self._wait_for_client()
-        return None
-
-    def _wait_for_client(self) -> None:
-        self.src.stopReading()
-        self.dst.startWriting()
-
-    def _flush(self) -> bool:
-        """Send the rest of the current frame; C{True} once it is all out."""
-        fd = self.dst.socket.fileno()
-        try:
-            while self.head:
-                # MSG_MORE: the header goes out with the payload that follows
-                # (the socket has TCP_NODELAY), not as a tiny segment of its own.
-                sent = self.dst.socket.send(self.head, socket.MSG_MORE)
-                self.head = self.head[sent:]
-            while self.pending:
-                self.pending -= _SPLICE(self.rpipe, fd, self.pending, flags=_FLAGS)
-        except BlockingIOError:
-            return False
-        except OSError:
-            # The client is gone: the frame with it. Twisted's own write
-            # meets the same error and closes the connection.
-            self.head, self.pending = b"", 0
-            self.stop()
-            return True
-        return True
-
-    def writable(self) -> Any:
-        if not self._flush():
-            return None
-        if self.over:
-            self._release_client()  # the last frame is out: Twisted writes again
-        # Twisted's own write: Autobahn's bytes after our frame, and, with
-        # nothing queued, its stopWriting() or the end of a loseConnection().
-        result = type(self.dst).doWrite(self.dst)
-        if result is None and not self.over and not self._queued() \
-                and self.bridge.state == WebSocketServerProtocol.STATE_OPEN:
-            self.src.startReading()
-        return result
-
-    def stop(self) -> None:
-        """No more frames from here; the client transport is handed back once the current one is out."""
-        if self.over:
-            return
-        self.over = True
-        self.src.__dict__.pop("doRead", None)
-        if (self.head or self.pending) and self.dst.connected:
-            self.dst.startWriting()
-        else:
-            # Nothing to finish, or no one to finish it for: the client's
-            # connection is lost (its socket already closed) with a frame
-            # partly sent, so the rest of the frame goes with it.
-            self.head, self.pending = b"", 0
-            self._release_client()
-
-    def _release_client(self) -> None:
-        if self.dst.__dict__.pop("doWrite", None) is not None:
-            os.close(self.rpipe)
-            os.close(self.wpipe)
 
 
 class BridgeFactory(WebSocketServerFactory):

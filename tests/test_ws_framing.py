@@ -2,14 +2,14 @@
 WebSocket framing on a ``ws`` route, end to end over loopback sockets
 (portrouter/ws.py): the L{Bridge} fast path that parses unfragmented masked
 BINARY frames itself and hands every other frame to Autobahn at a frame
-boundary, and L{FrameSplice}'s service-to-client frames with spliced
-payloads, between which Autobahn's own writes (pongs, a close) must fit.
+boundary, and the service-to-client frames, between which Autobahn's own
+writes (pongs, a close) must fit.
 
 The client is written by hand: the HTTP upgrade, every client frame (masked
 with random masks from a seeded generator) and a strict parser for every
 server frame (FIN, no RSV bits, unmasked, BINARY/PONG/CLOSE only, shortest
 length encoding, control frames of at most 125 bytes), so a pong written in
-the middle of a spliced data frame shows as a broken header or as wrong
+the middle of a data frame shows as a broken header or as wrong
 data. The backend records every byte of every connection and, in the
 ``echo`` variant, sends it back: each test checks the exact bytes the
 backend got and the exact bytes that came back.
@@ -712,96 +712,6 @@ async def test_pongs_never_inside_spliced_frames(probe: Probe) -> None:
         await finish(route, client, index, b"".join(payloads), pings)
     finally:
         await route.stop()
-
-
-def stuck(probe: Probe, client: Client) -> bool:
-    """Whether the bridge has a spliced frame partly sent (header or payload) and waits for the client."""
-    bridge = probe.bridge(client.port)
-    frames = bridge.frames if bridge is not None else None
-    return frames is not None and bool(frames.head or frames.pending)
-
-
-def queued_behind(probe: Probe, client: Client) -> bool:
-    """Whether Autobahn's own bytes (a pong, a close) wait in Twisted's buffer behind that frame."""
-    bridge = probe.bridge(client.port)
-    return bridge is not None and bridge.frames is not None and bridge.frames._queued()
-
-
-FLOOD = 16 * MiB
-
-
-@pytest_twisted.ensureDeferred
-async def test_pongs_and_close_wait_for_a_half_sent_frame(probe: Probe) -> None:
-    """
-    The service floods a client that reads nothing until a spliced frame is
-    stuck half-sent; then pings (and, on a second connection, a TEXT frame)
-    come in, so Autobahn's pongs (its 1003 close) are written while that
-    frame is incomplete. Once the client reads, they come after the frame:
-    every frame parses, the flood arrives exactly, the pongs are all there.
-    """
-    rng = rng_for("half-sent")
-    route = await Route.start(flood=FLOOD)
-    flood = b"".join(pattern(SEED, FLOOD))
-    try:
-        client, index = await route.connect(rng, probe, rcvbuf=16 * 1024, reading=False)
-        await wait_for(lambda: stuck(probe, client), 30, "a spliced frame stuck half-sent")
-        payloads = [rng.randbytes(n) for n in (1, 200, 70000)]
-        pings = [rng.randbytes(n) for n in (125, 0, 17, 1, 64)]
-        pieces = [frame(rng, PING, pings[0]), frame(rng, BINARY, payloads[0]), frame(rng, PING, pings[1]),
-                  frame(rng, PING, pings[2]) + frame(rng, BINARY, payloads[1]) + frame(rng, PING, pings[3]),
-                  frame(rng, BINARY, payloads[2]), frame(rng, PING, pings[4])]
-        await in_thread(client.send_pieces, pieces)
-        await wait_for(lambda: route.backend.size(index) >= 70201, 30, "the backend to get the frames")
-        assert stuck(probe, client) and queued_behind(probe, client), "the pongs are not waiting behind a frame"
-        client.resume()
-        await finish(route, client, index, b"".join(payloads), pings, back=flood)
-
-        client, index = await route.connect(rng, probe, rcvbuf=16 * 1024, reading=False)
-        await wait_for(lambda: stuck(probe, client), 30, "a spliced frame stuck half-sent")
-        before = rng.randbytes(1000)
-        await in_thread(client.send_pieces, [frame(rng, BINARY, before) + frame(rng, TEXT, b"no text")])
-        assert stuck(probe, client) and queued_behind(probe, client), "the close is not waiting behind a frame"
-        client.resume()
-        await wait_for(lambda: client.close is not None or client.ended, 30, "the close frame")
-        assert client.close_code() == 1003
-        await in_thread(client.send_close, 1003)
-        await refused_frame(route, client, index, before)
-        came = client.received()
-        assert len(came) > 0 and flood.startswith(came)
-    finally:
-        await route.stop()
-
-
-@pytest.mark.parametrize("how", ["client reset", "protocol violation"])
-@pytest_twisted.ensureDeferred
-async def test_connection_lost_with_a_frame_half_sent(how: str, probe: Probe) -> None:
-    """
-    The client connection is lost while a spliced frame is half-sent: the
-    client resets it, or Autobahn aborts it over a protocol error. The
-    bridge ends cleanly: no traceback (conftest fails the test on one), the
-    session ends, the service connection is closed, the splice lets go of
-    the client transport.
-    """
-    rng = rng_for(f"lost-{how}")
-    route = await Route.start(flood=64 * MiB)
-    try:
-        client, index = await route.connect(rng, probe, rcvbuf=16 * 1024, reading=False)
-        await wait_for(lambda: stuck(probe, client), 30, "a spliced frame stuck half-sent")
-        bridge = probe.bridge(client.port)
-        assert bridge is not None and bridge.frames is not None
-        if how == "client reset":
-            await in_thread(client.abort)
-        else:
-            await in_thread(client.send, frame(rng, BINARY, b"no RSV here", rsv=4))
-        await wait_for(lambda: route.backend.ended(index), 30, "the service connection to close")
-        await wait_for(lambda: not route.router.sessions.live, 30, "the session to end")
-        assert bridge.frames.over and "doWrite" not in bridge.transport.__dict__
-        assert route.backend.got(index) == b""
-    finally:
-        await route.stop()
-
-
-# -- 4. fragmented messages ----------------------------------------------------------------------
 
 
 def fragmented(rng: random.Random, parts: list[bytes], pings: dict[int, bytes]) -> bytes:
