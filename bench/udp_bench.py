@@ -1,0 +1,450 @@
+"""
+The UDP section (issue 4): portrouter's datagram relay against socat, nginx
+C{stream} and no proxy, on request/response round trips with one datagram
+in flight (latency through the relay) and on an unlimited-rate iperf3 UDP
+stream (what gets through, and what is lost). One run, same-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from harness import (
+    LOAD_CORE,
+    LOOPBACK,
+    NOISY,
+    PROFILE_PARTS,
+    PROXY_CORE,
+    BenchError,
+    CpuWatch,
+    Missing,
+    Proc,
+    Procs,
+    Retry,
+    assert_loopback_only,
+    attempt,
+    blame,
+    build_c,
+    busy_cell,
+    check,
+    fmt,
+    free_port,
+    host_info,
+    iperf3,
+    nginx_argv,
+    portrouter_argv,
+    portrouter_under_test,
+    print_checks,
+    print_errors,
+    print_frames,
+    print_table,
+    py_spy_record,
+    quiet_check,
+    ratio,
+    require,
+    require_nginx_stream,
+    require_portrouter,
+    run_tool,
+    summarize_profile,
+    wait_listening,
+    wait_quiet,
+    warn_if_busy,
+    write_results,
+)
+
+TARGETS = ("direct", "portrouter", "socat", "nginx")
+DESCRIPTION = {
+    "direct": "no proxy: the client talks to the backend",
+    "portrouter": "portrouter --udp (and --tcp on the same port for iperf3's control connection)",
+    "socat": "socat UDP4-LISTEN:P,fork,reuseaddr UDP4:127.0.0.1:B (and a TCP socat for iperf3's control)",
+    "nginx": "nginx stream, 1 worker: listen P udp (proxy_responses 1 for round trips; "
+             "listen P and P udp, no proxy_responses, for iperf3)",
+}
+MESSAGE = 64  # bytes per round trip
+DATAGRAM = 1400  # iperf3 -l
+WARMUP = 0.5
+
+NGINX_ROUND_TRIP = """\
+stream {
+    server {
+        listen 127.0.0.1:{port} udp;
+        proxy_pass 127.0.0.1:{backend};
+        proxy_responses 1;
+        proxy_timeout 10s;
+    }
+}
+"""
+
+# iperf3's UDP test has a TCP control connection on the same port number.
+NGINX_IPERF = """\
+stream {
+    server {
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port} udp;
+        proxy_pass 127.0.0.1:{backend};
+        proxy_timeout 60s;
+    }
+}
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("udp")
+    group.add_argument("--udp-seconds", type=float, default=5.0,
+                       help="length of each round-trip and iperf3 run (default 5)")
+    group.add_argument(
+        "--udp-targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
+    )
+
+
+def _targets(args: argparse.Namespace) -> list[str]:
+    targets = [t.strip() for t in args.udp_targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise BenchError(f"unknown UDP targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})")
+    return targets
+
+
+def _tool_names(args: argparse.Namespace) -> list[str]:
+    targets = set(_targets(args))
+    names = ["taskset", "gcc", "iperf3"]
+    if "portrouter" in targets or args.profile:
+        names.append("twistd")
+    if "socat" in targets:
+        names.append("socat")
+    if "nginx" in targets:
+        names.append("nginx")
+    if args.profile:
+        names.append("py-spy")
+    return names
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Every missing tool named before any section starts."""
+    lines: list[str] = []
+    for need in (lambda: require(*_tool_names(args)),
+                 lambda: require_nginx_stream() if "nginx" in _targets(args) else None):
+        try:
+            need()
+        except Missing as e:
+            lines += str(e).splitlines()[1:]
+    if lines:
+        raise Missing("missing tools (nothing is installed for you):\n" + "\n".join(lines))
+
+
+@dataclass
+class Row:
+    """One target's numbers, plus what is needed to judge them."""
+
+    round_trips_per_s: float | None = None
+    rtt_p50_us: float | None = None
+    iperf_gbps: float | None = None  # as the receiver counted
+    iperf_sent_gbps: float | None = None
+    iperf_loss_percent: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # measurements that failed, and why
+
+
+class Bench:
+    """One UDP run: the C tool built once, then every target measured in turn."""
+
+    def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
+                 portrouter_env: dict[str, str] | None):
+        self.procs = procs
+        self.tools = tools
+        self.seconds: float = args.udp_seconds
+        self.work = procs.workdir
+        self.portrouter_env = portrouter_env
+        self.retry = Retry("udp")
+        self.udprate = ""
+
+    def build(self) -> None:
+        self.udprate = build_c(self.tools["gcc"], "udprate.c", self.work)
+
+    # -- backends and proxies ----------------------------------------------------------
+
+    def echo_backend(self, tag: str) -> tuple[Proc, int]:
+        proc = self.procs.start(f"{tag}-echo", [self.udprate, "serve"], LOAD_CORE, pipe=True)
+        line = proc.read_line(10)
+        if not line.startswith("port "):
+            raise BenchError(f"UDP echo server said {line!r}")
+        return proc, int(line.split()[1])
+
+    def iperf_backend(self, tag: str) -> tuple[Proc, int]:
+        port = free_port(udp=True)
+        proc = self.procs.start(
+            f"{tag}-iperf3-server", [self.tools["iperf3"], "-s", "-B", LOOPBACK, "-p", str(port)], LOAD_CORE
+        )
+        wait_listening(proc, port)
+        return proc, port
+
+    def proxy(self, target: str, backend: int, tag: str, control: bool) -> tuple[list[Proc], int]:
+        """
+        Start C{target} on the proxy core relaying UDP to C{backend}; with
+        C{control}, TCP too on the same port number (iperf3's control
+        connection). The processes (the first is the UDP relay) and the port.
+        """
+        port = free_port(udp=True)
+        name = f"{target}-{tag}"
+        procs: list[Proc] = []
+        if target == "portrouter":
+            routes = [("udp", f"udp:{port}:interface={LOOPBACK} -> {LOOPBACK}:{backend}")]
+            if control:
+                routes.append(("tcp", f"tcp:{port}:interface={LOOPBACK} -> tcp:{LOOPBACK}:{backend}"))
+            argv = portrouter_argv(self.tools["twistd"], routes)
+            procs.append(self.procs.start(name, argv, PROXY_CORE, env=self.portrouter_env))
+        elif target == "socat":
+            socat = self.tools["socat"]
+            procs.append(self.procs.start(name, [
+                socat, f"UDP4-LISTEN:{port},bind={LOOPBACK},fork,reuseaddr", f"UDP4:{LOOPBACK}:{backend}",
+            ], PROXY_CORE))
+            if control:
+                procs.append(self.procs.start(f"{name}-tcp", [
+                    socat, f"TCP4-LISTEN:{port},bind={LOOPBACK},fork,reuseaddr", f"TCP4:{LOOPBACK}:{backend}",
+                ], PROXY_CORE))
+        elif target == "nginx":
+            body = (NGINX_IPERF if control else NGINX_ROUND_TRIP)
+            body = body.replace("{port}", str(port)).replace("{backend}", str(backend))
+            argv = nginx_argv(self.tools["nginx"], self.work, name, body, stream_module=True)
+            procs.append(self.procs.start(name, argv, PROXY_CORE))
+        else:
+            raise ValueError(target)
+        wait_listening(procs[0], port, timeout=20, udp=True)
+        if control:
+            wait_listening(procs[-1], port, timeout=20)
+        assert_loopback_only(procs)
+        return procs, port
+
+    # -- measurements ------------------------------------------------------------------
+
+    def round_trips(self, port: int, seconds: float) -> dict[str, Any]:
+        """C{udprate load} on the load core; its JSON plus how busy each core was."""
+        watch = CpuWatch(self.procs)
+        out = run_tool(
+            ["taskset", "-c", str(LOAD_CORE), self.udprate, "load", str(port), f"{seconds:g}", str(MESSAGE)],
+            seconds + 20, "udprate load",
+        )
+        cpu = watch.stop()
+        if out.returncode != 0:
+            raise BenchError(f"udprate load failed: {out.stderr.strip()}")
+        result: dict[str, Any] = json.loads(out.stdout)
+        if result["round_trips"] == 0:
+            raise BenchError(f"no UDP round trip completed: {result['first_error'] or 'every datagram lost'}")
+        if result["bad"]:
+            raise BenchError(f"{result['bad']} answers were not the datagram sent")
+        result.update(cpu)
+        return result
+
+    def measure(self, target: str) -> Row:
+        row = Row()
+        print(f"[udp] {target}: round trips ...", flush=True)
+        echo, echo_port = self.echo_backend(target)
+        proxies: list[Proc] = []
+        try:
+            if target == "direct":
+                port = echo_port
+            else:
+                proxies, port = self.proxy(target, echo_port, "echo", control=False)
+            def round_trips() -> dict[str, Any]:
+                with blame(proxies[0] if proxies else None):
+                    self.round_trips(port, WARMUP)
+                    return self.retry.quietly(f"{target} round trips", lambda: self.round_trips(port, self.seconds),
+                                              retry=target != "direct")
+
+            rt = attempt("udp", target, row.errors, "round_trips", round_trips)
+            if rt is not None:
+                row.round_trips_per_s = round(rt["rate"])
+                row.rtt_p50_us = rt["p50_us"]
+                row.detail["round_trips"] = rt
+        finally:
+            for proc in proxies:
+                self.procs.stop(proc)
+            self.procs.stop(echo)
+
+        print(f"[udp] {target}: iperf3 -u ...", flush=True)
+        server, iperf_port = self.iperf_backend(target)
+        proxies = []
+        try:
+            if target == "direct":
+                port = iperf_port
+            else:
+                proxies, port = self.proxy(target, iperf_port, "iperf", control=True)
+            def stream() -> dict[str, Any]:
+                with blame(proxies[0] if proxies else None):
+                    return self.retry.quietly(
+                        f"{target} iperf3 -u",
+                        lambda: iperf3(self.tools["iperf3"], port, self.seconds, self.procs, udp_length=DATAGRAM),
+                        retry=target != "direct",
+                    )
+
+            up = attempt("udp", target, row.errors, "iperf", stream)
+            if up is not None:
+                row.iperf_gbps, row.iperf_sent_gbps = up["gbps"], up["sent_gbps"]
+                row.iperf_loss_percent = up["loss_percent"]
+                row.detail["iperf"] = up
+        finally:
+            for proc in proxies:
+                self.procs.stop(proc)
+            self.procs.stop(server)
+        return row
+
+    # -- profiling (optional) ------------------------------------------------------------
+
+    def profile(self, py_spy: str) -> dict[str, Any]:
+        """Where portrouter's time goes relaying one datagram at a time (py-spy, 500 Hz, 4 s)."""
+        echo, echo_port = self.echo_backend("profile")
+        procs, port = self.proxy("portrouter", echo_port, "profile", control=False)
+        raw = self.work / "portrouter-udp-profile.txt"
+        try:
+            self.round_trips(port, WARMUP)
+            with blame(procs[0]):
+                load = py_spy_record(py_spy, procs[0].pid, raw, 4, lambda: self.round_trips(port, 5))
+        finally:
+            self.procs.stop(procs[0])
+            self.procs.stop(echo)
+        return {"round_trips_under_profiler": round(load["rate"]), **summarize_profile(raw)}
+
+
+def ratios(rows: dict[str, Row]) -> list[dict[str, Any]]:
+    """The comparisons issue 4 asks for, with their targets."""
+
+    def get(target: str, attr: str) -> float | None:
+        row = rows.get(target)
+        return None if row is None else getattr(row, attr)
+
+    loss_pr, loss_nginx = get("portrouter", "iperf_loss_percent"), get("nginx", "iperf_loss_percent")
+    if loss_pr is not None and loss_nginx == 0:
+        loss = 1.0 if loss_pr == 0 else None  # no loss either side: as good; else no ratio to give
+    else:
+        loss = ratio(loss_pr, loss_nginx)
+    return [
+        check("round trips/s: portrouter / nginx",
+              ratio(get("portrouter", "round_trips_per_s"), get("nginx", "round_trips_per_s")), ">=", 1.0),
+        check("iperf3 loss %: portrouter / nginx", loss, "<=", 1.0),
+    ]
+
+
+def references(rows: dict[str, Row]) -> list[tuple[str, float | None]]:
+    """Same-run comparisons with no target."""
+
+    def get(target: str, attr: str) -> float | None:
+        row = rows.get(target)
+        return None if row is None else getattr(row, attr)
+
+    return [
+        ("round trips/s: portrouter / socat",
+         ratio(get("portrouter", "round_trips_per_s"), get("socat", "round_trips_per_s"))),
+        ("iperf3 received: portrouter / nginx", ratio(get("portrouter", "iperf_gbps"), get("nginx", "iperf_gbps"))),
+    ]
+
+
+def print_report(rows: dict[str, Row], checks: list[dict[str, Any]]) -> None:
+    def cell(r: Row, value: float | None, key: str, digits: int) -> str:
+        if key in r.errors:
+            return "FAILED "
+        noisy = r.detail.get(key, {}).get("foreign_cpu", 0) > NOISY
+        return fmt(value, digits) + ("*" if noisy else " ")
+
+    print()
+    print_table(
+        "UDP",
+        [("round trips/s", 15), ("p50 us", 8), ("iperf3 recv Gbit/s", 20), ("sent Gbit/s", 13), ("loss %", 9)],
+        {
+            name: [
+                cell(r, r.round_trips_per_s, "round_trips", 0), fmt(r.rtt_p50_us, 0) + " ",
+                cell(r, r.iperf_gbps, "iperf", 2), fmt(r.iperf_sent_gbps, 2) + " ",
+                fmt(r.iperf_loss_percent, 1) + " ",
+            ]
+            for name, r in rows.items()
+        },
+    )
+    if any(d.get("foreign_cpu", 0) > NOISY for r in rows.values() for d in r.detail.values()):
+        print(f"* other programs used more than {NOISY:g}% of a core meanwhile: rerun on a quiet machine")
+    print()
+    print_table(
+        "core busy %: load / proxy (others)",
+        [("round trips", 16), ("iperf3", 16), ("rt lost/errors", 16)],
+        {
+            name: [
+                busy_cell(r.detail.get("round_trips")), busy_cell(r.detail.get("iperf")),
+                "/".join(str(r.detail.get("round_trips", {}).get(k, "-")) for k in ("lost", "errors")),
+            ]
+            for name, r in rows.items()
+        },
+    )
+    print_errors(rows)
+    print()
+    print_checks(checks)
+    for what, value in references(rows):
+        shown = "-" if value is None else f"{value:.2f}x"
+        print(f"{what:<40} {shown:>7}   (reference)")
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print()
+    print(f"portrouter relaying one 64-byte datagram at a time, py-spy -r 500, {profile['samples']} samples "
+          f"({profile['round_trips_under_profiler']:,} round trips/s while sampled)")
+    print_frames(profile, PROFILE_PARTS)
+
+
+def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
+    """Measure every requested target; print the table and write the JSON."""
+    targets = _targets(args)
+    preflight(args)  # the nginx stream module, too
+    tools = require(*_tool_names(args))
+    py_spy = tools.get("py-spy")
+    env, source = portrouter_under_test(procs.workdir, args.portrouter_rev)
+    if "portrouter" in targets or py_spy:
+        require_portrouter(tools["twistd"], env)
+    bench = Bench(procs, tools, args, env)
+
+    quiet_before = wait_quiet(args.wait_quiet)
+    warn_if_busy(quiet_before)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(f"[udp] portrouter from {source}", flush=True)
+    t0 = time.monotonic()
+    bench.build()
+    rows: dict[str, Row] = {}
+    for target in targets:
+        rows[target] = bench.measure(target)
+    quiet_after = quiet_check()
+    warn_if_busy(quiet_after)
+
+    checks = ratios(rows)
+    print_report(rows, checks)
+    versions = {"iperf3": [tools["iperf3"], "--version"]}
+    if "socat" in tools:
+        versions["socat"] = [tools["socat"], "-V"]
+    if "nginx" in tools:
+        versions["nginx"] = [tools["nginx"], "-v"]
+    data: dict[str, Any] = {
+        "section": "udp",
+        "started": started,
+        "duration_s": round(time.monotonic() - t0, 1),
+        "host": host_info(source, **versions),
+        "parameters": {
+            "seconds": bench.seconds, "message_bytes": MESSAGE, "iperf_datagram_bytes": DATAGRAM,
+            "warmup_s": WARMUP, "load_core": LOAD_CORE, "proxy_core": PROXY_CORE,
+        },
+        "targets": {t: DESCRIPTION[t] for t in targets},
+        "other_load_busy_percent": {"before": quiet_before, "after": quiet_after},
+        "rows": {name: asdict(r) for name, r in rows.items()},
+        "ratios": checks,
+        "references": dict(references(rows)),
+        "profile": None,
+    }
+    path = write_results("udp", data)
+    print(f"\nresults: {path}")
+    if py_spy:
+        # After the results are safe; a failed profile is reported like a failed measurement.
+        errors: dict[str, str] = {}
+        profile = attempt("udp", "portrouter", errors, "profile", lambda: bench.profile(py_spy))
+        data["profile"] = profile if profile is not None else {"error": errors["profile"]}
+        if profile is not None:
+            print_profile(profile)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
