@@ -54,11 +54,14 @@ class _Service(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
-        if bridge is not None:
+        if bridge is not None and bridge.state == WebSocketServerProtocol.STATE_OPEN:
             session = bridge.session
             session.bytes_out += len(data)
             session.last = bridge.factory.reactor.seconds()
-            bridge.sendMessage(data, isBinary=True)
+            # One whole frame per write, past Autobahn's per-message work: it
+            # goes to the socket now or, whole, into Twisted's buffer, ahead
+            # of anything Autobahn writes later, so frames never interleave.
+            write_now(bridge.transport, frame_header(len(data)) + data)
 
     def readConnectionLost(self) -> None:
         # WebSocket has no half-close: the service is done talking, so the
@@ -72,6 +75,15 @@ class _Service(Protocol):
         bridge, self.bridge = self.bridge, None
         if bridge is not None:
             bridge.service_closed()
+
+
+def frame_header(length: int) -> bytes:
+    """A final, unmasked BINARY frame's header (RFC 6455 5.2): server to client."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x82, 126, length)
+    return struct.pack("!BBQ", 0x82, 127, length)
 
 
 class _ServiceFactory(Factory):
