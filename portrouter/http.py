@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from portrouter.config import Project
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
-from portrouter.tcp import Sessions, connect_failure
+from portrouter.tcp import Sessions, connect_failure, timed_out
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
@@ -105,9 +105,13 @@ def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
     return kept
 
 
-def _response_headers(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
+def _response_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
+    """The end-to-end headers, the Content-Length, and whether the body is chunked."""
     named = set()
     length = None
+    chunked = False
     for name, value in headers:
         low = name.lower()
         if low == b"connection":
@@ -121,10 +125,13 @@ def _response_headers(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[by
             except ValueError:
                 length = None
             continue
+        if low == b"transfer-encoding":
+            chunked = True
+            continue
         if low in HOP_BY_HOP or low in named or low.startswith(b"proxy-"):
             continue
         kept.append((name, value))
-    return kept, length
+    return kept, length, chunked
 
 
 @implementer(IHalfCloseableProtocol)
@@ -204,8 +211,7 @@ class Upstream(Protocol):
         if exchange is None:
             return
         head_only = exchange.request.method == b"HEAD"
-        headers, length = _response_headers(self.headers)
-        chunked = any(n.lower() == b"transfer-encoding" for n, _ in self.headers)
+        headers, length, chunked = _response_headers(self.headers)
         self.until_close = (
             length is None and not chunked and not head_only and code not in (101, 204, 304)
         )
@@ -431,19 +437,13 @@ class Pool:
 
     def connect(self, timeout: float) -> defer.Deferred[Upstream]:
         d = self.endpoint.connect(self.factory)
-        timer = self.reactor.callLater(timeout, d.cancel)
+        d.addTimeout(timeout, self.reactor)
 
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            elif isinstance(result, Failure):
-                return Failure(error.TimeoutError())
-            if not isinstance(result, Failure):
-                self.opened += 1
-            return result
+        def opened(upstream: Upstream) -> Upstream:
+            self.opened += 1
+            return upstream
 
-        d.addBoth(done)
-        return d
+        return d.addCallback(opened)
 
     def release(self, upstream: Upstream) -> None:
         if len(self.idle) >= POOL_MAX_IDLE or upstream.transport is None:
@@ -571,10 +571,9 @@ class ProxyExchange:
             self.connecting = None
             if self.done:
                 return
-            timed_out = reason.check(error.TimeoutError) is not None
-            why = connect_failure(reason, limits.connect_timeout, timed_out)
+            why = connect_failure(reason, limits.connect_timeout)
             self.sessions.stats.connect_failed(self.project.name, why)
-            self._fail(504 if timed_out else 502, why)
+            self._fail(504 if timed_out(reason) else 502, why)
 
         d.addCallbacks(connected, failed)
 
@@ -670,7 +669,7 @@ class ProxyExchange:
     def interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         if code == 100 and self.wants_continue:
             return  # already told the client
-        kept, _ = _response_headers(headers)
+        kept, _, _ = _response_headers(headers)
         self.channel.interim(code, kept, reason)
 
     def response_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None) -> None:

@@ -18,7 +18,6 @@ from portrouter.web import Channel, ChannelFactory, Fixed, Request
 if TYPE_CHECKING:
     from portrouter.router import RouterService
 
-RESERVED = (b"_api", b"stream")
 # What the Backend.AI SDK needs from GET /: an API version it can speak
 # (v7.20230615 is what 23.09 clients use at most).
 VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'

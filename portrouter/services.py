@@ -162,7 +162,8 @@ class Supervisor:
             try:
                 await self._probe()
                 break
-            except (error.ConnectError, error.ConnectionRefusedError, defer.CancelledError, OSError):
+            except (error.ConnectError, error.ConnectionRefusedError, error.ConnectingCancelledError,
+                    defer.TimeoutError, defer.CancelledError, OSError):
                 pass
             if self.clock.seconds() >= deadline:
                 self.stop()
@@ -172,13 +173,7 @@ class Supervisor:
         log.info("{service} is ready (pid {pid})", service=self.name, pid=self.pid)
 
     async def _probe(self) -> None:
-        d = self.endpoint.connect(_ProbeFactory())
-        timer = self.reactor.callLater(1.0, d.cancel)
-        try:
-            await d
-        finally:
-            if timer.active():
-                timer.cancel()
+        await self.endpoint.connect(_ProbeFactory()).addTimeout(1.0, self.reactor)
 
     def _exited(self, code: int | None, protocol: _Output) -> int | None:
         if protocol is not self.output_protocol:

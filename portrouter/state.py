@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
 from portrouter.config import ConfigError, Limits, Project, parse_project
 
@@ -89,7 +89,3 @@ class State:
                 os.close(dirfd)
         except OSError:
             pass
-
-
-def manifests(projects: Iterable[Project]) -> list[dict[str, Any]]:
-    return [dict(p.manifest) for p in projects]

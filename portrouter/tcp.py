@@ -40,9 +40,20 @@ def peer_of(address: IAddress) -> str:
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"  # type: ignore[attr-defined]
 
 
-def connect_failure(reason: Failure, timeout: float, timed_out: bool) -> str:
+def timed_out(reason: Failure) -> bool:
+    """
+    A connect given up by C{Deferred.addTimeout} or the endpoint's own
+    timeout. Endpoints answer a cancel with C{ConnectingCancelledError},
+    which C{addTimeout} passes through as it is; callers drop the cancels of
+    clients that left before they get here, so any cancel seen is a timeout.
+    """
+    return reason.check(defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError,
+                        defer.CancelledError) is not None
+
+
+def connect_failure(reason: Failure, timeout: float) -> str:
     """Why a backend connection attempt failed, in words."""
-    if timed_out or reason.check(defer.CancelledError, error.TimeoutError):
+    if timed_out(reason):
         return f"backend did not answer within {timeout:g} s"
     if reason.check(error.ConnectionRefusedError):
         return "backend refused the connection"
@@ -172,19 +183,16 @@ class _Inbound(StreamSide):
         route = self.route
         connect_timeout = route.project.limits.connect_timeout
         d = self.pending = route.endpoint.connect(_BackendFactory())
-        timer = route.reactor.callLater(connect_timeout, d.cancel)
-        d.addBoth(self._answered, timer, connect_timeout)
+        d.addTimeout(connect_timeout, route.reactor)
+        d.addBoth(self._answered, connect_timeout)
 
-    def _answered(self, result: Any, timer: Any, timeout: float) -> None:
+    def _answered(self, result: Any, timeout: float) -> None:
         self.pending = None
-        timed_out = not timer.active()
-        if not timed_out:
-            timer.cancel()
         session = self.session
         assert session is not None
         if isinstance(result, Failure):
             if self.transport is not None and session.reason is None:
-                why = connect_failure(result, timeout, timed_out)
+                why = connect_failure(result, timeout)
                 self.route.sessions.stats.connect_failed(session.project, why)
                 self.transport.loseConnection()
                 session.ended(why)

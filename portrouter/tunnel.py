@@ -190,10 +190,7 @@ class TunnelFactory(Factory):
         factory.noisy = False
         factory.setProtocolOptions(utf8validateIncoming=False, openHandshakeTimeout=self.options["connect-timeout"])
         d = self.endpoint.connect(factory)
-        timer = self.reactor.callLater(self.options["connect-timeout"], d.cancel)
-        ws: _Remote = await d
-        if timer.active():
-            timer.cancel()
+        ws: _Remote = await d.addTimeout(self.options["connect-timeout"], self.reactor)
         ws.opened = defer.Deferred()
         ws.local = local
         await ws.opened

@@ -21,7 +21,6 @@ import socket
 from collections import OrderedDict
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -134,7 +133,6 @@ class UDPRoute(DatagramProtocol):
         self._last_report = -DROP_REPORT
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
-        self._resolving: defer.Deferred[Any] | None = None
         self._waiting: list[tuple[bytes, tuple[str, int]]] = []
         self.update(project)
 
@@ -151,7 +149,7 @@ class UDPRoute(DatagramProtocol):
 
     def _resolve(self, host: str, port: int) -> None:
         # Names are resolved off the reactor thread, once per change.
-        d = self._resolving = self.reactor.resolve(host)
+        d = self.reactor.resolve(host)
 
         def resolved(address: str) -> None:
             self.backend = (address, port)

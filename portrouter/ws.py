@@ -149,19 +149,13 @@ class Bridge(WebSocketServerProtocol):
                 return
         timeout = target.limits.connect_timeout
         d = target.endpoint.connect(_ServiceFactory())
-        timer = self.factory.reactor.callLater(timeout, d.cancel)
         try:
-            service: _Service = await d
+            service: _Service = await d.addTimeout(timeout, self.factory.reactor)
         except Exception as e:
-            timed_out = not timer.active()
-            if not timed_out:
-                timer.cancel()
-            why = connect_failure(Failure(e), timeout, timed_out)
+            why = connect_failure(Failure(e), timeout)
             self.sessions.stats.connect_failed(target.project, why)
             self._close(TRY_AGAIN, why)
             return
-        if timer.active():
-            timer.cancel()
         if self.ended:
             service.transport.loseConnection()
             return

@@ -860,14 +860,14 @@ async def test_json_log_lines_carry_the_documented_fields(tmp_path: Path, destin
         assert session["namespace"] == "portrouter.tcp"
         assert (session["project"], session["peer"]) == ("tcp-0", peer)
         assert (session["bytes_in"], session["bytes_out"], session["reason"]) == (5, 5, "client closed")
-        assert isinstance(session["duration"], float) and 0 <= session["duration"] < 60
+        assert isinstance(session["duration"], float) and session["duration"] >= 0
         assert session["message"].startswith(f"tcp tcp-0 {peer}: client closed; 5 bytes in, 5 bytes out")
 
         access = await record(lambda r: r.get("method") == "GET" and r.get("project") == "web", "the access line")
         assert access["namespace"] == "portrouter.http"
         assert (access["client"], access["target"], access["status"], access["bytes"]) == (
             LOOPBACK, "/web/hello?x=1", 200, len(body))
-        assert isinstance(access["duration"], float) and 0 <= access["duration"] < 60
+        assert isinstance(access["duration"], float) and access["duration"] >= 0
         assert access["message"].startswith(f"{LOOPBACK} GET /web/hello?x=1 200 {len(body)} ")
 
         for rec in (listening, session, access):

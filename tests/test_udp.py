@@ -468,7 +468,7 @@ async def test_idle_session_ends_with_one_log_line() -> None:
         assert end["project"] == "udp-0"
         assert end["reason"] == "idle for 0.5 s"
         assert (end["datagrams_in"], end["bytes_in"], end["datagrams_out"], end["bytes_out"]) == (3, 60, 3, 60)
-        assert 0.5 <= end["duration"] < 10
+        assert end["duration"] >= 0.5  # not expired before its timeout
         text = formatEvent(end)
         assert text.startswith(f"udp udp-0 {me[0]}:{me[1]}: idle for 0.5 s; 3 datagrams (60 bytes) in, "
                                f"3 datagrams (60 bytes) out, ")
