@@ -315,6 +315,16 @@ BROKEN = [
         projects:
           - {name: web, backend: "tcp:127.0.0.1:4000", connect_timeout: -1}
         """, "projects[0].connect_timeout: -1 must be greater than 0"),
+    Broken("busy-poll-too-long", """
+        defaults: {udp_busy_poll: 0.5}
+        """, "defaults.udp_busy_poll: 0.5 must be from 0 to 0.01 seconds"),
+    Broken("busy-poll-negative", """
+        projects:
+          - {name: dns, backend: "127.0.0.1:53", listen: {port: 5353, protocol: udp}, udp_busy_poll: -0.001}
+        """, "projects[0].udp_busy_poll: -0.001 must be from 0 to 0.01 seconds"),
+    Broken("busy-poll-yaml-exponent", """
+        defaults: {udp_busy_poll: 5e-05}
+        """, "defaults.udp_busy_poll: expected a number of seconds (0 to turn polling off), got a string"),
     Broken("service-limit-zero", """
         projects:
           - name: k1

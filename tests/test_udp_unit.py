@@ -361,3 +361,98 @@ def test_empty_datagram_opens_a_session_and_is_forwarded(make: Any, backend: Bac
     assert (session.datagrams_in, session.bytes_in) == (1, 0)
     h.reply(A, b"")
     assert h.transport.written == [(b"", A)]
+
+
+# -- polling instead of sleeping after a datagram (udp_busy_poll) -------------------------
+
+
+def polling(h: Harness) -> bool:
+    """Whether a call is due at once: the reactor would poll rather than sleep."""
+    now = h.reactor.seconds()
+    return any(c.active() and c.getTime() <= now for c in h.reactor.getDelayedCalls())
+
+
+def turn(h: Harness, dt: float) -> None:
+    """
+    One turn of a real reactor, C{dt} after the last: the calls due run once,
+    and calls they make wait for the next turn (a Clock would run those in
+    the same turn).
+    """
+    h.reactor.rightNow += dt
+    due = [c for c in h.reactor.getDelayedCalls() if c.active() and c.getTime() <= h.reactor.rightNow]
+    for call in due:
+        h.reactor.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+
+
+def test_close_datagrams_keep_the_reactor_polling_for_the_window(make: Any) -> None:
+    h = make(udp_busy_poll=0.0001)
+    h.send(A)
+    assert not polling(h)  # one datagram says nothing about the next
+    h.advance_to(0.00005)
+    h.reply(A)  # 50 us later: it would have been caught awake
+    assert polling(h)
+    assert h.route._window == pytest.approx(0.0001 / 8)
+    for i in range(1, 5):
+        h.advance_to(0.00005 + i * 0.00001)
+        h.send(A) if i % 2 else h.reply(A)
+    assert h.route._window == pytest.approx(0.0001)  # doubled per close datagram, up to the limit
+    turns = 0
+    while polling(h):
+        turn(h, 0.00001)  # each turn of the reactor asks for the next
+        turns += 1
+    assert turns == 10  # until 100 us after the last datagram: then the reactor may sleep again
+    assert h.reactor.seconds() == pytest.approx(0.00009 + 0.0001)
+
+
+def test_sparse_datagrams_never_poll(make: Any) -> None:
+    h = make(udp_busy_poll=0.0001)
+    for i in range(20):
+        h.advance_to(i * 0.001)  # one datagram a millisecond, each way
+        h.send(A) if i % 2 else h.reply(A) if i else h.send(A)
+        assert not polling(h)
+    assert h.route._window == 0
+
+
+def test_a_window_that_stops_paying_off_shrinks_to_nothing(make: Any) -> None:
+    h = make(udp_busy_poll=0.0001)
+    h.send(A)
+    for i in range(1, 10):
+        h.advance_to(i * 0.00001)
+        h.send(A)
+    assert h.route._window == pytest.approx(0.0001)
+    windows = []
+    for i in range(1, 10):
+        h.advance_to(0.0001 + i * 0.01)  # now far apart
+        h.send(A)
+        windows.append(h.route._window)
+    assert windows[:6] == pytest.approx([0.0001 / 2 ** k for k in range(1, 7)])
+    assert windows[6:] == [0, 0, 0]
+    assert not polling(h)
+
+
+def test_busy_poll_zero_turns_polling_off(make: Any) -> None:
+    h = make(udp_busy_poll=0)
+    h.send(A)
+    h.reply(A)
+    h.send(A)  # no time between them at all
+    assert not polling(h)
+
+
+def test_a_clock_that_does_not_move_ends_the_polling(make: Any) -> None:
+    h = make(udp_busy_poll=0.0001)
+    h.send(A)
+    h.send(A)
+    assert polling(h)
+    h.reactor.advance(0)  # would never return if each turn asked for another
+    assert not polling(h)
+
+
+def test_stopping_the_route_cancels_the_polling(make: Any) -> None:
+    h = make(udp_busy_poll=0.0001)
+    h.send(A)
+    h.send(A)
+    assert polling(h)
+    h.route.doStop()
+    assert h.reactor.getDelayedCalls() == []
