@@ -440,19 +440,21 @@ def test_busy_poll_zero_turns_polling_off(make: Any) -> None:
     assert not polling(h)
 
 
-def test_a_clock_that_does_not_move_ends_the_polling(make: Any) -> None:
-    h = make(udp_busy_poll=0.0001)
+@pytest.fixture
+def polling_route(make: Any) -> Harness:
+    """A route whose last two datagrams came together: the reactor is polling."""
+    h: Harness = make(udp_busy_poll=0.0001)
     h.send(A)
     h.send(A)
     assert polling(h)
-    h.reactor.advance(0)  # would never return if each turn asked for another
-    assert not polling(h)
+    return h
 
 
-def test_stopping_the_route_cancels_the_polling(make: Any) -> None:
-    h = make(udp_busy_poll=0.0001)
-    h.send(A)
-    h.send(A)
-    assert polling(h)
-    h.route.doStop()
-    assert h.reactor.getDelayedCalls() == []
+def test_a_clock_that_does_not_move_ends_the_polling(polling_route: Harness) -> None:
+    polling_route.reactor.advance(0)  # would never return if each turn asked for another
+    assert not polling(polling_route)
+
+
+def test_stopping_the_route_cancels_the_polling(polling_route: Harness) -> None:
+    polling_route.route.doStop()
+    assert polling_route.reactor.getDelayedCalls() == []
