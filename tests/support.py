@@ -8,11 +8,13 @@ done on Deferreds or by polling a condition with a deadline, never by sleeping.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -226,3 +228,86 @@ class Twistd:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class RawWebSocket:
+    """
+    A blocking WebSocket client speaking RFC 6455 by hand, to see exactly
+    what comes back: the handshake's status, every frame, close codes.
+    """
+
+    def __init__(self, port: int, target: str = "/", timeout: float = 30):
+        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        self.buf = bytearray()
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((
+            f"GET {target} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: Upgrade\r\n"
+            f"Upgrade: websocket\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode())
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        end = self.buf.index(b"\r\n\r\n")
+        self.head = bytes(self.buf[:end]).decode("latin-1")
+        del self.buf[:end + 4]
+        self.status = int(self.head.split()[1])
+        if self.status == 101:
+            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+            assert f"\r\nsec-websocket-accept: {accept.decode().lower()}" in self.head.lower(), self.head
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the connection closed")
+        self.buf += data
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._more()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def send(self, payload: bytes, opcode: int = 0x2) -> None:
+        """One masked frame, final (small payloads only: that is all these tests send)."""
+        mask = os.urandom(4)
+        assert len(payload) < 126
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked)
+
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame's opcode and payload."""
+        first, second = self._exact(2)
+        n = second & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", self._exact(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", self._exact(8))
+        return first & 0x0F, self._exact(n)
+
+    def receive(self, size: int) -> bytes:
+        """Binary frame data until C{size} bytes; a close frame (or TEXT) instead is an error."""
+        got = b""
+        while len(got) < size:
+            opcode, payload = self.frame()
+            assert opcode in (0x0, 0x2), (opcode, payload)
+            got += payload
+        return got
+
+    def echo(self, payload: bytes) -> bytes:
+        """Send one binary message to an echo service; collect as many bytes back."""
+        self.send(payload)
+        return self.receive(len(payload))
+
+    def closed(self) -> tuple[int, str]:
+        """Skip data frames until the close frame; answer it; (code, reason)."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x8:
+                try:
+                    self.send(payload[:2], opcode=0x8)
+                except OSError:
+                    pass  # the server may close first
+                return int(struct.unpack("!H", payload[:2])[0]), payload[2:].decode("utf-8")
+
+    def close(self) -> None:
+        self.sock.close()

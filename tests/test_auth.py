@@ -7,7 +7,6 @@ Backend.AI client SDK (backend.ai-client 23.09.10) signs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path

@@ -5,16 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 from dataclasses import replace
 from typing import Any
 
-import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import task
 
 from portrouter.config import Config, Listen, parse_project
 from tests.httpbackend import Backend

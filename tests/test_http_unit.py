@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport

@@ -11,7 +11,6 @@ of idle_timeout also with a Clock.
 from __future__ import annotations
 
 import ast
-import base64
 import hashlib
 import http.client
 import json
@@ -21,7 +20,6 @@ import select
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import threading
 import time
@@ -43,6 +41,7 @@ from tests.httpbackend import Backend, raw_request
 from tests.support import (
     LOOPBACK,
     MiB,
+    RawWebSocket,
     ThreadServer,
     Twistd,
     free_port,
@@ -160,77 +159,6 @@ class Daemon(Twistd):
 
 def everything(daemon: Twistd) -> str:
     return "\n".join(daemon.output + daemon.errors)
-
-
-# -- a WebSocket client by hand (RFC 6455), to see close codes exactly ------------------------
-
-
-class WSClient:
-    def __init__(self, port: int, path: str = "/"):
-        self.sock = connect(port)
-        self.buf = bytearray()
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: Upgrade\r\n"
-            f"Upgrade: websocket\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        end = self.buf.index(b"\r\n\r\n")
-        self.status = int(bytes(self.buf[:end]).split()[1])
-        del self.buf[:end + 4]
-
-    def _more(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the connection closed")
-        self.buf += data
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._more()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def send(self, payload: bytes, opcode: int = 0x2) -> None:
-        mask = os.urandom(4)
-        assert len(payload) < 126
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked)
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._exact(2)
-        n = second & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", self._exact(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", self._exact(8))
-        return first & 0x0F, self._exact(n)
-
-    def echo(self, payload: bytes) -> bytes:
-        """Send one binary message to an echo service; collect as many bytes back."""
-        self.send(payload)
-        got = b""
-        while len(got) < len(payload):
-            opcode, data = self.frame()
-            assert opcode == 0x2, (opcode, data)
-            got += data
-        return got
-
-    def close_code(self) -> int:
-        """Skip data frames until the close frame; answer it; its status code."""
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x8:
-                try:
-                    self.send(payload[:2], opcode=0x8)
-                except OSError:
-                    pass
-                return int(struct.unpack("!H", payload[:2])[0])
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # -- the manhole ------------------------------------------------------------------------------
@@ -571,16 +499,16 @@ async def test_max_connections_websocket_closes_with_1013(tmp_path: Path, echo_b
     router = await start_router(("ws", route(echo_backend.address)),
                                 config=base_config(tmp_path, defaults=Limits(max_connections=2)))
     port, ingress = router.port_of("ws-0"), router.port_of()
-    clients: list[WSClient] = []
+    clients: list[RawWebSocket] = []
     try:
         for i in range(2):
-            clients.append(await in_thread(WSClient, port, f"/vnc/{i}"))
+            clients.append(await in_thread(RawWebSocket, port, f"/vnc/{i}"))
             assert clients[-1].status == 101
             assert await in_thread(clients[-1].echo, b"hello %d" % i) == b"hello %d" % i
-        extra = await in_thread(WSClient, port)
+        extra = await in_thread(RawWebSocket, port)
         clients.append(extra)
         assert extra.status == 101
-        assert await in_thread(extra.close_code) == 1013
+        assert (await in_thread(extra.closed))[0] == 1013
         for i in range(2):
             assert await in_thread(clients[i].echo, b"still %d" % i) == b"still %d" % i
         assert (await in_thread(refused_at_limit, ingress)).get(("ws-0", "ws")) == 1
@@ -673,7 +601,7 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
             sock = connect(port, 10)
             assert roundtrip(sock, b"hi") == b"hi"
             return sock
-        client = WSClient(port)
+        client = RawWebSocket(port)
         assert client.status == 101 and client.echo(b"hi") == b"hi"
         return client
 
@@ -698,7 +626,7 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
     def wait_closed(conn: Any) -> Any:
         if kind == "tcp":
             return conn.recv(100)
-        return conn.close_code()
+        return conn.closed()[0]
 
     with LogEvents() as log:
         idle = await in_thread(open_one)

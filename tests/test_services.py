@@ -13,8 +13,6 @@ fact the test arranges, not a race it hopes to win.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import re
 import signal
@@ -38,7 +36,7 @@ import portrouter.services
 from portrouter.config import Command, Config, Listen, Project, parse_project
 from portrouter.router import RouterService
 from portrouter.services import POLL, StartFailed, Supervisor
-from tests.support import LOOPBACK, Twistd, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, RawWebSocket, Twistd, free_port, in_thread, start_router, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,84 +318,16 @@ def tcp_refused(port: int) -> bytes:
         return got
 
 
-class WS:
-    """A blocking WebSocket client speaking RFC 6455 by hand, to see exactly what comes back."""
-
-    def __init__(self, port: int, target: str):
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=30)
-        self.buf = bytearray()
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((
-            f"GET {target} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: Upgrade\r\n"
-            f"Upgrade: websocket\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode())
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        end = self.buf.index(b"\r\n\r\n")
-        head = bytes(self.buf[:end]).decode("latin-1")
-        del self.buf[:end + 4]
-        assert head.split()[1] == "101", head
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        assert f"\r\nsec-websocket-accept: {accept.decode().lower()}" in head.lower(), head
-
-    def _more(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the connection closed")
-        self.buf += data
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._more()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        assert len(payload) < 126
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked)
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._exact(2)
-        n = second & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", self._exact(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", self._exact(8))
-        return first & 0x0F, self._exact(n)
-
-    def receive(self, size: int) -> bytes:
-        """Binary frame data until C{size} bytes; a close frame instead is an error."""
-        got = b""
-        while len(got) < size:
-            opcode, payload = self.frame()
-            assert opcode in (0x0, 0x2), (opcode, payload)
-            got += payload
-        return got
-
-    def closed(self) -> tuple[int, str]:
-        """Skip data until the close frame; answer it; (code, reason)."""
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x8:
-                self.send(0x8, payload[:2])
-                return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def ws_echo(port: int, target: str, message: bytes, sent: threading.Event | None = None) -> bytes:
     """Open, send one BINARY message right after the handshake, read the echo, close with 1000."""
-    ws = WS(port, target)
+    ws = RawWebSocket(port, target)
     try:
-        ws.send(0x2, message)
+        assert ws.status == 101, ws.head
+        ws.send(message)
         if sent is not None:
             sent.set()
         got = ws.receive(len(message))
-        ws.send(0x8, struct.pack("!H", 1000))
+        ws.send(struct.pack("!H", 1000), opcode=0x8)
         code, _ = ws.closed()
         assert code == 1000
         return got
@@ -407,9 +337,10 @@ def ws_echo(port: int, target: str, message: bytes, sent: threading.Event | None
 
 def ws_refused(port: int, target: str) -> tuple[int, str]:
     """Open, send one BINARY message, and see how the WebSocket is closed."""
-    ws = WS(port, target)
+    ws = RawWebSocket(port, target)
     try:
-        ws.send(0x2, b"anyone there?")
+        assert ws.status == 101, ws.head
+        ws.send(b"anyone there?")
         return ws.closed()
     finally:
         ws.close()

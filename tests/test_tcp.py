@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 import portrouter.tcp
-from portrouter.relay import CHUNK
 from tests.support import (
     LOOPBACK,
     MiB,

@@ -8,7 +8,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
-from portrouter.config import parse_cli_route, with_cli, Config, Limits
+from portrouter.config import Limits, parse_cli_route
 from portrouter.tcp import Sessions, TCPRoute
 
 

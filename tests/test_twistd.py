@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, wait_for
+from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread
 
 
 def echo(conn: socket.socket) -> None:
