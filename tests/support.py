@@ -107,6 +107,11 @@ class ThreadServer:
         finally:
             conn.close()
 
+    def closed(self) -> tuple[int, str]:
+        """Skip data frames until the close frame; answer it; (code, reason)."""
+        code, _, _ = self.read_until_close()
+        return code, self.close_reason
+
     def close(self) -> None:
         self.sock.close()
         for conn in self.conns:
@@ -232,57 +237,91 @@ class Twistd:
 
 class RawWebSocket:
     """
-    A blocking WebSocket client speaking RFC 6455 by hand, to see exactly
-    what comes back: the handshake's status, every frame, close codes.
+    A blocking client that speaks HTTP/1.1 and RFC 6455 by hand, to see
+    exactly what comes back: statuses, headers and bodies, every frame, close
+    codes. Given a C{target}, it asks for the upgrade at once.
     """
 
-    def __init__(self, port: int, target: str = "/", timeout: float = 30):
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    def __init__(self, port: int, target: str | None = None, headers: dict[str, str] | None = None, *,
+                 rcvbuf: int | None = None, timeout: float = 60):
+        self.sock = socket.socket()
+        if rcvbuf is not None:  # before connecting, so the window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((LOOPBACK, port))
+        self.port = port
         self.buf = bytearray()
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((
-            f"GET {target} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: Upgrade\r\n"
-            f"Upgrade: websocket\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode())
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        end = self.buf.index(b"\r\n\r\n")
-        self.head = bytes(self.buf[:end]).decode("latin-1")
-        del self.buf[:end + 4]
-        self.status = int(self.head.split()[1])
-        if self.status == 101:
-            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-            assert f"\r\nsec-websocket-accept: {accept.decode().lower()}" in self.head.lower(), self.head
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.close_reason = ""
+        if target is not None:
+            self.status, self.headers, _ = self.request(target, headers)
 
-    def _more(self) -> None:
-        data = self.sock.recv(65536)
+    def _more(self, at_least: int = 1) -> None:
+        data = self.sock.recv(max(at_least, 256 * 1024))
         if not data:
             raise EOFError("the connection closed")
         self.buf += data
 
-    def _exact(self, n: int) -> bytes:
+    def exact(self, n: int) -> bytes:
         while len(self.buf) < n:
-            self._more()
+            self._more(n - len(self.buf))
         out = bytes(self.buf[:n])
         del self.buf[:n]
         return out
 
+    def request(self, target: str, headers: dict[str, str] | None = None, upgrade: bool = True
+                ) -> tuple[int, dict[str, str], bytes]:
+        """Send a GET; answer (status, headers with lower-case names, body)."""
+        all_headers = {"Host": f"{LOOPBACK}:{self.port}"}
+        key = base64.b64encode(os.urandom(16)).decode()
+        if upgrade:
+            all_headers.update({
+                "Connection": "Upgrade", "Upgrade": "websocket",
+                "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13",
+            })
+        all_headers.update(headers or {})
+        head = f"GET {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers.items())
+        self.sock.sendall(head.encode("latin-1") + b"\r\n")
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        end = self.buf.index(b"\r\n\r\n")
+        lines = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
+        del self.buf[:end + 4]
+        status = int(lines[0].split()[1])
+        got = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            got[name.strip().lower()] = value.strip()
+        if status == 101:
+            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+            assert got.get("sec-websocket-accept") == accept.decode(), got
+            return status, got, b""
+        return status, got, self.exact(int(got.get("content-length", "0")))
+
     def send(self, payload: bytes, opcode: int = 0x2) -> None:
-        """One masked frame, final (small payloads only: that is all these tests send)."""
+        """One final frame, masked as a client must."""
         mask = os.urandom(4)
-        assert len(payload) < 126
+        n = len(payload)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked)
+        self.sock.sendall(head + mask + masked)
 
     def frame(self) -> tuple[int, bytes]:
         """The next frame's opcode and payload."""
-        first, second = self._exact(2)
+        first, second = self.exact(2)
+        assert not second & 0x80, "a server must not mask its frames"
         n = second & 0x7F
         if n == 126:
-            (n,) = struct.unpack("!H", self._exact(2))
+            (n,) = struct.unpack("!H", self.exact(2))
         elif n == 127:
-            (n,) = struct.unpack("!Q", self._exact(8))
-        return first & 0x0F, self._exact(n)
+            (n,) = struct.unpack("!Q", self.exact(8))
+        return first & 0x0F, self.exact(n)
 
     def receive(self, size: int) -> bytes:
         """Binary frame data until C{size} bytes; a close frame (or TEXT) instead is an error."""
@@ -298,16 +337,31 @@ class RawWebSocket:
         self.send(payload)
         return self.receive(len(payload))
 
-    def closed(self) -> tuple[int, str]:
-        """Skip data frames until the close frame; answer it; (code, reason)."""
+    def read_until_close(self) -> tuple[int, str, int]:
+        """
+        Data frames until the close frame, which is answered as a client
+        answers it: (close code, SHA-256 of the data, data bytes); the close
+        reason is kept as C{close_reason}.
+        """
+        digest = hashlib.sha256()
+        total = 0
         while True:
             opcode, payload = self.frame()
             if opcode == 0x8:
                 try:
                     self.send(payload[:2], opcode=0x8)
                 except OSError:
-                    pass  # the server may close first
-                return int(struct.unpack("!H", payload[:2])[0]), payload[2:].decode("utf-8")
+                    pass  # the server may have closed first
+                self.close_reason = payload[2:].decode("utf-8")
+                return int(struct.unpack("!H", payload[:2])[0]), digest.hexdigest(), total
+            assert opcode in (0x0, 0x2), f"unexpected opcode {opcode}"
+            digest.update(payload)
+            total += len(payload)
+
+    def closed(self) -> tuple[int, str]:
+        """Skip data frames until the close frame; answer it; (code, reason)."""
+        code, _, _ = self.read_until_close()
+        return code, self.close_reason
 
     def close(self) -> None:
         self.sock.close()

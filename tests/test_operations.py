@@ -505,7 +505,7 @@ async def test_max_connections_websocket_closes_with_1013(tmp_path: Path, echo_b
             clients.append(await in_thread(RawWebSocket, port, f"/vnc/{i}"))
             assert clients[-1].status == 101
             assert await in_thread(clients[-1].echo, b"hello %d" % i) == b"hello %d" % i
-        extra = await in_thread(RawWebSocket, port)
+        extra = await in_thread(RawWebSocket, port, "/")
         clients.append(extra)
         assert extra.status == 101
         assert (await in_thread(extra.closed))[0] == 1013
@@ -601,7 +601,7 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
             sock = connect(port, 10)
             assert roundtrip(sock, b"hi") == b"hi"
             return sock
-        client = RawWebSocket(port)
+        client = RawWebSocket(port, "/")
         assert client.status == 101 and client.echo(b"hi") == b"hi"
         return client
 

@@ -7,7 +7,6 @@ upgrade, close codes after it, and bounded memory in a real ``twistd``.
 
 from __future__ import annotations
 
-import base64
 import getpass
 import hashlib
 import json
@@ -32,6 +31,7 @@ from portrouter.config import Config, Listen, parse
 from tests.support import (
     LOOPBACK,
     MiB,
+    RawWebSocket,
     ThreadServer,
     Twistd,
     backendai_python,
@@ -165,109 +165,13 @@ def echo(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
-# -- a raw WebSocket client, to see exactly what comes back ---------------------------
-
-
-class Raw:
-    """A blocking client that speaks HTTP/1.1 and RFC 6455 by hand."""
-
-    def __init__(self, port: int, rcvbuf: int | None = None):
-        self.sock = socket.socket()
-        if rcvbuf is not None:  # before connecting, so the window is small from the start
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(60)
-        self.sock.connect((LOOPBACK, port))
-        self.port = port
-        self.buf = bytearray()
-
-    def _more(self, at_least: int = 1) -> None:
-        data = self.sock.recv(max(at_least, 256 * 1024))
-        if not data:
-            raise EOFError("the connection closed")
-        self.buf += data
-
-    def exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._more(n - len(self.buf))
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def request(self, target: str, headers: dict[str, str] | None = None, upgrade: bool = True
-                ) -> tuple[int, dict[str, str], bytes]:
-        """Send a GET; answer (status, headers with lower-case names, body)."""
-        all_headers = {"Host": f"{LOOPBACK}:{self.port}"}
-        key = base64.b64encode(os.urandom(16)).decode()
-        if upgrade:
-            all_headers.update({
-                "Connection": "Upgrade", "Upgrade": "websocket",
-                "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13",
-            })
-        all_headers.update(headers or {})
-        head = f"GET {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in all_headers.items())
-        self.sock.sendall(head.encode("latin-1") + b"\r\n")
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        end = self.buf.index(b"\r\n\r\n")
-        lines = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-        del self.buf[:end + 4]
-        status = int(lines[0].split()[1])
-        got = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            got[name.strip().lower()] = value.strip()
-        if status == 101:
-            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-            assert got.get("sec-websocket-accept") == accept.decode(), got
-            return status, got, b""
-        return status, got, self.exact(int(got.get("content-length", "0")))
-
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-        else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
-
-    def read_frame(self) -> tuple[int, bytes]:
-        first, second = self.exact(2)
-        assert not second & 0x80, "a server must not mask its frames"
-        n = second & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", self.exact(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", self.exact(8))
-        return first & 0x0F, self.exact(n)
-
-    def read_until_close(self) -> tuple[int, str, int]:
-        """Data frames until the close frame: (close code, payload hash, payload bytes)."""
-        digest = hashlib.sha256()
-        total = 0
-        while True:
-            opcode, payload = self.read_frame()
-            if opcode == 0x8:
-                self.send_frame(0x8, payload[:2])  # the closing handshake, as a client answers
-                return struct.unpack("!H", payload[:2])[0], digest.hexdigest(), total
-            assert opcode in (0x0, 0x2), f"unexpected opcode {opcode}"
-            digest.update(payload)
-            total += len(payload)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def upgrade(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request on a fresh connection; a WebSocket that opened is closed properly."""
-    raw = Raw(port)
+    raw = RawWebSocket(port)
     try:
         status, got, body = raw.request(target, headers)
         if status == 101:
-            raw.send_frame(0x8, struct.pack("!H", 1000))
+            raw.send(struct.pack("!H", 1000), opcode=0x8)
             code, _, _ = raw.read_until_close()
             assert code == 1000
         return status, got, body
@@ -537,7 +441,7 @@ async def test_every_refusal_comes_before_the_upgrade(tmp_path: Path) -> None:
                   refused(403, f"keypair {ACCESS_KEY} does not open this project")))
     try:
         for what, target, headers, is_upgrade, status, body in cases:
-            raw = Raw(port)
+            raw = RawWebSocket(port)
             try:
                 got_status, got_headers, got_body = await in_thread(raw.request, target, headers, is_upgrade)
             finally:
@@ -570,7 +474,7 @@ async def test_apps_listing(tmp_path: Path) -> None:
     router = await start_router(config=service_config(tmp_path, {"echo": 7007}))
     try:
         for headers in (BEARER, signed(router.port_of(), "/stream/session/k1/apps")):
-            raw = Raw(router.port_of())
+            raw = RawWebSocket(router.port_of())
             try:
                 status, got, body = await in_thread(raw.request, "/stream/session/k1/apps", headers, False)
             finally:
@@ -593,18 +497,18 @@ async def test_text_frame_closes_with_1003(tmp_path: Path) -> None:
     router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
     try:
         def text_then_close() -> tuple[int, bytes, int, str, int]:
-            raw = Raw(router.port_of())
+            raw = RawWebSocket(router.port_of())
             try:
                 status, _, _ = raw.request(TCPPROXY, BEARER)
                 # Binary first, echoed back: the bridge works...
-                raw.send_frame(0x2, b"binary is carried")
+                raw.send(b"binary is carried")
                 echoed = b""
                 while len(echoed) < len(b"binary is carried"):
-                    opcode, payload = raw.read_frame()
+                    opcode, payload = raw.frame()
                     assert opcode in (0x0, 0x2)
                     echoed += payload
                 # ...then a TEXT message ends it.
-                raw.send_frame(0x1, b"text is not")
+                raw.send(b"text is not", opcode=0x1)
                 return (status, echoed, *raw.read_until_close())
             finally:
                 raw.close()
@@ -625,7 +529,7 @@ async def test_service_refusing_closes_with_1013(tmp_path: Path) -> None:
     router = await start_router(config=service_config(tmp_path, {"echo": free_port()}))
     try:
         def refused_service() -> tuple[int, int]:
-            raw = Raw(router.port_of())
+            raw = RawWebSocket(router.port_of())
             try:
                 status, _, _ = raw.request(TCPPROXY, BEARER)
                 code, _, _ = raw.read_until_close()
@@ -674,12 +578,12 @@ async def test_client_that_stops_reading_keeps_memory_bounded(tmp_path: Path) ->
     daemon = Twistd("--config", str(config), cwd=str(tmp_path))
     target = "/stream/session/k1/tcpproxy?app=flood"
     sampler = None
-    slow: Raw | None = None
+    slow: RawWebSocket | None = None
     try:
         port = await daemon.ingress_port()
 
         def whole(rcvbuf: int | None = None) -> tuple[int, str, int]:
-            raw = Raw(port, rcvbuf)
+            raw = RawWebSocket(port, rcvbuf=rcvbuf)
             try:
                 status, _, body = raw.request(target)
                 assert status == 101, body
@@ -698,7 +602,7 @@ async def test_client_that_stops_reading_keeps_memory_bounded(tmp_path: Path) ->
         sampler = task.LoopingCall(sample)
         sampler.start(0.05)
 
-        slow = Raw(port, rcvbuf=64 * 1024)
+        slow = RawWebSocket(port, rcvbuf=64 * 1024)
         status, _, body = await in_thread(slow.request, target)
         assert status == 101, body
         # The client reads nothing more: wait until nothing moves any more.

@@ -322,7 +322,7 @@ def ws_echo(port: int, target: str, message: bytes, sent: threading.Event | None
     """Open, send one BINARY message right after the handshake, read the echo, close with 1000."""
     ws = RawWebSocket(port, target)
     try:
-        assert ws.status == 101, ws.head
+        assert ws.status == 101, ws.headers
         ws.send(message)
         if sent is not None:
             sent.set()
@@ -339,7 +339,7 @@ def ws_refused(port: int, target: str) -> tuple[int, str]:
     """Open, send one BINARY message, and see how the WebSocket is closed."""
     ws = RawWebSocket(port, target)
     try:
-        assert ws.status == 101, ws.head
+        assert ws.status == 101, ws.headers
         ws.send(b"anyone there?")
         return ws.closed()
     finally:
