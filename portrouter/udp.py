@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -48,6 +49,56 @@ DROP_REPORT = 10.0
 # (the kernel caps it at net.core.rmem_max); the usual default holds only
 # three of the largest datagrams.
 LISTEN_BUFFER = 4 * 1024 * 1024
+
+
+class Awake:
+    """
+    Keeps one reactor polling rather than sleeping until the latest deadline
+    any of its UDP routes asked for: a single call due at once, re-made each
+    turn, however many routes are busy.
+    """
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+        self.until = float("-inf")
+        self.asked: set[UDPRoute] = set()
+        self._call: Any = None
+
+    def keep(self, route: UDPRoute, until: float, now: float) -> None:
+        self.asked.add(route)
+        if until > self.until:
+            self.until = until
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self._turn, now)
+
+    def forget(self, route: UDPRoute) -> None:
+        """C{route} is stopping; the polling ends with the last route that asked for it."""
+        self.asked.discard(route)
+        if not self.asked and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _turn(self, then: float) -> None:
+        # A call due at once makes the reactor poll without blocking; this
+        # one asks again until the deadline. A clock that has not moved (a
+        # test's) ends it too, rather than spinning for ever.
+        now = self.reactor.seconds()
+        if then < now < self.until:
+            self._call = self.reactor.callLater(0, self._turn, now)
+        else:
+            self._call = None
+            self.asked.clear()
+
+
+_awake: weakref.WeakKeyDictionary[Any, Awake] = weakref.WeakKeyDictionary()
+
+
+def awake(reactor: Any) -> Awake:
+    """The one L{Awake} of C{reactor}."""
+    keeper = _awake.get(reactor)
+    if keeper is None:
+        keeper = _awake[reactor] = Awake(reactor)
+    return keeper
 
 
 @implementer(IReadDescriptor)
@@ -144,7 +195,7 @@ class UDPRoute(DatagramProtocol):
         self._waiting: list[tuple[bytes, tuple[str, int]]] = []
         self._last_datagram = float("-inf")
         self._window = 0.0
-        self._poller: Any = None
+        self._awake = awake(reactor)
         self.update(project)
 
     def update(self, project: Project) -> None:
@@ -184,10 +235,10 @@ class UDPRoute(DatagramProtocol):
         self._sweeper = self.reactor.callLater(self._sweep_interval(), self._sweep)
 
     def stopProtocol(self) -> None:
-        for call in (self._sweeper, self._poller):
-            if call is not None and call.active():
-                call.cancel()
-        self._sweeper = self._poller = None
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        self._awake.forget(self)
         self.close_all("listener stopped")
 
     def _sweep_interval(self) -> float:
@@ -216,7 +267,7 @@ class UDPRoute(DatagramProtocol):
         After a datagram at C{now}: if the previous one came within
         C{udp_busy_poll}, polling would have caught it awake, so the window
         grows (to that limit); otherwise it halves, down to none. While a
-        window is open the reactor does not sleep.
+        window is open the reactor does not sleep (L{Awake}).
         """
         limit = self.project.limits.udp_busy_poll
         if not limit:
@@ -229,18 +280,8 @@ class UDPRoute(DatagramProtocol):
             self._window /= 2
         else:
             self._window = 0.0
-        if self._window and self._poller is None:
-            self._poller = self.reactor.callLater(0, self._poll, now)
-
-    def _poll(self, then: float) -> None:
-        # A call due at once makes the reactor poll without blocking; this
-        # one asks again until the window is over. A clock that has not
-        # moved (a test's) ends it too, rather than spinning for ever.
-        now = self.reactor.seconds()
-        if then < now < self._last_datagram + self._window:
-            self._poller = self.reactor.callLater(0, self._poll, now)
-        else:
-            self._poller = None
+        if self._window:
+            self._awake.keep(self, now + self._window, now)
 
     def _open(self, client: tuple[str, int]) -> _Session | None:
         limit = self.project.limits.udp_max_sessions

@@ -458,3 +458,21 @@ def test_a_clock_that_does_not_move_ends_the_polling(polling_route: Harness) -> 
 def test_stopping_the_route_cancels_the_polling(polling_route: Harness) -> None:
     polling_route.route.doStop()
     assert polling_route.reactor.getDelayedCalls() == []
+
+
+def test_busy_routes_share_one_call_and_the_last_to_stop_ends_it(polling_route: Harness) -> None:
+    h = polling_route
+    other = UDPRoute(h.reactor, parse_cli_route("udp", f"udp:5354 -> {LOOPBACK}:{h.backend.port}",
+                                                Limits(udp_busy_poll=0.0001)))
+    other.makeConnection(DatagramTransport())
+    try:
+        other.datagramReceived(b"q", B)
+        other.datagramReceived(b"q", B)
+        due = [c for c in h.reactor.getDelayedCalls() if c.getTime() <= h.reactor.seconds()]
+        assert len(due) == 1  # one reactor, one poll
+        h.route.doStop()
+        assert polling(h)  # the other route still wants it
+        other.doStop()
+        assert not polling(h)
+    finally:
+        other.close_all("test over")
