@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 LOAD_CORE = 0  # load generators and backends
 PROXY_CORE = 1  # the proxy under test
@@ -69,18 +69,23 @@ WEBSOCKIFY_VENV = Path("/opt/websockify-venv")
 NGINX_STREAM_MODULE = Path("/usr/share/nginx/modules/ngx_stream_module.so")
 
 
-def require(*names: str) -> dict[str, str]:
-    """Paths of the named executables, or L{Missing} listing every absent one."""
+def require(*names: str, nginx_stream: bool = False) -> dict[str, str]:
+    """
+    Paths of the named executables, or L{Missing} listing every absent one,
+    and nginx's stream module too with C{nginx_stream}.
+    """
     found: dict[str, str] = {}
-    missing: list[str] = []
+    lines: list[str] = []
     for name in names:
         path = _which(name)
         if path is None:
-            missing.append(name)
+            lines.append(f"  {name}: {INSTALL_HINT.get(name, 'install it')}")
         else:
             found[name] = path
-    if missing:
-        lines = [f"  {n}: {INSTALL_HINT.get(n, 'install it')}" for n in missing]
+    if nginx_stream and not NGINX_STREAM_MODULE.exists():
+        # Debian builds nginx's stream (TCP/UDP proxy) module as a separate package.
+        lines.append(f"  nginx stream module ({NGINX_STREAM_MODULE}): apt-get install -y libnginx-mod-stream")
+    if lines:
         raise Missing("missing tools (nothing is installed for you):\n" + "\n".join(lines))
     return found
 
@@ -100,12 +105,8 @@ def _which(name: str) -> str | None:
 
 
 def require_nginx_stream() -> Path:
-    """Debian builds nginx's stream (TCP/UDP proxy) module as a separate package."""
-    if not NGINX_STREAM_MODULE.exists():
-        raise Missing(
-            "missing tools (nothing is installed for you):\n"
-            f"  nginx stream module ({NGINX_STREAM_MODULE}): apt-get install -y libnginx-mod-stream"
-        )
+    """nginx's stream module, or L{Missing} saying which package has it."""
+    require(nginx_stream=True)
     return NGINX_STREAM_MODULE
 
 
@@ -281,9 +282,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: fl
     return time.monotonic() - start
 
 
-def _tcp_table() -> Iterator[tuple[str, int, str, int]]:
-    """(local address, local port, state, inode) of every TCP socket."""
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+def _socket_table(kind: str, column: int) -> Iterator[tuple[str, int, str, int]]:
+    """(local address, local port, field C{column}, inode) of every socket in /proc/net/KIND and KIND6."""
+    for name in (f"/proc/net/{kind}", f"/proc/net/{kind}6"):
         try:
             lines = Path(name).read_text().splitlines()[1:]
         except OSError:
@@ -291,20 +292,17 @@ def _tcp_table() -> Iterator[tuple[str, int, str, int]]:
         for line in lines:
             parts = line.split()
             addr, port = parts[1].split(":")
-            yield addr, int(port, 16), parts[3], int(parts[9])
+            yield addr, int(port, 16), parts[column], int(parts[9])
+
+
+def _tcp_table() -> Iterator[tuple[str, int, str, int]]:
+    """(local address, local port, state, inode) of every TCP socket."""
+    return _socket_table("tcp", 3)
 
 
 def _udp_table() -> Iterator[tuple[str, int, str, int]]:
     """(local address, local port, remote address, inode) of every UDP socket."""
-    for name in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            addr, port = parts[1].split(":")
-            yield addr, int(port, 16), parts[2], int(parts[9])
+    return _socket_table("udp", 2)
 
 
 def listening(port: int) -> bool:
@@ -627,11 +625,10 @@ def run_tool(argv: Sequence[str], timeout: float, what: str) -> subprocess.Compl
 
 
 FAILED: list[str] = []  # every measurement that failed in this run: run.py keeps the logs and exits 1
+T = TypeVar("T")
 
 
-def attempt(
-    section: str, target: str, errors: dict[str, str], key: str, measure: Callable[[], dict[str, Any]],
-) -> dict[str, Any] | None:
+def attempt(section: str, target: str, errors: dict[str, str], key: str, measure: Callable[[], T]) -> T | None:
     """
     One measurement (C{key}) of C{target}'s row; if it fails, the failure is
     kept under C{key} in C{errors} and printed, and the section goes on with
@@ -647,6 +644,17 @@ def attempt(
         FAILED.append(f"{section} {target} {key}")
         print(f"[{section}]   {target} {key}: FAILED: {str(e).splitlines()[0]}", flush=True)
         return None
+
+
+def attempt_profile(section: str, key: str, profile: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """
+    A profile of portrouter (measurement C{key}), or C{{"error": why}}: a
+    profile that fails is reported like a failed measurement, and the
+    results written before it are kept.
+    """
+    errors: dict[str, str] = {}
+    result = attempt(section, "portrouter", errors, key, profile)
+    return result if result is not None else {"error": errors[key]}
 
 
 def iperf3(
@@ -687,6 +695,17 @@ def iperf3(
         result["lost_packets"] = received.get("lost_packets")
     result.update(cpu)
     return result
+
+
+def iperf3_server(iperf: str, procs: Procs, tag: str, *, udp: bool = False) -> tuple[Proc, int]:
+    """
+    C{iperf3 -s} on the load core, and its port: with C{udp}, a port free
+    for UDP as well (iperf3 runs its UDP test on its TCP port number).
+    """
+    port = free_port(udp=udp)
+    proc = procs.start(f"{tag}-iperf3-server", [iperf, "-s", "-B", LOOPBACK, "-p", str(port)], LOAD_CORE)
+    wait_listening(proc, port)
+    return proc, port
 
 
 # -- portrouter: which tree, does it load, where its time goes ---------------------
@@ -963,9 +982,19 @@ PROFILE_PARTS = (
 )
 
 
-def print_errors(rows: dict[str, Any]) -> None:
-    """Each failed measurement of a section's rows (objects with an C{errors} dict), with its reason."""
-    failed = [(name, key, why) for name, row in rows.items() for key, why in row.errors.items()]
+def print_sampled(title: str, profile: dict[str, Any], while_sampled: str) -> None:
+    """A L{summarize_profile} under its heading: what was sampled, how often, and the load meanwhile."""
+    print()
+    print(f"{title}, py-spy -r 500, {profile['samples']} samples ({while_sampled} while sampled)")
+    print_frames(profile, PROFILE_PARTS)
+
+
+def print_errors(rows: Mapping[str, Any]) -> None:
+    """
+    Each failed measurement of a section's rows (their C{errors} dicts), with
+    its reason. The TCP section's rows have none: a failure there stops the run.
+    """
+    failed = [(name, key, why) for name, row in rows.items() for key, why in getattr(row, "errors", {}).items()]
     if failed:
         print("FAILED measurements (their ratios are n/a; logs are kept):")
         for name, key, why in failed:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness import (
@@ -20,41 +19,27 @@ from harness import (
     LOAD_CORE,
     LOOPBACK,
     NGINX_HTTP_TEMP,
-    NOISY,
-    PROFILE_PARTS,
     PROXY_CORE,
     BenchError,
     CpuWatch,
     Proc,
     Procs,
-    Retry,
     assert_loopback_only,
     attempt,
+    attempt_profile,
     blame,
-    busy_cell,
     check,
     fmt,
     free_port,
-    host_info,
     nginx_argv,
     portrouter_argv,
-    portrouter_under_test,
-    print_checks,
-    print_errors,
-    print_frames,
-    print_table,
+    print_sampled,
     py_spy_record,
-    quiet_check,
-    ratio,
-    require,
-    require_portrouter,
     run_tool,
     summarize_profile,
     wait_listening,
-    wait_quiet,
-    warn_if_busy,
-    write_results,
 )
+from section import Section, busy_cells, cell, compare, print_ratios, print_tables
 
 TARGETS = ("direct", "portrouter", "portrouter-ingress", "stock", "haproxy", "nginx")
 # What each row is, for the table's legend and the JSON.
@@ -148,39 +133,6 @@ end
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("http")
-    group.add_argument("--http-seconds", type=float, default=5.0, help="length of each wrk run (default 5)")
-    group.add_argument(
-        "--http-targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
-    )
-
-
-def _targets(args: argparse.Namespace) -> list[str]:
-    targets = [t.strip() for t in args.http_targets.split(",") if t.strip()]
-    unknown = set(targets) - set(TARGETS)
-    if unknown:
-        raise BenchError(f"unknown HTTP targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})")
-    return targets
-
-
-def _tool_names(args: argparse.Namespace) -> list[str]:
-    targets = set(_targets(args))
-    names = ["taskset", "wrk", "nginx"]
-    if targets & {"portrouter", "portrouter-ingress", "stock"} or args.profile:
-        names.append("twistd")
-    if "haproxy" in targets:
-        names.append("haproxy")
-    if args.profile:
-        names.append("py-spy")
-    return names
-
-
-def preflight(args: argparse.Namespace) -> None:
-    """Every missing tool named before any section starts."""
-    require(*_tool_names(args))
-
-
 @dataclass
 class Row:
     """One target's numbers, plus what is needed to judge them."""
@@ -191,20 +143,29 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)  # measurements that failed, and why
 
 
-class Bench:
+class Bench(Section[Row]):
     """One HTTP run: the static files written once, then every target measured in turn."""
+
+    NAME = "http"
+    TARGETS = TARGETS
+    SECONDS_HELP = "length of each wrk run (default 5)"
+    PORTROUTER = frozenset({"portrouter", "portrouter-ingress"})
+    DESCRIPTION = DESCRIPTION
+    TOOLS = ("taskset", "wrk", "nginx")
+    TARGET_TOOLS = {
+        "portrouter": ("twistd",), "portrouter-ingress": ("twistd",), "stock": ("twistd",), "haproxy": ("haproxy",),
+    }
+    VERSIONS = {"wrk": "-v", "nginx": "-v", "haproxy": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
-        self.procs = procs
-        self.tools = tools
-        self.seconds: float = args.http_seconds
-        self.work = procs.workdir
-        self.portrouter_env = portrouter_env
-        self.retry = Retry("http")
+        super().__init__(procs, tools, args, portrouter_env)
         self.root = self.work / "www"
         self.report = self.work / "wrk-report.lua"
         self.files: dict[str, bytes] = {}
+
+    def parameters(self) -> dict[str, Any]:
+        return {"connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES, "warmup_s": WARMUP}
 
     def prepare(self) -> None:
         self.root.mkdir(exist_ok=True)
@@ -334,153 +295,63 @@ class Bench:
 
     def profile(self, py_spy: str) -> dict[str, Any]:
         """Where portrouter's time goes under the 100 B load (py-spy, 500 Hz, 4 s)."""
-        backend, backend_port = self.backend("profile")
-        proxy, port, _ = self.proxy("portrouter", backend_port)
-        raw = self.work / "portrouter-http-profile.txt"
-        try:
-            url = f"http://{LOOPBACK}:{port}/100b.bin"
-            self.wrk(url, WARMUP)
-            with blame(proxy):
-                load = py_spy_record(py_spy, proxy.pid, raw, 4, lambda: self.wrk(url, 5))
-        finally:
-            self.procs.stop(proxy)
-            self.procs.stop(backend)
-        return {"req_per_s_under_profiler": load["req_per_s"], **summarize_profile(raw)}
 
+        def record() -> dict[str, Any]:
+            backend, backend_port = self.backend("profile")
+            proxy, port, _ = self.proxy("portrouter", backend_port)
+            raw = self.work / "portrouter-http-profile.txt"
+            try:
+                url = f"http://{LOOPBACK}:{port}/100b.bin"
+                self.wrk(url, WARMUP)
+                with blame(proxy):
+                    load = py_spy_record(py_spy, proxy.pid, raw, 4, lambda: self.wrk(url, 5))
+            finally:
+                self.procs.stop(proxy)
+                self.procs.stop(backend)
+            return {"req_per_s_under_profiler": load["req_per_s"], **summarize_profile(raw)}
 
-def ratios(rows: dict[str, Row]) -> list[dict[str, Any]]:
-    """The comparisons issue 3 asks for, with their targets."""
+        return attempt_profile("http", "profile", record)
 
-    def req(target: str, size: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else row.req_per_s.get(size)
+    # -- the report ----------------------------------------------------------------------
 
-    def mb(target: str, size: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else row.mb_per_s.get(size)
+    def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
+        """The comparisons issue 3 asks for, with their targets."""
+        return [
+            check("100 B req/s: portrouter / stock", compare(rows, "portrouter", "stock", "req_per_s", "100b"),
+                  ">=", 3.0),
+            check("1 MiB MB/s: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "mb_per_s", "1m"),
+                  ">=", 1.0),
+        ]
 
-    return [
-        check("100 B req/s: portrouter / stock", ratio(req("portrouter", "100b"), req("stock", "100b")), ">=", 3.0),
-        check("1 MiB MB/s: portrouter / haproxy", ratio(mb("portrouter", "1m"), mb("haproxy", "1m")), ">=", 1.0),
-    ]
+    def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
+        """Same-run comparisons with no target, to see how far off the best the numbers are."""
+        return [
+            ("100 B req/s: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "req_per_s", "100b")),
+            ("100 B req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "100b")),
+            ("1 MiB req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "1m")),
+            ("100 B req/s: ingress /web/ / own port",
+             compare(rows, "portrouter-ingress", "portrouter", "req_per_s", "100b")),
+        ]
 
-
-def references(rows: dict[str, Row]) -> list[tuple[str, float | None]]:
-    """Same-run comparisons with no target, to see how far off the best the numbers are."""
-
-    def req(target: str, size: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else row.req_per_s.get(size)
-
-    return [
-        ("100 B req/s: portrouter / haproxy", ratio(req("portrouter", "100b"), req("haproxy", "100b"))),
-        ("100 B req/s: portrouter / nginx", ratio(req("portrouter", "100b"), req("nginx", "100b"))),
-        ("1 MiB req/s: portrouter / nginx", ratio(req("portrouter", "1m"), req("nginx", "1m"))),
-        ("100 B req/s: ingress /web/ / own port",
-         ratio(req("portrouter-ingress", "100b"), req("portrouter", "100b"))),
-    ]
-
-
-def print_report(rows: dict[str, Row], checks: list[dict[str, Any]]) -> None:
-    def cell(r: Row, value: float | None, key: str, digits: int) -> str:
-        if key in r.errors:
-            return "FAILED "
-        noisy = r.detail.get(key, {}).get("foreign_cpu", 0) > NOISY
-        return fmt(value, digits) + ("*" if noisy else " ")
-
-    print()
-    print_table(
-        "HTTP (wrk -t1 -c50)",
-        [("100 B req/s", 13), ("1 MiB req/s", 13), ("1 MiB MB/s", 12)],
-        {
-            name: [
+    def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
+                     references: list[tuple[str, float | None]] | None) -> None:
+        print_tables(
+            rows, "HTTP (wrk -t1 -c50)", [("100 B req/s", 13), ("1 MiB req/s", 13), ("1 MiB MB/s", 12)],
+            lambda r: [
                 cell(r, r.req_per_s.get("100b"), "100b", 0), cell(r, r.req_per_s.get("1m"), "1m", 0),
                 cell(r, r.mb_per_s.get("1m"), "1m", 0),
-            ]
-            for name, r in rows.items()
-        },
-    )
-    if any(d.get("foreign_cpu", 0) > NOISY for r in rows.values() for d in r.detail.values()):
-        print(f"* other programs used more than {NOISY:g}% of a core meanwhile: rerun on a quiet machine")
-    print()
-    print_table(
-        "core busy %: load / proxy (others)",
-        [("100 B", 16), ("1 MiB", 16), ("wrk errors", 12), ("p99 ms 100 B", 14)],
-        {
-            name: [
-                busy_cell(r.detail.get("100b")), busy_cell(r.detail.get("1m")),
+            ],
+            [("100 B", 16), ("1 MiB", 16), ("wrk errors", 12), ("p99 ms 100 B", 14)],
+            lambda r: [
+                *busy_cells(r, ("100b", "1m")),
                 "/".join(str(r.detail.get(k, {}).get("errors", "-")) for k in SIZES),
                 fmt(r.detail["100b"]["latency_p99_us"] / 1000 if "100b" in r.detail else None, 1) + " ",
-            ]
-            for name, r in rows.items()
-        },
-    )
-    print_errors(rows)
-    print()
-    print_checks(checks)
-    for what, value in references(rows):
-        shown = "-" if value is None else f"{value:.2f}x"
-        print(f"{what:<40} {shown:>7}   (reference)")
+            ],
+        )
+        print_ratios(checks, references)
 
+    def print_profile(self, profile: dict[str, Any]) -> None:
+        if "error" not in profile:  # else it was reported as it failed
+            print_sampled("portrouter under 100 B wrk load", profile,
+                          f"{profile['req_per_s_under_profiler']:,} req/s")
 
-def print_profile(profile: dict[str, Any]) -> None:
-    print()
-    print(f"portrouter under 100 B wrk load, py-spy -r 500, {profile['samples']} samples "
-          f"({profile['req_per_s_under_profiler']:,} req/s while sampled)")
-    print_frames(profile, PROFILE_PARTS)
-
-
-def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
-    """Measure every requested target; print the table and write the JSON."""
-    targets = _targets(args)
-    tools = require(*_tool_names(args))
-    py_spy = tools.get("py-spy")
-    env, source = portrouter_under_test(procs.workdir, args.portrouter_rev)
-    if {"portrouter", "portrouter-ingress"} & set(targets) or py_spy:
-        require_portrouter(tools["twistd"], env)
-    bench = Bench(procs, tools, args, env)
-
-    quiet_before = wait_quiet(args.wait_quiet)
-    warn_if_busy(quiet_before)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    print(f"[http] portrouter from {source}", flush=True)
-    t0 = time.monotonic()
-    bench.prepare()
-    rows: dict[str, Row] = {}
-    for target in targets:
-        rows[target] = bench.measure(target)
-    quiet_after = quiet_check()
-    warn_if_busy(quiet_after)
-
-    checks = ratios(rows)
-    print_report(rows, checks)
-    versions = {"wrk": [tools["wrk"], "-v"], "nginx": [tools["nginx"], "-v"]}
-    if "haproxy" in tools:
-        versions["haproxy"] = [tools["haproxy"], "-v"]
-    data: dict[str, Any] = {
-        "section": "http",
-        "started": started,
-        "duration_s": round(time.monotonic() - t0, 1),
-        "host": host_info(source, **versions),
-        "parameters": {
-            "seconds": bench.seconds, "connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES,
-            "warmup_s": WARMUP, "load_core": LOAD_CORE, "proxy_core": PROXY_CORE,
-        },
-        "targets": {t: DESCRIPTION[t] for t in targets},
-        "other_load_busy_percent": {"before": quiet_before, "after": quiet_after},
-        "rows": {name: asdict(r) for name, r in rows.items()},
-        "ratios": checks,
-        "references": dict(references(rows)),
-        "profile": None,
-    }
-    path = write_results("http", data)
-    print(f"\nresults: {path}")
-    if py_spy:
-        # After the results are safe; a failed profile is reported like a failed measurement.
-        errors: dict[str, str] = {}
-        profile = attempt("http", "portrouter", errors, "profile", lambda: bench.profile(py_spy))
-        data["profile"] = profile if profile is not None else {"error": errors["profile"]}
-        if profile is not None:
-            print_profile(profile)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-    return data

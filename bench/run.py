@@ -4,9 +4,10 @@ portrouter's benchmarks in one command: ``python3 bench/run.py [SECTION ...]``.
 
 Each section measures portrouter side by side with the alternatives in the
 same run, because only same-run ratios are comparable on this machine. With
-no section named, every section runs. A section is a module with
-C{add_arguments(parser)}, C{preflight(args)} (raises L{harness.Missing} for
-an absent tool) and C{run(args, procs)}; add new ones to L{SECTIONS}.
+no section named, every section runs. A section is a L{section.Section}
+subclass in a module of its own, which has C{add_arguments(parser)},
+C{preflight(args)} (raises L{harness.Missing} for an absent tool) and
+C{run(args, procs)}; add new ones to L{SECTIONS}.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ import argparse
 import shutil
 import signal
 import sys
-from types import FrameType, ModuleType
+from types import FrameType
 
 import harness
 import http_bench
 import tcp_bench
 import udp_bench
 import ws_bench
+from section import Section
 
-SECTIONS: dict[str, ModuleType] = {
-    "tcp": tcp_bench,
-    "http": http_bench,
-    "udp": udp_bench,
-    "ws": ws_bench,
+SECTIONS: dict[str, type[Section]] = {
+    "tcp": tcp_bench.Bench,
+    "http": http_bench.Bench,
+    "udp": udp_bench.Bench,
+    "ws": ws_bench.Bench,
 }
 
 
@@ -54,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         help="after a section's table, profile portrouter under that section's load with py-spy "
              "(tcp: conn/s; http: 100 B requests); not counted in the results",
     )
-    for module in SECTIONS.values():
-        module.add_arguments(parser)
+    for section in SECTIONS.values():
+        section.add_arguments(parser)
     return parser
 
 

@@ -11,49 +11,37 @@ import argparse
 import json
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from harness import (
     LOAD_CORE,
     LOOPBACK,
-    NOISY,
     PROXY_CORE,
     BenchError,
     CpuWatch,
     Proc,
     Procs,
-    Retry,
     assert_loopback_only,
     blame,
     build_c,
-    busy_cell,
     check,
     collapse,
     fmt,
     free_port,
-    host_info,
     iperf3,
+    iperf3_server,
     listen_drops,
     portrouter_argv,
-    portrouter_under_test,
-    print_checks,
     print_frames,
-    print_table,
-    quiet_check,
-    ratio,
-    require,
-    require_portrouter,
     run_tool,
     settled_rss_kib,
     top_frames,
     wait_listening,
-    wait_quiet,
     wait_until,
-    warn_if_busy,
-    write_results,
 )
+from section import Section, busy_cells, cell, compare, print_ratios, print_tables
 
 TARGETS = ("direct", "portrouter", "portforward", "haproxy")
 MESSAGE = 64  # bytes each way per connection in the conn/s test
@@ -80,15 +68,6 @@ backend bench
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("tcp")
-    group.add_argument("--tcp-seconds", type=float, default=5.0, help="length of each iperf3 and conn/s run (default 5)")
-    group.add_argument("--tcp-idle", type=int, default=2000, help="idle connections for the memory test (default 2000)")
-    group.add_argument(
-        "--tcp-targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
-    )
-
-
 @dataclass
 class Row:
     """One target's numbers, plus what is needed to judge them."""
@@ -100,22 +79,28 @@ class Row:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-class Bench:
+class Bench(Section[Row]):
     """One TCP run: the C tool built once, then every target measured in turn."""
+
+    NAME = "tcp"
+    TARGETS = TARGETS
+    SECONDS_HELP = "length of each iperf3 and conn/s run (default 5)"
+    OPTIONS = {"idle": {"type": int, "default": 2000, "help": "idle connections for the memory test (default 2000)"}}
+    TOOLS = ("gcc", "taskset", "iperf3")
+    TARGET_TOOLS = {"portrouter": ("twistd",), "portforward": ("twistd",), "haproxy": ("haproxy",)}
+    VERSIONS = {"iperf3": "--version", "haproxy": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
-        self.procs = procs
-        self.tools = tools
-        self.seconds: float = args.tcp_seconds
+        super().__init__(procs, tools, args, portrouter_env)
         self.idle: int = args.tcp_idle
-        self.work = procs.workdir
         self.connrate = str(self.work / "connrate")
-        self.portrouter_env = portrouter_env
-        self.retry = Retry("tcp")
 
-    def build(self) -> None:
+    def prepare(self) -> None:
         self.connrate = build_c(self.tools["gcc"], "connrate.c", self.work)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"idle_connections": self.idle, "message_bytes": MESSAGE, "concurrency": CONCURRENCY}
 
     # -- backends and proxies ----------------------------------------------------
 
@@ -127,14 +112,6 @@ class Bench:
         if not line.startswith("port "):
             raise BenchError(f"echo server said {line!r}")
         return proc, int(line.split()[1]), status
-
-    def iperf_backend(self, name: str) -> tuple[Proc, int]:
-        port = free_port()
-        proc = self.procs.start(
-            f"{name}-iperf3-server", [self.tools["iperf3"], "-s", "-B", LOOPBACK, "-p", str(port)], LOAD_CORE
-        )
-        wait_listening(proc, port)
-        return proc, port
 
     def proxy(self, target: str, backend: int, tag: str) -> tuple[Proc, int]:
         """Start C{target} on the proxy core in front of C{backend}; the process and its port."""
@@ -278,7 +255,7 @@ class Bench:
             self.procs.stop(echo)
 
         print(f"[tcp] {target}: bulk ...", flush=True)
-        server, iperf_port = self.iperf_backend(target)
+        server, iperf_port = iperf3_server(self.tools["iperf3"], self.procs, target)
         proxy = None
         try:
             if target == "direct":
@@ -338,6 +315,39 @@ class Bench:
             "raw_file": str(raw),
         }
 
+    # -- the report --------------------------------------------------------------------
+
+    def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
+        """The comparisons portrouter's design is judged by, with their targets."""
+        return [
+            check("bulk up: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "up_gbps"), ">=", 1.0),
+            check("bulk down: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "down_gbps"), ">=", 1.0),
+            check("conn/s: portrouter / portforward",
+                  compare(rows, "portrouter", "portforward", "conn_per_s"), ">=", 1.5),
+            check("KiB/idle conn: portrouter / haproxy",
+                  compare(rows, "portrouter", "haproxy", "kib_per_idle_conn"), "<=", 1.0),
+        ]
+
+    def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
+                     references: list[tuple[str, float | None]] | None) -> None:
+        print_tables(
+            rows, "TCP", [("up Gbit/s", 11), ("down Gbit/s", 13), ("conn/s", 10), ("KiB/idle conn", 15)],
+            lambda r: [
+                cell(r, r.up_gbps, "up", 2), cell(r, r.down_gbps, "down", 2),
+                cell(r, r.conn_per_s, "conn", 0), fmt(r.kib_per_idle_conn, 2) + " ",
+            ],
+            [("up", 16), ("down", 16), ("conn/s", 16), ("conn errors", 13)],
+            lambda r: [*busy_cells(r, ("up", "down", "conn")), str(r.detail.get("conn", {}).get("errors", "-"))],
+        )
+        print_ratios(checks, references)
+
+    def print_profile(self, profile: dict[str, Any]) -> None:
+        print()
+        print(f"portrouter under conn/s load, py-spy, {profile['samples']} samples while busy "
+              f"({profile['conn_per_s_under_profiler']:,} conn/s while sampled)")
+        print_frames(profile, (("self time (syscalls count as self time of their caller)", "top_self"),
+                               ("inclusive, below the reactor loop", "top_inclusive")))
+
 
 def backend_open(status: Path) -> int:
     """Connections the echo backend holds right now (from its status file)."""
@@ -348,141 +358,3 @@ def backend_open(status: Path) -> int:
         except (OSError, ValueError):
             time.sleep(0.005)  # a torn read of a file being rewritten: read again
     raise BenchError(f"cannot read backend status {status}")
-
-
-def ratios(rows: dict[str, Row]) -> list[dict[str, Any]]:
-    """The comparisons portrouter's design is judged by, with their targets."""
-
-    def get(target: str, attr: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else getattr(row, attr)
-
-    return [
-        check("bulk up: portrouter / haproxy", ratio(get("portrouter", "up_gbps"), get("haproxy", "up_gbps")), ">=", 1.0),
-        check("bulk down: portrouter / haproxy",
-              ratio(get("portrouter", "down_gbps"), get("haproxy", "down_gbps")), ">=", 1.0),
-        check("conn/s: portrouter / portforward",
-              ratio(get("portrouter", "conn_per_s"), get("portforward", "conn_per_s")), ">=", 1.5),
-        check("KiB/idle conn: portrouter / haproxy",
-              ratio(get("portrouter", "kib_per_idle_conn"), get("haproxy", "kib_per_idle_conn")), "<=", 1.0),
-    ]
-
-
-def print_report(rows: dict[str, Row], checks: list[dict[str, Any]]) -> None:
-    def cell(r: Row, value: float | None, key: str, digits: int) -> str:
-        noisy = r.detail.get(key, {}).get("foreign_cpu", 0) > NOISY
-        return fmt(value, digits) + ("*" if noisy else " ")
-
-    print()
-    print_table(
-        "TCP",
-        [("up Gbit/s", 11), ("down Gbit/s", 13), ("conn/s", 10), ("KiB/idle conn", 15)],
-        {
-            name: [
-                cell(r, r.up_gbps, "up", 2), cell(r, r.down_gbps, "down", 2),
-                cell(r, r.conn_per_s, "conn", 0), fmt(r.kib_per_idle_conn, 2) + " ",
-            ]
-            for name, r in rows.items()
-        },
-    )
-    if any(d.get("foreign_cpu", 0) > NOISY for r in rows.values() for d in r.detail.values()):
-        print(f"* other programs used more than {NOISY:g}% of a core meanwhile: rerun on a quiet machine")
-    print()
-    print_table(
-        "core busy %: load / proxy (others)",
-        [("up", 16), ("down", 16), ("conn/s", 16), ("conn errors", 13)],
-        {
-            name: [
-                busy_cell(r.detail.get("up")), busy_cell(r.detail.get("down")), busy_cell(r.detail.get("conn")),
-                str(r.detail.get("conn", {}).get("errors", "-")),
-            ]
-            for name, r in rows.items()
-        },
-    )
-    print()
-    print_checks(checks)
-
-
-def print_profile(profile: dict[str, Any]) -> None:
-    print()
-    print(f"portrouter under conn/s load, py-spy, {profile['samples']} samples while busy "
-          f"({profile['conn_per_s_under_profiler']:,} conn/s while sampled)")
-    print_frames(profile, (("self time (syscalls count as self time of their caller)", "top_self"),
-                           ("inclusive, below the reactor loop", "top_inclusive")))
-
-
-def _targets(args: argparse.Namespace) -> list[str]:
-    targets = [t.strip() for t in args.tcp_targets.split(",") if t.strip()]
-    unknown = set(targets) - set(TARGETS)
-    if unknown:
-        raise BenchError(f"unknown TCP targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})")
-    return targets
-
-
-def _tool_names(args: argparse.Namespace) -> list[str]:
-    targets = set(_targets(args))
-    names = ["gcc", "taskset", "iperf3"]
-    if {"portrouter", "portforward"} & targets or args.profile:
-        names.append("twistd")
-    if "haproxy" in targets:
-        names.append("haproxy")
-    if args.profile:
-        names.append("py-spy")
-    return names
-
-
-def preflight(args: argparse.Namespace) -> None:
-    """Every missing tool named before any section starts."""
-    require(*_tool_names(args))
-
-
-def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
-    """Measure every requested target; print the table and write the JSON."""
-    targets = _targets(args)
-    tools = require(*_tool_names(args))
-    py_spy = tools.get("py-spy")
-    env, source = portrouter_under_test(procs.workdir, args.portrouter_rev)
-    bench = Bench(procs, tools, args, env)
-    if "portrouter" in targets or py_spy:
-        require_portrouter(tools["twistd"], env)
-
-    quiet_before = wait_quiet(args.wait_quiet)
-    warn_if_busy(quiet_before)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if "portrouter" in targets:
-        print(f"[tcp] portrouter from {source}", flush=True)
-    t0 = time.monotonic()
-    bench.build()
-    rows: dict[str, Row] = {}
-    for target in targets:
-        rows[target] = bench.measure(target)
-    quiet_after = quiet_check()
-    warn_if_busy(quiet_after)
-
-    checks = ratios(rows)
-    print_report(rows, checks)
-    versions = {"iperf3": [tools["iperf3"], "--version"]}
-    if "haproxy" in tools:
-        versions["haproxy"] = [tools["haproxy"], "-v"]
-    data: dict[str, Any] = {
-        "section": "tcp",
-        "started": started,
-        "duration_s": round(time.monotonic() - t0, 1),
-        "host": host_info(source, **versions),
-        "parameters": {
-            "seconds": bench.seconds, "idle_connections": bench.idle, "message_bytes": MESSAGE,
-            "concurrency": CONCURRENCY, "load_core": LOAD_CORE, "proxy_core": PROXY_CORE,
-        },
-        "other_load_busy_percent": {"before": quiet_before, "after": quiet_after},
-        "rows": {name: asdict(r) for name, r in rows.items()},
-        "ratios": checks,
-        "profile": None,
-    }
-    path = write_results("tcp", data)
-    print(f"\nresults: {path}")
-    if py_spy:
-        # After the results are safe: a profiling failure must not lose them.
-        data["profile"] = bench.profile(py_spy)
-        print_profile(data["profile"])
-        path.write_text(json.dumps(data, indent=2) + "\n")
-    return data

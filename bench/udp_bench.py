@@ -15,52 +15,38 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness import (
     LOAD_CORE,
     LOOPBACK,
-    NOISY,
-    PROFILE_PARTS,
     PROXY_CORE,
     BenchError,
     CpuWatch,
-    Missing,
     Proc,
     Procs,
-    Retry,
     assert_loopback_only,
     attempt,
+    attempt_profile,
     blame,
     build_c,
-    busy_cell,
     check,
     fmt,
     free_port,
-    host_info,
     iperf3,
+    iperf3_server,
     nginx_argv,
     portrouter_argv,
-    portrouter_under_test,
-    print_checks,
-    print_errors,
-    print_frames,
-    print_table,
+    print_sampled,
     py_spy_record,
-    quiet_check,
     ratio,
     require,
-    require_nginx_stream,
-    require_portrouter,
     run_tool,
     summarize_profile,
     wait_listening,
-    wait_quiet,
-    warn_if_busy,
-    write_results,
 )
+from section import Section, busy_cells, cell, compare, figure, print_ratios, print_tables
 
 TARGETS = ("direct", "portrouter", "portrouter-nopoll", "socat", "nginx", "nginx-keep")
 DESCRIPTION = {
@@ -103,53 +89,6 @@ stream {
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("udp")
-    group.add_argument("--udp-seconds", type=float, default=5.0,
-                       help="round trips measured per contender, in all, and the length of each iperf3 run "
-                            "(default 5)")
-    group.add_argument("--udp-rounds", type=int, default=5,
-                       help="turns the contenders take at the round trips (default 5)")
-    group.add_argument(
-        "--udp-targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
-    )
-
-
-def _targets(args: argparse.Namespace) -> list[str]:
-    targets = [t.strip() for t in args.udp_targets.split(",") if t.strip()]
-    unknown = set(targets) - set(TARGETS)
-    if unknown:
-        raise BenchError(f"unknown UDP targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})")
-    return targets
-
-
-def _tool_names(args: argparse.Namespace) -> list[str]:
-    targets = set(_targets(args))
-    names = ["taskset", "gcc", "iperf3"]
-    if targets & {"portrouter", "portrouter-nopoll"} or args.profile:
-        names.append("twistd")
-    if "socat" in targets:
-        names.append("socat")
-    if targets & set(NGINX):
-        names.append("nginx")
-    if args.profile:
-        names.append("py-spy")
-    return names
-
-
-def preflight(args: argparse.Namespace) -> None:
-    """Every missing tool named before any section starts."""
-    lines: list[str] = []
-    for need in (lambda: require(*_tool_names(args)),
-                 lambda: require_nginx_stream() if set(NGINX) & set(_targets(args)) else None):
-        try:
-            need()
-        except Missing as e:
-            lines += str(e).splitlines()[1:]
-    if lines:
-        raise Missing("missing tools (nothing is installed for you):\n" + "\n".join(lines))
-
-
 @dataclass
 class Row:
     """One target's numbers, plus what is needed to judge them."""
@@ -164,22 +103,51 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)  # measurements that failed, and why
 
 
-class Bench:
+class Bench(Section[Row]):
     """One UDP run: the C tool built once, then every target measured in turn."""
+
+    NAME = "udp"
+    TARGETS = TARGETS
+    SECONDS_HELP = "round trips measured per contender, in all, and the length of each iperf3 run (default 5)"
+    OPTIONS = {
+        "rounds": {"type": int, "default": 5, "help": "turns the contenders take at the round trips (default 5)"},
+    }
+    PORTROUTER = frozenset({"portrouter", "portrouter-nopoll"})
+    DESCRIPTION = DESCRIPTION
+    TOOLS = ("taskset", "gcc", "iperf3")
+    TARGET_TOOLS = {
+        "portrouter": ("twistd",), "portrouter-nopoll": ("twistd",), "socat": ("socat",),
+        "nginx": ("nginx",), "nginx-keep": ("nginx",),
+    }
+    VERSIONS = {"iperf3": "--version", "socat": "-V", "nginx": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
-        self.procs = procs
-        self.tools = tools
-        self.seconds: float = args.udp_seconds
+        super().__init__(procs, tools, args, portrouter_env)
         self.rounds: int = max(1, args.udp_rounds)
-        self.work = procs.workdir
-        self.portrouter_env = portrouter_env
-        self.retry = Retry("udp")
         self.udprate = ""
 
-    def build(self) -> None:
+    @classmethod
+    def require(cls, args: argparse.Namespace) -> dict[str, str]:
+        """The tools, and nginx's stream module when an nginx row is chosen."""
+        targets = set(cls.targets(args))
+        return require(*cls.tool_names(targets, args.profile), nginx_stream=bool(targets & set(NGINX)))
+
+    def parameters(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "message_bytes": MESSAGE, "iperf_datagram_bytes": DATAGRAM, "warmup_s": WARMUP}
+
+    def prepare(self) -> None:
         self.udprate = build_c(self.tools["gcc"], "udprate.c", self.work)
+
+    def measure_all(self, targets: list[str]) -> dict[str, Row]:
+        """The round trips of every target, taking turns, then iperf3 through each in turn."""
+        self.prepare()
+        rows = {target: Row() for target in targets}
+        self.round_trip_rounds(targets, rows)
+        for target in targets:
+            if target not in NO_IPERF:
+                self.stream(target, rows[target])
+        return rows
 
     # -- backends and proxies ----------------------------------------------------------
 
@@ -189,14 +157,6 @@ class Bench:
         if not line.startswith("port "):
             raise BenchError(f"UDP echo server said {line!r}")
         return proc, int(line.split()[1])
-
-    def iperf_backend(self, tag: str) -> tuple[Proc, int]:
-        port = free_port(udp=True)
-        proc = self.procs.start(
-            f"{tag}-iperf3-server", [self.tools["iperf3"], "-s", "-B", LOOPBACK, "-p", str(port)], LOAD_CORE
-        )
-        wait_listening(proc, port)
-        return proc, port
 
     def proxy(self, target: str, backend: int, tag: str, control: bool) -> tuple[list[Proc], int]:
         """
@@ -331,7 +291,7 @@ class Bench:
     def stream(self, target: str, row: Row) -> None:
         """iperf3 -u through C{target}, on a fresh relay; fills the iperf3 columns of C{row}."""
         print(f"[udp] {target}: iperf3 -u ...", flush=True)
-        server, iperf_port = self.iperf_backend(target)
+        server, iperf_port = iperf3_server(self.tools["iperf3"], self.procs, target, udp=True)
         proxies: list[Proc] = []
         try:
             if target == "direct":
@@ -361,17 +321,81 @@ class Bench:
 
     def profile(self, py_spy: str) -> dict[str, Any]:
         """Where portrouter's time goes relaying one datagram at a time (py-spy, 500 Hz, 4 s)."""
-        echo, echo_port = self.echo_backend("profile")
-        procs, port = self.proxy("portrouter", echo_port, "profile", control=False)
-        raw = self.work / "portrouter-udp-profile.txt"
-        try:
-            self.round_trips(port, WARMUP)
-            with blame(procs[0]):
-                load = py_spy_record(py_spy, procs[0].pid, raw, 4, lambda: self.round_trips(port, 5))
-        finally:
-            self.procs.stop(procs[0])
-            self.procs.stop(echo)
-        return {"round_trips_under_profiler": round(load["rate"]), **summarize_profile(raw)}
+
+        def record() -> dict[str, Any]:
+            echo, echo_port = self.echo_backend("profile")
+            procs, port = self.proxy("portrouter", echo_port, "profile", control=False)
+            raw = self.work / "portrouter-udp-profile.txt"
+            try:
+                self.round_trips(port, WARMUP)
+                with blame(procs[0]):
+                    load = py_spy_record(py_spy, procs[0].pid, raw, 4, lambda: self.round_trips(port, 5))
+            finally:
+                self.procs.stop(procs[0])
+                self.procs.stop(echo)
+            return {"round_trips_under_profiler": round(load["rate"]), **summarize_profile(raw)}
+
+        return attempt_profile("udp", "profile", record)
+
+    # -- the report ----------------------------------------------------------------------
+
+    def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
+        """The comparisons issue 4 asks for, with their targets."""
+        loss_pr = figure(rows, "portrouter", "iperf_loss_percent")
+        loss_nginx = figure(rows, "nginx", "iperf_loss_percent")
+        if loss_pr is not None and loss_nginx == 0:
+            loss = 1.0 if loss_pr == 0 else None  # no loss either side: as good; else no ratio to give
+        else:
+            loss = ratio(loss_pr, loss_nginx)
+        return [
+            check("round trips/s: portrouter / best nginx", paired(rows, "portrouter", NGINX)[0], ">=", 1.0),
+            check("iperf3 loss %: portrouter / nginx", loss, "<=", 1.0),
+        ]
+
+    def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
+        """Same-run comparisons with no target."""
+        cpu = [figure(rows, n, "proxy_cpu_us") for n in NGINX]
+        return [
+            ("round trips/s: portrouter / socat", paired(rows, "portrouter", ("socat",))[0]),
+            ("round trips/s: portrouter-nopoll / best nginx", paired(rows, "portrouter-nopoll", NGINX)[0]),
+            ("proxy CPU per round trip: portrouter / best nginx",
+             ratio(figure(rows, "portrouter", "proxy_cpu_us"), min((v for v in cpu if v is not None), default=None))),
+            ("iperf3 received: portrouter / nginx", compare(rows, "portrouter", "nginx", "iperf_gbps")),
+        ]
+
+    def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
+                     references: list[tuple[str, float | None]] | None) -> None:
+        print_tables(
+            rows, "UDP",
+            [("round trips/s", 15), ("p50 us", 8), ("proxy CPU us/rt", 17), ("iperf3 recv Gbit/s", 20),
+             ("sent Gbit/s", 13), ("loss %", 9)],
+            lambda r: [
+                cell(r, r.round_trips_per_s, "round_trips", 0), fmt(r.rtt_p50_us, 0) + " ",
+                fmt(r.proxy_cpu_us, 1) + " ",
+                cell(r, r.iperf_gbps, "iperf", 2), fmt(r.iperf_sent_gbps, 2) + " ",
+                fmt(r.iperf_loss_percent, 1) + " ",
+            ],
+            [("round trips", 16), ("iperf3", 16), ("rt lost/errors", 16)],
+            lambda r: [
+                *busy_cells(r, ("round_trips", "iperf")),
+                "/".join(str(r.detail.get("round_trips", {}).get(k, "-")) for k in ("lost", "errors")),
+            ],
+        )
+        print()
+        print("round trips/s in each round:")
+        for name, r in rows.items():
+            rates = r.detail.get("round_trips", {}).get("rates")
+            if rates:
+                print(f"  {name:<20} " + " ".join(f"{v:>7,}" for v in rates))
+        each = paired(rows, "portrouter", NGINX)[1]
+        if each:
+            print(f"  {'portrouter / nginx':<20} " + " ".join(f"{v:>7.2f}" for v in each) + "   (best nginx that round)")
+        print_ratios(checks, references, width=48)
+
+    def print_profile(self, profile: dict[str, Any]) -> None:
+        if "error" not in profile:  # else it was reported as it failed
+            print_sampled("portrouter relaying one 64-byte datagram at a time", profile,
+                          f"{profile['round_trips_under_profiler']:,} round trips/s")
 
 
 def _round_rates(row: Row | None) -> dict[int, float]:
@@ -394,158 +418,3 @@ def paired(rows: dict[str, Row], target: str, peers: tuple[str, ...]) -> tuple[f
             each.append(round(rate / best, 3))
     return (statistics.median(each) if each else None), each
 
-
-def ratios(rows: dict[str, Row]) -> list[dict[str, Any]]:
-    """The comparisons issue 4 asks for, with their targets."""
-
-    def get(target: str, attr: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else getattr(row, attr)
-
-    loss_pr, loss_nginx = get("portrouter", "iperf_loss_percent"), get("nginx", "iperf_loss_percent")
-    if loss_pr is not None and loss_nginx == 0:
-        loss = 1.0 if loss_pr == 0 else None  # no loss either side: as good; else no ratio to give
-    else:
-        loss = ratio(loss_pr, loss_nginx)
-    return [
-        check("round trips/s: portrouter / best nginx", paired(rows, "portrouter", NGINX)[0], ">=", 1.0),
-        check("iperf3 loss %: portrouter / nginx", loss, "<=", 1.0),
-    ]
-
-
-def references(rows: dict[str, Row]) -> list[tuple[str, float | None]]:
-    """Same-run comparisons with no target."""
-
-    def get(target: str, attr: str) -> float | None:
-        row = rows.get(target)
-        return None if row is None else getattr(row, attr)
-
-    return [
-        ("round trips/s: portrouter / socat", paired(rows, "portrouter", ("socat",))[0]),
-        ("round trips/s: portrouter-nopoll / best nginx", paired(rows, "portrouter-nopoll", NGINX)[0]),
-        ("proxy CPU per round trip: portrouter / best nginx",
-         ratio(get("portrouter", "proxy_cpu_us"),
-               min((v for v in (get(n, "proxy_cpu_us") for n in NGINX) if v is not None), default=None))),
-        ("iperf3 received: portrouter / nginx", ratio(get("portrouter", "iperf_gbps"), get("nginx", "iperf_gbps"))),
-    ]
-
-
-def print_report(rows: dict[str, Row], checks: list[dict[str, Any]]) -> None:
-    def cell(r: Row, value: float | None, key: str, digits: int) -> str:
-        if key in r.errors:
-            return "FAILED "
-        noisy = r.detail.get(key, {}).get("foreign_cpu", 0) > NOISY
-        return fmt(value, digits) + ("*" if noisy else " ")
-
-    print()
-    print_table(
-        "UDP",
-        [("round trips/s", 15), ("p50 us", 8), ("proxy CPU us/rt", 17), ("iperf3 recv Gbit/s", 20),
-         ("sent Gbit/s", 13), ("loss %", 9)],
-        {
-            name: [
-                cell(r, r.round_trips_per_s, "round_trips", 0), fmt(r.rtt_p50_us, 0) + " ",
-                fmt(r.proxy_cpu_us, 1) + " ",
-                cell(r, r.iperf_gbps, "iperf", 2), fmt(r.iperf_sent_gbps, 2) + " ",
-                fmt(r.iperf_loss_percent, 1) + " ",
-            ]
-            for name, r in rows.items()
-        },
-    )
-    if any(d.get("foreign_cpu", 0) > NOISY for r in rows.values() for d in r.detail.values()):
-        print(f"* other programs used more than {NOISY:g}% of a core meanwhile: rerun on a quiet machine")
-    print()
-    print_table(
-        "core busy %: load / proxy (others)",
-        [("round trips", 16), ("iperf3", 16), ("rt lost/errors", 16)],
-        {
-            name: [
-                busy_cell(r.detail.get("round_trips")), busy_cell(r.detail.get("iperf")),
-                "/".join(str(r.detail.get("round_trips", {}).get(k, "-")) for k in ("lost", "errors")),
-            ]
-            for name, r in rows.items()
-        },
-    )
-    print_errors(rows)
-    print()
-    print("round trips/s in each round:")
-    for name, r in rows.items():
-        rates = r.detail.get("round_trips", {}).get("rates")
-        if rates:
-            print(f"  {name:<20} " + " ".join(f"{v:>7,}" for v in rates))
-    each = paired(rows, "portrouter", NGINX)[1]
-    if each:
-        print(f"  {'portrouter / nginx':<20} " + " ".join(f"{v:>7.2f}" for v in each) + "   (best nginx that round)")
-    print()
-    print_checks(checks)
-    for what, value in references(rows):
-        shown = "-" if value is None else f"{value:.2f}x"
-        print(f"{what:<48} {shown:>7}   (reference)")
-
-
-def print_profile(profile: dict[str, Any]) -> None:
-    print()
-    print(f"portrouter relaying one 64-byte datagram at a time, py-spy -r 500, {profile['samples']} samples "
-          f"({profile['round_trips_under_profiler']:,} round trips/s while sampled)")
-    print_frames(profile, PROFILE_PARTS)
-
-
-def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
-    """Measure every requested target; print the table and write the JSON."""
-    targets = _targets(args)
-    preflight(args)  # the nginx stream module, too
-    tools = require(*_tool_names(args))
-    py_spy = tools.get("py-spy")
-    env, source = portrouter_under_test(procs.workdir, args.portrouter_rev)
-    if {"portrouter", "portrouter-nopoll"} & set(targets) or py_spy:
-        require_portrouter(tools["twistd"], env)
-    bench = Bench(procs, tools, args, env)
-
-    quiet_before = wait_quiet(args.wait_quiet)
-    warn_if_busy(quiet_before)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    print(f"[udp] portrouter from {source}", flush=True)
-    t0 = time.monotonic()
-    bench.build()
-    rows: dict[str, Row] = {target: Row() for target in targets}
-    bench.round_trip_rounds(targets, rows)
-    for target in targets:
-        if target not in NO_IPERF:
-            bench.stream(target, rows[target])
-    quiet_after = quiet_check()
-    warn_if_busy(quiet_after)
-
-    checks = ratios(rows)
-    print_report(rows, checks)
-    versions = {"iperf3": [tools["iperf3"], "--version"]}
-    if "socat" in tools:
-        versions["socat"] = [tools["socat"], "-V"]
-    if "nginx" in tools:
-        versions["nginx"] = [tools["nginx"], "-v"]
-    data: dict[str, Any] = {
-        "section": "udp",
-        "started": started,
-        "duration_s": round(time.monotonic() - t0, 1),
-        "host": host_info(source, **versions),
-        "parameters": {
-            "seconds": bench.seconds, "rounds": bench.rounds, "message_bytes": MESSAGE, "iperf_datagram_bytes": DATAGRAM,
-            "warmup_s": WARMUP, "load_core": LOAD_CORE, "proxy_core": PROXY_CORE,
-        },
-        "targets": {t: DESCRIPTION[t] for t in targets},
-        "other_load_busy_percent": {"before": quiet_before, "after": quiet_after},
-        "rows": {name: asdict(r) for name, r in rows.items()},
-        "ratios": checks,
-        "references": dict(references(rows)),
-        "profile": None,
-    }
-    path = write_results("udp", data)
-    print(f"\nresults: {path}")
-    if py_spy:
-        # After the results are safe; a failed profile is reported like a failed measurement.
-        errors: dict[str, str] = {}
-        profile = attempt("udp", "portrouter", errors, "profile", lambda: bench.profile(py_spy))
-        data["profile"] = profile if profile is not None else {"error": errors["profile"]}
-        if profile is not None:
-            print_profile(profile)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-    return data
