@@ -53,41 +53,45 @@ LISTEN_BUFFER = 4 * 1024 * 1024
 
 class Awake:
     """
-    Keeps one reactor polling rather than sleeping until the latest deadline
-    any of its UDP routes asked for: a single call due at once, re-made each
-    turn, however many routes are busy.
+    Keeps one reactor polling rather than sleeping while any of its UDP
+    routes has a window open: a single call due at once, re-made each turn,
+    however many routes are busy. A route's datagram costs nothing here
+    while its route is already counted in (the flood case); each turn reads
+    how far the routes' windows reach.
     """
 
     def __init__(self, reactor: Any):
         self.reactor = reactor
-        self.until = float("-inf")
         self.asked: set[UDPRoute] = set()
         self._call: Any = None
 
-    def keep(self, route: UDPRoute, until: float, now: float) -> None:
+    def keep(self, route: UDPRoute, now: float) -> None:
+        """Poll until C{route}'s window, counted from its last datagram, is over."""
         self.asked.add(route)
-        if until > self.until:
-            self.until = until
+        route.polled = True
         if self._call is None:
             self._call = self.reactor.callLater(0, self._turn, now)
 
     def forget(self, route: UDPRoute) -> None:
         """C{route} is stopping; the polling ends with the last route that asked for it."""
         self.asked.discard(route)
+        route.polled = False
         if not self.asked and self._call is not None:
             self._call.cancel()
             self._call = None
 
     def _turn(self, then: float) -> None:
         # A call due at once makes the reactor poll without blocking; this
-        # one asks again until the deadline. A clock that has not moved (a
-        # test's) ends it too, rather than spinning for ever.
+        # one asks again until the windows are over. A clock that has not
+        # moved (a test's) ends it too, rather than spinning for ever.
         now = self.reactor.seconds()
-        if then < now < self.until:
+        if then < now < max(route.open_until() for route in self.asked):
             self._call = self.reactor.callLater(0, self._turn, now)
-        else:
-            self._call = None
-            self.asked.clear()
+            return
+        self._call = None
+        for route in self.asked:
+            route.polled = False
+        self.asked.clear()
 
 
 _awake: weakref.WeakKeyDictionary[Any, Awake] = weakref.WeakKeyDictionary()
@@ -196,10 +200,13 @@ class UDPRoute(DatagramProtocol):
         self._last_datagram = float("-inf")
         self._window = 0.0
         self._awake = awake(reactor)
+        self.polled = False  # counted in by Awake
         self.update(project)
 
     def update(self, project: Project) -> None:
         self.project = project
+        self._poll_limit = project.limits.udp_busy_poll
+        self._window = min(self._window, self._poll_limit)
         assert project.backend is not None
         host, port = split_hostport(project.backend, "backend")
         self.backend = None
@@ -269,19 +276,22 @@ class UDPRoute(DatagramProtocol):
         grows (to that limit); otherwise it halves, down to none. While a
         window is open the reactor does not sleep (L{Awake}).
         """
-        limit = self.project.limits.udp_busy_poll
-        if not limit:
-            return
+        limit = self._poll_limit
         gap = now - self._last_datagram
         self._last_datagram = now
         if gap <= limit:
-            self._window = min(limit, max(2 * self._window, limit / 8))
+            if self._window < limit:
+                self._window = min(limit, max(2 * self._window, limit / 8))
         elif self._window > limit / 64:
             self._window /= 2
         else:
             self._window = 0.0
-        if self._window:
-            self._awake.keep(self, now + self._window, now)
+        if self._window and not self.polled:
+            self._awake.keep(self, now)
+
+    def open_until(self) -> float:
+        """When this route's polling window closes."""
+        return self._last_datagram + self._window
 
     def _open(self, client: tuple[str, int]) -> _Session | None:
         limit = self.project.limits.udp_max_sessions

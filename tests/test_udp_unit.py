@@ -476,3 +476,15 @@ def test_busy_routes_share_one_call_and_the_last_to_stop_ends_it(polling_route: 
         assert not polling(h)
     finally:
         other.close_all("test over")
+
+
+def test_a_reload_that_turns_polling_off_stops_it_at_once(polling_route: Harness) -> None:
+    h = polling_route
+    project = parse_cli_route("udp", f"udp:5353 -> {LOOPBACK}:{h.backend.port}", Limits(udp_busy_poll=0))
+    h.route.update(project)
+    assert h.route._window == 0
+    turn(h, 0.00001)  # the turn already asked for finds no window open
+    assert not polling(h)
+    h.send(A)
+    h.send(A)
+    assert not polling(h)
