@@ -59,17 +59,41 @@ def _os_reason(failure: Any) -> str:
 
 
 class Listener(Service):
-    """One bound port and what answers on it."""
+    """
+    One bound port and what answers on it.
 
-    def __init__(self, route: Route, factory: Any, port: IListeningPort):
+    @ivar taken_from: for a port handed over in a change, the listener of the
+        project that gave it up; until the change commits, the port is still
+        that one's.
+    @ivar given_away: the port now answers for another project: stopping
+        this listener must not close it.
+    """
+
+    def __init__(self, route: Route, factory: Any, port: IListeningPort, taken_from: Listener | None = None):
         self.route = route
         self.factory = factory
         self.port = port
+        self.taken_from = taken_from
+        self.given_away = False
         self.setName(route.project or "ingress")
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
+        if self.given_away:
+            return None
         return defer.maybeDeferred(self.port.stopListening)
+
+    def answer_with(self, factory: Any) -> None:
+        """New connections or datagrams on this port go to C{factory}; open ones go on."""
+        if self.route.namespace == "udp":
+            # The old route's sessions end here: their clients' next datagrams
+            # reach the new route, which opens sessions of its own.
+            self.port.protocol.doStop()  # type: ignore[attr-defined]
+            self.port.protocol = factory  # type: ignore[attr-defined]
+            factory.makeConnection(self.port)
+        else:
+            self.port.factory = factory  # type: ignore[attr-defined]
+        self.factory = factory
 
 
 class RouterService(MultiService):
@@ -240,15 +264,29 @@ class RouterService(MultiService):
         await self._commit(table, bound, first=first)
 
     async def _prepare(self, table: RoutingTable, *, first: bool = False) -> dict[str, Listener]:
-        """Bind what C{table} needs and is not bound yet; all or nothing."""
+        """
+        Bind what C{table} needs and is not bound yet; all or nothing. A port
+        that one project gives up in this change and another asks for, on
+        the same listening description, is handed over rather than bound
+        again (binding first would find it still in use).
+        """
         current = {} if first else self.listeners
+        wanted = table.listeners()
+        given_up = {
+            (l.route.namespace, l.route.listen): l for name, l in current.items()
+            if name not in wanted or wanted[name].listen != l.route.listen
+        }
         bound: dict[str, Listener] = {}
         try:
-            for name, route in table.listeners().items():
+            for name, route in wanted.items():
                 old = current.get(name)
                 if old is not None and old.route.listen == route.listen:
                     continue
                 factory = self._factory_for(table.projects[name])
+                giver = given_up.pop((route.namespace, route.listen), None)
+                if giver is not None:
+                    bound[name] = Listener(route, factory, giver.port, taken_from=giver)
+                    continue
                 bound[name] = Listener(route, factory, await self._listen(route, factory))
         except BaseException:
             # Release without waiting, so the error surfaces synchronously
@@ -260,7 +298,8 @@ class RouterService(MultiService):
     @staticmethod
     def _abandon(bound: dict[str, Listener]) -> None:
         for listener in bound.values():
-            _release(listener.port)
+            if listener.taken_from is None:  # a handed-over port stays its giver's
+                _release(listener.port)
 
     def _commit(self, table: RoutingTable, bound: dict[str, Listener], *, first: bool = False) -> defer.Deferred[Any]:
         """
@@ -290,6 +329,15 @@ class RouterService(MultiService):
             listener.route = route
         kept.update(bound)
         self.listeners = kept
+        for listener in bound.values():
+            giver = listener.taken_from
+            if giver is not None:
+                giver.given_away = True
+                listener.answer_with(listener.factory)
+                listener.taken_from = None
+                log.info("{protocol} route {project} takes over {address} from project {giver}",
+                         protocol=listener.route.protocol, project=listener.route.project,
+                         address=_address(listener.port), giver=giver.name)
         closing = []
         for listener in released:
             # Stop accepting at once; what is open may finish (below). Before

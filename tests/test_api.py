@@ -822,6 +822,85 @@ async def test_truncated_state_file_stops_start_up_with_one_line(tmp_path: Path)
         daemon.stop()
 
 
+def udp_project(name: str, port: int, backend: int) -> str:
+    return (f"{{name: {name}, backend: '{LOOPBACK}:{backend}', "
+            f"listen: {{port: {port}, protocol: udp, interface: {LOOPBACK}}}}}")
+
+
+def udp_ask(port: int, message: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.sendto(message, (LOOPBACK, port))
+        return sock.recv(65535)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_hands_ports_over_between_projects(tmp_path: Path) -> None:
+    """
+    Renaming a project, two projects swapping ports and a UDP route renamed,
+    in one reload: each port is handed over on its bound socket (new ports are
+    bound before old ones close, so binding again would find them in use).
+    """
+    from tests.test_udp import EchoBackend
+
+    one, two = ThreadServer(tagged_echo(b"1:")), ThreadServer(tagged_echo(b"2:"))
+    udp_one, udp_two = EchoBackend(), EchoBackend()
+    renamed, p, q = distinct_ports(3)
+    (dns,) = distinct_ports(1, socket.SOCK_DGRAM)
+    config, state = tmp_path / "routes.yaml", tmp_path / "state"
+    write_config(
+        config, state,
+        tcp_project("old", renamed, one.address),
+        tcp_project("x", p, one.address), tcp_project("y", q, two.address),
+        udp_project("dns", dns, udp_one.port),
+    )
+    daemon = Twistd("--config", str(config))
+    sock = None
+    try:
+        await daemon.ingress_port()
+        for name in ("old", "x", "y", "dns"):
+            await daemon.port_of(name)
+        sock = await in_thread(connect, renamed)
+        assert await in_thread(say, sock, b"before") == b"1:before"
+        assert await in_thread(udp_ask, dns, b"q1") == b"q1"
+        assert udp_one.received == 1
+
+        write_config(
+            config, state,
+            tcp_project("new", renamed, two.address),
+            tcp_project("x", q, one.address), tcp_project("y", p, two.address),
+            udp_project("dns2", dns, udp_two.port),
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        await daemon.wait_line(rf"reloaded {re.escape(str(config))}: 2 added, 2 removed, 2 changed")
+        for line in (f"tcp route new takes over 127.0.0.1:{renamed} from project old",
+                     f"tcp route x takes over 127.0.0.1:{q} from project y",
+                     f"tcp route y takes over 127.0.0.1:{p} from project x",
+                     f"udp route dns2 takes over 127.0.0.1:{dns} from project dns"):
+            assert daemon.find(re.escape(line)), line
+        assert await in_thread(say, sock, b"during") == b"1:during"  # the old name's connection goes on
+        assert await in_thread(roundtrip, renamed, b"a") == b"2:a"
+        assert await in_thread(roundtrip, p, b"b") == b"2:b"
+        assert await in_thread(roundtrip, q, b"c") == b"1:c"
+        assert await in_thread(udp_ask, dns, b"q2") == b"q2"
+        assert (udp_one.received, udp_two.received) == (1, 1)
+        for port in (renamed, p, q, dns):  # bound once, at start-up
+            assert len([l for l in daemon.output if l.endswith(f"listening on 127.0.0.1:{port}")]) == 1, port
+        status, body = await api(await daemon.ingress_port(), "GET", "/_api/routes")
+        assert {(r["project"], r["port"]) for r in body["routes"] if r["project"]} == {
+            ("new", renamed), ("x", q), ("y", p), ("dns2", dns)}
+        sock.close()
+        await stop_twistd(daemon)
+    finally:
+        if sock is not None:
+            sock.close()
+        daemon.stop()
+        for server in (one, two):
+            server.close()
+        udp_one.close()
+        udp_two.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_sighup_applies_the_difference_and_an_invalid_file_changes_nothing(tmp_path: Path) -> None:
     one, two, three = ThreadServer(tagged_echo(b"1:")), ThreadServer(tagged_echo(b"2:")), ThreadServer(echo)
