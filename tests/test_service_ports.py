@@ -230,29 +230,8 @@ async def exchange_64_mib(port: int, service: ThreadServer) -> None:
     assert client_got == (SIZE, service_sent), "the client did not get what the service sent"
 
 
-@pytest_twisted.ensureDeferred
-async def test_websocat_tunnel_64_mib_each_way(tmp_path: Path) -> None:
-    service = ThreadServer(both_ways_service)
-    router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
-    local = free_port()
-    websocat = websocat_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path,
-                               [f"Authorization: Bearer {ADMIN_TOKEN}"])
-    try:
-        await websocat.listening_on(local)
-        await exchange_64_mib(local, service)
-        await wait_for(lambda: not router.sessions.live, what="the bridge to end")
-    finally:
-        websocat.stop()
-        service.close()
-        await router.stopService()
-
-
-@pytest_twisted.ensureDeferred
-async def test_portrouter_tunnel_64_mib_each_way(tmp_path: Path) -> None:
-    service = ThreadServer(both_ways_service)
-    router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
-    local = free_port()
-    tunnel = portrouter_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path, "--token", ADMIN_TOKEN)
+async def tunnel_64_mib(router: Any, service: ThreadServer, tunnel: Any, local: int) -> None:
+    """64 MiB each way through C{tunnel}, listening on C{local}; then everything is stopped."""
     try:
         await tunnel.listening_on(local)
         await exchange_64_mib(local, service)
@@ -261,6 +240,25 @@ async def test_portrouter_tunnel_64_mib_each_way(tmp_path: Path) -> None:
         tunnel.stop()
         service.close()
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocat_tunnel_64_mib_each_way(tmp_path: Path) -> None:
+    service = ThreadServer(both_ways_service)
+    router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
+    local = free_port()
+    websocat = websocat_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path,
+                               [f"Authorization: Bearer {ADMIN_TOKEN}"])
+    await tunnel_64_mib(router, service, websocat, local)
+
+
+@pytest_twisted.ensureDeferred
+async def test_portrouter_tunnel_64_mib_each_way(tmp_path: Path) -> None:
+    service = ThreadServer(both_ways_service)
+    router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
+    local = free_port()
+    tunnel = portrouter_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path, "--token", ADMIN_TOKEN)
+    await tunnel_64_mib(router, service, tunnel, local)
 
 
 @pytest_twisted.ensureDeferred
@@ -276,14 +274,7 @@ async def test_ws_route_64_mib_each_way(tmp_path: Path) -> None:
     local = free_port()
     # Any path, no credentials.
     websocat = websocat_tunnel(f"ws://{LOOPBACK}:{router.port_of('vnc')}/websockify", local, tmp_path)
-    try:
-        await websocat.listening_on(local)
-        await exchange_64_mib(local, service)
-        await wait_for(lambda: not router.sessions.live, what="the bridge to end")
-    finally:
-        websocat.stop()
-        service.close()
-        await router.stopService()
+    await tunnel_64_mib(router, service, websocat, local)
 
 
 # -- real clients and servers ---------------------------------------------------------------
