@@ -92,6 +92,14 @@ def pool() -> Iterator[list[int]]:
         udp_holder.close()
 
 
+@pytest.fixture
+def ingress(pool: list[int]) -> int:
+    """The ingress's own port, outside the pool: on port 0 the OS could hand it one of the pool's."""
+    while (port := free_port()) in pool:
+        pass
+    return port
+
+
 class Answer:
     """A stand-in for the channel the API handler answers on."""
 
@@ -288,11 +296,11 @@ operations = st.lists(
               ("pair", ("b", "tcp", 2), ("c", "tcp", 0), 9), ("put", "c", "ws", 0, 10)])
 @pytest_twisted.ensureDeferred
 async def test_any_sequence_of_changes_keeps_the_listeners_equal_to_the_table(
-    pool: list[int], tmp_path: Path, ops: list[tuple[Any, ...]]
+    pool: list[int], ingress: int, tmp_path: Path, ops: list[tuple[Any, ...]]
 ) -> None:
     state = Path(tempfile.mkdtemp(dir=tmp_path))
     state_file = state / "projects.json"
-    router = RouterService(Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(state), drain_timeout=1), reactor)
+    router = RouterService(Config(ingress=f"tcp:{ingress}:interface={LOOPBACK}", state=str(state), drain_timeout=1), reactor)
     router.privilegedStartService()
     router.startService()
     model: Model = {}
