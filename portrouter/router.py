@@ -324,8 +324,7 @@ class RouterService(MultiService):
             else:
                 # Same port, another kind of route: new connections get the
                 # new kind; the socket stays bound throughout.
-                listener.factory = self._factory_for(project)
-                listener.port.factory = listener.factory  # type: ignore[attr-defined]
+                listener.answer_with(self._factory_for(project))
             listener.route = route
         kept.update(bound)
         self.listeners = kept
@@ -333,7 +332,7 @@ class RouterService(MultiService):
             giver = listener.taken_from
             if giver is not None:
                 giver.given_away = True
-                listener.answer_with(listener.factory)
+                listener.answer_with(listener.factory)  # the port still answers with the giver's
                 listener.taken_from = None
                 log.info("{protocol} route {project} takes over {address} from project {giver}",
                          protocol=listener.route.protocol, project=listener.route.project,

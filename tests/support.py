@@ -235,6 +235,47 @@ class Twistd:
             self.proc.wait(10)
 
 
+class UDPEcho:
+    """
+    A UDP echo server on 127.0.0.1 in its own thread, replies prefixed with
+    C{tag}; C{received} counts datagrams and C{peers} is every address heard.
+    """
+
+    def __init__(self, port: int = 0, tag: bytes = b""):
+        self.tag = tag
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((LOOPBACK, port))
+        self.sock.settimeout(0.2)  # only so that close() is noticed
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.peers: set[tuple[str, int]] = set()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stopped:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            self.peers.add(peer)
+            self.sock.sendto(self.tag + data, peer)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._thread.join(5)
+        self.sock.close()
+
+
 class RawWebSocket:
     """
     A blocking client that speaks HTTP/1.1 and RFC 6455 by hand, to see

@@ -20,7 +20,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ from portrouter.router import RouterService
 from portrouter.state import State, StateError
 from portrouter.web import Request
 from tests.httpbackend import Backend
-from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, ThreadServer, Twistd, UDPEcho, free_port, in_thread, start_router, wait_for
 
 ADMIN = "admin-token-0123456789"
 USER = "user-token-abcdefghij"
@@ -61,38 +60,6 @@ def tagged_echo(tag: bytes) -> Callable[[socket.socket], None]:
             conn.sendall(tag + data)
 
     return serve
-
-
-class UDPEcho:
-    """A UDP echo server on 127.0.0.1 in its own thread; replies are prefixed with C{udp:}."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOPBACK, 0))
-        self.sock.settimeout(0.2)  # only so that close() is noticed
-        self.port = self.sock.getsockname()[1]
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stopped:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.sock.sendto(b"udp:" + data, peer)
-
-    def close(self) -> None:
-        self._stopped = True
-        self._thread.join(5)
-        self.sock.close()
 
 
 def distinct_ports(n: int, kind: int = socket.SOCK_STREAM) -> list[int]:
@@ -234,7 +201,7 @@ class Snapshot:
 
 @pytest_twisted.ensureDeferred
 async def test_deploy_http_tcp_and_udp_projects_and_use_them_at_once(tmp_path: Path) -> None:
-    web, tcp_backend, udp_backend = Backend(), ThreadServer(echo), UDPEcho()
+    web, tcp_backend, udp_backend = Backend(), ThreadServer(echo), UDPEcho(tag=b"udp:")
     http_port, tcp_port = distinct_ports(2)
     udp_port = free_port(socket.SOCK_DGRAM)
     router = await api_router(tmp_path)
@@ -841,10 +808,8 @@ async def test_a_reload_hands_ports_over_between_projects(tmp_path: Path) -> Non
     in one reload: each port is handed over on its bound socket (new ports are
     bound before old ones close, so binding again would find them in use).
     """
-    from tests.test_udp import EchoBackend
-
     one, two = ThreadServer(tagged_echo(b"1:")), ThreadServer(tagged_echo(b"2:"))
-    udp_one, udp_two = EchoBackend(), EchoBackend()
+    udp_one, udp_two = UDPEcho(), UDPEcho()
     renamed, p, q = distinct_ports(3)
     (dns,) = distinct_ports(1, socket.SOCK_DGRAM)
     config, state = tmp_path / "routes.yaml", tmp_path / "state"
@@ -1191,7 +1156,7 @@ def sample(values: dict[Any, float], name: str, **labels: str) -> float | None:
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_parse_and_count_the_traffic(tmp_path: Path) -> None:
-    web, tcp_backend, udp_backend = Backend(), ThreadServer(echo), UDPEcho()
+    web, tcp_backend, udp_backend = Backend(), ThreadServer(echo), UDPEcho(tag=b"udp:")
     http_port, tcp_port, down_port, started_port, service_port, nobody = distinct_ports(6)
     udp_port = free_port(socket.SOCK_DGRAM)
     router = await api_router(tmp_path)

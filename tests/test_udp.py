@@ -14,7 +14,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 from typing import Any, Iterator
 
@@ -25,7 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import Config, Limits
 from portrouter.udp import UDPRoute
-from tests.support import LOOPBACK, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, UDPEcho, free_port, in_thread, start_router, wait_for
 
 # The largest UDP payload over IPv4: 65,535 - 20 (IP) - 8 (UDP).
 MAX_PAYLOAD = 65507
@@ -63,39 +62,6 @@ def exchange(sock: socket.socket, route: tuple[str, int], data: bytes) -> bytes:
 def session_ends(events: list[dict[str, Any]], client: tuple[str, int]) -> list[dict[str, Any]]:
     name = f"{client[0]}:{client[1]}"
     return [e for e in events if e.get("log_namespace") == "portrouter.udp" and e.get("client") == name]
-
-
-class EchoBackend:
-    """A UDP echo server on 127.0.0.1 in its own thread; C{peers} is every address it heard from."""
-
-    def __init__(self, port: int = 0):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((LOOPBACK, port))
-        self.sock.settimeout(0.2)  # only so that close() is noticed
-        self.port = self.sock.getsockname()[1]
-        self.received = 0
-        self.peers: set[tuple[str, int]] = set()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stopped:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.received += 1
-            self.peers.add(peer)
-            self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self._stopped = True
-        self._thread.join(5)
-        self.sock.close()
 
 
 # --- DNS -------------------------------------------------------------------------
@@ -347,7 +313,7 @@ def echo_client(address: tuple[str, int], k: int) -> tuple[int, int, list[int]]:
 @pytest_twisted.ensureDeferred
 async def test_echo_1000_datagrams_of_every_size_intact_and_in_order() -> None:
     assert (SIZES[0], SIZES[-1], len(set(SIZES))) == (1, MAX_PAYLOAD, 1000)
-    backend = EchoBackend()
+    backend = UDPEcho()
     router, route, address = await route_to(backend.port)
     try:
         # Every client's largest datagrams queue on the one listening socket:
@@ -374,7 +340,7 @@ async def test_echo_1000_datagrams_of_every_size_intact_and_in_order() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_empty_datagram_is_relayed_both_ways() -> None:
-    backend = EchoBackend()
+    backend = UDPEcho()
     router, route, address = await route_to(backend.port)
     try:
         def client() -> tuple[bytes, bytes, int]:
@@ -403,7 +369,7 @@ async def test_backend_down_then_up_old_and_new_clients_get_replies() -> None:
         await wait_for(lambda: route.refused >= 1, what="the backend's refusal to be counted")
         old_session = route.sessions[old.getsockname()]
         assert router.listeners["udp-0"].port.connected  # the listener is still up
-        backend = EchoBackend(backend_port)
+        backend = UDPEcho(backend_port)
         assert await in_thread(exchange, new, address, b"first") == b"first"
         assert await in_thread(exchange, old, address, b"again") == b"again"
         # The refusal cost one datagram, not the session.
@@ -422,7 +388,7 @@ async def test_backend_down_then_up_old_and_new_clients_get_replies() -> None:
 async def test_session_bound_drops_new_clients_and_keeps_the_old() -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    backend = EchoBackend()
+    backend = UDPEcho()
     router, route, address = await route_to(backend.port, udp_max_sessions=2)
     a, b, c = client_socket(), client_socket(), client_socket()
     try:
@@ -455,7 +421,7 @@ async def test_session_bound_drops_new_clients_and_keeps_the_old() -> None:
 async def test_idle_session_ends_with_one_log_line() -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    backend = EchoBackend()
+    backend = UDPEcho()
     router, route, address = await route_to(backend.port, udp_timeout=0.5)
     sock = client_socket()
     try:
@@ -486,7 +452,7 @@ async def test_idle_session_ends_with_one_log_line() -> None:
 async def test_stopping_the_route_ends_each_session_with_a_log_line() -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    backend = EchoBackend()
+    backend = UDPEcho()
     router, route, address = await route_to(backend.port)
     socks = [client_socket() for _ in range(3)]
     try:
