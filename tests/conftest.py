@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -6,7 +7,11 @@ import pytest
 from twisted.logger import globalLogPublisher
 
 # The tests import the package from the checkout, and `tests.support` as a module.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, ROOT)
+# So do the processes they start (twistd, the tunnel): the checkout's code, not
+# whatever version was last installed (a second work tree would test the first's).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(autouse=True)
