@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from portrouter.auth import Refused
-from portrouter.config import ConfigError, parse_project
+from portrouter.config import ConfigError, JSONProblem, kind_of, parse_project, quote, read_json
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
 from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
@@ -184,16 +184,17 @@ class API:
     async def _deploy(self, name: str, body: bytes) -> tuple[int, bytes]:
         router = self.router
         try:
-            data = json.loads(body)
+            data = read_json(body)
         except json.JSONDecodeError as e:
             raise APIError(400, "invalid", f"the body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-        except UnicodeDecodeError:
-            raise APIError(400, "invalid", "the body is not UTF-8") from None
-        if isinstance(data, dict):
-            if "name" not in data:
-                data = {"name": name, **data}
-            elif data["name"] != name:
-                raise APIError(400, "invalid", f"the body names project {data['name']!r}, the URL {name!r}", "name")
+        except JSONProblem as e:
+            raise APIError(400, "invalid", f"the body {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "invalid", f"the body must be a JSON object (a project manifest), got {kind_of(data)}")
+        if "name" not in data:
+            data = {"name": name, **data}
+        elif data["name"] != name:
+            raise APIError(400, "invalid", f"the body names project {quote(data['name'])}, the URL {quote(name)}", "name")
         try:
             project = parse_project(data, router.config.defaults, "", static=False)
         except ConfigError as e:

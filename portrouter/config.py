@@ -10,10 +10,14 @@ parsers, so what validates here is what binds and connects later.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
+import json
+import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -57,12 +61,41 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+# The longest string any field takes: names, endpoints, paths and tokens are
+# far shorter, and a longer one would only be shown back, logged and stored.
+MAX_STRING = 4096
+# A command's arguments and environment values: Linux's MAX_ARG_STRLEN, past
+# which exec refuses them anyway. They may hold tabs and newlines (scripts).
+MAX_ARG = 131072
+# JSON (API bodies, the state file) nested deeper than any manifest is.
+MAX_DEPTH = 32
+
+
+class BigNumber:
+    """
+    An integer too long for Python to read (over 4300 digits, CVE-2020-10735):
+    kept as text so that the field it was given for can refuse it by name.
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return _long_digits(self.digits)
+
+
+def _long_digits(digits: str) -> str:
+    return f"{digits[:12]}...{digits[-3:]} ({len(digits.lstrip('+-'))} digits)"
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int):
+    if isinstance(value, (int, BigNumber)):
         return "an integer"
     if isinstance(value, float):
         return "a number"
@@ -72,42 +105,179 @@ def _kind(value: object) -> str:
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date"  # YAML reads 2001-12-14 as one
+    if isinstance(value, bytes):
+        return "binary data"
     return type(value).__name__
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+_SHORT.maxlevel = 2
+
+
 def _show(value: object) -> str:
-    """A value as it is written in YAML (C{true}, C{null}), not in Python."""
+    """
+    A value as it is written in YAML (C{true}, C{null}, C{.inf}), not in
+    Python, and short: a megabyte string or a 5000-digit number is quoted by
+    its ends, so that an error message stays one readable line.
+    """
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, int):
+        if value.bit_length() > 14000:  # too long for str() (4300 digits)
+            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+        digits = str(value)
+        return digits if len(digits) <= 40 else _long_digits(digits)
+    return _SHORT.repr(value)
+
+
+def quote(value: object) -> str:
+    """L{_show} for the API's own messages: the same short quoting."""
+    return _show(value)
+
+
+def kind_of(value: object) -> str:
+    """What sort of value it is, as error messages name it (C{a list}, C{null})."""
+    return _kind(value)
+
+
+def _got(value: object) -> str:
+    """What was given instead: a scalar quoted, a list or mapping by its kind."""
+    if value is None or isinstance(value, (str, int, float, BigNumber)):
+        return _show(value)
+    return _kind(value)
 
 
 def _expect_mapping(value: object, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+        raise ConfigError(path, f"expected a mapping, got {_got(value)}")
     return value
 
 
 def _expect_list(value: object, path: str) -> Sequence[Any]:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(path, f"expected a list, got {_kind(value)}")
+        raise ConfigError(path, f"expected a list, got {_got(value)}")
     return value
 
 
-def _expect_str(value: object, path: str) -> str:
+# Control characters: none in one-line fields (they would forge log lines and
+# never name a host, a file or a token); tabs and newlines in a command.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_ARG = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _check_text(text: str, path: str, limit: int, control: re.Pattern[str]) -> str:
+    if len(text) > limit:
+        raise ConfigError(path, f"{_show(text)} is longer than {limit} characters")
+    bad = control.search(text)
+    if bad:
+        raise ConfigError(path, f"{_show(text)} contains a control character (0x{ord(bad.group()):02x})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(path, f"{_show(text)} is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def _expect_str(value: object, path: str, *, arg: bool = False) -> str:
+    """A one-line string; with C{arg}, a command's argument (longer, may hold tabs and newlines)."""
     if not isinstance(value, str):
-        raise ConfigError(path, f"expected a string, got {_kind(value)}")
+        raise ConfigError(path, f"expected a string, got {_got(value)}")
     if not value:
         raise ConfigError(path, "must not be empty")
-    return value
+    if arg:
+        return _check_text(value, path, MAX_ARG, _CONTROL_IN_ARG)
+    return _check_text(value, path, MAX_STRING, _CONTROL)
 
 
 def _expect_bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(path, f"expected true or false, got {_kind(value)}")
+        raise ConfigError(path, f"expected true or false, got {_got(value)}")
     return value
+
+
+# --- JSON, as strict as the YAML file ---------------------------------------------
+
+
+class JSONProblem(ValueError):
+    """A JSON text a manifest may not be; the message completes "the body ..."."""
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_depth(text: str) -> None:
+    opening = text.count("[") + text.count("{")
+    if opening <= MAX_DEPTH:
+        return  # every manifest: no need to look closer
+    depth = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise JSONProblem(f"nests deeper than {MAX_DEPTH} levels")
+
+
+def _abbrev(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
+def _no_constant(name: str) -> Any:
+    raise JSONProblem(f"holds {name}, which is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise JSONProblem(f"holds {_abbrev(text)}, which is not a finite number")
+    return number
+
+
+def _any_int(text: str) -> int | BigNumber:
+    try:
+        return int(text)
+    except ValueError:
+        return BigNumber(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JSONProblem(f"holds the key {_show(key)} twice in one object")
+            seen.add(key)
+    return data
+
+
+def read_json(data: bytes) -> Any:
+    """
+    Parse a JSON document as a manifest's source (an API body, the state
+    file): UTF-8 only, finite numbers only (Python's json reads C{NaN},
+    C{Infinity} and C{1e999}, which no other JSON reader takes back), no key
+    twice in one object, at most L{MAX_DEPTH} levels.
+
+    @raise json.JSONDecodeError: not JSON at all.
+    @raise JSONProblem: JSON that is refused; the message says why.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONProblem(f"is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    _check_depth(text)
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                          parse_int=_any_int, object_pairs_hook=_unique_keys)
+    except RecursionError:  # _check_depth should have refused it first
+        raise JSONProblem(f"nests deeper than {MAX_DEPTH} levels") from None
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -128,15 +298,28 @@ def _port(value: object, path: str) -> int:
     return value
 
 
+def _finite(value: object, path: str, what: str) -> float:
+    """An int or float given for C{what}, as a finite float; anything else refused, quoted."""
+    if isinstance(value, BigNumber):
+        raise ConfigError(path, f"{_show(value)} is too large")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected {what}, got {_got(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(path, f"{_show(value)} is too large") from None
+    if not math.isfinite(number):
+        raise ConfigError(path, f"{_show(value)} is not a finite number of seconds")
+    return number
+
+
 def _number(value: object, path: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "a number of seconds or null" if optional else "a number of seconds"
-        raise ConfigError(path, f"expected {what}, got {_kind(value)}")
-    if not value > 0:
-        raise ConfigError(path, f"{value!r} must be greater than 0")
-    return float(value)
+    number = _finite(value, path, "a number of seconds or null" if optional else "a number of seconds")
+    if not number > 0:
+        raise ConfigError(path, f"{_show(value)} must be greater than 0")
+    return number
 
 
 # More than this would spend a core waiting rather than shorten a round trip.
@@ -145,9 +328,9 @@ MAX_BUSY_POLL = 0.01
 
 def _busy_poll(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(path, f"expected a number of seconds (0 to turn polling off), got {_kind(value)}")
-    if not 0 <= value <= MAX_BUSY_POLL:
-        raise ConfigError(path, f"{value!r} must be from 0 to {MAX_BUSY_POLL:g} seconds")
+        raise ConfigError(path, f"expected a number of seconds (0 to turn polling off), got {_got(value)}")
+    if not 0 <= value <= MAX_BUSY_POLL:  # NaN too: every comparison with it is false
+        raise ConfigError(path, f"{_show(value)} must be from 0 to {MAX_BUSY_POLL:g} seconds")
     return float(value)
 
 
@@ -156,9 +339,9 @@ def _count(value: object, path: str, *, optional: bool = False) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         what = "a whole number or null" if optional else "a whole number"
-        raise ConfigError(path, f"expected {what}, got {_kind(value)}")
+        raise ConfigError(path, f"expected {what}, got {_got(value)}")
     if value < 1:
-        raise ConfigError(path, f"{value!r} must be at least 1")
+        raise ConfigError(path, f"{_show(value)} must be at least 1")
     return value
 
 
@@ -167,7 +350,7 @@ def _interface(value: object, path: str) -> str:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(path, f"{text!r} is not an IP address") from None
+        raise ConfigError(path, f"{_show(text)} is not an IP address") from None
     return text
 
 
@@ -191,7 +374,7 @@ def _checked_port(endpoint: object, desc: str, path: str, *, allow_zero: bool) -
     port = getattr(endpoint, "_port", None)
     low = 0 if allow_zero else 1
     if isinstance(port, int) and not low <= port <= 65535:
-        raise ConfigError(path, f"{desc!r}: {port} is not a port ({low}-65535)")
+        raise ConfigError(path, f"{_show(desc)}: {_show(port)} is not a port ({low}-65535)")
 
 
 def check_server_strport(value: object, path: str, *, allow_zero: bool = False) -> str:
@@ -203,7 +386,7 @@ def check_server_strport(value: object, path: str, *, allow_zero: bool = False) 
         endpoint = serverFromString(reactor, desc)
     except Exception as e:
         raise ConfigError(
-            path, f"{desc!r} is not a listening endpoint: {_endpoint_problem(e)}"
+            path, f"{_show(desc)} is not a listening endpoint: {_endpoint_problem(e)}"
         ) from None
     _checked_port(endpoint, desc, path, allow_zero=allow_zero)
     return desc
@@ -218,7 +401,7 @@ def check_client_endpoint(value: object, path: str) -> str:
         endpoint = clientFromString(reactor, desc)
     except Exception as e:
         raise ConfigError(
-            path, f"{desc!r} is not a client endpoint: {_endpoint_problem(e)}"
+            path, f"{_show(desc)} is not a client endpoint: {_endpoint_problem(e)}"
         ) from None
     _checked_port(endpoint, desc, path, allow_zero=False)
     return desc
@@ -229,11 +412,11 @@ def split_hostport(value: object, path: str) -> tuple[str, int]:
     text = _expect_str(value, path)
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
     if not match:
-        raise ConfigError(path, f"{text!r} is not HOST:PORT")
+        raise ConfigError(path, f"{_show(text)} is not HOST:PORT")
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
     if not 1 <= port <= 65535:
-        raise ConfigError(path, f"{text!r}: {port} is not a port (1-65535)")
+        raise ConfigError(path, f"{_show(text)}: {_show(port)} is not a port (1-65535)")
     return host, port
 
 
@@ -390,10 +573,14 @@ def _name(value: object, path: str) -> str:
     text = _expect_str(value, path)
     if not NAME_RE.match(text):
         raise ConfigError(
-            path, f"{text!r} is not a valid name (lower-case letters, digits and "
+            path, f"{_show(text)} is not a valid name (lower-case letters, digits and "
             "'-', starting with a letter or digit, at most 63)"
         )
     return text
+
+
+# What exec passes on: no '=' in a name (it ends the name), no NUL anywhere.
+_ENV_NAME = re.compile(r"[^=\x00]{1,256}\Z")
 
 
 def _command(data: Mapping[str, Any], path: str) -> Command | None:
@@ -406,16 +593,23 @@ def _command(data: Mapping[str, Any], path: str) -> Command | None:
     argv = _expect_list(data["command"], cpath)
     if not argv:
         raise ConfigError(cpath, "must name a program to run")
-    args = tuple(_expect_str(a, _join(cpath, i)) for i, a in enumerate(argv))
+    args = tuple(_expect_str(a, _join(cpath, i), arg=True) for i, a in enumerate(argv))
     env = None
     if data.get("env") is not None:
         epath = _join(path, "env")
         raw = _expect_mapping(data["env"], epath)
         env = {}
         for k, v in raw.items():
+            vpath = _join(epath, str(k))
+            if not isinstance(k, str) or not _ENV_NAME.match(k):
+                raise ConfigError(vpath, f"{_show(k)} is not an environment variable name")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(vpath, f"{_show(v)} is not a finite number")
             if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                raise ConfigError(_join(epath, str(k)), f"expected a string, got {_kind(v)}")
-            env[str(k)] = str(v)
+                raise ConfigError(vpath, f"expected a string, got {_got(v)}")
+            if isinstance(v, str):
+                _check_text(v, vpath, MAX_ARG, _CONTROL_IN_ARG)
+            env[k] = str(v)
     cwd = _expect_str(data["cwd"], _join(path, "cwd")) if data.get("cwd") is not None else None
     idle_stop = _number(data.get("idle_stop"), _join(path, "idle_stop"), optional=True)
     return Command(args, env, cwd, idle_stop)
@@ -540,10 +734,10 @@ def _udp_listen(desc: str, path: str) -> Listen:
     """``udp:PORT[:interface=ADDR]``: Twisted has no UDP strports, so parse it here."""
     match = re.fullmatch(r"udp:(?:port=)?(\d+)(?::interface=(.+))?", desc)
     if not match:
-        raise ConfigError(path, f"{desc!r} is not a UDP listen description (udp:PORT[:interface=ADDR])")
+        raise ConfigError(path, f"{_show(desc)} is not a UDP listen description (udp:PORT[:interface=ADDR])")
     port = int(match.group(1))
     if not 0 <= port <= 65535:
-        raise ConfigError(path, f"{desc!r}: {port} is not a port (0-65535)")
+        raise ConfigError(path, f"{_show(desc)}: {port} is not a port (0-65535)")
     interface = match.group(2).replace("\\:", ":") if match.group(2) else None
     if interface is not None:
         _interface(interface, path)
@@ -557,7 +751,7 @@ def parse_cli_route(protocol: str, text: str, defaults: Limits = Limits()) -> Pr
     """
     path = f"--{protocol}"
     if "->" not in text:
-        raise ConfigError(path, f"{text!r} is not 'LISTEN -> BACKEND'")
+        raise ConfigError(path, f"{_show(text)} is not 'LISTEN -> BACKEND'")
     listen_desc, backend = (part.strip() for part in text.split("->", 1))
     if protocol == "udp":
         listen = _udp_listen(listen_desc, path)
@@ -639,9 +833,9 @@ def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
         with open(name, encoding="utf-8") as f:
             secret = f.read().strip()
     except OSError as e:
-        raise ConfigError(fpath, f"cannot read {name!r}: {e.strerror}") from None
+        raise ConfigError(fpath, f"cannot read {_show(name)}: {e.strerror}") from None
     if not secret:
-        raise ConfigError(fpath, f"{name!r} is empty")
+        raise ConfigError(fpath, f"{_show(name)} is empty")
     return secret
 
 
@@ -780,7 +974,7 @@ class _Loader(yaml.SafeLoader):
             if first is not None:
                 raise yaml.constructor.ConstructorError(
                     None, None,
-                    f"duplicate key {key!r} (first on line {first + 1})",
+                    f"duplicate key {_show(key)} (first on line {first + 1})",
                     key_node.start_mark,
                 )
             lines[key] = key_node.start_mark.line

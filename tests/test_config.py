@@ -192,7 +192,7 @@ BROKEN = [
         """, "ingress: 'tcp:8080:iface=127.0.0.1' is not a listening endpoint: unknown option 'iface'"),
     Broken("ingress-number", """
         ingress: 8080
-        """, "ingress: expected a string, got an integer"),
+        """, "ingress: expected a string, got 8080"),
     Broken("backend-unknown-type", """
         projects:
           - {name: web, backend: "http://127.0.0.1:4000"}
@@ -271,18 +271,18 @@ BROKEN = [
         """, "projects: expected a list, got a mapping"),
     Broken("projects-string", """
         projects: web
-        """, "projects: expected a list, got a string"),
+        """, "projects: expected a list, got 'web'"),
     Broken("project-string", """
         projects:
           - web
-        """, "projects[0]: expected a mapping, got a string"),
+        """, "projects[0]: expected a mapping, got 'web'"),
     Broken("listen-number", """
         projects:
           - {name: web, backend: "tcp:127.0.0.1:4000", listen: 3000}
-        """, "projects[0].listen: expected a mapping, got an integer"),
+        """, "projects[0].listen: expected a mapping, got 3000"),
     Broken("drain-timeout-string", """
         drain_timeout: 30s
-        """, "drain_timeout: expected a number of seconds, got a string"),
+        """, "drain_timeout: expected a number of seconds, got '30s'"),
     Broken("drain-timeout-zero", """
         drain_timeout: 0
         """, "drain_timeout: 0 must be greater than 0"),
@@ -291,7 +291,7 @@ BROKEN = [
           - name: web
             backend: tcp:127.0.0.1:8000
             command: python3 -m http.server
-        """, "projects[0].command: expected a list, got a string"),
+        """, "projects[0].command: expected a list, got 'python3 -m http.server'"),
     Broken("command-number-item", """
         projects:
           - name: k1
@@ -299,7 +299,7 @@ BROKEN = [
               - name: notebook
                 port: 8888
                 command: [python3, -m, http.server, 8888]
-        """, "projects[0].services[0].command[3]: expected a string, got an integer"),
+        """, "projects[0].services[0].command[3]: expected a string, got 8888"),
     Broken("command-empty", """
         projects:
           - {name: web, backend: "tcp:127.0.0.1:8000", command: []}
@@ -310,7 +310,7 @@ BROKEN = [
         """, "projects[0].env: only makes sense with 'command'"),
     Broken("defaults-not-mapping", """
         defaults: 10
-        """, "defaults: expected a mapping, got an integer"),
+        """, "defaults: expected a mapping, got 10"),
     Broken("limit-negative", """
         projects:
           - {name: web, backend: "tcp:127.0.0.1:4000", connect_timeout: -1}
@@ -324,7 +324,7 @@ BROKEN = [
         """, "projects[0].udp_busy_poll: -0.001 must be from 0 to 0.01 seconds"),
     Broken("busy-poll-yaml-exponent", """
         defaults: {udp_busy_poll: 5e-05}
-        """, "defaults.udp_busy_poll: expected a number of seconds (0 to turn polling off), got a string"),
+        """, "defaults.udp_busy_poll: expected a number of seconds (0 to turn polling off), got '5e-05'"),
     Broken("service-limit-zero", """
         projects:
           - name: k1
@@ -387,7 +387,7 @@ BROKEN = [
         auth:
           tokens:
             - {token: abc, admin: yes please}
-        """, "auth.tokens[0].admin: expected true or false, got a string"),
+        """, "auth.tokens[0].admin: expected true or false, got 'yes please'"),
     Broken("token-bad-project", """
         auth:
           tokens:
