@@ -354,6 +354,28 @@ def _interface(value: object, path: str) -> str:
     return text
 
 
+# RFC 1123 labels; '_' too, as container runtimes name hosts (``app_web_1``).
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
+def _host(value: object, path: str, shown: str | None = None) -> str:
+    """
+    A hostname or an IP address (v4 or v6, without brackets), nothing else:
+    it is put into an endpoint string, where a ``:`` would start options.
+    """
+    text = _expect_str(value, path)
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    if len(text) > 253 or not all(_LABEL.match(label) for label in labels):
+        prefix = f"{shown}: " if shown else ""
+        raise ConfigError(path, f"{prefix}{_show(text)} is not a hostname or an IP address")
+    return text
+
+
 def _endpoint_problem(exc: Exception) -> str:
     # Twisted's parsers speak Python (``__init__() missing 1 required
     # positional argument: 'port'``); keep the part an operator can act on.
@@ -417,7 +439,7 @@ def split_hostport(value: object, path: str) -> tuple[str, int]:
     port = int(match.group(2) or match.group(4))
     if not 1 <= port <= 65535:
         raise ConfigError(path, f"{_show(text)}: {_show(port)} is not a port (1-65535)")
-    return host, port
+    return _host(host, path, _show(text)), port
 
 
 # --- limits ---------------------------------------------------------------
@@ -699,7 +721,7 @@ def parse_project(
 
     host = None
     if data.get("host") is not None:
-        host = _expect_str(data["host"], _join(path, "host"))
+        host = _host(data["host"], _join(path, "host"))
     elif services:
         host = "127.0.0.1"
 

@@ -99,3 +99,56 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
             assert word not in saved
     finally:
         await router.stopService()
+
+
+# -- a service host is a hostname or an IP address ------------------------------------------
+
+
+def services_at(host: str) -> dict[str, Any]:
+    return {"name": "k1", "host": host, "services": [{"name": "sshd", "port": 22}]}
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1:19001:timeout=1", "tcp:127.0.0.1", "[::1]", "a b", "-lead.example", "trail-.example",
+    "a..b", "exa$mple.com", "http://x", "1.2.3.4/24", "é.example", "a" * 64 + ".example",
+])
+def test_a_service_host_that_is_not_a_hostname_or_address_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_project(services_at(host), path="projects[0]")
+    assert str(info.value) == f"projects[0].host: {host!r} is not a hostname or an IP address"
+
+
+def test_a_long_service_host_is_refused_and_quoted_short() -> None:
+    host = ".".join(["a" * 63] * 5)
+    with pytest.raises(ConfigError) as info:
+        parse_project(services_at(host), path="projects[0]")
+    message = str(info.value)
+    assert message.startswith("projects[0].host: 'aaaaaaa") and "...aaaa" in message, message
+    assert message.endswith("is not a hostname or an IP address") and len(message) < SHORT
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "::1", "fe80::1%lo", "localhost", "db.internal", "my_app_1", "example.com.", "a" * 63 + ".b",
+])
+def test_hostnames_and_addresses_are_accepted_as_service_hosts(host: str) -> None:
+    assert parse_project(services_at(host)).host == host
+
+
+def test_a_udp_backend_host_is_checked_the_same_way() -> None:
+    manifest = {"name": "dns", "backend": "a b:53", "listen": {"port": 5353, "protocol": "udp"}}
+    with pytest.raises(ConfigError) as info:
+        parse_project(manifest)
+    assert str(info.value) == "backend: 'a b:53': 'a b' is not a hostname or an IP address"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_refuses_a_bad_service_host(tmp_path: Path) -> None:
+    router = await api_router(tmp_path)
+    port = router.port_of()
+    try:
+        await refused_and_nothing_changed(Snapshot(port, tmp_path / "state" / "projects.json", router), port, [
+            ("k1", services_at("127.0.0.1:19001:timeout=1"), "host",
+             "'127.0.0.1:19001:timeout=1' is not a hostname or an IP address"),
+        ])
+    finally:
+        await router.stopService()
