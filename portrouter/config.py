@@ -605,6 +605,19 @@ def _name(value: object, path: str) -> str:
 _ENV_NAME = re.compile(r"[^=\x00]{1,256}\Z")
 
 
+# First path segments the ingress keeps for itself (SPEC 2): a project of
+# that name could never be reached by path. (``_api`` is no valid name.)
+RESERVED_NAMES = {"stream": "the ingress keeps /stream/ for service ports"}
+
+
+def _project_name(value: object, path: str) -> str:
+    name = _name(value, path)
+    if name in RESERVED_NAMES:
+        raise ConfigError(path, f"{_show(name)} is reserved: {RESERVED_NAMES[name]}, "
+                          "so no project of that name could be reached by path")
+    return name
+
+
 def _command(data: Mapping[str, Any], path: str) -> Command | None:
     if data.get("command") is None:
         for key in ("env", "cwd", "idle_stop"):
@@ -685,7 +698,7 @@ def parse_project(
     _check_keys(data, _PROJECT_KEYS, path)
     if "name" not in data:
         raise ConfigError(_join(path, "name"), "is required")
-    name = _name(data["name"], _join(path, "name"))
+    name = _project_name(data["name"], _join(path, "name"))
     listen = _listen(data.get("listen"), _join(path, "listen"))
 
     backend: str | None = None

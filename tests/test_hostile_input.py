@@ -51,6 +51,16 @@ async def refused_and_nothing_changed(snapshot: Snapshot, port: int, cases: list
         assert await snapshot.take() == before, expected
 
 
+async def api_refuses(tmp_path: Path, cases: list[tuple[str, Any, str | None, str]]) -> None:
+    """A fresh router's API refuses each PUT (see L{refused_and_nothing_changed})."""
+    router = await api_router(tmp_path)
+    port = router.port_of()
+    try:
+        await refused_and_nothing_changed(Snapshot(port, tmp_path / "state" / "projects.json", router), port, cases)
+    finally:
+        await router.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
     router = await api_router(tmp_path)
@@ -143,12 +153,37 @@ def test_a_udp_backend_host_is_checked_the_same_way() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_api_refuses_a_bad_service_host(tmp_path: Path) -> None:
-    router = await api_router(tmp_path)
-    port = router.port_of()
-    try:
-        await refused_and_nothing_changed(Snapshot(port, tmp_path / "state" / "projects.json", router), port, [
-            ("k1", services_at("127.0.0.1:19001:timeout=1"), "host",
-             "'127.0.0.1:19001:timeout=1' is not a hostname or an IP address"),
-        ])
-    finally:
-        await router.stopService()
+    await api_refuses(tmp_path, [
+        ("k1", services_at("127.0.0.1:19001:timeout=1"), "host",
+         "'127.0.0.1:19001:timeout=1' is not a hostname or an IP address"),
+    ])
+
+
+# -- reserved names --------------------------------------------------------------------------
+
+STREAM = "'stream' is reserved: the ingress keeps /stream/ for service ports, so no project of that name could be reached by path"
+
+
+def test_a_project_named_stream_is_refused_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"projects:\n  - {{name: web, backend: '{BACKEND}'}}\n  - {{name: stream, backend: '{BACKEND}'}}\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == f"{path}: projects[1].name: {STREAM}"
+    # A service of that name is reached by its project's path, not by its own: it may.
+    assert parse_project({"name": "k1", "services": [{"name": "stream", "port": 22}]}).services[0].name == "stream"
+
+
+def test_a_project_named_stream_in_the_state_file_stops_start_up(tmp_path: Path) -> None:
+    state = State(str(tmp_path))
+    Path(state.path).write_text(json.dumps({"version": 1, "projects": [{"name": "stream", "backend": BACKEND}]}))
+    with pytest.raises(StateError) as info:
+        state.load(Limits())
+    assert str(info.value) == f"{state.path}: projects[0].name: {STREAM}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_refuses_a_project_named_stream(tmp_path: Path) -> None:
+    await api_refuses(tmp_path, [
+        ("stream", {"backend": BACKEND}, "name", STREAM),
+    ])
