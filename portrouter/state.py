@@ -13,10 +13,12 @@ import json
 import os
 from typing import Iterable
 
-from portrouter.config import ConfigError, Limits, Project, parse_project
+from portrouter.config import ConfigError, JSONProblem, Limits, Project, parse_project, read_json
 
 FILE = "projects.json"
 VERSION = 1
+NOTHING_STARTED = ("Nothing was started; restore it, or move it aside to start without the "
+                   "projects deployed through the API")
 
 
 class StateError(Exception):
@@ -31,28 +33,41 @@ class State:
     def load(self, defaults: Limits) -> list[Project]:
         """The API-deployed projects, validated as the API validates them."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                text = f.read()
+            with open(self.path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return []
         except OSError as e:
             raise StateError(f"{self.path}: cannot read: {e.strerror}") from None
         try:
-            data = json.loads(text)
+            data = read_json(raw)
         except json.JSONDecodeError as e:
             raise StateError(
                 f"{self.path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                "it may be truncated or corrupt. Nothing was started; restore it, or move it "
-                "aside to start without the projects deployed through the API"
+                f"it may be truncated or corrupt. {NOTHING_STARTED}"
             ) from None
-        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("projects"), list):
+        except JSONProblem as e:
+            # The same strict reader as the API's bodies: nothing the API
+            # refuses can come back in through the file.
+            problem = str(e).removeprefix("is ")
+            raise StateError(f"{self.path}: {problem}; it may be corrupt. {NOTHING_STARTED}") from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if type(version) is not int or version != VERSION or not isinstance(data.get("projects"), list):
             raise StateError(f"{self.path}: not a portrouter state file (version {VERSION})")
         projects = []
+        seen: dict[str, int] = {}
         for i, manifest in enumerate(data["projects"]):
             try:
-                projects.append(parse_project(manifest, defaults, f"projects[{i}]", static=False))
+                project = parse_project(manifest, defaults, f"projects[{i}]", static=False)
             except ConfigError as e:
                 raise StateError(f"{self.path}: {e}") from None
+            # The file is written from a table, where names are unique: two
+            # of one name mean it was edited, and neither can be chosen.
+            if project.name in seen:
+                raise StateError(f"{self.path}: projects[{i}].name: {project.name!r} is already "
+                                 f"the name of projects[{seen[project.name]}]")
+            seen[project.name] = i
+            projects.append(project)
         return projects
 
     def save(self, projects: Iterable[Project]) -> None:

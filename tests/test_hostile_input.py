@@ -187,3 +187,64 @@ async def test_the_api_refuses_a_project_named_stream(tmp_path: Path) -> None:
     await api_refuses(tmp_path, [
         ("stream", {"backend": BACKEND}, "name", STREAM),
     ])
+
+
+# -- the state file --------------------------------------------------------------------------------
+
+
+def state_of(*projects: Any) -> bytes:
+    return json.dumps({"version": 1, "projects": list(projects)}).encode()
+
+
+HOSTILE_STATE = {
+    "binary-garbage": (bytes(range(256)) * 4, "not UTF-8 (byte 0x80 at offset 128)"),
+    "deep-nesting": (b"[" * 100_000, "nests deeper than 32 levels"),
+    "deep-nesting-inside": (b'{"version": 1, "projects": [' + b"[" * 40 + b"]" * 40 + b"]}",
+                            "nests deeper than 32 levels"),
+    "invalid-utf8": (state_of({"name": "web", "backend": BACKEND, "runtime": "caf"}).replace(b'"caf"', b'"caf\xe9"'),
+                     "not UTF-8 (byte 0xe9 at offset "),
+    "utf16": (state_of().decode().encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
+    "a-string": (b'"projects"', "not a portrouter state file (version 1)"),
+    "version-true": (b'{"version": true, "projects": []}', "not a portrouter state file (version 1)"),
+    "duplicate-names": (state_of({"name": "web", "backend": BACKEND}, {"name": "api", "backend": BACKEND},
+                                 {"name": "web", "backend": "tcp:127.0.0.1:2"}),
+                        "projects[2].name: 'web' is already the name of projects[0]"),
+    "duplicate-keys": (b'{"version": 1, "projects": [], "projects": []}',
+                       "holds the key 'projects' twice in one object"),
+    "nan": (state_of({"name": "web", "backend": BACKEND, "connect_timeout": 1}).replace(b": 1}", b": NaN}"),
+            "holds NaN, which is not a finite number"),
+    "huge-number": (state_of({"name": "web", "backend": BACKEND, "listen": {"port": 1}})
+                    .replace(b'"port": 1', b'"port": ' + b"9" * 5000),
+                    "projects[0].listen.port: 999999999999...999 (5000 digits) is not a port (1-65535)"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_STATE)
+def test_a_hostile_state_file_is_one_line_naming_the_file(tmp_path: Path, case: str) -> None:
+    content, problem = HOSTILE_STATE[case]
+    state = State(str(tmp_path))
+    Path(state.path).write_bytes(content)
+    with pytest.raises(StateError) as info:
+        state.load(Limits())
+    message = str(info.value)
+    assert message.startswith(f"{state.path}: {problem}"), message
+    assert "\n" not in message and len(message) < SHORT + len(state.path), message
+
+
+@pytest.mark.parametrize("case", ["binary-garbage", "duplicate-names"])
+@pytest_twisted.ensureDeferred
+async def test_twistd_refuses_a_hostile_state_file_with_one_line(tmp_path: Path, case: str) -> None:
+    content, problem = HOSTILE_STATE[case]
+    config, state = tmp_path / "routes.yaml", tmp_path / "state"
+    write_config(config, state)
+    saved = saved_state(state)
+    Path(saved.path).write_bytes(content)
+    daemon = Twistd("--config", str(config))
+    try:
+        assert await daemon.wait_exit() != 0
+        assert len(daemon.errors) == 1, daemon.errors
+        assert daemon.errors[0].startswith(f"{saved.path}: {problem}"), daemon.errors
+        assert not daemon.find("listening on"), "something was bound"
+        assert Path(saved.path).read_bytes() == content, "the file was touched"
+    finally:
+        daemon.stop()
