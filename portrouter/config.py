@@ -1015,14 +1015,28 @@ class _Loader(yaml.SafeLoader):
             lines[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
+    def construct_big_int(self, node: yaml.ScalarNode) -> int | BigNumber:
+        """An integer too long for int() is kept as text, for its field to refuse by name."""
+        try:
+            return self.construct_yaml_int(node)
+        except ValueError:
+            return BigNumber(str(self.construct_scalar(node)).replace("_", ""))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_big_int)
+
 
 def load(path: str) -> Config:
     """Read and validate a config file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read the file: {e.strerror}", path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", path) from None
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -1030,6 +1044,8 @@ def load(path: str) -> Config:
         problem = getattr(e, "problem", None) or str(e)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(where, f"invalid YAML: {problem}", path) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError("", "invalid YAML: nested too deeply", path) from None
     return parse(data, path)
 
 

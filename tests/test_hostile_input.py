@@ -248,3 +248,110 @@ async def test_twistd_refuses_a_hostile_state_file_with_one_line(tmp_path: Path,
         assert Path(saved.path).read_bytes() == content, "the file was touched"
     finally:
         daemon.stop()
+
+
+# -- every value in the config file and the API is quoted when refused --------------------------
+
+
+def project_with(fields: str) -> str:
+    return f"projects:\n  - {{name: web, backend: '{BACKEND}', {fields}}}\n"
+
+
+CONFIG_VALUES = [
+    ("drain_timeout: soon\n", "drain_timeout: expected a number of seconds, got 'soon'"),
+    ("drain_timeout: .inf\n", "drain_timeout: .inf is not a finite number of seconds"),
+    ("drain_timeout: -.inf\n", "drain_timeout: -.inf is not a finite number of seconds"),
+    ("drain_timeout: .nan\n", "drain_timeout: .nan is not a finite number of seconds"),
+    ("drain_timeout: true\n", "drain_timeout: expected a number of seconds, got true"),
+    ("drain_timeout: " + "9" * 400 + "\n", "drain_timeout: 999999999999...999 (400 digits) is too large"),
+    ("drain_timeout: " + "9" * 5000 + "\n", "drain_timeout: 999999999999...999 (5000 digits) is too large"),
+    ("defaults: {udp_busy_poll: fast}\n",
+     "defaults.udp_busy_poll: expected a number of seconds (0 to turn polling off), got 'fast'"),
+    ("defaults: {udp_busy_poll: .nan}\n", "defaults.udp_busy_poll: .nan must be from 0 to 0.01 seconds"),
+    ("defaults: {max_connections: 2.5}\n", "defaults.max_connections: expected a whole number or null, got 2.5"),
+    ("defaults: {udp_max_sessions: many}\n", "defaults.udp_max_sessions: expected a whole number, got 'many'"),
+    ("defaults: {udp_max_sessions: " + "9" * 5000 + "}\n",
+     "defaults.udp_max_sessions: expected a whole number, got 999999999999...999 (5000 digits)"),
+    ("ingress: 8080\n", "ingress: expected a string, got 8080"),
+    ("state: null\nmanhole: {listen: 2222, authorized_keys: x}\n", "manhole.listen: expected a string, got 2222"),
+    ("auth: {tokens: [{token: t, admin: 'yes'}]}\n", "auth.tokens[0].admin: expected true or false, got 'yes'"),
+    ("auth: {tokens: [{token: t, admin: 1}]}\n", "auth.tokens[0].admin: expected true or false, got 1"),
+    (project_with("listen: {port: true}"), "projects[0].listen.port: true is not a port (1-65535)"),
+    (project_with("listen: {port: '80'}"), "projects[0].listen.port: '80' is not a port (1-65535)"),
+    (project_with("listen: {port: .inf}"), "projects[0].listen.port: .inf is not a port (1-65535)"),
+    (project_with("listen: {port: 80.0}"), "projects[0].listen.port: 80.0 is not a port (1-65535)"),
+    (project_with("listen: {port: " + "9" * 5000 + "}"),
+     "projects[0].listen.port: 999999999999...999 (5000 digits) is not a port (1-65535)"),
+    (project_with("listen: {port: 80, interface: 5}"), "projects[0].listen.interface: expected a string, got 5"),
+    (project_with("preserve_host: 'no'"), "projects[0].preserve_host: expected true or false, got 'no'"),
+    (project_with("runtime: 12"), "projects[0].runtime: expected a string, got 12"),
+    (project_with("runtime: 2001-12-14"), "projects[0].runtime: expected a string, got a date"),
+    (project_with("idle_timeout: .inf"), "projects[0].idle_timeout: .inf is not a finite number of seconds"),
+    (project_with("connect_timeout: 0"), "projects[0].connect_timeout: 0 must be greater than 0"),
+    (project_with("command: [x], idle_stop: forever"),
+     "projects[0].idle_stop: expected a number of seconds or null, got 'forever'"),
+    (project_with("command: [x], env: {A: .inf}"), "projects[0].env.A: .inf is not a finite number"),
+    (project_with("command: [x], env: {A: [1]}"), "projects[0].env.A: expected a string, got a list"),
+    (project_with("command: [x], cwd: 5"), "projects[0].cwd: expected a string, got 5"),
+    ("projects:\n  - {name: no, backend: 'tcp:127.0.0.1:1'}\n", "projects[0].name: expected a string, got false"),
+    ("projects:\n  - {name: 12, backend: 'tcp:127.0.0.1:1'}\n", "projects[0].name: expected a string, got 12"),
+    ("projects:\n  - {name: k1, services: [{name: s, port: 22, protocol: 5}]}\n",
+     "projects[0].services[0].protocol: 5 is not a service protocol (http, tcp)"),
+]
+
+
+def refusal_of(tmp_path: Path, content: bytes) -> str:
+    """What loading a config file of C{content} says, without the file's name."""
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message[len(f"{path}: "):]
+
+
+@pytest.mark.parametrize("text, message", CONFIG_VALUES, ids=[m[:50] for _, m in CONFIG_VALUES])
+def test_a_bad_value_in_the_config_file_is_quoted(tmp_path: Path, text: str, message: str) -> None:
+    assert refusal_of(tmp_path, text.encode()) == message
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)) * 4, "not UTF-8 (byte 0x80 at offset 128)"),
+    ("projects: [{name: café}]\n".encode("latin-1"), "not UTF-8 (byte 0xe9 at offset 21)"),
+    ("projects: []\n".encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
+    (b"projects: " + b"[" * 100_000 + b"\n", "invalid YAML: nested too deeply"),
+    (b"projects: " + b"{a: " * 5000 + b"\n", "invalid YAML: nested too deeply"),
+], ids=["binary", "latin-1", "utf-16", "deep-lists", "deep-mappings"])
+def test_a_config_file_that_is_not_yaml_text_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    assert refusal_of(tmp_path, content) == message
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_refuses_a_binary_config_file_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    daemon = Twistd("--config", str(path), "--state", str(tmp_path / "state"))
+    try:
+        assert await daemon.wait_exit() != 0
+        assert daemon.errors == [f"{path}: not UTF-8 (byte 0x80 at offset 128)"], daemon.errors
+    finally:
+        daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_quotes_a_bad_value(tmp_path: Path) -> None:
+    await api_refuses(tmp_path, [
+        ("x", {"backend": BACKEND, "connect_timeout": "soon"}, "connect_timeout",
+         "expected a number of seconds, got 'soon'"),
+        ("x", {"backend": BACKEND, "listen": {"port": True}}, "listen.port", "true is not a port (1-65535)"),
+        ("x", {"backend": BACKEND, "listen": {"port": 80.0}}, "listen.port", "80.0 is not a port (1-65535)"),
+        ("x", {"backend": BACKEND, "listen": {"port": "80"}}, "listen.port", "'80' is not a port (1-65535)"),
+        ("x", {"backend": BACKEND, "max_connections": 1e300}, "max_connections",
+         "expected a whole number or null, got 1e+300"),
+        ("x", {"backend": BACKEND, "connect_timeout": int("9" * 400)}, "connect_timeout",
+         "999999999999...999 (400 digits) is too large"),
+        ("x", {"backend": BACKEND, "preserve_host": "false"}, "preserve_host",
+         "expected true or false, got 'false'"),
+        ("x", {"backend": 3000}, "backend", "expected a string, got 3000"),
+    ])
