@@ -95,6 +95,15 @@ class Supervisor:
         self.stop_requested = False
 
     @property
+    def waits_for(self) -> str:
+        """What the start waits to accept: C{port 8888}, or a UNIX socket's path."""
+        port = getattr(self.endpoint, "_port", None)
+        if isinstance(port, int):
+            return f"port {port}"
+        path = getattr(self.endpoint, "_path", None)
+        return path if isinstance(path, str) else repr(self.backend)
+
+    @property
     def pid(self) -> int | None:
         return getattr(self.process, "pid", None) if self.process is not None else None
 
@@ -166,8 +175,12 @@ class Supervisor:
                     defer.TimeoutError, defer.CancelledError, OSError):
                 pass
             if self.clock.seconds() >= deadline:
+                # Name the limit, so that whoever reads it (the client's 503
+                # or 1011 close, the log) knows which setting to raise.
+                why = f"{self.name} did not open {self.waits_for} within start_timeout {self.start_timeout:g} s"
+                log.warn("{why}; stopping it", why=why)
                 self.stop()
-                raise StartFailed(f"{self.name} did not open its port within {self.start_timeout:g} s")
+                raise StartFailed(why)
             await _sleep(self.clock, POLL)
         self.ready = True
         log.info("{service} is ready (pid {pid})", service=self.name, pid=self.pid)

@@ -355,3 +355,37 @@ async def test_the_api_quotes_a_bad_value(tmp_path: Path) -> None:
          "expected true or false, got 'false'"),
         ("x", {"backend": 3000}, "backend", "expected a string, got 3000"),
     ])
+
+
+# -- the start timeout says so ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_timeout_says_it_was_the_start_timeout(tmp_path: Path, logged: list[str]) -> None:
+    from tests.support import wait_for
+
+    service = Service(tmp_path, "slow", "echo", "--gate")
+    clock = Clock()
+    sup = Supervisor(reactor, "k1/notebook", Command(tuple(service.command)), service.backend, 30.0, clock=clock)
+    waiter = sup.ensure()
+    expected = f"k1/notebook did not open port {service.port} within start_timeout 30 s"
+    try:
+        pid = await wait_for(lambda: sup.pid, what="the child to be spawned")
+        await wait_for(clock.getDelayedCalls, what="the first poll to be refused")
+        clock.advance(30.1)
+        with pytest.raises(StartFailed) as info:
+            await waiter
+        assert str(info.value) == expected
+        await log_line(logged, rf"^{expected}; stopping it$")
+        await gone(pid)
+    finally:
+        waiter.addErrback(lambda _: None)
+        await within(sup.stop(), 15, "the child to stop")
+        await gone(*service.starts())
+
+
+def test_a_start_timeout_of_a_unix_socket_backend_names_the_socket(tmp_path: Path) -> None:
+    sup = Supervisor(reactor, "web", Command(("true",)), f"unix:{tmp_path}/app.sock", 2.5)
+    assert sup.waits_for == f"{tmp_path}/app.sock"
+    sup = Supervisor(reactor, "web", Command(("true",)), f"tcp:{LOOPBACK}:8888", 2.5)
+    assert sup.waits_for == "port 8888"

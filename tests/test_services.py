@@ -573,19 +573,22 @@ async def test_command_that_never_opens_its_port_times_out_for_each_client(
         k1 = in_thread(ws_refused, router.port_of(), tcpproxy("k1", "echo"))
         vnc = in_thread(ws_refused, router.port_of("vnc"), "/")
 
+        def timed_out(name: str) -> str:
+            return f"{name} did not open port {never[name.split('/')[0]].port} within start_timeout 0.5 s"
+
         status, headers, body = await web
         assert status == 503, body
         assert headers["retry-after"].isdigit()
-        assert body == b"portrouter: project 'web': web did not open its port within 0.5 s\n"
-        await log_line(logged, r"^web: GET /web/: 503 web did not open its port within 0\.5 s$")
+        assert body == f"portrouter: project 'web': {timed_out('web')}\n".encode()
+        await log_line(logged, rf"^{timed_out('web')}; stopping it$")
+        await log_line(logged, rf"^web: GET /web/: 503 {timed_out('web')}$")
 
         assert await raw == b""
-        await log_line(logged, r"^tcp raw 127\.0\.0\.1:\d+: raw did not open its port within 0\.5 s;")
+        await log_line(logged, rf"^tcp raw 127\.0\.0\.1:\d+: {timed_out('raw')};")
 
-        assert await k1 == (1011, "k1/echo did not open its port within 0.5 s")
-        await log_line(logged, r"^ws k1/echo 127\.0\.0\.1:\d+: closing with 1011: "
-                               r"k1/echo did not open its port within 0\.5 s$")
-        assert await vnc == (1011, "vnc did not open its port within 0.5 s")
+        assert await k1 == (1011, timed_out("k1/echo"))
+        await log_line(logged, rf"^ws k1/echo 127\.0\.0\.1:\d+: closing with 1011: {timed_out('k1/echo')}$")
+        assert await vnc == (1011, timed_out("vnc"))
 
         # The commands that did not make it are stopped, not left behind.
         for service in never.values():
@@ -611,7 +614,7 @@ async def test_start_timeout_on_a_clock_fails_the_waiters_and_stops_the_child(tm
         assert not first.called and not second.called and alive(pid)
         clock.advance(0.2)
         for waiter in (first, second):
-            with pytest.raises(StartFailed, match=r"^slow did not open its port within 30 s$"):
+            with pytest.raises(StartFailed, match=rf"^slow did not open port {service.port} within start_timeout 30 s$"):
                 await waiter
         await gone(pid)
         assert sup.starts == 1
