@@ -327,6 +327,32 @@ def test_a_config_file_that_is_not_yaml_text_is_one_line(tmp_path: Path, content
     assert refusal_of(tmp_path, content) == message
 
 
+@pytest.mark.parametrize("text, message", [
+    (project_with("listen: {port: 1:20}"), "projects[0].listen.port: '1:20' is not a port (1-65535)"),
+    (project_with("listen: {port: 010}"), "projects[0].listen.port: '010' is not a port (1-65535)"),
+    (project_with("listen: {port: 0777}"), "projects[0].listen.port: '0777' is not a port (1-65535)"),
+    ("drain_timeout: 1:30\n", "drain_timeout: expected a number of seconds, got '1:30'"),
+    ("drain_timeout: 1:30.5\n", "drain_timeout: expected a number of seconds, got '1:30.5'"),
+], ids=["port-sexagesimal", "port-octal", "port-octal-2", "seconds-sexagesimal", "seconds-sexagesimal-float"])
+def test_yaml_11_sexagesimal_and_octal_numbers_are_not_silently_other_numbers(
+        tmp_path: Path, text: str, message: str) -> None:
+    """YAML 1.1 reads 1:20 as 80 and 010 as 8; YAML 1.2 and every operator read neither so."""
+    assert refusal_of(tmp_path, text.encode()) == message
+
+
+def test_yaml_numbers_an_operator_writes_still_read_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("drain_timeout: 0.5\ndefaults: {connect_timeout: 1_000, udp_max_sessions: 0x10, "
+                    "start_timeout: .5, idle_timeout: 2.5e+3}\n" + project_with("listen: {port: 8081}, runtime: 010"))
+    config = load(str(path))
+    assert config.drain_timeout == 0.5
+    limits = config.defaults
+    assert (limits.connect_timeout, limits.udp_max_sessions, limits.start_timeout, limits.idle_timeout) == (
+        1000.0, 16, 0.5, 2500.0)
+    assert config.projects[0].listen is not None and config.projects[0].listen.port == 8081
+    assert config.projects[0].runtime == "010"
+
+
 @pytest_twisted.ensureDeferred
 async def test_twistd_refuses_a_binary_config_file_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
