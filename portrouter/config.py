@@ -379,7 +379,7 @@ def _host(value: object, path: str, shown: str | None = None) -> str:
 def _endpoint_problem(exc: Exception) -> str:
     # Twisted's parsers speak Python (``__init__() missing 1 required
     # positional argument: 'port'``); keep the part an operator can act on.
-    text = str(exc)
+    text = str(exc) or str(getattr(exc, "originalException", "")) or type(exc).__name__
     missing = re.search(r"missing \d+ required positional arguments?: (.*)", text)
     if missing:
         return "missing " + missing.group(1).replace("'", "")
@@ -861,16 +861,30 @@ def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
     if (data.get(key) is None) == (data.get(file_key) is None):
         raise ConfigError(path, f"needs exactly one of '{key}' and '{file_key}'")
     if data.get(key) is not None:
-        return _expect_str(data[key], _join(path, key))
+        secret = data[key]
+        if isinstance(secret, str) and (bad := _CONTROL.search(secret)):
+            # Said without quoting the secret, which would end up in a log.
+            raise ConfigError(_join(path, key), f"holds a control character (0x{ord(bad.group()):02x})")
+        return _expect_str(secret, _join(path, key))
     fpath = _join(path, file_key)
     name = os.path.expanduser(_expect_str(data[file_key], fpath))
     try:
-        with open(name, encoding="utf-8") as f:
-            secret = f.read().strip()
+        with open(name, "rb") as f:
+            # Bounded: a device named by mistake (/dev/zero) never ends.
+            raw = f.read(MAX_STRING + 1)
     except OSError as e:
         raise ConfigError(fpath, f"cannot read {_show(name)}: {e.strerror}") from None
+    if len(raw) > MAX_STRING:
+        raise ConfigError(fpath, f"{_show(name)} is longer than {MAX_STRING} bytes: not a secret")
+    try:
+        secret = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(fpath, f"{_show(name)} is not UTF-8 text") from None
     if not secret:
         raise ConfigError(fpath, f"{_show(name)} is empty")
+    bad = _CONTROL.search(secret)
+    if bad:
+        raise ConfigError(fpath, f"{_show(name)} holds a control character (0x{ord(bad.group()):02x})")
     return secret
 
 

@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import Command, ConfigError, Limits, load, parse_project
+from portrouter.config import Command, ConfigError, Limits, load, parse_project, quote
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
 from tests.support import LOOPBACK, Twistd, free_port
@@ -351,6 +351,33 @@ def test_yaml_numbers_an_operator_writes_still_read_as_numbers(tmp_path: Path) -
         1000.0, 16, 0.5, 2500.0)
     assert config.projects[0].listen is not None and config.projects[0].listen.port == 8081
     assert config.projects[0].runtime == "010"
+
+
+@pytest.mark.parametrize("token, message", [
+    ("token_file: /dev/zero", "auth.tokens[0].token_file: '/dev/zero' is longer than 4096 bytes: not a secret"),
+    ("token_file: /dev/urandom", "auth.tokens[0].token_file: '/dev/urandom' is longer than 4096 bytes: not a secret"),
+    ("token_file: {binary}", "auth.tokens[0].token_file: '{binary}' is not UTF-8 text"),
+    ("token_file: {control}", "auth.tokens[0].token_file: '{control}' holds a control character (0x00)"),
+    ('token: "s3cr\\x01t"', "auth.tokens[0].token: holds a control character (0x01)"),
+], ids=["dev-zero", "dev-urandom", "binary", "control", "inline-control"])
+def test_a_token_file_that_is_no_secret_is_refused_without_reading_it_all(
+        tmp_path: Path, token: str, message: str) -> None:
+    """A device or a binary file named by mistake: refused at once (it was read forever), the secret never quoted."""
+    binary, control = tmp_path / "binary", tmp_path / "control"
+    binary.write_bytes(bytes(range(256)))
+    control.write_bytes(b"s3cr\x00t\n")
+    text = "auth: {tokens: [{" + token.format(binary=binary, control=control) + ", admin: true}]}\n"
+    refusal = refusal_of(tmp_path, text.encode())
+    assert refusal == message.format(binary=binary, control=control)
+    assert "s3cr" not in refusal
+
+
+def test_an_endpoint_error_without_a_message_still_says_what_failed(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    backend = f"tls:example.com:443:trustRoots={missing}"
+    assert refusal_of(tmp_path, f"projects:\n  - {{name: web, backend: '{backend}'}}\n".encode()) == (
+        f"projects[0].backend: {quote(backend)} is not a client endpoint: "
+        f"[Errno 2] No such file or directory: '{missing}'")
 
 
 @pytest_twisted.ensureDeferred
