@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from portrouter.config import Command, ConfigError, Limits, load, parse_project, quote
+from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
 from tests.support import LOOPBACK, Twistd, free_port
@@ -390,6 +391,32 @@ async def test_twistd_refuses_a_binary_config_file_with_one_line(tmp_path: Path)
         assert daemon.errors == [f"{path}: not UTF-8 (byte 0x80 at offset 128)"], daemon.errors
     finally:
         daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_of_a_hostile_config_file_is_a_400_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    write_config(path, tmp_path / "state", f"{{name: web, backend: '{BACKEND}'}}")
+    router = RouterService(load(str(path)), reactor, reload_config=lambda: load(str(path)))
+    router.privilegedStartService()
+    router.startService()
+    port = router.port_of()
+    snapshot = Snapshot(port, tmp_path / "state" / "projects.json", router)
+    try:
+        before = await snapshot.take()
+        for content, message in [
+            (bytes(range(256)) * 4, "not UTF-8 (byte 0x80 at offset 128)"),
+            (b"projects: " + b"[" * 100_000 + b"\n", "invalid YAML: nested too deeply"),
+            (b"drain_timeout: " + b"9" * 5000 + b"\n", "drain_timeout: 999999999999...999 (5000 digits) is too large"),
+            (b"drain_timeout: .inf\n", "drain_timeout: .inf is not a finite number of seconds"),
+        ]:
+            path.write_bytes(content)
+            status, got = await api(port, "POST", "/_api/reload")
+            assert (status, got["error"]["code"]) == (400, "invalid"), got
+            assert got["error"]["message"] == f"{path}: {message}"
+            assert await snapshot.take() == before
+    finally:
+        await router.stopService()
 
 
 @pytest_twisted.ensureDeferred
