@@ -767,12 +767,12 @@ def parse_project(
 
 def _udp_listen(desc: str, path: str) -> Listen:
     """``udp:PORT[:interface=ADDR]``: Twisted has no UDP strports, so parse it here."""
-    match = re.fullmatch(r"udp:(?:port=)?(\d+)(?::interface=(.+))?", desc)
+    match = re.fullmatch(r"udp:(?:port=)?(\d+)(?::interface=(.+))?", _expect_str(desc, path))
     if not match:
         raise ConfigError(path, f"{_show(desc)} is not a UDP listen description (udp:PORT[:interface=ADDR])")
-    port = int(match.group(1))
+    port = int(match.group(1))  # at most 4096 characters: int() reads it
     if not 0 <= port <= 65535:
-        raise ConfigError(path, f"{_show(desc)}: {port} is not a port (0-65535)")
+        raise ConfigError(path, f"{_show(desc)}: {_show(port)} is not a port (0-65535)")
     interface = match.group(2).replace("\\:", ":") if match.group(2) else None
     if interface is not None:
         _interface(interface, path)

@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import Command, ConfigError, Limits, load, parse_project, quote
+from portrouter.config import Command, Config, ConfigError, Limits, load, parse_project, quote, with_cli
 from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
@@ -417,6 +417,19 @@ async def test_a_reload_of_a_hostile_config_file_is_a_400_and_changes_nothing(tm
             assert await snapshot.take() == before
     finally:
         await router.stopService()
+
+
+@pytest.mark.parametrize("protocol, text, message", [
+    ("udp", "udp:" + "9" * 5000 + " -> 127.0.0.1:53", "--udp: 'udp:999999999999999999999999999999999...99999999999999999999999999999999999999' "
+     "is longer than 4096 characters"),
+    ("udp", "udp:" + "9" * 4000 + " -> 127.0.0.1:53", "--udp: 'udp:999999999999999999999999999999999...99999999999999999999999999999999999999': "
+     "999999999999...999 (4000 digits) is not a port (0-65535)"),
+    ("udp", "udp:5\n3 -> 127.0.0.1:53", "--udp: 'udp:5\\n3' contains a control character (0x0a)"),
+], ids=["udp-5000-digits", "udp-4000-digits", "udp-newline"])
+def test_a_hostile_cli_route_is_one_line(protocol: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        with_cli(Config(), routes=[(protocol, text)])
+    assert str(info.value) == message
 
 
 @pytest_twisted.ensureDeferred
