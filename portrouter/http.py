@@ -96,6 +96,7 @@ def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
     named = set()
     for value in request.header_values(b"connection"):
         named.update(t.strip().lower() for t in value.split(b","))
+    named.discard(b"host")  # Host is end to end (RFC 9112 3.2): an option cannot remove it
     kept = []
     for name, value in request.headers:
         low = name.lower()
@@ -153,6 +154,9 @@ class Upstream(Protocol):
         self.until_close = False
         self.keep_alive = True
         self.splice_left: int | None = None  # body bytes to splice once this read is done
+        self.feeding = False  # in the parser: a finished connection is pooled after this read
+        self.release_after = False
+        self.unasked = False  # the backend sent more than the response
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -166,7 +170,14 @@ class Upstream(Protocol):
             self.transport.loseConnection()  # a backend must not speak unasked
             return
         try:
-            self.parser.feed_data(data)
+            self.feeding = True
+            try:
+                self.parser.feed_data(data)
+            finally:
+                self.feeding = False
+                if self.release_after:
+                    self.release_after = False
+                    self._to_pool()
             exchange.channel.flush()  # what this read produced, in one send
             left, self.splice_left = self.splice_left, None
             if left and self.exchange is exchange and not exchange.done:
@@ -187,7 +198,25 @@ class Upstream(Protocol):
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
 
+    def release(self) -> None:
+        """The exchange is over and the connection may serve another: pool it, once this read is parsed."""
+        if self.feeding:
+            self.release_after = True
+        else:
+            self._to_pool()
+
+    def _to_pool(self) -> None:
+        if self.unasked or self.exchange is not None or self.transport is None or not self.transport.connected:
+            # More arrived than the response: whoever used this connection
+            # next would get it as the answer to their request.
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self.pool.release(self)
+
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            self.unasked = True
         self.headers = []
         self.reason = b""
         self.complete = False
@@ -231,6 +260,8 @@ class Upstream(Protocol):
             self.splice_left -= len(data)
         if self.exchange is not None:
             self.exchange.response_body(data)
+        else:
+            self.unasked = True  # a body after the response's end (a HEAD's, by its length)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -680,8 +711,6 @@ class ProxyExchange:
             return  # switched() takes it from here
         self.responding = True
         self.channel.status = code
-        if self.request.upgrade:
-            self.channel.closing = True  # the parser is past the upgrade: no keep-alive
         self.channel.respond(code, headers, length=length, reason=reason)
         self.channel.transport.registerProducer(self.upstream.transport, True)  # type: ignore[union-attr]
 
@@ -702,7 +731,7 @@ class ProxyExchange:
         if upstream.keep_alive and self.request_ended and transport is not None and transport.connected \
                 and not self.request.upgrade:
             transport.resumeProducing()
-            self.pool.release(upstream)
+            upstream.release()
         elif transport is not None:
             if not self.request_ended and self.request.has_body:
                 transport.unregisterProducer()
@@ -756,22 +785,23 @@ class ProxyExchange:
 
     # -- upgrades ------------------------------------------------------------------
 
-    def take_over(self, leftover: bytes) -> None:
-        """The client's side of an upgrade: hold its early bytes for the backend."""
-        if leftover:
-            self.pending.append(leftover)
-        self.request_ended = True
-        # Not another byte until the backend has said yes (then the relay
-        # reads) or no (then the connection closes after the answer).
-        self.channel.transport.pauseProducing()
-
     def switched(self, upstream: Upstream, leftover: bytes) -> None:
-        """The backend answered 101: splice the two connections byte for byte."""
+        """
+        The backend answered 101: splice the two connections byte for byte.
+        What the client sent after its request (held by the channel until
+        now) is the new protocol's, and goes to the backend only now.
+        """
         self._stop_timer()
         if self.done:
             return
+        if not self.request.upgrade or not self.request_ended:
+            # The client's bytes after a plain request are further requests,
+            # possibly for other projects: never the backend's to take.
+            self._fail(502, "backend switched protocols without being asked to", close=True)
+            return
         self.done = True
         channel = self.channel
+        held = channel.switch_protocols()
         self.channel.status = 101
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in (b"content-length",)]
         lines = [b"HTTP/1.1 101 %s\r\n" % (upstream.reason or b"Switching Protocols")]
@@ -791,9 +821,8 @@ class ProxyExchange:
         backend.makeConnection(upstream.transport)
         upstream.tunnel = backend
         upstream.exchange = None
-        for data in self.pending:
-            upstream.transport.write(data)
-        self.pending = []
+        if held:
+            upstream.transport.write(held)
         pair_streams(session, client, backend)
 
 

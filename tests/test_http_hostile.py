@@ -1,0 +1,290 @@
+"""
+Hostile HTTP clients, byte for byte over loopback: request smuggling through
+upgrades, CONNECT, ambiguous hosts, broken framing. The backend logs every
+request line per connection, so "no request the proxy did not parse reaches
+a backend" is checked on what the backend saw, not on what the proxy says.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.httpbackend import Backend, raw_request
+from tests.support import LOOPBACK, in_thread
+from tests.test_http import router_for
+from tests.test_http_unit import connect_backend, make
+
+ROUTED = "real-ip=127.0.0.1 prefix=/web"  # what every request the ingress routed carries
+
+
+@pytest.fixture
+def backend() -> Any:
+    server = Backend()
+    yield server
+    server.close()
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def read_responses(sock: socket.socket, count: int) -> tuple[list[Response], bytes]:
+    """
+    C{count} responses off a socket (Content-Length framed, as the proxy
+    frames what the test backend sends), or fewer if the connection closes;
+    and the bytes read past them (after a 101: the new protocol's).
+    """
+    buf = b""
+    out: list[Response] = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                return out, buf
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        status = int(lines[0].split()[1])
+        length = int(headers.get("content-length", "0")) if status != 101 else 0
+        while len(buf) < length:
+            data = sock.recv(65536)
+            if not data:
+                return out, buf
+            buf += data
+        out.append((status, headers, buf[:length]))
+        buf = buf[length:]
+    return out, buf
+
+
+def exchange(port: int, data: bytes, count: int) -> list[Response]:
+    """One C{sendall} of C{data} (pipelined requests), then C{count} responses."""
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(data)
+        return read_responses(sock, count)[0]
+
+
+def lines(backend: Backend) -> list[str]:
+    return [line for conn in backend.stats.lines for line in conn]
+
+
+UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_poisoning_through_an_upgrade_is_impossible(backend: Backend) -> None:
+    """
+    Finding 1: the bytes after an upgrade request were written after an
+    earlier request's head on a pooled connection, whose next user got the
+    answer to the smuggled request.
+    """
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        attack = (
+            b"GET /web/victim/first HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /web/victim/second HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n"
+            b"GET /web/slow-smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        replies = await in_thread(exchange, ingress, attack, 3)
+        # The backend did not switch: the bytes after the upgrade request are
+        # the next request, parsed and routed by the proxy like any other.
+        assert [(s, b) for s, _, b in replies] == [
+            (200, b"backend saw GET /victim/first\n"),
+            (200, b"backend saw GET /victim/second\n"),
+            (200, b"backend saw GET /slow-smuggled\n"),
+        ]
+        # The next client, on whatever pooled connection, gets its own answer.
+        for i in range(3):
+            reply = await in_thread(exchange, ingress, b"GET /web/victim/third%d HTTP/1.1\r\nHost: h\r\n\r\n" % i, 1)
+            assert [(s, b) for s, _, b in reply] == [(200, b"backend saw GET /victim/third%d\n" % i)]
+        # Every request the backend saw was routed by the proxy, once; the
+        # upgrade request had a connection of its own, never reused.
+        seen = lines(backend)
+        assert sorted(seen) == sorted(
+            f"GET {p} HTTP/1.1 {ROUTED}" for p in
+            ["/victim/first", "/victim/second", "/slow-smuggled", "/victim/third0", "/victim/third1", "/victim/third2"]
+        ), backend.stats.lines
+        assert [f"GET /victim/second HTTP/1.1 {ROUTED}"] in backend.stats.lines
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_blind_smuggling_after_a_refused_upgrade_is_impossible(backend: Backend) -> None:
+    """
+    Finding 2: after an upgrade the backend did not accept, a second request
+    the proxy never parsed reached the backend: raw ``..``, the attacker's
+    X-Real-IP, none of our headers.
+    """
+    router, ingress, own = await router_for(backend.address)
+    try:
+        attack = (
+            b"GET /web/up HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n"
+            b"GET /web/../../_api/routes HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\n\r\n"
+        )
+        replies = await in_thread(exchange, ingress, attack, 2)
+        # The second request is the proxy's to route: its dot segments are
+        # resolved inside the project, and the forwarding headers are ours.
+        assert [(s, b) for s, _, b in replies] == [
+            (200, b"backend saw GET /up\n"), (200, b"backend saw GET /_api/routes\n"),
+        ]
+        assert sorted(lines(backend)) == [f"GET /_api/routes HTTP/1.1 {ROUTED}", f"GET /up HTTP/1.1 {ROUTED}"]
+        # Same on a project's own port.
+        replies = await in_thread(exchange, own, attack.replace(b"/web/", b"/"), 2)
+        assert [s for s, _, _ in replies] == [200, 200]
+        assert not [line for line in lines(backend) if "6.6.6.6" in line or ".." in line]
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_is_refused_and_never_forwarded(backend: Backend) -> None:
+    router, ingress, own = await router_for(backend.address)
+    try:
+        for port, target in ((ingress, b"/web/x"), (own, b"/x"), (own, b"127.0.0.1:22")):
+            reply = await in_thread(raw_request, port, (
+                b"CONNECT %s HTTP/1.1\r\nHost: h\r\n\r\nGET /web/smuggled HTTP/1.1\r\nHost: h\r\n\r\n" % target
+            ))
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), reply
+            assert b"\r\nAllow: " in head and b"CONNECT" not in head.split(b"\r\nAllow: ")[1].split(b"\r\n")[0]
+            assert body == b"CONNECT is not supported: portrouter is a reverse proxy, not a forward proxy\n"
+        assert backend.stats.lines == []
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_after_an_accepted_upgrade_are_tunnelled(backend: Backend) -> None:
+    """Only a 101 makes the bytes after the upgrade request the new protocol's."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        early = b"GET /web/not-a-request HTTP/1.1\r\nHost: h\r\n\r\n"
+
+        def run() -> tuple[list[Response], bytes]:
+            with socket.create_connection((LOOPBACK, ingress), timeout=30) as sock:
+                sock.sendall(b"GET /web/upgrade HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n" + early)
+                replies, echoed = read_responses(sock, 1)
+                while len(echoed) < len(early):
+                    data = sock.recv(65536)
+                    assert data, "closed before the echo"
+                    echoed += data
+                return replies, echoed
+
+        replies, echoed = await in_thread(run)
+        assert [s for s, _, _ in replies] == [101]
+        assert echoed == early
+        assert lines(backend) == [f"GET /upgrade HTTP/1.1 {ROUTED}"]
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_request_with_a_body_is_refused(backend: Backend) -> None:
+    """The parser does not read an upgrade request's body: it would be read as the next request."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        reply = await in_thread(raw_request, ingress, (
+            b"POST /web/upgrade HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"Content-Length: 38\r\n\r\n"
+            b"GET /web/smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+        ))
+        assert reply.startswith(b"HTTP/1.1 400 "), reply
+        assert reply.endswith(b"\r\n\r\nan upgrade request must not have a body\n")
+        assert backend.stats.lines == []
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_request_with_trailers_completes(backend: Backend) -> None:
+    """Finding 5: a trailer after the last chunk raised in on_header and cut the request."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        replies = await in_thread(exchange, ingress, (
+            b"POST /web/sink HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\n"
+            b"GET /web/after HTTP/1.1\r\nHost: h\r\n\r\n"
+        ), 2)
+        digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
+        assert [(s, b) for s, _, b in replies] == [
+            (200, b'{"size": 3, "sha256": "%s"}' % digest.encode()), (200, b"backend saw GET /after\n"),
+        ]
+        # Trailers are dropped (RFC 9110 6.5.1 lets a recipient): the backend
+        # got a well-framed body and nothing after it.
+        assert lines(backend) == [f"POST /sink HTTP/1.1 {ROUTED}", f"GET /after HTTP/1.1 {ROUTED}"]
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_header_rules(backend: Backend) -> None:
+    """Finding 8 (RFC 9112 3.2): one Host, required in HTTP/1.1, never stripped by Connection."""
+    router, ingress, own = await router_for(backend.address)
+    try:
+        for port, path in ((ingress, b"/web/x"), (own, b"/x")):
+            reply = await in_thread(raw_request, port, b"GET %s HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" % path)
+            assert reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"the request has 2 Host headers; one is allowed\n")
+            reply = await in_thread(raw_request, port, b"GET %s HTTP/1.1\r\nX: y\r\n\r\n" % path)
+            assert reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"an HTTP/1.1 request needs a Host header\n")
+        assert backend.stats.lines == []
+        # HTTP/1.0 has no Host requirement.
+        reply = await in_thread(raw_request, ingress, b"GET /web/x HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"backend saw GET /x\n")
+        # A Connection option naming Host does not remove it.
+        replies = await in_thread(exchange, ingress, b"GET /web/headers HTTP/1.1\r\nHost: kept.test\r\nConnection: host\r\n\r\n", 1)
+        seen = {k.lower(): v for k, v in json.loads(replies[0][2])["headers"]}
+        assert (seen["host"], seen["x-forwarded-host"]) == ("kept.test", "kept.test")
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_chunk_framing_is_a_400(backend: Backend) -> None:
+    """A broken request gets a 400, also when it follows others on the connection, which are answered first."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        bad = b"POST /web/sink HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+        replies = await in_thread(exchange, ingress, bad, 2)
+        assert [s for s, _, _ in replies] == [400]
+        assert replies[0][2] == b"malformed request: Invalid character in chunk size\n"
+        replies = await in_thread(exchange, ingress, b"GET /web/first HTTP/1.1\r\nHost: h\r\n\r\n" + bad, 3)
+        assert [(s, b) for s, _, b in replies] == [
+            (200, b"backend saw GET /first\n"), (400, b"malformed request: Invalid character in chunk size\n"),
+        ]
+        replies = await in_thread(exchange, ingress, b"GET /web/first HTTP/1.1\r\nHost: h\r\n\r\nGET /x HTTP/1.1\r\nHost h\r\n\r\n", 3)
+        assert [s for s, _, _ in replies] == [200, 400]
+        assert [line.split()[1] for line in lines(backend) if line.startswith("GET")] == ["/first", "/first"]
+    finally:
+        await router.stopService()
+
+
+# -- in memory: exact bytes, a Clock -------------------------------------------------
+
+
+def test_a_backend_answering_twice_is_not_pooled() -> None:
+    """
+    A connection goes back to the pool only when what was read on it is
+    exactly the response: a second, unasked response in the same read would
+    otherwise be the next request's answer, for whichever client.
+    """
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(  # type: ignore[attr-defined]
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    )
+    assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+    assert backend.disconnecting
+    pool = channel.site.routes.pools["api"]  # type: ignore[attr-defined]
+    assert pool.idle == []
+    channel.dataReceived(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(reactor.tcpClients) == 2  # a new connection for the next request
+    assert b"forged" not in transport.value()
