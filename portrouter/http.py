@@ -37,10 +37,12 @@ HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
 ))
-# Set by us from what we know of the client; a client's own values are not trusted.
+# Set by us from what we know of the client; a client's own values are not
+# trusted. RFC 7239 Forwarded is dropped rather than rewritten: we speak
+# X-Forwarded-*, and a client's Forwarded beside them would contradict ours.
 _OURS = frozenset((
     b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
-    b"content-length", b"expect", b"x-forwarded-for",
+    b"content-length", b"expect", b"x-forwarded-for", b"forwarded",
 ))
 NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # How long an idle pooled connection is trusted: below the keep-alive timeout

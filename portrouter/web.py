@@ -553,6 +553,10 @@ class Channel(Protocol):
             self._reparse()  # answered without a switch
         elif self.broken is not None:
             self.error(400, self.broken)
+        else:
+            # Whoever paused reading for this request (a body waiting for
+            # its backend) is done with it: the next request may come.
+            self.resume_reading()
 
     def _next_queued(self) -> None:
         request, body = self.queue.pop(0)

@@ -32,11 +32,13 @@ def backend() -> Any:
 Response = tuple[int, dict[str, str], bytes]
 
 
-def read_responses(sock: socket.socket, count: int) -> tuple[list[Response], bytes]:
+def read_responses(sock: socket.socket, count: int, bodiless: frozenset[int] = frozenset()
+                   ) -> tuple[list[Response], bytes]:
     """
     C{count} responses off a socket (Content-Length framed, as the proxy
-    frames what the test backend sends), or fewer if the connection closes;
-    and the bytes read past them (after a 101: the new protocol's).
+    frames what the test backend sends; those numbered in C{bodiless}
+    answer a HEAD), or fewer if the connection closes; and the bytes read
+    past them (after a 101: the new protocol's).
     """
     buf = b""
     out: list[Response] = []
@@ -53,7 +55,7 @@ def read_responses(sock: socket.socket, count: int) -> tuple[list[Response], byt
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         status = int(lines[0].split()[1])
-        length = int(headers.get("content-length", "0")) if status != 101 else 0
+        length = int(headers.get("content-length", "0")) if status != 101 and len(out) not in bodiless else 0
         while len(buf) < length:
             data = sock.recv(65536)
             if not data:
@@ -265,6 +267,22 @@ async def test_malformed_chunk_framing_is_a_400(backend: Backend) -> None:
         await router.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_clients_forwarded_header_is_dropped(backend: Backend) -> None:
+    """RFC 7239 Forwarded from a client is as untrusted as its X-Forwarded-*; we set only the latter."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        replies = await in_thread(exchange, ingress, (
+            b"GET /web/headers HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6;proto=https\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\n\r\n"
+        ), 1)
+        seen = {k.lower(): v for k, v in json.loads(replies[0][2])["headers"]}
+        assert "forwarded" not in seen
+        assert (seen["x-forwarded-for"], seen["x-real-ip"], seen["x-forwarded-proto"]) == ("6.6.6.6, 127.0.0.1", "127.0.0.1", "http")
+    finally:
+        await router.stopService()
+
+
 # -- in memory: exact bytes, a Clock -------------------------------------------------
 
 
@@ -288,3 +306,18 @@ def test_a_backend_answering_twice_is_not_pooled() -> None:
     channel.dataReceived(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
     assert len(reactor.tcpClients) == 2  # a new connection for the next request
     assert b"forged" not in transport.value()
+
+
+def test_reading_resumes_after_a_body_that_waited_for_its_backend() -> None:
+    """
+    Found by the pipelining property: a body read whole while the backend
+    connection was being made paused reading, and nothing resumed it, so the
+    next request's head, cut in that read, waited for the header timeout.
+    """
+    reactor, channel, transport = make()
+    channel.dataReceived(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nokGET /b HTT")
+    assert transport.producerState == "paused"  # the body waits for somewhere to go
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+    assert transport.producerState == "producing"
