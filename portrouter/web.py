@@ -368,7 +368,10 @@ class Channel(Protocol):
             return
         handler = self.handler = self.site.handler(self, request)
         if getattr(handler, "early", False):
-            handler.end()  # a refusal that needs nothing of the body
+            # A refusal that needs nothing of the body: the body is not
+            # read, so the connection cannot serve another request.
+            self.close_after = True
+            handler.end()
 
     # -- upgrades --------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ import pytest
 import pytest_twisted
 
 from tests.httpbackend import Backend, raw_request
-from tests.support import LOOPBACK, in_thread
+from portrouter.config import Auth, Config, Token
+from tests.support import LOOPBACK, in_thread, start_router
 from tests.test_http import router_for
 from tests.test_http_unit import connect_backend, make
 
@@ -279,6 +280,49 @@ async def test_a_clients_forwarded_header_is_dropped(backend: Backend) -> None:
         seen = {k.lower(): v for k, v in json.loads(replies[0][2])["headers"]}
         assert "forwarded" not in seen
         assert (seen["x-forwarded-for"], seen["x-real-ip"], seen["x-forwarded-proto"]) == ("6.6.6.6, 127.0.0.1", "127.0.0.1", "http")
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_without_its_slash_is_not_the_api(backend: Backend) -> None:
+    """``/_api`` is no path of the API (``/_api/`` is its root), nor a project: 404, the API is not asked."""
+    router, ingress, _ = await router_for(backend.address)
+    try:
+        for target in (b"/_api", b"/_api?x=1"):
+            reply = await in_thread(raw_request, ingress, b"GET %s HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % target)
+            assert reply.startswith(b"HTTP/1.1 404 ") and reply.endswith(b"\r\n\r\nportrouter: no such project\n"), reply
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_refuses_before_reading_the_body(tmp_path: Any) -> None:
+    """
+    A caller without credentials who announces 100 MB (and asks to be told
+    before sending it) gets the 401 at once, no 100 Continue, and the
+    connection closes: the body is never read.
+    """
+    auth = Auth(tokens=(Token(secret="admin-token-0123456789", admin=True, projects=("*",)),))
+    router = await start_router(config=Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path), auth=auth))
+    try:
+        def refused() -> tuple[list[Response], bytes]:
+            with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
+                sock.sendall(b"PUT /_api/projects/p HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n")
+                replies, rest = read_responses(sock, 2)
+                while data := sock.recv(65536):
+                    rest += data
+                return replies, rest
+
+        replies, rest = await in_thread(refused)
+        assert [s for s, _, _ in replies] == [401]
+        status, headers, body = replies[0]
+        assert headers["connection"] == "close" and json.loads(body)["error"]["code"] == "unauthorized"
+        assert rest == b""  # and then the close
+        # Without a body, the refusal waits for the request's end and keeps the connection.
+        replies = await in_thread(exchange, router.port_of(), b"GET /_api/routes HTTP/1.1\r\nHost: h\r\n\r\n" * 2, 2)
+        assert [s for s, _, _ in replies] == [401, 401]
     finally:
         await router.stopService()
 
