@@ -50,6 +50,9 @@ NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # rarely sent on a connection the backend is closing.
 POOL_IDLE = 4.0
 POOL_MAX_IDLE = 64
+# RFC 9110 9.2.2: sending these twice has the effect of sending them once, so
+# one may be sent again when a pooled connection closed under it unanswered.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 # A response body at least this large (its length known, plain sockets both
 # sides) is spliced, not copied through Python.
 SPLICE_BODY = 64 * 1024
@@ -519,6 +522,7 @@ class ProxyExchange:
         self.responding = False
         self.done = False
         self.reused = False
+        self.answered = False  # something of the response (an interim one) came
         self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
         self.body_splice: BodySplice | None = None
@@ -630,9 +634,17 @@ class ProxyExchange:
             self.pending = []
         if self.request_ended:
             self._end_body()
+            self._start_timer()
         elif self.request.has_body:
             transport.registerProducer(self.channel.transport, True)
             self.channel.resume_reading()
+
+    def _start_timer(self) -> None:
+        """
+        The request is sent: the backend has response_timeout to answer. Not
+        before: an upload takes as long as it takes (a 1 GiB body at the
+        client's pace), with backpressure against a backend that stops reading.
+        """
         self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._timed_out)
 
     def _write_body(self, data: bytes) -> None:
@@ -661,6 +673,8 @@ class ProxyExchange:
             if self.request.has_body:
                 self.upstream.transport.unregisterProducer()
                 self.channel.resume_reading()
+            if self.timer is None and not self.responding:
+                self._start_timer()
 
     def _release_service(self) -> None:
         """The exchange is over: it no longer counts against limits or keeps a service up."""
@@ -700,6 +714,7 @@ class ProxyExchange:
         self._fail(504, f"backend did not answer within {timeout:g} s", close=True)
 
     def interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.answered = True
         if code == 100 and self.wants_continue:
             return  # already told the client
         kept, _, _ = _response_headers(headers)
@@ -751,9 +766,12 @@ class ProxyExchange:
             self.channel.transport.unregisterProducer()
             self.channel.abort()
             return
-        if self.reused and self.body_sent == 0 and not self.request.has_body:
+        if (self.reused and not self.answered and self.body_sent == 0 and not self.request.has_body
+                and self.request.method in IDEMPOTENT):
             # The usual keep-alive race: the backend closed an idle connection
-            # as we sent on it. Safe to send again on a new one.
+            # as we sent on it. Safe to send again on a new one only if the
+            # whole request is still here and sending it twice does no harm:
+            # the backend may have acted on it before closing.
             self.upstream = None
             self.reused = False
             self._connect()

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from tests.httpbackend import Backend, raw_request
 from portrouter.config import Auth, Config, Token
@@ -365,3 +367,76 @@ def test_reading_resumes_after_a_body_that_waited_for_its_backend() -> None:
     backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
     assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
     assert transport.producerState == "producing"
+
+
+def test_response_timeout_starts_when_the_request_is_sent() -> None:
+    """
+    Finding 6: the response timeout ran during the upload, so an upload
+    longer than it got a 504 while still sending. It counts from the end of
+    the request.
+    """
+    reactor, channel, transport = make(response_timeout=60)
+    channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    backend = connect_backend(reactor)
+    for piece in (b"cd", b"ef", b"gh"):
+        reactor.advance(59)  # 4 minutes of upload in all, a trickle
+        channel.dataReceived(piece)
+    reactor.advance(59)
+    assert transport.value() == b""
+    channel.dataReceived(b"ij")  # the request is complete now
+    assert backend.value().endswith(b"\r\n\r\nabcdefghij")
+    reactor.advance(59.9)
+    assert transport.value() == b""
+    reactor.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 504 ")
+    assert transport.value().endswith(b"backend did not answer within 60 s\n")
+
+
+def pooled(reactor: Any, channel: Any, transport: Any) -> Any:
+    """A first request answered, so its backend connection waits in the pool; that connection."""
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+    transport.clear()
+    backend.clear()
+    return backend
+
+
+@pytest.mark.parametrize("method", [b"POST", b"PATCH", b"LOCK"])
+def test_a_request_that_is_not_idempotent_is_never_sent_twice(method: bytes) -> None:
+    """
+    Finding 7: a POST on a pooled connection that the backend closed without
+    answering was sent again on a new one: the backend saw it twice.
+    """
+    reactor, channel, transport = make()
+    backend = pooled(reactor, channel, transport)
+    channel.dataReceived(b"%s /order HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n" % method)
+    assert backend.value().startswith(b"%s /order " % method)
+    backend.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    assert len(reactor.tcpClients) == 1  # no second connection, no second try
+    assert transport.value().startswith(b"HTTP/1.1 502 ")
+    assert transport.value().endswith(b"backend closed the connection without answering\n")
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"])
+def test_an_idempotent_request_is_sent_again_when_its_pooled_connection_was_closed(method: bytes) -> None:
+    reactor, channel, transport = make()
+    backend = pooled(reactor, channel, transport)
+    channel.dataReceived(b"%s /again HTTP/1.1\r\nHost: h\r\n\r\n" % method)
+    backend.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    assert len(reactor.tcpClients) == 2  # the usual keep-alive race: once more, on a new connection
+    again = connect_backend(reactor)
+    assert again.value().startswith(b"%s /again " % method)
+    again.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.1 204 ")
+
+
+def test_no_second_try_once_something_of_the_answer_came() -> None:
+    reactor, channel, transport = make()
+    backend = pooled(reactor, channel, transport)
+    channel.dataReceived(b"GET /hint HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend.protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")  # type: ignore[attr-defined]
+    backend.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    assert len(reactor.tcpClients) == 1
+    assert transport.value().startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert b"HTTP/1.1 502 " in transport.value()
