@@ -17,8 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from tests.httpbackend import Backend, raw_request
-from portrouter.config import Auth, Config, Token
-from tests.support import LOOPBACK, in_thread, start_router
+from portrouter.config import Auth, Config, Token, parse
+from tests.support import LOOPBACK, ThreadServer, in_thread, start_router
 from tests.test_http import router_for
 from tests.test_http_unit import connect_backend, make
 
@@ -440,3 +440,68 @@ def test_no_second_try_once_something_of_the_answer_came() -> None:
     assert len(reactor.tcpClients) == 1
     assert transport.value().startswith(b"HTTP/1.1 103 Early Hints\r\n")
     assert b"HTTP/1.1 502 " in transport.value()
+
+
+def test_bytes_held_after_an_upgrade_request_are_bounded() -> None:
+    """
+    Reading stops after an upgrade request until its answer; a transport that
+    delivers more anyway (64 KiB past the request) closes the connection
+    rather than hold an unbounded amount.
+    """
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /ws HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\nearly")
+    assert transport.producerState == "paused"
+    backend = connect_backend(reactor)
+    assert backend.value().endswith(b"\r\n\r\n")  # the head alone: nothing held goes before a 101
+    channel.dataReceived(b"x" * 60000)
+    assert not transport.disconnecting
+    channel.dataReceived(b"x" * 10000)
+    assert transport.disconnecting and backend.disconnecting
+    assert b"early" not in backend.value()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_port_upgrade_pipelined_behind_a_request_takes_its_turn(backend: Backend) -> None:
+    """
+    A /stream/ upgrade (switched by portrouter itself) pipelined behind a
+    proxied request: the WebSocket bytes after it are its own, not written
+    to the first request's backend.
+    """
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    service = ThreadServer(echo)
+    config = parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}",
+        "projects": [
+            {"name": "web", "backend": backend.address},
+            {"name": "k1", "host": LOOPBACK, "services": [{"name": "echo", "protocol": "tcp", "port": service.port}]},
+        ],
+    })
+    router = await start_router(config=config)
+    try:
+        mask = b"\x01\x02\x03\x04"
+        frame = b"\x82\x85" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hello"))
+        attack = (
+            b"GET /web/first HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /stream/session/k1/tcpproxy?app=echo HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n" + frame
+        )
+
+        def run() -> tuple[list[Response], bytes]:
+            with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
+                sock.sendall(attack)
+                replies, rest = read_responses(sock, 2)
+                while len(rest) < 7:
+                    data = sock.recv(65536)
+                    assert data, "closed before the echo"
+                    rest += data
+                return replies, rest
+
+        replies, rest = await in_thread(run)
+        assert [s for s, _, _ in replies] == [200, 101]
+        assert rest == b"\x82\x05hello"
+        assert lines(backend) == [f"GET /first HTTP/1.1 {ROUTED}"]
+    finally:
+        await router.stopService()
+        service.close()
