@@ -569,7 +569,11 @@ class ProxyExchange:
             lines.append(b"Connection: Upgrade\r\n")
             lines.append(b"Upgrade: %s\r\n" % (request.header(b"upgrade") or b""))
         if self.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            # Re-chunked here; codings applied before chunked (the parser
+            # allows chunked only last, once) are the body's and go on.
+            codings = [t.strip() for v in request.header_values(b"transfer-encoding") for t in v.split(b",")]
+            codings = [t for t in codings if t.lower() != b"chunked"] + [b"chunked"]
+            lines.append(b"Transfer-Encoding: %s\r\n" % b", ".join(codings))
         else:
             length = request.header(b"content-length")
             if length is not None:

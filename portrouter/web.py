@@ -356,7 +356,10 @@ class Channel(Protocol):
         self.current = request
         self.request_done = False
         self.responding = False
-        self.close_after = not request.keep_alive
+        # An HTTP/1.0 message with Transfer-Encoding has faulty framing
+        # (RFC 9112 6.1): answered, then the connection closes.
+        self.close_after = not request.keep_alive or (
+            request.version == "1.0" and request.header(b"transfer-encoding") is not None)
         self.sent = 0
         self.status = 0
         self.project = None

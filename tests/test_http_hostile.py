@@ -505,3 +505,30 @@ async def test_a_service_port_upgrade_pipelined_behind_a_request_takes_its_turn(
     finally:
         await router.stopService()
         service.close()
+
+
+def test_transfer_codings_before_chunked_reach_the_backend() -> None:
+    """
+    The body is re-chunked for the backend; codings applied before chunked
+    (gzip) are the body's and must be said, or the backend reads gzip as
+    the body itself. Found probing: they were dropped.
+    """
+    reactor, channel, transport = make()
+    channel.dataReceived(b"POST /z HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: Chunked\r\n\r\n"
+                         b"3\r\nxyz\r\n0\r\n\r\n")
+    backend = connect_backend(reactor)
+    head, _, body = backend.value().partition(b"\r\n\r\n")
+    assert [line for line in head.split(b"\r\n") if line.lower().startswith(b"transfer-encoding")] == [
+        b"Transfer-Encoding: gzip, chunked"
+    ]
+    assert body == b"3\r\nxyz\r\n0\r\n\r\n"
+
+
+def test_http10_with_transfer_encoding_closes_after_its_answer() -> None:
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing: answer, then close."""
+    reactor, channel, transport = make()
+    channel.dataReceived(b"POST /z HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+    assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    assert transport.disconnecting
