@@ -106,7 +106,8 @@ class API:
             # A 401 carries its challenge (RFC 9110), as Refused provides it.
             refusal = APIError(e.status, "unauthorized" if e.status == 401 else "forbidden", e.detail,
                                headers=e.headers())
-            return self._error(channel, refusal)
+            # At once, without reading (or asking for) a body it will not use.
+            return self._error(channel, refusal, early=request.has_body)
         method = request.method
         parts = rest.split(b"/")
         try:
@@ -134,8 +135,8 @@ class API:
             return self._error(channel, e)
 
     @staticmethod
-    def _error(channel: Channel, error: APIError) -> Fixed:
-        return Fixed(lambda: channel.send(error.status, error.body(), JSON, error.headers))
+    def _error(channel: Channel, error: APIError, early: bool = False) -> Fixed:
+        return Fixed(lambda: channel.send(error.status, error.body(), JSON, error.headers), early)
 
     def _routes(self, channel: Channel, request: Request) -> Fixed:
         rows = route_rows(self.router)

@@ -37,10 +37,12 @@ HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
 ))
-# Set by us from what we know of the client; a client's own values are not trusted.
+# Set by us from what we know of the client; a client's own values are not
+# trusted. RFC 7239 Forwarded is dropped rather than rewritten: we speak
+# X-Forwarded-*, and a client's Forwarded beside them would contradict ours.
 _OURS = frozenset((
     b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
-    b"content-length", b"expect", b"x-forwarded-for",
+    b"content-length", b"expect", b"x-forwarded-for", b"forwarded",
 ))
 NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # How long an idle pooled connection is trusted: below the keep-alive timeout
@@ -48,6 +50,9 @@ NAME = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}\Z")
 # rarely sent on a connection the backend is closing.
 POOL_IDLE = 4.0
 POOL_MAX_IDLE = 64
+# RFC 9110 9.2.2: sending these twice has the effect of sending them once, so
+# one may be sent again when a pooled connection closed under it unanswered.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 # A response body at least this large (its length known, plain sockets both
 # sides) is spliced, not copied through Python.
 SPLICE_BODY = 64 * 1024
@@ -96,6 +101,7 @@ def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
     named = set()
     for value in request.header_values(b"connection"):
         named.update(t.strip().lower() for t in value.split(b","))
+    named.discard(b"host")  # Host is end to end (RFC 9112 3.2): an option cannot remove it
     kept = []
     for name, value in request.headers:
         low = name.lower()
@@ -153,6 +159,9 @@ class Upstream(Protocol):
         self.until_close = False
         self.keep_alive = True
         self.splice_left: int | None = None  # body bytes to splice once this read is done
+        self.feeding = False  # in the parser: a finished connection is pooled after this read
+        self.release_after = False
+        self.unasked = False  # the backend sent more than the response
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -166,7 +175,14 @@ class Upstream(Protocol):
             self.transport.loseConnection()  # a backend must not speak unasked
             return
         try:
-            self.parser.feed_data(data)
+            self.feeding = True
+            try:
+                self.parser.feed_data(data)
+            finally:
+                self.feeding = False
+                if self.release_after:
+                    self.release_after = False
+                    self._to_pool()
             exchange.channel.flush()  # what this read produced, in one send
             left, self.splice_left = self.splice_left, None
             if left and self.exchange is exchange and not exchange.done:
@@ -187,7 +203,25 @@ class Upstream(Protocol):
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
 
+    def release(self) -> None:
+        """The exchange is over and the connection may serve another: pool it, once this read is parsed."""
+        if self.feeding:
+            self.release_after = True
+        else:
+            self._to_pool()
+
+    def _to_pool(self) -> None:
+        if self.unasked or self.exchange is not None or self.transport is None or not self.transport.connected:
+            # More arrived than the response: whoever used this connection
+            # next would get it as the answer to their request.
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self.pool.release(self)
+
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            self.unasked = True
         self.headers = []
         self.reason = b""
         self.complete = False
@@ -231,6 +265,8 @@ class Upstream(Protocol):
             self.splice_left -= len(data)
         if self.exchange is not None:
             self.exchange.response_body(data)
+        else:
+            self.unasked = True  # a body after the response's end (a HEAD's, by its length)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -486,6 +522,7 @@ class ProxyExchange:
         self.responding = False
         self.done = False
         self.reused = False
+        self.answered = False  # something of the response (an interim one) came
         self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
         self.body_splice: BodySplice | None = None
@@ -532,7 +569,11 @@ class ProxyExchange:
             lines.append(b"Connection: Upgrade\r\n")
             lines.append(b"Upgrade: %s\r\n" % (request.header(b"upgrade") or b""))
         if self.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            # Re-chunked here; codings applied before chunked (the parser
+            # allows chunked only last, once) are the body's and go on.
+            codings = [t.strip() for v in request.header_values(b"transfer-encoding") for t in v.split(b",")]
+            codings = [t for t in codings if t.lower() != b"chunked"] + [b"chunked"]
+            lines.append(b"Transfer-Encoding: %s\r\n" % b", ".join(codings))
         else:
             length = request.header(b"content-length")
             if length is not None:
@@ -597,9 +638,17 @@ class ProxyExchange:
             self.pending = []
         if self.request_ended:
             self._end_body()
+            self._start_timer()
         elif self.request.has_body:
             transport.registerProducer(self.channel.transport, True)
             self.channel.resume_reading()
+
+    def _start_timer(self) -> None:
+        """
+        The request is sent: the backend has response_timeout to answer. Not
+        before: an upload takes as long as it takes (a 1 GiB body at the
+        client's pace), with backpressure against a backend that stops reading.
+        """
         self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._timed_out)
 
     def _write_body(self, data: bytes) -> None:
@@ -628,6 +677,8 @@ class ProxyExchange:
             if self.request.has_body:
                 self.upstream.transport.unregisterProducer()
                 self.channel.resume_reading()
+            if self.timer is None and not self.responding:
+                self._start_timer()
 
     def _release_service(self) -> None:
         """The exchange is over: it no longer counts against limits or keeps a service up."""
@@ -667,6 +718,7 @@ class ProxyExchange:
         self._fail(504, f"backend did not answer within {timeout:g} s", close=True)
 
     def interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.answered = True
         if code == 100 and self.wants_continue:
             return  # already told the client
         kept, _, _ = _response_headers(headers)
@@ -680,8 +732,6 @@ class ProxyExchange:
             return  # switched() takes it from here
         self.responding = True
         self.channel.status = code
-        if self.request.upgrade:
-            self.channel.closing = True  # the parser is past the upgrade: no keep-alive
         self.channel.respond(code, headers, length=length, reason=reason)
         self.channel.transport.registerProducer(self.upstream.transport, True)  # type: ignore[union-attr]
 
@@ -702,7 +752,7 @@ class ProxyExchange:
         if upstream.keep_alive and self.request_ended and transport is not None and transport.connected \
                 and not self.request.upgrade:
             transport.resumeProducing()
-            self.pool.release(upstream)
+            upstream.release()
         elif transport is not None:
             if not self.request_ended and self.request.has_body:
                 transport.unregisterProducer()
@@ -720,9 +770,12 @@ class ProxyExchange:
             self.channel.transport.unregisterProducer()
             self.channel.abort()
             return
-        if self.reused and self.body_sent == 0 and not self.request.has_body:
+        if (self.reused and not self.answered and self.body_sent == 0 and not self.request.has_body
+                and self.request.method in IDEMPOTENT):
             # The usual keep-alive race: the backend closed an idle connection
-            # as we sent on it. Safe to send again on a new one.
+            # as we sent on it. Safe to send again on a new one only if the
+            # whole request is still here and sending it twice does no harm:
+            # the backend may have acted on it before closing.
             self.upstream = None
             self.reused = False
             self._connect()
@@ -756,22 +809,23 @@ class ProxyExchange:
 
     # -- upgrades ------------------------------------------------------------------
 
-    def take_over(self, leftover: bytes) -> None:
-        """The client's side of an upgrade: hold its early bytes for the backend."""
-        if leftover:
-            self.pending.append(leftover)
-        self.request_ended = True
-        # Not another byte until the backend has said yes (then the relay
-        # reads) or no (then the connection closes after the answer).
-        self.channel.transport.pauseProducing()
-
     def switched(self, upstream: Upstream, leftover: bytes) -> None:
-        """The backend answered 101: splice the two connections byte for byte."""
+        """
+        The backend answered 101: splice the two connections byte for byte.
+        What the client sent after its request (held by the channel until
+        now) is the new protocol's, and goes to the backend only now.
+        """
         self._stop_timer()
         if self.done:
             return
+        if not self.request.upgrade or not self.request_ended:
+            # The client's bytes after a plain request are further requests,
+            # possibly for other projects: never the backend's to take.
+            self._fail(502, "backend switched protocols without being asked to", close=True)
+            return
         self.done = True
         channel = self.channel
+        held = channel.switch_protocols()
         self.channel.status = 101
         headers = [(n, v) for n, v in upstream.headers if n.lower() not in (b"content-length",)]
         lines = [b"HTTP/1.1 101 %s\r\n" % (upstream.reason or b"Switching Protocols")]
@@ -791,9 +845,8 @@ class ProxyExchange:
         backend.makeConnection(upstream.transport)
         upstream.tunnel = backend
         upstream.exchange = None
-        for data in self.pending:
-            upstream.transport.write(data)
-        self.pending = []
+        if held:
+            upstream.transport.write(held)
         pair_streams(session, client, backend)
 
 

@@ -41,7 +41,7 @@ class IngressSite:
             return Fixed(lambda: channel.send(200, VERSION, b"application/json"))
         if path == b"/manager/announcement" and b"manager" not in self._path_routed():
             return Fixed(lambda: channel.send(200, b'{"enabled": false, "message": ""}\n', b"application/json"))
-        if segment == b"_api":
+        if segment == b"_api" and slash:
             return self._api(channel, request, rest)
         if segment == b"stream":
             return self.router.stream_handler(channel, request)

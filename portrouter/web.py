@@ -40,6 +40,11 @@ REASONS = {
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+# Bytes read after an upgrade request, held until its answer says whose they
+# are: past this, the client is not waiting for an answer and is dropped.
+HELD_MAX = 64 * 1024
+# What may be asked of a reverse proxy: CONNECT is for forward proxies.
+ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 
 
 class Request:
@@ -169,6 +174,13 @@ class Channel(Protocol):
         self.sent = 0
         self.project: str | None = None
         self.out: list[bytes] = []  # written this turn, sent by flush()
+        # After an upgrade request the parser stops; what follows is held
+        # (and reading paused) until that request's answer: a 101 makes the
+        # bytes the new protocol's, anything else the next requests.
+        self.held: bytearray | None = None
+        self.upgrading: Request | None = None  # the upgrade request they follow
+        self.last: Request | None = None  # the last request whose head was parsed
+        self.broken: str | None = None  # a request that could not be parsed, answered 400 in its turn
 
     # -- connection --------------------------------------------------------------
 
@@ -217,7 +229,10 @@ class Channel(Protocol):
         if self.tunnel is not None:
             self.tunnel.dataReceived(data)
             return
-        if self.taken_over or self.closing:
+        if self.taken_over or self.closing or self.broken is not None:
+            return
+        if self.held is not None:
+            self._hold(data)
             return
         if self.request is not None or self.handler is None:
             self.head_bytes += len(data)
@@ -225,14 +240,13 @@ class Channel(Protocol):
             self.parser.feed_data(data)
             self.flush()
         except httptools.HttpParserUpgrade as e:
-            self._upgraded(data[e.args[0]:])
+            self.flush()
+            self._upgrade_parsed(data[e.args[0]:])
         except httptools.HttpParserCallbackError:
             raise
         except httptools.HttpParserError as e:
-            if not self.responding and self.handler is None:
-                self.error(400, f"malformed request: {e}")
-            else:
-                self.transport.loseConnection()
+            self.flush()
+            self._malformed(f"malformed request: {e}")
         else:
             if self.request is not None and self.head_bytes > self.site.max_header_size:
                 self.error(431, "the request head is too large")
@@ -279,12 +293,21 @@ class Channel(Protocol):
         self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.request.headers.append((name, value))  # type: ignore[union-attr]
         self.head_size += len(name) + len(value) + 4
+        if self.request is None:
+            # A trailer of a chunked body: dropped, as a recipient may (RFC
+            # 9110 6.5.1), but counted, so trailers cannot grow without end.
+            if self.head_size > self.site.max_header_size and not self.closing:
+                self._malformed("the request trailers are too large")
+            return
+        self.request.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         request = self.request
-        assert request is not None
+        if request is None or self.closing or self.broken is not None:
+            self.request = None
+            return  # the connection is closing: nothing more is answered
+        self.last = request
         if self.head_size > self.site.max_header_size:
             self.request = None
             self.error(431, "the request head is too large")
@@ -320,6 +343,7 @@ class Channel(Protocol):
             self.handler.body(data)
 
     def on_message_complete(self) -> None:
+        self.head_size = 0  # trailers are counted from here
         if self.queue:
             self.queue[-1][1].append(b"")  # end marker
         elif self.handler is not None:
@@ -332,28 +356,121 @@ class Channel(Protocol):
         self.current = request
         self.request_done = False
         self.responding = False
-        self.close_after = not request.keep_alive
+        # An HTTP/1.0 message with Transfer-Encoding has faulty framing
+        # (RFC 9112 6.1): answered, then the connection closes.
+        self.close_after = not request.keep_alive or (
+            request.version == "1.0" and request.header(b"transfer-encoding") is not None)
         self.sent = 0
         self.status = 0
         self.project = None
-        self.handler = self.site.handler(self, request)
-
-    def _upgraded(self, leftover: bytes) -> None:
-        """The parser saw a complete Upgrade request; the handler takes over."""
-        handler = self.handler
-        take = getattr(handler, "take_over", None)
-        if take is None:
-            # Not something that can be upgraded here: it has been or will be
-            # answered normally, and the connection closes after it (the
-            # parser is past the upgrade).
-            self.close_after = True
-            self.closing = True
-            if handler is None and not self.responding:
-                self.transport.loseConnection()
+        refusal = _refusal(request)
+        if refusal is not None:
+            status, text, headers = refusal
+            self.handler = Fixed(lambda: self.error(status, text, headers))
+            self.handler.end()  # at once: whatever follows is not read
             return
+        handler = self.handler = self.site.handler(self, request)
+        if getattr(handler, "early", False):
+            # A refusal that needs nothing of the body: the body is not
+            # read, so the connection cannot serve another request.
+            self.close_after = True
+            handler.end()
+
+    # -- upgrades --------------------------------------------------------------------
+
+    def _upgrade_parsed(self, leftover: bytes) -> None:
+        """
+        The parser is past a complete upgrade request: hold what follows,
+        and read no more, until that request's answer says whose it is.
+        """
+        if self.closing or self.broken is not None:
+            return
+        self.held = bytearray()
+        self.upgrading = self.last
+        self.transport.pauseProducing()
+        self._hold(leftover)
+        if self.held is None or self.queue:
+            return  # dropped, or the upgrade request waits its turn (_next_queued)
+        if self.handler is None and not self.responding:
+            self._reparse()  # already answered (a refusal): the bytes are requests
+        elif self.current is self.upgrading:
+            self._upgrade_turn()
+
+    def _hold(self, data: bytes) -> None:
+        assert self.held is not None
+        self.held += data
+        if len(self.held) > HELD_MAX:
+            # Reading is paused: only a transport that ignores it gets here.
+            log.info("{client}: more than {limit} bytes after an upgrade request before its answer; closing",
+                     client=self.client, limit=HELD_MAX)
+            self.held = self.upgrading = None
+            self.closing = True
+            handler, self.handler = self.handler, None
+            if handler is not None:
+                handler.lost()
+            self.transport.loseConnection()
+
+    def _upgrade_turn(self) -> None:
+        """The upgrade request is being answered: a handler that switches at once takes the bytes."""
+        take = getattr(self.handler, "take_over", None)
+        if take is not None:
+            self.taken_over = True
+            self._stop_timer()
+            take(self.switch_protocols())
+
+    def switch_protocols(self) -> bytes:
+        """
+        The upgrade is accepted (a backend's 101): the connection is no
+        longer HTTP; the bytes held since the request are the new protocol's.
+        """
+        held = bytes(self.held or b"")
+        self.held = self.upgrading = None
         self.taken_over = True
         self._stop_timer()
-        take(leftover)
+        return held
+
+    def _reparse(self) -> None:
+        """
+        The upgrade request was answered without a switch: the held bytes are
+        the next requests. httptools stays past the upgrade for good, so a
+        fresh parser reads them, on the next turn (a run of upgrade requests
+        answered at once must not recurse).
+        """
+        held, self.held, self.upgrading = bytes(self.held or b""), None, None
+        self.parser = httptools.HttpRequestParser(self)
+
+        def feed() -> None:
+            if self.transport is None or self.closing:
+                return
+            if held:
+                self.dataReceived(held)
+            self.resume_reading()
+
+        self.reactor.callLater(0, feed)
+
+    def _malformed(self, text: str) -> None:
+        """
+        The parser stopped on bytes that are not HTTP. Requests before them
+        are answered; the broken one gets a 400 in its turn (a cut response
+        if its answer had begun), then the connection closes.
+        """
+        self.request = None
+        self.transport.pauseProducing()
+        if self.queue and self.queue[-1][1][-1:] != [b""]:
+            self.queue.pop()  # its body broke off: never dispatched
+        elif not self.queue and self.handler is not None and not self.request_done:
+            # The body of the request being answered broke off: the handler
+            # (its backend) must not take it for a whole request.
+            handler = self.handler
+            handler.lost()
+            if self.responding:
+                self.abort()
+            else:
+                self.error(400, text)
+            return
+        self.broken = text
+        if not self.busy:
+            self.error(400, text)
 
     # -- responses -------------------------------------------------------------------
 
@@ -438,6 +555,14 @@ class Channel(Protocol):
         self._wait_for_head()
         if self.queue:
             self._next_queued()
+        elif self.held is not None and self.upgrading is self.current:
+            self._reparse()  # answered without a switch
+        elif self.broken is not None:
+            self.error(400, self.broken)
+        else:
+            # Whoever paused reading for this request (a body waiting for
+            # its backend) is done with it: the next request may come.
+            self.resume_reading()
 
     def _next_queued(self) -> None:
         request, body = self.queue.pop(0)
@@ -451,8 +576,12 @@ class Channel(Protocol):
             else:
                 self.request_done = True
                 self.handler.end()
-        if not self.queue and self.transport is not None:
-            self.transport.resumeProducing()
+        if request is self.upgrading and self.held is not None and self.handler is not None:
+            self._upgrade_turn()
+        elif request is self.upgrading and self.held is not None and not self.responding:
+            self._reparse()  # answered at once
+        else:
+            self.resume_reading()
 
     def abort(self) -> None:
         """The response cannot be completed (the backend broke off): close."""
@@ -487,7 +616,8 @@ class Channel(Protocol):
 
     def resume_reading(self) -> None:
         """A handler's flow control is done with the client: read again, unless waiting."""
-        if not self.queue and not self.closing and self.transport is not None:
+        if (not self.queue and not self.closing and self.held is None and self.broken is None
+                and not self.taken_over and self.transport is not None):
             self.transport.resumeProducing()
 
     def send(
@@ -517,6 +647,24 @@ class Channel(Protocol):
             project=self.project or "-",
             aborted=" (aborted)" if aborted else "",
         )
+
+
+def _refusal(request: Request) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+    """
+    What no handler may see, whatever the route (RFC 9112): a CONNECT, an
+    ambiguous or missing Host, an upgrade request with a body (the parser
+    does not read it: it would be taken for the next request).
+    """
+    if request.method == b"CONNECT":
+        return 405, "CONNECT is not supported: portrouter is a reverse proxy, not a forward proxy", [(b"Allow", ALLOW)]
+    hosts = request.header_values(b"host")
+    if len(hosts) > 1:
+        return 400, f"the request has {len(hosts)} Host headers; one is allowed", []
+    if not hosts and request.version == "1.1":
+        return 400, "an HTTP/1.1 request needs a Host header", []
+    if request.upgrade and request.has_body:
+        return 400, "an upgrade request must not have a body", []
+    return None
 
 
 class ChannelFactory(Factory):
@@ -569,10 +717,16 @@ class Buffered:
 
 
 class Fixed:
-    """A handler that answers at once, whatever the body."""
+    """
+    A handler that answers whatever the body: when the request is complete,
+    or, if C{early}, as soon as it is dispatched, without reading the body
+    (a refusal must not wait for 100 MB it will not use; the connection then
+    closes, since the body was not read).
+    """
 
-    def __init__(self, answer: Callable[[], None]):
+    def __init__(self, answer: Callable[[], None], early: bool = False):
         self.answer = answer
+        self.early = early
         self.done = False
 
     def body(self, data: bytes) -> None:

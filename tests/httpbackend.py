@@ -6,7 +6,10 @@ Endpoints: ``/blob?size=N&seed=S`` (deterministic bytes; ``chunked=1`` for
 chunked framing), ``/sink`` (reads the body, content-length or chunked,
 answers its size and SHA-256), ``/headers`` (the request as JSON), ``/cookies``
 (two Set-Cookie), ``/sse?n=N`` (events, one per ``/sse-next`` call),
-``/status?code=N``, ``/slow`` (never answers), anything else: a short text.
+``/status?code=N``, ``/slow`` (never answers), ``/upgrade`` (101 if asked
+to upgrade, then echoes every byte), anything else: a short text. Every
+request line is logged per connection (C{stats.lines}), so a test sees
+exactly what reached the backend and on which connection.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Stats:
         self.blob_sent = 0
         self.sse_release = threading.Semaphore(0)
         self.seen: list[dict[str, Any]] = []
+        self.lines: list[list[str]] = []  # per connection, in order: "GET /x HTTP/1.1 real-ip=... prefix=..."
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -42,6 +46,18 @@ class Handler(BaseHTTPRequestHandler):
         # As real servers do; without it each response waits 40 ms on Nagle.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.stats.connections += 1
+        self.lines: list[str] = []
+        self.server.stats.lines.append(self.lines)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if self.requestline:
+            # With the headers that say who routed it: a request smuggled past
+            # the proxy lacks ours or carries the client's.
+            headers = getattr(self, "headers", None) or {}
+            self.lines.append(f"{self.requestline} real-ip={headers.get('X-Real-IP')} "
+                              f"prefix={headers.get('X-Forwarded-Prefix')}")
+        return ok
 
     def _query(self) -> dict[str, str]:
         return {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
@@ -132,6 +148,16 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         elif path.endswith("/status"):
             self._send(int(q.get("code", "200")), b"status body\n")
+        elif path.endswith("/upgrade") and self.headers.get("Upgrade"):
+            self.send_response(101)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", self.headers["Upgrade"])
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            while data := self.rfile.read1(65536):
+                self.wfile.write(data)
+                self.wfile.flush()
         elif path.endswith("/slow"):
             self.rfile.read(1)  # until the proxy gives up and closes
         else:
