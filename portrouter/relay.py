@@ -71,7 +71,7 @@ class Session:
 
     __slots__ = (
         "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer",
+        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer", "tls",
     )
 
     def __init__(
@@ -90,6 +90,7 @@ class Session:
         self.supervisor: Any = None  # a started-on-demand service it keeps in use
         self.last = started  # last byte either way, for idle_timeout
         self.idle_timer: Any = None
+        self.tls: Any = None  # the client's OpenSSL connection, behind TLS (for the log)
 
     def close(self) -> None:
         """Close both sides now (drain timeout, idle timeout, shutdown)."""
