@@ -262,8 +262,9 @@ def strport_tls(endpoint: Any) -> ContextTLS | None:
     dh = getattr(options, "dhParameters", None)
     dh_file = dh._dhFile.path if dh is not None else None
     try:
-        context = server_context(options.certificate, list(options.extraCertChain or ()),
-                                 options.privateKey, dh_file)
+        context = server_context(options.certificate.to_cryptography(),
+                                 [c.to_cryptography() for c in options.extraCertChain or ()],
+                                 options.privateKey.to_cryptography_key(), dh_file)
     except SSL.Error as e:
         raise CertificateError(f"the certificate or key cannot be used: {e}") from None
     return ContextTLS(context)

@@ -430,7 +430,17 @@ def _half_close(transport: Any) -> None:
     if isinstance(transport, tcp.Connection):
         transport.loseWriteConnection()
     else:
-        transport.loseConnection()
+        _lose(transport)
+
+
+def _lose(transport: Any) -> None:
+    """
+    Close after what is queued. Twisted's TLS transport sends its
+    close_notify (and closes) only once no producer is registered, and the
+    peer registered as its producer never unregisters: let it go first.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -489,7 +499,7 @@ class StreamSide(Protocol):
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
-                peer.transport.loseConnection()
+                _lose(peer.transport)
             if self.session is not None:
                 if self.session.reason is None:
                     who = "client" if self.inbound else "backend"
@@ -511,8 +521,8 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     def close() -> None:
         if session.reason is None:  # else whoever closes has said why
             session.reason = "closed by portrouter"
-        client.transport.loseConnection()
-        backend.transport.loseConnection()
+        _lose(client.transport)
+        _lose(backend.transport)
 
     session._closer = close
     client.transport.resumeProducing()

@@ -22,12 +22,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from portrouter.config import Listen, load, parse
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
-from tests.support import LOOPBACK, MiB, ThreadServer, Twistd, in_thread, pattern, start_router, wait_for
+from tests.support import (
+    LOOPBACK, MiB, ThreadServer, Twistd, free_port, in_thread, pattern, start_router, wait_for,
+)
 from tests.test_operations import roundtrip
 from tests.test_service_ports import SIZE, Process, both_ways_service, echo, tool
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
@@ -93,13 +96,13 @@ def client_context(cafile: str, *, alpn: list[str] | None = None, check_name: bo
 
 
 def handshake(port: int, cafile: str, server_name: str | None, *, alpn: list[str] | None = None,
-              send: bytes = b"") -> dict[str, Any]:
+              send: bytes = b"", check_name: bool = False) -> dict[str, Any]:
     """
-    One TLS connection: the serial of the certificate served (chain verified;
-    the name only when asked for one), the version, the ALPN choice, and what
-    came back for C{send} until the server closed.
+    One TLS connection: the serial of the certificate served (its chain
+    verified, its name if C{check_name}), the version, the ALPN choice, and
+    the echo of C{send}.
     """
-    ctx = client_context(cafile, alpn=alpn, check_name=False)
+    ctx = client_context(cafile, alpn=alpn, check_name=check_name)
     with socket.create_connection((LOOPBACK, port), timeout=30) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
             result = {
@@ -151,4 +154,325 @@ async def test_twistd_ssl_listeners_answer_clients_that_offer_alpn(tmp_path: Pat
     finally:
         twistd.stop()
         backend.close()
+        service.close()
+
+
+# -- the certificate store, in process ----------------------------------------------------------
+
+
+def store_config(pki: PKI, *projects: dict[str, Any], default: str | None = "default.pem") -> dict[str, Any]:
+    tls: dict[str, Any] = {"certificates": str(pki.dir)}
+    if default is not None:
+        tls["default"] = default
+    return {"ingress": pki.strport(), "state": str(pki.root / "state"), "drain_timeout": 5,
+            "tls": tls, "projects": list(projects)}
+
+
+def tls_project(name: str, protocol: str, backend: str) -> dict[str, Any]:
+    # Port 1 here; start_tls_router binds it on port 0 (the OS picks).
+    return {"name": name, "backend": backend, "listen": {"port": 1, "protocol": protocol, "tls": True}}
+
+
+async def start_tls_router(data: dict[str, Any], path: Path | None = None) -> RouterService:
+    """
+    A router from C{data} (written to C{path} and reloadable from it, if
+    given), its own-port projects on ports the OS picks.
+    """
+    if path is not None:
+        path.write_text(json.dumps(data))
+        config = load(str(path))
+    else:
+        config = parse(data)
+    projects = tuple(
+        replace(p, listen=Listen(p.listen.protocol, 0, LOOPBACK, f"tcp:0:interface={LOOPBACK}", p.listen.tls))
+        if p.listen is not None else p for p in config.projects
+    )
+    config = replace(config, projects=projects)
+    if path is None:
+        return await start_router(config=config)
+
+    def reread() -> Any:
+        fresh = load(str(path))
+        return replace(fresh, projects=tuple(
+            replace(p, listen=config.projects[i].listen) for i, p in enumerate(fresh.projects)))
+
+    router = RouterService(config, reactor, reload_config=reread)
+    router.privilegedStartService()
+    router.startService()
+    return router
+
+
+@pytest_twisted.ensureDeferred
+async def test_sni_chooses_exact_then_wildcard_then_default(pki: PKI) -> None:
+    service = ThreadServer(echo)
+    router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)))
+    port = router.port_of("echo")
+    serials = pki.serials
+    try:
+        for asked, served in [
+            ("a.example.test", "exact.pem"),
+            ("A.Example.Test", "exact.pem"),  # names are compared without case
+            ("x.apps.example.test", "wild.pem"),
+            ("y.x.apps.example.test", "default.pem"),  # a wildcard covers one label only
+            ("apps.example.test", "default.pem"),
+            ("unknown.test", "default.pem"),
+            (None, "default.pem"),  # no SNI at all
+        ]:
+            got = await in_thread(handshake, port, pki.cafile, asked, send=b"hi")
+            assert got["serial"] == serials[served], (asked, served)
+            assert got["echo"] == b"hi"
+        # Verified by name too, as a client that checks it does.
+        for name in ("a.example.test", "x.apps.example.test"):
+            got = await in_thread(handshake, port, pki.cafile, name, check_name=True)
+            assert got["version"] == "TLSv1.3"
+    finally:
+        await router.stopService()
+        service.close()
+
+
+def test_default_is_the_first_file_without_tls_default(pki: PKI) -> None:
+    config = parse(store_config(pki, default=None))
+    assert config.tls is not None
+    assert config.tls.store.default.path.endswith("default.pem")  # "default" < "exact" < ...
+    (pki.dir / "0-first.pem").write_bytes((pki.dir / "wild.pem").read_bytes())
+    assert parse(store_config(pki, default=None)).tls.store.default.path.endswith("0-first.pem")
+
+
+def upgrade_echo(conn: socket.socket) -> None:
+    """A backend that says 101 to any request, then echoes."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return
+        head += data
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    if rest:
+        conn.sendall(rest)
+    echo(conn)
+
+
+def upgraded_roundtrip(port: int, cafile: str, name: str, message: bytes) -> tuple[bytes, bytes]:
+    ctx = client_context(cafile)
+    with socket.create_connection((LOOPBACK, port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=name) as tls:
+        tls.sendall(b"GET /up/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(4096)
+        head, early = head.split(b"\r\n\r\n", 1)
+        return head.split(b"\r\n")[0], early + roundtrip(tls, message)  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_path_routes_http_routes_upgrades_and_the_api_over_tls(pki: PKI, logged: list[str]) -> None:
+    backend = Backend()
+    upgrader = ThreadServer(upgrade_echo)
+    data = store_config(pki, {"name": "web", "backend": backend.address},
+                        {"name": "up", "backend": upgrader.address},
+                        tls_project("site", "http", backend.address))
+    router = await start_tls_router(data)
+    ingress, site = router.port_of(), router.port_of("site")
+    try:
+        for url, sni in [(f"https://localhost:{ingress}/web/headers", "localhost"),
+                         (f"https://a.example.test:{site}/headers", "a.example.test"),
+                         (f"https://x.apps.example.test:{site}/headers", "x.apps.example.test")]:
+            done = await in_thread(curl, url, pki.cafile)
+            assert done.returncode == 0, done.stderr
+            assert "ALPN: server accepted http/1.1" in done.stderr
+            seen = {k.lower(): v for k, v in json.loads(done.stdout)["headers"]}
+            assert seen["x-forwarded-proto"] == "https", url
+            await log_line(logged, rf"GET /(web/)?headers 200 .* tls=TLSv1\.3 sni={sni}$")
+        # An HTTP upgrade is tunnelled byte for byte over TLS.
+        status, echoed = await in_thread(upgraded_roundtrip, ingress, pki.cafile, "localhost", b"after 101")
+        assert status == b"HTTP/1.1 101 Switching Protocols" and echoed == b"after 101"
+        await log_line(logged, r"upgrade up 127\.0\.0\.1: .* tls=TLSv1\.3 sni=localhost$")
+        # The API over TLS: a project deployed with tls: true answers TLS at once.
+        done = await in_thread(curl, f"https://localhost:{ingress}/_api/routes", pki.cafile)
+        assert done.returncode == 0 and "site" in done.stdout, done.stderr
+        service = ThreadServer(echo)
+        deployed = free_port()
+        body = json.dumps({"backend": service.address,
+                           "listen": {"port": deployed, "protocol": "tcp", "tls": True, "interface": LOOPBACK}})
+        done = await in_thread(curl, f"https://localhost:{ingress}/_api/projects/dep", pki.cafile,
+                               "-X", "PUT", "-H", "Content-Type: application/json", "--data-binary", body)
+        assert done.returncode == 0 and json.loads(done.stdout)["name"] == "dep", done.stdout + done.stderr
+        got = await in_thread(handshake, deployed, pki.cafile, "a.example.test", send=b"dep")
+        assert (got["serial"], got["echo"]) == (pki.serials["exact.pem"], b"dep")
+        service.close()
+    finally:
+        await router.stopService()
+        backend.close()
+        upgrader.close()
+
+
+def old_tls_refused(port: int, cafile: str) -> str:
+    """A TLS 1.1 client (allowed to, at any security level): the server's answer."""
+    ctx = client_context(cafile, check_name=False)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=30) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost"):
+            return "accepted"
+    except ssl.SSLError as e:
+        return str(e)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_1_1_is_refused_on_every_kind_of_listener(pki: PKI) -> None:
+    service = ThreadServer(echo)
+    router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)))
+    try:
+        for port in (router.port_of(), router.port_of("echo")):  # ssl: strport, the store
+            assert "TLSV1_ALERT_PROTOCOL_VERSION" in await in_thread(old_tls_refused, port, pki.cafile)
+            got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok")
+            assert got["version"] == "TLSv1.3"
+    finally:
+        await router.stopService()
+        service.close()
+
+
+# -- byte streams: TCP routes, ws routes, service ports ---------------------------------------
+
+
+def tls_both_ways(port: int, cafile: str, name: str) -> tuple[str, tuple[int, str]]:
+    """
+    Send 64 MiB while reading until the server closes, on one TLS
+    connection (asyncio: one thread drives both directions of the TLS state).
+    """
+    async def run() -> tuple[str, tuple[int, str]]:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port, ssl=client_context(cafile),
+                                                       server_hostname=name)
+
+        async def send() -> str:
+            digest = hashlib.sha256()
+            for block in pattern(1, SIZE):
+                writer.write(block)
+                digest.update(block)
+                await writer.drain()
+            return digest.hexdigest()
+
+        async def receive() -> tuple[int, str]:
+            digest, total = hashlib.sha256(), 0
+            while data := await reader.read(MiB):
+                digest.update(data)
+                total += len(data)
+            return total, digest.hexdigest()
+
+        sent, got = await asyncio.gather(send(), receive())
+        writer.close()
+        return sent, got
+
+    return asyncio.run(run())
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_route_over_tls_64_mib_each_way(pki: PKI, logged: list[str]) -> None:
+    service = ThreadServer(both_ways_service)
+    router = await start_tls_router(store_config(pki, tls_project("bulk", "tcp", service.address)))
+    try:
+        sent, got = await in_thread(tls_both_ways, router.port_of("bulk"), pki.cafile, "a.example.test")
+        await wait_for(lambda: service.results or service.errors, 60, "the service to finish")
+        assert not service.errors, service.errors
+        service_got, service_sent = service.results[0]
+        assert service_got == (SIZE, sent), "the service did not get what the client sent"
+        assert got == (SIZE, service_sent), "the client did not get what the service sent"
+        await log_line(logged, rf"tcp bulk 127\.0\.0\.1:\d+: backend closed; {SIZE} bytes in, {SIZE} bytes out, "
+                               r".* tls=TLSv1\.3 sni=a\.example\.test$")
+    finally:
+        await router.stopService()
+        service.close()
+
+
+def send_then_close_notify(port: int, cafile: str, size: int) -> str:
+    """Send C{size} bytes, then TLS's own end of data (close_notify), as a TLS client half-closes."""
+    ctx = client_context(cafile)
+    with socket.create_connection((LOOPBACK, port), timeout=30) as raw:
+        tls = ctx.wrap_socket(raw, server_hostname="a.example.test")
+        digest = hashlib.sha256()
+        for block in pattern(3, size):
+            tls.sendall(block)
+            digest.update(block)
+        tls.unwrap()  # sends close_notify; returns on the server's
+        return digest.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_notify_reaches_the_backend_as_eof_after_all_data(pki: PKI) -> None:
+    def backend(conn: socket.socket) -> tuple[int, str]:
+        digest, total = hashlib.sha256(), 0
+        while data := conn.recv(MiB):
+            digest.update(data)
+            total += len(data)
+        return total, digest.hexdigest()
+
+    service = ThreadServer(backend)
+    router = await start_tls_router(store_config(pki, tls_project("sink", "tcp", service.address)))
+    try:
+        sent = await in_thread(send_then_close_notify, router.port_of("sink"), pki.cafile, 8 * MiB)
+        await wait_for(lambda: service.results or service.errors, 60, "the backend to see EOF")
+        assert service.results == [(8 * MiB, sent)], service.errors
+    finally:
+        await router.stopService()
+        service.close()
+
+
+def websocat_wss(url: str, local: int, tmp_path: Path, cafile: str | None) -> Process:
+    """
+    websocat as a local TCP-to-wss tunnel. It has no CA option; its TLS
+    (native-tls, OpenSSL) trusts C{SSL_CERT_FILE}, so the CA goes there.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    if cafile is not None:
+        env["SSL_CERT_FILE"] = cafile
+    argv = [tool("websocat"), "--binary", f"tcp-l:{LOOPBACK}:{local}", url]
+    return Process(argv, tmp_path / f"websocat-{local}.log", env=env)
+
+
+def say_through(port: int, message: bytes) -> bytes:
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        return roundtrip(sock, message)
+
+
+def nothing_through(port: int) -> bool:
+    """Nothing comes back: the tunnel closed (or reset) the connection."""
+    try:
+        return say_through(port, b"nothing") == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocat_wss_to_a_ws_route_and_a_service_port(tmp_path: Path, pki: PKI, logged: list[str]) -> None:
+    service = ThreadServer(echo)
+    data = store_config(pki, tls_project("vnc", "ws", service.address),
+                        {"name": "k1", "host": LOOPBACK,
+                         "services": [{"name": "echo", "protocol": "tcp", "port": service.port}]})
+    router = await start_tls_router(data)
+    urls = {
+        "ws route": f"wss://localhost:{router.port_of('vnc')}/websockify",
+        "service port": f"wss://localhost:{router.port_of()}/stream/session/k1/tcpproxy?app=echo",
+    }
+    tunnels: list[Process] = []
+    try:
+        for what, url in urls.items():
+            local = free_port()
+            tunnels.append(tunnel := websocat_wss(url, local, tmp_path, pki.cafile))
+            await tunnel.listening_on(local)
+            assert await in_thread(say_through, local, f"via {what}".encode()) == f"via {what}".encode()
+        await log_line(logged, r"ws vnc 127\.0\.0\.1:\d+: .* tls=TLSv1\.3 sni=localhost$")
+        await log_line(logged, r"ws k1/echo 127\.0\.0\.1:\d+: .* tls=TLSv1\.3 sni=localhost$")
+        # The CA is what makes it work: without it websocat refuses the certificate.
+        local = free_port()
+        tunnels.append(untrusting := websocat_wss(urls["ws route"], local, tmp_path, None))
+        await untrusting.listening_on(local)
+        assert await in_thread(nothing_through, local)
+        await wait_for(lambda: "certificate verify failed" in untrusting.output(), what="websocat's refusal")
+    finally:
+        for tunnel in tunnels:
+            tunnel.stop()
+        await router.stopService()
         service.close()
