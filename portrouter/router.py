@@ -13,7 +13,12 @@ from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, tcp
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -278,7 +283,7 @@ class RouterService(MultiService):
         every port a backlog fit for a proxy (Twisted's default of 50 drops
         SYNs under a burst). Other strports go through their endpoint.
         """
-        if type(endpoint).__name__ not in ("TCP4ServerEndpoint", "TCP6ServerEndpoint", "SSL4ServerEndpoint"):
+        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
             return None
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
         if tls is not None:

@@ -321,6 +321,7 @@ def old_tls_refused(port: int, cafile: str) -> str:
         return str(e)
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls_1_1_is_refused_on_every_kind_of_listener(pki: PKI) -> None:
     service = ThreadServer(echo)
@@ -476,3 +477,156 @@ async def test_websocat_wss_to_a_ws_route_and_a_service_port(tmp_path: Path, pki
             tunnel.stop()
         await router.stopService()
         service.close()
+
+
+# -- reload: new certificates for new connections; broken files refused -----------------------------
+
+
+def open_tls(port: int, cafile: str, name: str) -> ssl.SSLSocket:
+    raw = socket.create_connection((LOOPBACK, port), timeout=30)
+    return client_context(cafile).wrap_socket(raw, server_hostname=name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_swaps_certificates_and_refuses_broken_files(tmp_path: Path, pki: PKI,
+                                                                   logged: list[str]) -> None:
+    service = ThreadServer(echo)
+    router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)),
+                                    tmp_path / "routes.yaml")
+    ingress, port = router.port_of(), router.port_of("echo")
+    first = pki.serials["exact.pem"]
+    kept = await in_thread(open_tls, port, pki.cafile, "a.example.test")
+
+    async def reload() -> tuple[int, dict[str, Any]]:
+        done = await in_thread(curl, f"https://localhost:{ingress}/_api/reload", pki.cafile, "-X", "POST",
+                               "-w", "\n%{http_code}")
+        body, _, status = done.stdout.rpartition("\n")
+        return int(status), json.loads(body)
+
+    async def served() -> int:
+        got = await in_thread(handshake, port, pki.cafile, "a.example.test", send=b"new", check_name=True)
+        assert got["echo"] == b"new"
+        return int(got["serial"])
+
+    try:
+        assert serial_of(kept.getpeercert(binary_form=True)) == first
+        second = pki.issue("exact.pem", "a.example.test")
+        assert await reload() == (200, {"reloaded": True,
+                                        "changed": {"added": [], "removed": [], "changed": []}})
+        assert await served() == second
+        # The connection opened before goes on, on its own session.
+        assert await in_thread(roundtrip, kept, b"still here") == b"still here"
+
+        # A file that does not parse, then a key that does not match: refused,
+        # one line naming the file, and the store that serves stays.
+        broken = pki.dir / "broken.pem"
+        broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        status, body = await reload()
+        assert status == 400 and body["error"]["field"] == "tls.certificates"
+        assert f"{broken}: holds no PEM certificate that can be read" in body["error"]["message"]
+        await log_line(logged, rf"reload refused: .*{broken}: holds no PEM certificate")
+        broken.unlink()
+        pki.ca.mismatched(str(pki.dir / "exact.pem"), "a.example.test")
+        status, body = await reload()
+        assert status == 400
+        assert body["error"]["message"].endswith(f"{pki.dir / 'exact.pem'}: the private key does not match "
+                                                 "the certificate")
+        assert await served() == second
+        assert await in_thread(roundtrip, kept, b"and still") == b"and still"
+    finally:
+        kept.close()
+        await router.stopService()
+        service.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_refuses_to_start_on_a_broken_certificate(tmp_path: Path, pki: PKI) -> None:
+    pki.ca.mismatched(str(pki.dir / "wild.pem"), "*.apps.example.test")
+    config = tmp_path / "routes.yaml"
+    config.write_text(json.dumps(store_config(pki)))
+    ingress = free_port()
+    twistd = Twistd("--config", str(config), "--ingress", pki.strport(ingress))
+    try:
+        assert await twistd.wait_exit() != 0
+        errors = [line for line in twistd.errors if line.strip()]
+        assert errors == [f"{config}: tls.certificates: {pki.dir / 'wild.pem'}: "
+                          "the private key does not match the certificate"], twistd.errors
+        assert not twistd.find("listening on")
+    finally:
+        twistd.stop()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"projects": [{"name": "s", "backend": "tcp:127.0.0.1:1", "listen": {"port": 443, "tls": True}}]},
+     "projects[0].listen.tls: needs a top-level 'tls' section (tls: {certificates: DIR})"),
+    ({"projects": [{"name": "s", "backend": "127.0.0.1:1", "listen": {"port": 53, "protocol": "udp", "tls": True}}]},
+     "projects[0].listen.tls: UDP routes cannot use TLS"),
+    ({"projects": [{"name": "s", "backend": "tcp:127.0.0.1:1", "listen": {"port": 443, "tls": "yes"}}]},
+     "projects[0].listen.tls: expected true or false, got a string"),
+    ({"tls": {"default": "x.pem"}}, "tls.certificates: is required (a directory of *.pem files)"),
+])
+def test_tls_config_errors_name_the_field(data: dict[str, Any], message: str) -> None:
+    from portrouter.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse(data, "routes.yaml")
+    assert str(caught.value) == f"routes.yaml: {message}"
+
+
+def test_tls_default_must_be_a_file_of_the_store(pki: PKI) -> None:
+    from portrouter.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse(store_config(pki, default="nosuch.pem"))
+    assert str(caught.value) == (f"tls.certificates: {pki.dir}: tls.default 'nosuch.pem' is not a *.pem file "
+                                 "there (there are: default.pem, exact.pem, localhost.pem, wild.pem)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_refuses_tls_without_a_store(tmp_path: Path) -> None:
+    router = await start_router(config=parse({"ingress": f"tcp:0:interface={LOOPBACK}",
+                                              "state": str(tmp_path / "state")}))
+    try:
+        body = json.dumps({"backend": "tcp:127.0.0.1:1", "listen": {"port": free_port(), "tls": True}})
+        done = await in_thread(subprocess.run, [
+            "curl", "-sS", "-X", "PUT", "--data-binary", body, "-w", "\n%{http_code}",
+            f"http://{LOOPBACK}:{router.port_of()}/_api/projects/s"], capture_output=True, text=True, timeout=60)
+        answer, _, status = done.stdout.rpartition("\n")
+        assert (int(status), json.loads(answer)) == (400, {"error": {
+            "code": "invalid", "field": "listen.tls",
+            "message": "needs a top-level 'tls' section (tls: {certificates: DIR})"}})
+        assert "s" not in router.table.projects
+    finally:
+        await router.stopService()
+
+
+def test_tls_1_1_is_refused_by_our_contexts_not_only_by_openssl_defaults(pki: PKI) -> None:
+    """
+    OpenSSL 3's default security level alone refuses TLS 1.1; lowered to 0
+    (as a system openssl.cnf may), only the context's own minimum refuses it.
+    """
+    from OpenSSL import SSL
+
+    from portrouter.certs import load_certificate
+
+    server_ctx = load_certificate(str(pki.dir / "localhost.pem")).context
+    server_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    client_ctx.set_min_proto_version(SSL.TLS1_VERSION)
+    client_ctx.set_max_proto_version(SSL.TLS1_1_VERSION)
+    server, client = SSL.Connection(server_ctx, None), SSL.Connection(client_ctx, None)
+    server.set_accept_state()
+    client.set_connect_state()
+    with pytest.raises(SSL.Error) as caught:
+        for _ in range(10):
+            for me, peer in ((client, server), (server, client)):
+                try:
+                    me.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    peer.bio_write(me.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+    assert "unsupported protocol" in str(caught.value) or "protocol version" in str(caught.value)
