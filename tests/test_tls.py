@@ -29,10 +29,12 @@ from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
 from tests.support import (
-    LOOPBACK, MiB, ThreadServer, Twistd, free_port, in_thread, pattern, start_router, wait_for,
+    LOOPBACK, MiB, ThreadServer, Twistd, backendai_python, free_port, in_thread, pattern, start_router, wait_for,
 )
 from tests.test_operations import roundtrip
-from tests.test_service_ports import SIZE, Process, both_ways_service, echo, tool
+from tests.test_service_ports import (
+    ACCESS_KEY, SECRET_KEY, SIZE, Process, both_ways_service, echo, service_config, tool,
+)
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
 
 NAMES = {
@@ -630,3 +632,32 @@ def test_tls_1_1_is_refused_by_our_contexts_not_only_by_openssl_defaults(pki: PK
                 except SSL.WantReadError:
                     pass
     assert "unsupported protocol" in str(caught.value) or "protocol version" in str(caught.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendai_app_through_a_tls_ingress(tmp_path: Path, pki: PKI, logged: list[str]) -> None:
+    """
+    The real ``backend.ai app`` against ``https://``: its SDK (aiohttp with
+    the default SSL context) trusts what C{SSL_CERT_FILE} names.
+    """
+    service = ThreadServer(echo)
+    config = replace(service_config(tmp_path, {"echo": service.port}), ingress=pki.strport())
+    router = await start_router(config=config)
+    local = free_port()
+    bai = os.path.join(os.path.dirname(backendai_python()), "backend.ai")
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    env.update(BACKEND_ENDPOINT=f"https://localhost:{router.port_of()}", BACKEND_ACCESS_KEY=ACCESS_KEY,
+               BACKEND_SECRET_KEY=SECRET_KEY, SSL_CERT_FILE=pki.cafile)
+    app = Process([bai, "app", "k1", "echo", "-b", f"{LOOPBACK}:{local}"], tmp_path / "backend.ai.log",
+                  env=env, cwd=tmp_path)
+    try:
+        await app.listening_on(local, timeout=40)
+        message = b"hello through the Backend.AI client over TLS " * 1000
+        assert await in_thread(say_through, local, message) == message, app.output()
+        await log_line(logged, r"GET /stream/session/k1/tcpproxy\?app=echo 101 .* tls=TLSv1\.3 sni=localhost$")
+        app.proc.terminate()
+        await wait_for(lambda: app.proc.poll() is not None, 20, "backend.ai app to exit")
+    finally:
+        app.stop()
+        service.close()
+        await router.stopService()
