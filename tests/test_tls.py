@@ -661,3 +661,36 @@ async def test_backendai_app_through_a_tls_ingress(tmp_path: Path, pki: PKI, log
         app.stop()
         service.close()
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_turns_tls_on_and_off_in_place(pki: PKI) -> None:
+    """A replace that only switches TLS (or the kind of route) keeps the port bound and answers the new way."""
+    service, backend = ThreadServer(echo), Backend()
+    router = await start_tls_router(store_config(pki))
+    ingress, port = router.port_of(), free_port()
+
+    async def deploy(protocol: str, tls: bool, address: str) -> None:
+        body = json.dumps({"backend": address,
+                           "listen": {"port": port, "protocol": protocol, "tls": tls, "interface": LOOPBACK}})
+        done = await in_thread(curl, f"https://localhost:{ingress}/_api/projects/x", pki.cafile,
+                               "-X", "PUT", "--data-binary", body, "-w", "\n%{http_code}")
+        assert done.stdout.endswith(("\n200", "\n201")), done.stdout + done.stderr
+
+    try:
+        await deploy("tcp", True, service.address)
+        assert (await in_thread(handshake, port, pki.cafile, "a.example.test", send=b"1"))["echo"] == b"1"
+        bound = router.listeners["x"].port
+        await deploy("tcp", False, service.address)
+        assert await in_thread(say_through, port, b"plain") == b"plain"
+        await deploy("http", True, backend.address)
+        done = await in_thread(curl, f"https://a.example.test:{port}/headers", pki.cafile)
+        assert done.returncode == 0 and "ALPN: server accepted http/1.1" in done.stderr, done.stderr
+        await deploy("tcp", True, service.address)
+        got = await in_thread(handshake, port, pki.cafile, "a.example.test", alpn=["http/1.1"], send=b"2")
+        assert (got["echo"], got["alpn"]) == (b"2", None)  # a TCP route chooses no protocol
+        assert router.listeners["x"].port is bound
+    finally:
+        await router.stopService()
+        service.close()
+        backend.close()
