@@ -296,7 +296,7 @@ def is_tls(transport: Any) -> bool:
 
 def tls_handle(transport: Any) -> SSL.Connection | None:
     """The OpenSSL connection under a TLS transport, kept for logging after it closes."""
-    if not is_tls(transport):
+    if transport is None or not is_tls(transport):
         return None
     handle = transport.getHandle()
     return handle if isinstance(handle, SSL.Connection) else None

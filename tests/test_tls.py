@@ -33,7 +33,7 @@ from tests.support import (
 )
 from tests.test_operations import roundtrip
 from tests.test_service_ports import (
-    ACCESS_KEY, SECRET_KEY, SIZE, Process, both_ways_service, echo, service_config, tool,
+    ACCESS_KEY, SECRET_KEY, SIZE, Process, both_ways_service, echo, service_config, tool, tunnel_64_mib,
 )
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
 
@@ -694,3 +694,53 @@ async def test_a_port_turns_tls_on_and_off_in_place(pki: PKI) -> None:
         await router.stopService()
         service.close()
         backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_bodies_both_ways_over_tls_skip_the_splice(tmp_path: Path, pki: PKI) -> None:
+    """
+    A response body large enough for the splice fast path, and an upload,
+    through TLS on the ingress and on an HTTP route: bytes intact, so no
+    plain socket write went around TLS.
+    """
+    backend = Backend()
+    router = await start_tls_router(store_config(pki, {"name": "web", "backend": backend.address},
+                                                 tls_project("site", "http", backend.address)))
+    size = 8 * MiB
+    expected = hashlib.sha256(b"".join(pattern(5, size))).hexdigest()
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"".join(pattern(6, size)))
+    try:
+        for base in (f"https://localhost:{router.port_of()}/web", f"https://a.example.test:{router.port_of('site')}"):
+            out = tmp_path / "download"
+            done = await in_thread(curl, f"{base}/blob?size={size}&seed=5", pki.cafile, "-o", str(out))
+            assert done.returncode == 0, done.stderr
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == expected, base
+            done = await in_thread(curl, f"{base}/upload", pki.cafile, "--data-binary", f"@{upload}")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout) == {"size": size,
+                                               "sha256": hashlib.sha256(upload.read_bytes()).hexdigest()}
+    finally:
+        await router.stopService()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_ws_route_64_mib_each_way(tmp_path: Path, pki: PKI) -> None:
+    service = ThreadServer(both_ways_service)
+    router = await start_tls_router(store_config(pki, tls_project("vnc", "ws", service.address)))
+    local = free_port()
+    websocat = websocat_wss(f"wss://localhost:{router.port_of('vnc')}/", local, tmp_path, pki.cafile)
+    await tunnel_64_mib(router, service, websocat, local)
+
+
+@pytest.mark.filterwarnings("ignore:Passing method to twisted.internet.ssl.CertificateOptions:DeprecationWarning")
+def test_an_ssl_strport_that_names_an_old_method_is_refused(pki: PKI) -> None:
+    from twisted.internet.endpoints import serverFromString
+
+    from portrouter.certs import CertificateError, strport_tls
+
+    assert strport_tls(serverFromString(reactor, pki.strport() + ":sslmethod=TLSv1_2_METHOD")) is not None
+    with pytest.raises(CertificateError) as caught:
+        strport_tls(serverFromString(reactor, pki.strport() + ":sslmethod=TLSv1_METHOD"))
+    assert str(caught.value) == "sslmethod=TLSv1_METHOD: portrouter speaks TLS 1.2 and 1.3 only"
