@@ -31,12 +31,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IOpenSSLServerConnectionCreator,
     IProtocolNegotiationFactory,
     ISSLTransport,
 )
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger(namespace="portrouter")
@@ -273,11 +276,47 @@ def strport_tls(endpoint: Any) -> ContextTLS | None:
 @implementer(ISSLTransport)
 class TLSServerTransport(BufferingTLSTransport):
     """
-    Twisted's TLS transport, saying that it is one: C{TLSMemoryBIOProtocol}
-    copies the interfaces of the TCP connection under it (C{ITLSTransport}
-    among them, which only means "can start TLS") but does not provide
-    C{ISSLTransport}, which is how a channel knows it is behind TLS.
+    Twisted's TLS transport, with two differences:
+
+      - it says that it is one: C{TLSMemoryBIOProtocol} copies the
+        interfaces of the TCP connection under it (C{ITLSTransport} among
+        them, which only means "can start TLS") but does not provide
+        C{ISSLTransport}, which is how a channel knows it is behind TLS;
+      - TLS 1.3 half-close: a client's close_notify ends only its direction
+        (RFC 8446 6.1), so a half-closeable protocol (a TCP route) is told
+        C{readConnectionLost} and may go on writing; our close_notify goes
+        when it closes. Twisted answers close_notify at once and closes,
+        which TLS 1.2 requires (RFC 5246 7.2.1) and which stays so for 1.2.
     """
+
+    _peer_closed = False  # the client's close_notify came; ours waits for loseConnection
+
+    def _flushReceiveBIO(self) -> None:
+        # Twisted's own loop (twisted.protocols.tls), with the half-close.
+        while not self._lostTLSConnection and not self._peer_closed:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                if self._half_close():
+                    break
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+    def _half_close(self) -> bool:
+        if (self.disconnecting or self._tlsConnection.get_protocol_version_name() != "TLSv1.3"
+                or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol)):
+            return False
+        self._peer_closed = True
+        self.wrappedProtocol.readConnectionLost()
+        return True
 
 
 class TLSFactory(TLSMemoryBIOFactory):

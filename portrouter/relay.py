@@ -426,7 +426,8 @@ class SpliceRelay:
 
 
 def _half_close(transport: Any) -> None:
-    # TLS has no half-close in Twisted: close the whole connection instead.
+    # Twisted's TLS has no loseWriteConnection: loseConnection sends
+    # close_notify, and closes once the client answers with its own.
     if isinstance(transport, tcp.Connection):
         transport.loseWriteConnection()
     else:

@@ -744,3 +744,73 @@ def test_an_ssl_strport_that_names_an_old_method_is_refused(pki: PKI) -> None:
     with pytest.raises(CertificateError) as caught:
         strport_tls(serverFromString(reactor, pki.strport() + ":sslmethod=TLSv1_METHOD"))
     assert str(caught.value) == "sslmethod=TLSv1_METHOD: portrouter speaks TLS 1.2 and 1.3 only"
+
+
+def half_close_over_tls(port: int, cafile: str, size: int) -> tuple[str, bytes]:
+    """
+    Send C{size} bytes, then close_notify (TLS 1.3's end of our writing,
+    the TCP connection left open, as Go's CloseWrite does), and read the
+    reply that comes after it. Memory BIOs: Python's socket API cannot.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(cafile).wrap_bio(incoming, outgoing, server_hostname="a.example.test")
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        def flush() -> None:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+
+        def more() -> bool:
+            data = sock.recv(MiB)
+            if not data:
+                incoming.write_eof()
+            incoming.write(data) if data else None
+            return bool(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flush()
+                more()
+        flush()
+        digest = hashlib.sha256()
+        for block in pattern(4, size):
+            tls.write(block)
+            digest.update(block)
+            flush()
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # close_notify is written; the server's comes after its reply
+        flush()
+        reply = b""
+        while True:
+            try:
+                reply += tls.read(MiB)
+            except ssl.SSLWantReadError:
+                if not more():
+                    break
+            except ssl.SSLZeroReturnError:
+                break
+        return digest.hexdigest(), reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls13_half_close_eof_reaches_the_backend_and_the_reply_still_flows(pki: PKI) -> None:
+    def backend(conn: socket.socket) -> None:
+        digest, total = hashlib.sha256(), 0
+        while data := conn.recv(MiB):  # until the client's close_notify, as EOF
+            digest.update(data)
+            total += len(data)
+        conn.sendall(f"got {total} bytes, {digest.hexdigest()}".encode())
+
+    service = ThreadServer(backend)
+    router = await start_tls_router(store_config(pki, tls_project("half", "tcp", service.address)))
+    try:
+        sent, reply = await in_thread(half_close_over_tls, router.port_of("half"), pki.cafile, 4 * MiB)
+        assert reply == f"got {4 * MiB} bytes, {sent}".encode()
+        await wait_for(lambda: not router.sessions.live, what="the session to end")
+    finally:
+        await router.stopService()
+        service.close()
