@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from portrouter.auth import Refused
-from portrouter.config import ConfigError, JSONProblem, kind_of, parse_project, quote, read_json
+from portrouter.config import ConfigError, JSONProblem, kind_of, needs_tls, parse_project, quote, read_json
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
 from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
@@ -198,6 +198,7 @@ class API:
             raise APIError(400, "invalid", f"the body names project {quote(data['name'])}, the URL {quote(name)}", "name")
         try:
             project = parse_project(data, router.config.defaults, "", static=False)
+            needs_tls(project, router.config.tls, "")
         except ConfigError as e:
             raise APIError(400, "invalid", e.problem, e.field or None) from None
         existing = router.table.projects.get(name)

@@ -513,20 +513,21 @@ class Listen:
     port: int | None
     interface: str | None
     endpoint: str
+    tls: bool = False  # terminated with the certificate store (section 9)
 
     @property
     def namespace(self) -> str:
         return "udp" if self.protocol == "udp" else "tcp"
 
 
-def listen_from(protocol: str, port: int, interface: str | None) -> Listen:
+def listen_from(protocol: str, port: int, interface: str | None, tls: bool = False) -> Listen:
     if protocol == "udp":
         endpoint = f"udp:{port}"
     else:
         endpoint = f"tcp:{port}"
     if interface:
         endpoint += f":interface={_escape_strport(interface)}"
-    return Listen(protocol, port, interface, endpoint)
+    return Listen(protocol, port, interface, endpoint, tls)
 
 
 @dataclass(frozen=True)
@@ -588,7 +589,7 @@ _PROJECT_KEYS = (
     "name", "backend", "listen", "runtime", "entry", "host", "services", "preserve_host",
 ) + _COMMAND_KEYS + LIMIT_KEYS
 _SERVICE_KEYS = ("name", "protocol", "port") + _COMMAND_KEYS + LIMIT_KEYS
-_LISTEN_KEYS = ("port", "protocol", "interface")
+_LISTEN_KEYS = ("port", "protocol", "interface", "tls")
 
 
 def _name(value: object, path: str) -> str:
@@ -667,7 +668,10 @@ def _listen(value: object, path: str) -> Listen | None:
     interface = None
     if data.get("interface") is not None:
         interface = _interface(data["interface"], _join(path, "interface"))
-    return listen_from(protocol, port, interface)
+    tls = _expect_bool(data.get("tls", False), _join(path, "tls"))
+    if tls and protocol == "udp":
+        raise ConfigError(_join(path, "tls"), "UDP routes cannot use TLS")
+    return listen_from(protocol, port, interface, tls)
 
 
 def _service(value: object, path: str, defaults: Limits) -> Service:
@@ -839,6 +843,40 @@ class Manhole:
 
 
 @dataclass(frozen=True)
+class TLS:
+    """The certificate store (section 9), read when the file is."""
+
+    certificates: str
+    default: str | None
+    store: Any = field(compare=False, repr=False)  # portrouter.certs.CertificateStore
+
+
+def _tls(value: object, path: str) -> TLS:
+    from portrouter.certs import CertificateError, CertificateStore
+
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("certificates", "default"), path)
+    if "certificates" not in data:
+        raise ConfigError(_join(path, "certificates"), "is required (a directory of *.pem files)")
+    directory = os.path.expanduser(_expect_str(data["certificates"], _join(path, "certificates")))
+    default = None
+    if data.get("default") is not None:
+        default = _expect_str(data["default"], _join(path, "default"))
+    try:
+        store = CertificateStore.load(directory, default)
+    except CertificateError as e:
+        raise ConfigError(_join(path, "certificates"), str(e)) from None
+    return TLS(directory, default, store)
+
+
+def needs_tls(project: Project, tls: TLS | None, path: str) -> None:
+    """A project with C{listen.tls} needs the store: say so where it is asked for."""
+    if tls is None and project.listen is not None and project.listen.tls:
+        raise ConfigError(_join(_join(path, "listen"), "tls"),
+                          "needs a top-level 'tls' section (tls: {certificates: DIR})")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything portrouter is told at start-up, file and CLI together."""
 
@@ -850,9 +888,10 @@ class Config:
     auth: Auth | None = None
     manhole: Manhole | None = None
     projects: tuple[Project, ...] = ()
+    tls: TLS | None = None
 
 
-_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects")
+_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls")
 
 
 def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
@@ -976,6 +1015,8 @@ def _parse(data: object, source: str | None) -> Config:
         config = replace(config, auth=_auth(data["auth"], "auth"))
     if data.get("manhole") is not None:
         config = replace(config, manhole=_manhole(data["manhole"], "manhole"))
+    if data.get("tls") is not None:
+        config = replace(config, tls=_tls(data["tls"], "tls"))
 
     projects: list[Project] = []
     seen: dict[str, int] = {}
@@ -983,6 +1024,7 @@ def _parse(data: object, source: str | None) -> Config:
     for i, item in enumerate(items):
         path = _join("projects", i)
         project = parse_project(item, config.defaults, path)
+        needs_tls(project, config.tls, path)
         if project.name in seen:
             raise ConfigError(
                 _join(path, "name"),

@@ -836,7 +836,7 @@ class ProxyExchange:
         if leftover:
             channel.transport.write(leftover)
         channel._log()
-        session = self.sessions.open("upgrade", self.project.name, self.request.client)
+        session = self.sessions.open("upgrade", self.project.name, self.request.client, transport=channel.transport)
         session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
         client.makeConnection(channel.transport)

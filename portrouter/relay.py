@@ -71,7 +71,7 @@ class Session:
 
     __slots__ = (
         "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer",
+        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer", "tls",
     )
 
     def __init__(
@@ -90,6 +90,7 @@ class Session:
         self.supervisor: Any = None  # a started-on-demand service it keeps in use
         self.last = started  # last byte either way, for idle_timeout
         self.idle_timer: Any = None
+        self.tls: Any = None  # the client's OpenSSL connection, behind TLS (for the log)
 
     def close(self) -> None:
         """Close both sides now (drain timeout, idle timeout, shutdown)."""
@@ -425,11 +426,22 @@ class SpliceRelay:
 
 
 def _half_close(transport: Any) -> None:
-    # TLS has no half-close in Twisted: close the whole connection instead.
+    # Twisted's TLS has no loseWriteConnection: loseConnection sends
+    # close_notify, and closes once the client answers with its own.
     if isinstance(transport, tcp.Connection):
         transport.loseWriteConnection()
     else:
-        transport.loseConnection()
+        _lose(transport)
+
+
+def _lose(transport: Any) -> None:
+    """
+    Close after what is queued. Twisted's TLS transport sends its
+    close_notify (and closes) only once no producer is registered, and the
+    peer registered as its producer never unregisters: let it go first.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -488,7 +500,7 @@ class StreamSide(Protocol):
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
-                peer.transport.loseConnection()
+                _lose(peer.transport)
             if self.session is not None:
                 if self.session.reason is None:
                     who = "client" if self.inbound else "backend"
@@ -510,8 +522,8 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     def close() -> None:
         if session.reason is None:  # else whoever closes has said why
             session.reason = "closed by portrouter"
-        client.transport.loseConnection()
-        backend.transport.loseConnection()
+        _lose(client.transport)
+        _lose(backend.transport)
 
     session._closer = close
     client.transport.resumeProducing()

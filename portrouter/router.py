@@ -13,12 +13,18 @@ from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, tcp
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from portrouter.config import Config, ConfigError, Project
+from portrouter.certs import CertificateError, StoreTLS, TLSFactory, strport_tls
+from portrouter.config import Config, ConfigError, Project, needs_tls
 from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
@@ -74,6 +80,9 @@ class Listener(Service):
         self.factory = factory
         self.port = port
         self.taken_from = taken_from
+        # An ssl: strport's TLS stays with its port whatever route answers there.
+        creator = getattr(getattr(port, "factory", None), "creator", None)
+        self.strport_tls = None if isinstance(creator, StoreTLS) else creator
         self.given_away = False
         self.setName(route.project or "ingress")
 
@@ -83,14 +92,24 @@ class Listener(Service):
             return None
         return defer.maybeDeferred(self.port.stopListening)
 
-    def answer_with(self, factory: Any) -> None:
-        """New connections or datagrams on this port go to C{factory}; open ones go on."""
+    def answer_with(self, factory: Any, store_tls: StoreTLS | None = None) -> None:
+        """
+        New connections or datagrams on this port go to C{factory}, over TLS
+        if the port's strport or the route (C{tls: true}, with C{store_tls})
+        says so; open ones go on.
+        """
         if self.route.namespace == "udp":
             # The old route's sessions end here: their clients' next datagrams
             # reach the new route, which opens sessions of its own.
             self.port.protocol.doStop()  # type: ignore[attr-defined]
             self.port.protocol = factory  # type: ignore[attr-defined]
             factory.makeConnection(self.port)
+        elif (tls := store_tls if self.route.tls else self.strport_tls) is not None:
+            current = self.port.factory  # type: ignore[attr-defined]
+            if isinstance(current, TLSFactory) and current.creator is tls:
+                current.wrappedFactory = factory
+            else:
+                self.port.factory = TLSFactory(tls, False, factory)  # type: ignore[attr-defined]
         else:
             self.port.factory = factory  # type: ignore[attr-defined]
         self.factory = factory
@@ -116,6 +135,9 @@ class RouterService(MultiService):
         self.commands = Services(reactor)
         self.http = HTTPRoutes(reactor, self.sessions, self.commands)
         self.credentials = Credentials(config.auth)
+        # One creator for every tls: true port; a reload gives it a new store.
+        self.store_tls = StoreTLS()
+        self.store_tls.store = config.tls.store if config.tls is not None else None
         self.stream = StreamEndpoint(self)
         self.state = State(config.state)
         self.reload_config = reload_config
@@ -124,6 +146,11 @@ class RouterService(MultiService):
         if clash:
             raise StateError(f"{self.state.path}: project {sorted(clash)[0]!r} is also in the config file; "
                              "remove it from one of them")
+        for project in deployed:
+            try:
+                needs_tls(project, config.tls, project.name)
+            except ConfigError as e:
+                raise StateError(f"{self.state.path}: {e}") from None
         try:
             self.table = RoutingTable.build(config.ingress, config.manhole, [*config.projects, *deployed])
         except PortConflict as e:
@@ -226,9 +253,12 @@ class RouterService(MultiService):
                 )
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
-                port = self._listen_tcp(endpoint, factory)
+                tls = self._tls_for(route, endpoint)
+                port = self._listen_tcp(endpoint, factory, tls)
                 if port is None:
                     port = await endpoint.listen(factory)
+        except CertificateError as e:
+            raise BindError(route, str(e)) from None
         except Exception as e:
             raise BindError(route, _os_reason(e)) from None
         log.info(
@@ -240,15 +270,26 @@ class RouterService(MultiService):
         )
         return port
 
-    def _listen_tcp(self, endpoint: Any, factory: Any) -> IListeningPort | None:
+    def _tls_for(self, route: Route, endpoint: Any) -> Any:
+        """The TLS connection creator for a route's port, or L{None} for plain TCP."""
+        if route.tls:
+            return self.store_tls
+        return strport_tls(endpoint)
+
+    def _listen_tcp(self, endpoint: Any, factory: Any, tls: Any = None) -> IListeningPort | None:
         """
-        Bind a plain TCP strport ourselves: TCP routes accept directly,
-        and every port a backlog fit for a proxy (Twisted's default of 50
-        drops SYNs under a burst). Other strports go through their endpoint.
+        Bind a plain TCP or ``ssl:`` strport ourselves: TCP routes accept
+        directly (plain TCP only), TLS uses our own contexts (L{certs}), and
+        every port a backlog fit for a proxy (Twisted's default of 50 drops
+        SYNs under a burst). Other strports go through their endpoint.
         """
-        if type(endpoint).__name__ not in ("TCP4ServerEndpoint", "TCP6ServerEndpoint"):
+        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
             return None
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
+        if tls is not None:
+            # Not accept_directly: TLS is Twisted's to do, in user space.
+            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory), backlog,
+                                          endpoint._interface)
         port = self.reactor.listenTCP(endpoint._port, factory, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
             accept_directly(port)
@@ -319,20 +360,21 @@ class RouterService(MultiService):
                 continue
             listener = kept[name] = current[name]
             project = table.projects[name]
-            if listener.route.protocol == route.protocol:
+            if listener.route.protocol == route.protocol and listener.route.tls == route.tls:
                 listener.factory.update(project)  # open connections go on untouched
+                listener.route = route
             else:
-                # Same port, another kind of route: new connections get the
-                # new kind; the socket stays bound throughout.
-                listener.answer_with(self._factory_for(project))
-            listener.route = route
+                # Same port, another kind of route (or TLS on or off): new
+                # connections get the new kind; the socket stays bound throughout.
+                listener.route = route
+                listener.answer_with(self._factory_for(project), self.store_tls)
         kept.update(bound)
         self.listeners = kept
         for listener in bound.values():
             giver = listener.taken_from
             if giver is not None:
                 giver.given_away = True
-                listener.answer_with(listener.factory)  # the port still answers with the giver's
+                listener.answer_with(listener.factory, self.store_tls)  # the port still answers with the giver's
                 listener.taken_from = None
                 log.info("{protocol} route {project} takes over {address} from project {giver}",
                          protocol=listener.route.protocol, project=listener.route.project,
@@ -414,6 +456,12 @@ class RouterService(MultiService):
             log.error("reload refused: {error}", error=str(e))
             raise APIError(400, "invalid", str(e), e.field or None) from None
         dynamic = [p for p in self.table.projects.values() if not p.static]
+        for project in dynamic:
+            try:
+                needs_tls(project, config.tls, project.name)
+            except ConfigError as e:
+                log.error("reload refused: {error}", error=f"{config.source}: {e} (deployed through the API)")
+                raise APIError(400, "invalid", f"{e} (deployed through the API)", "tls") from None
         clash = {p.name for p in config.projects} & {p.name for p in dynamic}
         if clash:
             name = sorted(clash)[0]
@@ -431,9 +479,22 @@ class RouterService(MultiService):
             "removed": sorted(n for n in old if n not in table.projects),
             "changed": sorted(n for n, p in table.projects.items() if n in old and old[n] != p),
         }
-        await self.change(table, persist=False)
+        # New TLS ports of this change answer with the new certificates;
+        # connections already open keep the session they have.
+        old_store = self.store_tls.store
+        if config.tls is not None:
+            self.store_tls.store = config.tls.store
+        try:
+            await self.change(table, persist=False)
+        except BaseException:
+            self.store_tls.store = old_store
+            raise
+        self.store_tls.store = config.tls.store if config.tls is not None else None
+        if config.tls is not None:
+            log.info("tls: {count} certificates from {directory}", count=len(config.tls.store.certificates),
+                     directory=config.tls.certificates)
         self.config = replace(self.config, auth=config.auth, defaults=config.defaults,
-                              drain_timeout=config.drain_timeout, projects=config.projects)
+                              drain_timeout=config.drain_timeout, projects=config.projects, tls=config.tls)
         self.credentials = Credentials(config.auth)
         log.info("reloaded {source}: {added} added, {removed} removed, {changed} changed",
                  source=config.source, **{k: len(v) for k, v in changed.items()})

@@ -56,6 +56,7 @@ class Route:
     listen: str
     path: str | None = None
     interface: str | None = None
+    tls: bool = False  # terminated with the certificate store
 
     @property
     def namespace(self) -> str:
@@ -135,7 +136,7 @@ class RoutingTable:
             assert project.backend is not None
             own.append(Route(
                 listen.port, listen.protocol, project.name, project.backend,
-                listen.endpoint, interface=listen.interface,
+                listen.endpoint, interface=listen.interface, tls=listen.tls,
             ))
 
         ingress_route = Route(

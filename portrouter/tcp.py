@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from portrouter.certs import describe, tls_handle
 from portrouter.config import Project
 from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
@@ -73,8 +74,10 @@ class Sessions:
         self.active: Counter[str] = Counter()  # open sessions by project, for max_connections
         self._limit_reported: dict[str, float] = {}
 
-    def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None) -> Session:
+    def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None,
+             transport: Any = None) -> Session:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
+        session.tls = tls_handle(transport)
         self.live.add(session)
         self.active[project] += 1
         self.stats.connections[(protocol, project)] += 1
@@ -122,7 +125,7 @@ class Sessions:
             session.supervisor.release()
         log.info(
             "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
-            "{bytes_out} bytes out, {duration:.3f} s",
+            "{bytes_out} bytes out, {duration:.3f} s{tls}",
             protocol=session.protocol,
             project=session.project,
             peer=session.peer,
@@ -130,6 +133,7 @@ class Sessions:
             bytes_in=session.bytes_in,
             bytes_out=session.bytes_out,
             duration=self.reactor.seconds() - session.started,
+            tls=describe(session.tls),
         )
 
 
@@ -158,7 +162,7 @@ class _Inbound(StreamSide):
             self.transport.loseConnection()  # accepted and closed at once: clients never hang
             return
         self.transport.pauseProducing()
-        self.session = route.sessions.open("tcp", route.project.name, peer, limits.idle_timeout)
+        self.session = route.sessions.open("tcp", route.project.name, peer, limits.idle_timeout, self.transport)
         supervisor = route.supervisor
         if supervisor is None:
             self._connect()
@@ -246,7 +250,8 @@ def accept_directly(port: tcp.Port) -> None:
 
     def doRead() -> None:
         factory = port.factory
-        if getattr(factory, "direct", None) is None:
+        # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
+        if not isinstance(factory, TCPRoute) or factory.direct is None:
             twisted_read()
             return
         for _ in range(_ACCEPTS):

@@ -19,13 +19,14 @@ from typing import Any, Callable, Protocol as TypingProtocol
 
 import httptools
 from twisted.internet import tcp
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocolNegotiationFactory, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.auth import redact_target
+from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 
 log = Logger(namespace="portrouter.http")
 
@@ -149,6 +150,7 @@ class Channel(Protocol):
     """One client connection: parse requests, run their handlers one at a time."""
 
     tunnel: Any = None  # after an upgrade: bytes go to the relay
+    tls: Any = None  # behind TLS: the OpenSSL connection, for the access log
 
     def __init__(self, site: Site, reactor: Any, secure: bool = False):
         self.site = site
@@ -202,6 +204,7 @@ class Channel(Protocol):
         no_delay(self.transport)
         self.client = _peer(self.transport.getPeer())
         self.secure = self.secure or ISSLTransport.providedBy(self.transport)
+        self.tls = tls_handle(self.transport)
         self._wait_for_head()
 
     def _wait_for_head(self) -> None:
@@ -637,7 +640,7 @@ class Channel(Protocol):
         request = self.current
         self.site.stats.http_request(self.project, self.status)
         log.info(
-            "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}",
+            "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
             client=request.client,
             method=request.method.decode("latin-1"),
             target=redact_target(request.target).decode("latin-1"),
@@ -646,6 +649,7 @@ class Channel(Protocol):
             duration=self.reactor.seconds() - request.started,
             project=self.project or "-",
             aborted=" (aborted)" if aborted else "",
+            tls=describe(self.tls),
         )
 
 
@@ -667,10 +671,15 @@ def _refusal(request: Request) -> tuple[int, str, list[tuple[bytes, bytes]]] | N
     return None
 
 
+@implementer(IProtocolNegotiationFactory)
 class ChannelFactory(Factory):
     """Builds a L{Channel} per connection for a site."""
 
     noisy = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What ALPN may choose behind TLS (L{portrouter.certs})."""
+        return list(HTTP_PROTOCOLS)
 
     def __init__(self, site: Site, reactor: Any, secure: bool = False):
         self.site = site

@@ -22,13 +22,14 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.auth import Refused
+from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
 from portrouter.relay import Session
 from portrouter.tcp import Sessions, connect_failure, peer_of
@@ -131,7 +132,7 @@ class Bridge(WebSocketServerProtocol):
             self.ended = True
             self.sendCloseFrame(TRY_AGAIN, b"too many connections (max_connections)", isReply=False)
             return
-        self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout)
+        self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout, self.transport)
         self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
         self.early = []
         d = defer.Deferred.fromCoroutine(self._connect())
@@ -321,11 +322,16 @@ class Bridge(WebSocketServerProtocol):
             session.ended(session.reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class BridgeFactory(WebSocketServerFactory):
     """Builds L{Bridge}s; one per ``ws`` route, one for all service ports."""
 
     protocol = Bridge
     noisy = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The opening handshake is HTTP/1.1: what ALPN may choose behind TLS."""
+        return list(HTTP_PROTOCOLS)
 
     def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
         super().__init__(reactor=reactor)
