@@ -564,7 +564,7 @@ async def test_twistd_refuses_to_start_on_a_broken_certificate(tmp_path: Path, p
     ({"projects": [{"name": "s", "backend": "127.0.0.1:1", "listen": {"port": 53, "protocol": "udp", "tls": True}}]},
      "projects[0].listen.tls: UDP routes cannot use TLS"),
     ({"projects": [{"name": "s", "backend": "tcp:127.0.0.1:1", "listen": {"port": 443, "tls": "yes"}}]},
-     "projects[0].listen.tls: expected true or false, got a string"),
+     "projects[0].listen.tls: expected true or false, got 'yes'"),
     ({"tls": {"default": "x.pem"}}, "tls.certificates: is required (a directory of *.pem files)"),
 ])
 def test_tls_config_errors_name_the_field(data: dict[str, Any], message: str) -> None:
