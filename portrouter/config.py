@@ -55,9 +55,16 @@ class ConfigError(Exception):
         return ConfigError(self.field, self.problem, source)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not _PLAIN_KEY.match(key):
+        # A key is the user's text too: quoted (and short), never a raw
+        # newline or a megabyte in the field path.
+        return f"{path}[{_show(key)}]"
     return f"{path}.{key}" if path else key
 
 
@@ -601,8 +608,9 @@ def _name(value: object, path: str) -> str:
     return text
 
 
-# What exec passes on: no '=' in a name (it ends the name), no NUL anywhere.
-_ENV_NAME = re.compile(r"[^=\x00]{1,256}\Z")
+# What exec passes on: no '=' in a name (it ends the name), no NUL anywhere;
+# no control characters in a name either (they would only forge log lines).
+_ENV_NAME = re.compile(r"[^=\x00-\x1f\x7f]{1,256}\Z")
 
 
 # First path segments the ingress keeps for itself (SPEC 2): a project of

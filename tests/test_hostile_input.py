@@ -92,7 +92,7 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
              "'rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr...rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr' "
              "is longer than 4096 characters"),
             ("x", {"name": "n" * 900_000, "backend": BACKEND}, "name", "the body names project 'nnnnn"),
-            ("x", manifest_bytes(runtime='"a"', entry='"b"', **{"runtime ": '"c"'}), "runtime ", "unknown key"),
+            ("x", manifest_bytes(runtime='"a"', entry='"b"', **{"runtime ": '"c"'}), "['runtime ']", "unknown key"),
             ("x", b'{"backend": "tcp:127.0.0.1:1", "backend": "tcp:127.0.0.1:2"}', None,
              "the body holds the key 'backend' twice in one object"),
             ("x", {"backend": "tcp:127.0.0.1\x00:1"}, "backend", "contains a control character (0x00)"),
@@ -101,7 +101,7 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
             ("x", {"backend": BACKEND, "command": ["\x00rm"]}, "command[0]", "contains a control character (0x00)"),
             ("x", {"backend": BACKEND, "command": ["x" * 200_000]}, "command[0]",
              "is longer than 131072 characters"),
-            ("x", {"backend": BACKEND, "command": ["true"], "env": {"A=B": "1"}}, "env.A=B",
+            ("x", {"backend": BACKEND, "command": ["true"], "env": {"A=B": "1"}}, "env['A=B']",
              "'A=B' is not an environment variable name"),
         ])
         saved = state_file.read_text()
@@ -110,6 +110,19 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
             assert word not in saved
     finally:
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_odd_key_is_quoted_in_the_field_path(tmp_path: Path) -> None:
+    """A key is the client's text too: a newline or a megabyte in it must not reach the field or the message raw."""
+    await api_refuses(tmp_path, [
+        ("x", {"backend": BACKEND, "listen": {"port": 80, "\nX-Forged: 1": 1}}, "listen['\\nX-Forged: 1']",
+         "unknown key"),
+        ("x", {"backend": BACKEND, "k" * 500_000: 1}, "['kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk']",
+         "unknown key"),
+        ("x", {"backend": BACKEND, "command": ["true"], "env": {"A\nB": "1"}}, "env['A\\nB']",
+         "'A\\nB' is not an environment variable name"),
+    ])
 
 
 # -- a service host is a hostname or an IP address ------------------------------------------
