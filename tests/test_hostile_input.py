@@ -16,10 +16,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import Command, Config, ConfigError, Limits, load, parse_project, quote, with_cli
+from portrouter.config import (
+    BigNumber, Command, Config, ConfigError, Limits, load, parse_project, quote, read_json, with_cli,
+)
 from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
@@ -123,6 +127,65 @@ async def test_an_odd_key_is_quoted_in_the_field_path(tmp_path: Path) -> None:
         ("x", {"backend": BACKEND, "command": ["true"], "env": {"A\nB": "1"}}, "env['A\\nB']",
          "'A\\nB' is not an environment variable name"),
     ])
+
+
+# -- any manifest at all ------------------------------------------------------------------------
+
+# Each field gets values it takes and, now and then, values it must refuse,
+# so that both sides of every validator are reached.
+_ODD = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+    st.builds(BigNumber, st.just("9" * 5000)), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """C{valid} about nine times in ten (one_of would take one branch in two)."""
+    return st.sampled_from([valid] * 9 + [_ODD]).flatmap(lambda strategy: strategy)
+
+
+_SECONDS = mostly(st.one_of(st.floats(min_value=0.001, max_value=1e6), st.integers(1, 10**6)))
+_PORTS = mostly(st.integers(1, 65535))
+_FIELDS = {
+    "backend": mostly(st.sampled_from([BACKEND, "unix:/run/app.sock", "tcp:\\:\\:1:1", "127.0.0.1:53"])),
+    "listen": mostly(st.fixed_dictionaries(
+        {"port": _PORTS}, optional={"protocol": st.sampled_from(["http", "tcp", "udp", "ws", "sctp"]),
+                                    "interface": st.sampled_from([LOOPBACK, "::1", "nowhere"])})),
+    "host": mostly(st.sampled_from([LOOPBACK, "::1", "db.internal", "a:b"])),
+    "services": mostly(st.lists(st.fixed_dictionaries(
+        {"name": st.sampled_from(["sshd", "web", "Bad"]), "port": _PORTS},
+        optional={"protocol": st.sampled_from(["tcp", "http", "udp"]), "start_timeout": _SECONDS}), max_size=3)),
+    "command": mostly(st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3)),
+    "env": mostly(st.dictionaries(st.text(min_size=1, max_size=5),
+                                  st.one_of(st.text(max_size=5), st.integers(), st.floats()), max_size=3)),
+    "runtime": mostly(st.text(min_size=1, max_size=10)),
+    "preserve_host": mostly(st.booleans()),
+    "connect_timeout": _SECONDS,
+    "idle_timeout": st.one_of(st.none(), _SECONDS),
+    "max_connections": mostly(st.integers(1, 10**30)),
+    "udp_busy_poll": mostly(st.floats(0, 0.01)),
+}
+MANIFESTS = st.fixed_dictionaries(
+    {"name": mostly(st.sampled_from(["web"] * 9 + ["stream"])), "backend": _FIELDS["backend"]},
+    optional={key: value for key, value in _FIELDS.items() if key != "backend"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(MANIFESTS)
+def test_any_manifest_is_accepted_and_round_trips_or_refused_in_one_line(manifest: dict[str, Any]) -> None:
+    """
+    Whatever a manifest holds, validating it raises nothing but a ConfigError
+    of one short line; one that is accepted is written as strict JSON (no
+    NaN or Infinity) and read back, by the state file's reader, as the same.
+    """
+    try:
+        project = parse_project(manifest, static=False)
+    except ConfigError as e:
+        assert "\n" not in str(e) and len(str(e)) < SHORT, str(e)
+        return
+    text = json.dumps(dict(project.manifest), allow_nan=False).encode()
+    assert parse_project(read_json(text), static=False) == project
 
 
 # -- a service host is a hostname or an IP address ------------------------------------------
