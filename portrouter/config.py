@@ -1075,9 +1075,13 @@ def load(path: str) -> Config:
         raise ConfigError("", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", path) from None
     try:
         data = yaml.load(text, Loader=_Loader)
+    except yaml.reader.ReaderError as e:  # its own text is two lines
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        problem = f"unacceptable character #x{code:04x} at offset {e.position}: {e.reason}"
+        raise ConfigError("", f"invalid YAML: {problem}", path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
+        problem = " ".join((getattr(e, "problem", None) or str(e)).split())  # one line, always
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(where, f"invalid YAML: {problem}", path) from None
     except RecursionError:  # PyYAML composes nested nodes recursively

@@ -399,7 +399,10 @@ def test_a_bad_value_in_the_config_file_is_quoted(tmp_path: Path, text: str, mes
     ("projects: []\n".encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
     (b"projects: " + b"[" * 100_000 + b"\n", "invalid YAML: nested too deeply"),
     (b"projects: " + b"{a: " * 5000 + b"\n", "invalid YAML: nested too deeply"),
-], ids=["binary", "latin-1", "utf-16", "deep-lists", "deep-mappings"])
+    (b"projects: [\x00]\n", "invalid YAML: unacceptable character #x0000 at offset 11: "
+                              "special characters are not allowed"),
+    (b"state: \x1b[2J\n", "invalid YAML: unacceptable character #x001b at offset 7: special characters are not allowed"),
+], ids=["binary", "latin-1", "utf-16", "deep-lists", "deep-mappings", "nul", "escape"])
 def test_a_config_file_that_is_not_yaml_text_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
     assert refusal_of(tmp_path, content) == message
 
