@@ -11,6 +11,7 @@ through L{load}, the same function ``twistd`` uses.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,17 @@ def test_a_hostile_state_file_is_one_line_naming_the_file(tmp_path: Path, case: 
     message = str(info.value)
     assert message.startswith(f"{state.path}: {problem}"), message
     assert "\n" not in message and len(message) < SHORT + len(state.path), message
+
+
+def test_the_state_file_is_never_written_with_a_non_finite_number(tmp_path: Path) -> None:
+    """Validation refuses them; should one slip past it, the old file stays rather than one no reader takes."""
+    state = saved_state(tmp_path, "old")
+    old = Path(state.path).read_bytes()
+    project = parse_project({"name": "new", "backend": BACKEND}, static=False)
+    with pytest.raises(ValueError):
+        state.save([replace(project, manifest={**project.manifest, "connect_timeout": float("inf")})])
+    assert Path(state.path).read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projects.json"]
 
 
 @pytest.mark.parametrize("case", ["binary-garbage", "duplicate-names"])
