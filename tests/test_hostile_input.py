@@ -4,8 +4,9 @@ each gets a clear error quoting the bad value (shortened when it is long),
 never a 500 or a traceback, and a refused change leaves everything as it was.
 
 The API is driven over real loopback sockets (the helpers of test_api); the
-state file is read in-process and once by a real ``twistd``; the config file
-through L{load}, the same function ``twistd`` uses.
+state file and the config file are read in-process (L{State.load}, L{load}:
+what ``twistd`` calls) and each once by a real ``twistd``; a Hypothesis
+property covers any manifest at all.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from portrouter.config import (
 from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
-from tests.support import LOOPBACK, Twistd, free_port
+from tests.support import LOOPBACK, Twistd, wait_for
 from tests.test_api import Snapshot, api, api_router, saved_state, write_config
 from tests.test_services import Service, gone, logged, log_line, within  # noqa: F401 (a fixture)
 
@@ -546,8 +547,6 @@ async def test_the_api_quotes_a_bad_value(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_start_timeout_says_it_was_the_start_timeout(tmp_path: Path, logged: list[str]) -> None:
-    from tests.support import wait_for
-
     service = Service(tmp_path, "slow", "echo", "--gate")
     clock = Clock()
     sup = Supervisor(reactor, "k1/notebook", Command(tuple(service.command)), service.backend, 30.0, clock=clock)
