@@ -451,8 +451,10 @@ def test_yaml_numbers_an_operator_writes_still_read_as_numbers(tmp_path: Path) -
     ("token_file: /dev/urandom", "auth.tokens[0].token_file: '/dev/urandom' is longer than 4096 bytes: not a secret"),
     ("token_file: {binary}", "auth.tokens[0].token_file: '{binary}' is not UTF-8 text"),
     ("token_file: {control}", "auth.tokens[0].token_file: '{control}' holds a control character (0x00)"),
-    ('token: "s3cr\\x01t"', "auth.tokens[0].token: holds a control character (0x01)"),
-], ids=["dev-zero", "dev-urandom", "binary", "control", "inline-control"])
+    ('token: "s3cr\\x01t"', "auth.tokens[0].token: contains a control character (0x01)"),
+    ("token: s3cr" + "t" * 5000, "auth.tokens[0].token: is longer than 4096 characters"),
+    ("token: 1234567890", "auth.tokens[0].token: expected a string, got an integer (quote it)"),
+], ids=["dev-zero", "dev-urandom", "binary", "control", "inline-control", "inline-long", "inline-number"])
 def test_a_token_file_that_is_no_secret_is_refused_without_reading_it_all(
         tmp_path: Path, token: str, message: str) -> None:
     """A device or a binary file named by mistake: refused at once (it was read forever), the secret never quoted."""
@@ -462,7 +464,7 @@ def test_a_token_file_that_is_no_secret_is_refused_without_reading_it_all(
     text = "auth: {tokens: [{" + token.format(binary=binary, control=control) + ", admin: true}]}\n"
     refusal = refusal_of(tmp_path, text.encode())
     assert refusal == message.format(binary=binary, control=control)
-    assert "s3cr" not in refusal
+    assert "s3cr" not in refusal and "1234" not in refusal
 
 
 def test_an_endpoint_error_without_a_message_still_says_what_failed(tmp_path: Path) -> None:
