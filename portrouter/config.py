@@ -55,9 +55,16 @@ class ConfigError(Exception):
         return ConfigError(self.field, self.problem, source)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not _PLAIN_KEY.match(key):
+        # A key is the user's text too: quoted (and short), never a raw
+        # newline or a megabyte in the field path.
+        return f"{path}[{_show(key)}]"
     return f"{path}.{key}" if path else key
 
 
@@ -173,16 +180,18 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_IN_ARG = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _check_text(text: str, path: str, limit: int, control: re.Pattern[str]) -> str:
+def _check_text(text: str, path: str, limit: int, control: re.Pattern[str], *, quoted: bool = True) -> str:
+    """Length, control characters, encodability; C{quoted=False} for a secret, never shown."""
+    what = f"{_show(text)} " if quoted else ""
     if len(text) > limit:
-        raise ConfigError(path, f"{_show(text)} is longer than {limit} characters")
+        raise ConfigError(path, f"{what}is longer than {limit} characters")
     bad = control.search(text)
     if bad:
-        raise ConfigError(path, f"{_show(text)} contains a control character (0x{ord(bad.group()):02x})")
+        raise ConfigError(path, f"{what}contains a control character (0x{ord(bad.group()):02x})")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ConfigError(path, f"{_show(text)} is not valid Unicode (a lone surrogate)") from None
+        raise ConfigError(path, f"{what}is not valid Unicode (a lone surrogate)") from None
     return text
 
 
@@ -602,8 +611,9 @@ def _name(value: object, path: str) -> str:
     return text
 
 
-# What exec passes on: no '=' in a name (it ends the name), no NUL anywhere.
-_ENV_NAME = re.compile(r"[^=\x00]{1,256}\Z")
+# What exec passes on: no '=' in a name (it ends the name), no NUL anywhere;
+# no control characters in a name either (they would only forge log lines).
+_ENV_NAME = re.compile(r"[^=\x00-\x1f\x7f]{1,256}\Z")
 
 
 # First path segments the ingress keeps for itself (SPEC 2): a project of
@@ -894,17 +904,22 @@ class Config:
 _TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls")
 
 
+def _inline_secret(value: object, path: str) -> str:
+    """L{_expect_str} for a secret: every problem said without quoting it (it would end up in a log)."""
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected a string, got {_kind(value)} (quote it)")
+    if not value:
+        raise ConfigError(path, "must not be empty")
+    return _check_text(value, path, MAX_STRING, _CONTROL, quoted=False)
+
+
 def _secret(data: Mapping[str, Any], key: str, path: str) -> str:
     """A secret given inline (C{key}) or, preferably, in a file (C{key}_file)."""
     file_key = f"{key}_file"
     if (data.get(key) is None) == (data.get(file_key) is None):
         raise ConfigError(path, f"needs exactly one of '{key}' and '{file_key}'")
     if data.get(key) is not None:
-        secret = data[key]
-        if isinstance(secret, str) and (bad := _CONTROL.search(secret)):
-            # Said without quoting the secret, which would end up in a log.
-            raise ConfigError(_join(path, key), f"holds a control character (0x{ord(bad.group()):02x})")
-        return _expect_str(secret, _join(path, key))
+        return _inline_secret(data[key], _join(path, key))
     fpath = _join(path, file_key)
     name = os.path.expanduser(_expect_str(data[file_key], fpath))
     try:
@@ -1109,9 +1124,13 @@ def load(path: str) -> Config:
         raise ConfigError("", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", path) from None
     try:
         data = yaml.load(text, Loader=_Loader)
+    except yaml.reader.ReaderError as e:  # its own text is two lines
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        problem = f"unacceptable character #x{code:04x} at offset {e.position}: {e.reason}"
+        raise ConfigError("", f"invalid YAML: {problem}", path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
+        problem = " ".join((getattr(e, "problem", None) or str(e)).split())  # one line, always
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(where, f"invalid YAML: {problem}", path) from None
     except RecursionError:  # PyYAML composes nested nodes recursively

@@ -74,7 +74,8 @@ class State:
         """Replace the file atomically with these projects' manifests."""
         os.makedirs(self.directory, exist_ok=True)
         data = {"version": VERSION, "projects": [dict(p.manifest) for p in projects]}
-        body = json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        # allow_nan=False: a NaN or Infinity written here would stop the next start-up.
+        body = json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
         tmp = f"{self.path}.tmp.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -4,26 +4,32 @@ each gets a clear error quoting the bad value (shortened when it is long),
 never a 500 or a traceback, and a refused change leaves everything as it was.
 
 The API is driven over real loopback sockets (the helpers of test_api); the
-state file is read in-process and once by a real ``twistd``; the config file
-through L{load}, the same function ``twistd`` uses.
+state file and the config file are read in-process (L{State.load}, L{load}:
+what ``twistd`` calls) and each once by a real ``twistd``; a Hypothesis
+property covers any manifest at all.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import Command, Config, ConfigError, Limits, load, parse_project, quote, with_cli
+from portrouter.config import (
+    BigNumber, Command, Config, ConfigError, Limits, load, parse_project, quote, read_json, with_cli,
+)
 from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError
-from tests.support import LOOPBACK, Twistd, free_port
+from tests.support import LOOPBACK, Twistd, wait_for
 from tests.test_api import Snapshot, api, api_router, saved_state, write_config
 from tests.test_services import Service, gone, logged, log_line, within  # noqa: F401 (a fixture)
 
@@ -92,7 +98,7 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
              "'rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr...rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr' "
              "is longer than 4096 characters"),
             ("x", {"name": "n" * 900_000, "backend": BACKEND}, "name", "the body names project 'nnnnn"),
-            ("x", manifest_bytes(runtime='"a"', entry='"b"', **{"runtime ": '"c"'}), "runtime ", "unknown key"),
+            ("x", manifest_bytes(runtime='"a"', entry='"b"', **{"runtime ": '"c"'}), "['runtime ']", "unknown key"),
             ("x", b'{"backend": "tcp:127.0.0.1:1", "backend": "tcp:127.0.0.1:2"}', None,
              "the body holds the key 'backend' twice in one object"),
             ("x", {"backend": "tcp:127.0.0.1\x00:1"}, "backend", "contains a control character (0x00)"),
@@ -101,7 +107,7 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
             ("x", {"backend": BACKEND, "command": ["\x00rm"]}, "command[0]", "contains a control character (0x00)"),
             ("x", {"backend": BACKEND, "command": ["x" * 200_000]}, "command[0]",
              "is longer than 131072 characters"),
-            ("x", {"backend": BACKEND, "command": ["true"], "env": {"A=B": "1"}}, "env.A=B",
+            ("x", {"backend": BACKEND, "command": ["true"], "env": {"A=B": "1"}}, "env['A=B']",
              "'A=B' is not an environment variable name"),
         ])
         saved = state_file.read_text()
@@ -110,6 +116,78 @@ async def test_api_refuses_hostile_json_bodies_with_400(tmp_path: Path) -> None:
             assert word not in saved
     finally:
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_odd_key_is_quoted_in_the_field_path(tmp_path: Path) -> None:
+    """A key is the client's text too: a newline or a megabyte in it must not reach the field or the message raw."""
+    await api_refuses(tmp_path, [
+        ("x", {"backend": BACKEND, "listen": {"port": 80, "\nX-Forged: 1": 1}}, "listen['\\nX-Forged: 1']",
+         "unknown key"),
+        ("x", {"backend": BACKEND, "k" * 500_000: 1}, "['kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk']",
+         "unknown key"),
+        ("x", {"backend": BACKEND, "command": ["true"], "env": {"A\nB": "1"}}, "env['A\\nB']",
+         "'A\\nB' is not an environment variable name"),
+    ])
+
+
+# -- any manifest at all ------------------------------------------------------------------------
+
+# Each field gets values it takes and, now and then, values it must refuse,
+# so that both sides of every validator are reached.
+_ODD = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+    st.builds(BigNumber, st.just("9" * 5000)), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """C{valid} about nine times in ten (one_of would take one branch in two)."""
+    return st.sampled_from([valid] * 9 + [_ODD]).flatmap(lambda strategy: strategy)
+
+
+_SECONDS = mostly(st.one_of(st.floats(min_value=0.001, max_value=1e6), st.integers(1, 10**6)))
+_PORTS = mostly(st.integers(1, 65535))
+_FIELDS = {
+    "backend": mostly(st.sampled_from([BACKEND, "unix:/run/app.sock", "tcp:\\:\\:1:1", "127.0.0.1:53"])),
+    "listen": mostly(st.fixed_dictionaries(
+        {"port": _PORTS}, optional={"protocol": st.sampled_from(["http", "tcp", "udp", "ws", "sctp"]),
+                                    "interface": st.sampled_from([LOOPBACK, "::1", "nowhere"])})),
+    "host": mostly(st.sampled_from([LOOPBACK, "::1", "db.internal", "a:b"])),
+    "services": mostly(st.lists(st.fixed_dictionaries(
+        {"name": st.sampled_from(["sshd", "web", "Bad"]), "port": _PORTS},
+        optional={"protocol": st.sampled_from(["tcp", "http", "udp"]), "start_timeout": _SECONDS}), max_size=3)),
+    "command": mostly(st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3)),
+    "env": mostly(st.dictionaries(st.text(min_size=1, max_size=5),
+                                  st.one_of(st.text(max_size=5), st.integers(), st.floats()), max_size=3)),
+    "runtime": mostly(st.text(min_size=1, max_size=10)),
+    "preserve_host": mostly(st.booleans()),
+    "connect_timeout": _SECONDS,
+    "idle_timeout": st.one_of(st.none(), _SECONDS),
+    "max_connections": mostly(st.integers(1, 10**30)),
+    "udp_busy_poll": mostly(st.floats(0, 0.01)),
+}
+MANIFESTS = st.fixed_dictionaries(
+    {"name": mostly(st.sampled_from(["web"] * 9 + ["stream"])), "backend": _FIELDS["backend"]},
+    optional={key: value for key, value in _FIELDS.items() if key != "backend"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(MANIFESTS)
+def test_any_manifest_is_accepted_and_round_trips_or_refused_in_one_line(manifest: dict[str, Any]) -> None:
+    """
+    Whatever a manifest holds, validating it raises nothing but a ConfigError
+    of one short line; one that is accepted is written as strict JSON (no
+    NaN or Infinity) and read back, by the state file's reader, as the same.
+    """
+    try:
+        project = parse_project(manifest, static=False)
+    except ConfigError as e:
+        assert "\n" not in str(e) and len(str(e)) < SHORT, str(e)
+        return
+    text = json.dumps(dict(project.manifest), allow_nan=False).encode()
+    assert parse_project(read_json(text), static=False) == project
 
 
 # -- a service host is a hostname or an IP address ------------------------------------------
@@ -232,6 +310,17 @@ def test_a_hostile_state_file_is_one_line_naming_the_file(tmp_path: Path, case: 
     assert "\n" not in message and len(message) < SHORT + len(state.path), message
 
 
+def test_the_state_file_is_never_written_with_a_non_finite_number(tmp_path: Path) -> None:
+    """Validation refuses them; should one slip past it, the old file stays rather than one no reader takes."""
+    state = saved_state(tmp_path, "old")
+    old = Path(state.path).read_bytes()
+    project = parse_project({"name": "new", "backend": BACKEND}, static=False)
+    with pytest.raises(ValueError):
+        state.save([replace(project, manifest={**project.manifest, "connect_timeout": float("inf")})])
+    assert Path(state.path).read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projects.json"]
+
+
 @pytest.mark.parametrize("case", ["binary-garbage", "duplicate-names"])
 @pytest_twisted.ensureDeferred
 async def test_twistd_refuses_a_hostile_state_file_with_one_line(tmp_path: Path, case: str) -> None:
@@ -323,7 +412,10 @@ def test_a_bad_value_in_the_config_file_is_quoted(tmp_path: Path, text: str, mes
     ("projects: []\n".encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
     (b"projects: " + b"[" * 100_000 + b"\n", "invalid YAML: nested too deeply"),
     (b"projects: " + b"{a: " * 5000 + b"\n", "invalid YAML: nested too deeply"),
-], ids=["binary", "latin-1", "utf-16", "deep-lists", "deep-mappings"])
+    (b"projects: [\x00]\n", "invalid YAML: unacceptable character #x0000 at offset 11: "
+                              "special characters are not allowed"),
+    (b"state: \x1b[2J\n", "invalid YAML: unacceptable character #x001b at offset 7: special characters are not allowed"),
+], ids=["binary", "latin-1", "utf-16", "deep-lists", "deep-mappings", "nul", "escape"])
 def test_a_config_file_that_is_not_yaml_text_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
     assert refusal_of(tmp_path, content) == message
 
@@ -359,8 +451,10 @@ def test_yaml_numbers_an_operator_writes_still_read_as_numbers(tmp_path: Path) -
     ("token_file: /dev/urandom", "auth.tokens[0].token_file: '/dev/urandom' is longer than 4096 bytes: not a secret"),
     ("token_file: {binary}", "auth.tokens[0].token_file: '{binary}' is not UTF-8 text"),
     ("token_file: {control}", "auth.tokens[0].token_file: '{control}' holds a control character (0x00)"),
-    ('token: "s3cr\\x01t"', "auth.tokens[0].token: holds a control character (0x01)"),
-], ids=["dev-zero", "dev-urandom", "binary", "control", "inline-control"])
+    ('token: "s3cr\\x01t"', "auth.tokens[0].token: contains a control character (0x01)"),
+    ("token: s3cr" + "t" * 5000, "auth.tokens[0].token: is longer than 4096 characters"),
+    ("token: 1234567890", "auth.tokens[0].token: expected a string, got an integer (quote it)"),
+], ids=["dev-zero", "dev-urandom", "binary", "control", "inline-control", "inline-long", "inline-number"])
 def test_a_token_file_that_is_no_secret_is_refused_without_reading_it_all(
         tmp_path: Path, token: str, message: str) -> None:
     """A device or a binary file named by mistake: refused at once (it was read forever), the secret never quoted."""
@@ -370,7 +464,7 @@ def test_a_token_file_that_is_no_secret_is_refused_without_reading_it_all(
     text = "auth: {tokens: [{" + token.format(binary=binary, control=control) + ", admin: true}]}\n"
     refusal = refusal_of(tmp_path, text.encode())
     assert refusal == message.format(binary=binary, control=control)
-    assert "s3cr" not in refusal
+    assert "s3cr" not in refusal and "1234" not in refusal
 
 
 def test_an_endpoint_error_without_a_message_still_says_what_failed(tmp_path: Path) -> None:
@@ -455,8 +549,6 @@ async def test_the_api_quotes_a_bad_value(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_start_timeout_says_it_was_the_start_timeout(tmp_path: Path, logged: list[str]) -> None:
-    from tests.support import wait_for
-
     service = Service(tmp_path, "slow", "echo", "--gate")
     clock = Clock()
     sup = Supervisor(reactor, "k1/notebook", Command(tuple(service.command)), service.backend, 30.0, clock=clock)
