@@ -181,6 +181,8 @@ class Channel(Protocol):
         self.upgrading: Request | None = None  # the upgrade request they follow
         self.last: Request | None = None  # the last request whose head was parsed
         self.broken: str | None = None  # a request that could not be parsed, answered 400 in its turn
+        self.dispatching = False  # in _next_queued's loop
+        self.dispatch_again = False
 
     # -- connection --------------------------------------------------------------
 
@@ -436,10 +438,13 @@ class Channel(Protocol):
         fresh parser reads them, on the next turn (a run of upgrade requests
         answered at once must not recurse).
         """
-        held, self.held, self.upgrading = bytes(self.held or b""), None, None
+        self.upgrading = None
         self.parser = httptools.HttpRequestParser(self)
 
         def feed() -> None:
+            # Until now the bytes stay held (reading paused, anything read
+            # anyway appended), so nothing is parsed before them.
+            held, self.held = bytes(self.held or b""), None
             if self.transport is None or self.closing:
                 return
             if held:
@@ -565,6 +570,25 @@ class Channel(Protocol):
             self.resume_reading()
 
     def _next_queued(self) -> None:
+        """
+        Answer the waiting requests in order. One answered at once finishes
+        inside this call: its finish() asks for the next, which this loop
+        takes, rather than recursing once per pipelined request.
+        """
+        if self.dispatching:
+            self.dispatch_again = True
+            return
+        self.dispatching = True
+        try:
+            again = True
+            while again and self.queue and not self.closing:
+                self.dispatch_again = False
+                self._dispatch_queued()
+                again = self.dispatch_again
+        finally:
+            self.dispatching = False
+
+    def _dispatch_queued(self) -> None:
         request, body = self.queue.pop(0)
         self._stop_timer()
         self._dispatch(request)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from tests.httpbackend import Backend, raw_request
 from portrouter.config import Auth, Config, Token, parse
+from portrouter.web import Fixed
 from tests.support import LOOPBACK, ThreadServer, in_thread, start_router
 from tests.test_http import router_for
 from tests.test_http_unit import connect_backend, make
@@ -532,3 +533,47 @@ def test_http10_with_transfer_encoding_closes_after_its_answer() -> None:
     backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
     assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     assert transport.disconnecting
+
+
+def test_requests_after_refused_upgrades_keep_their_order() -> None:
+    """
+    Found probing 1500 pipelined upgrade requests that each get a 404: after
+    the held bytes were handed to a fresh parser, reading resumed while the
+    next upgrade's held bytes still waited their turn, so later bytes were
+    parsed first (then "Data after Connection: close" and a stall).
+    """
+    reactor, channel, transport = make()
+    channel.site.handler = lambda ch, req: Fixed(lambda: ch.send(404, req.path))  # type: ignore[method-assign]
+    up = b"GET /up%d HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n"
+    channel.dataReceived(up % 1 + up % 2 + b"GET /plain HTT")
+    step(reactor)  # the bytes after /up1 are read: /up2 is answered, the rest is held again
+    assert transport.producerState == "paused"
+    channel.dataReceived(b"P/1.1\r\nHost: h\r\n\r\n")  # a transport that reads anyway: kept in order
+    reactor.advance(0)
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in transport.value().split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"/up1", b"/up2", b"/plain"]
+    assert transport.producerState == "producing"
+
+
+def step(reactor: Any) -> None:
+    """Run the one call due first, not those it schedules (as a reactor turn does)."""
+    call = min(reactor.getDelayedCalls(), key=lambda c: c.getTime())
+    reactor.calls.remove(call)
+    call.func(*call.args, **call.kw)
+
+
+def test_many_pipelined_requests_answered_at_once_do_not_recurse() -> None:
+    """
+    Found probing: 2000 pipelined requests queued behind a slow one, each
+    answered as soon as dispatched (404s), were dispatched each from the
+    previous one's finish: RecursionError, and the connection stalled.
+    """
+    reactor, channel, transport = make()
+    slow = Fixed(lambda: channel.send(200, b"slow"))
+    routes = {b"/slow": slow}
+    channel.site.handler = lambda ch, req: routes.get(req.path) or Fixed(lambda: ch.send(404, b""))  # type: ignore[method-assign]
+    slow.end = lambda: None  # type: ignore[method-assign]  # answered when the test says
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n" + b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n" * 2000)
+    slow.answer()
+    assert transport.value().count(b"HTTP/1.1 404 ") == 2000
+    assert transport.producerState == "producing"
