@@ -178,6 +178,9 @@ class Upstream(Protocol):
             self.feeding = True
             try:
                 self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.unasked = True  # whatever follows, this connection is done
+                raise
             finally:
                 self.feeding = False
                 if self.release_after:
@@ -211,11 +214,13 @@ class Upstream(Protocol):
             self._to_pool()
 
     def _to_pool(self) -> None:
-        if self.unasked or self.exchange is not None or self.transport is None or not self.transport.connected:
+        transport = self.transport
+        if self.unasked or self.exchange is not None or transport is None or not transport.connected \
+                or transport.disconnecting:
             # More arrived than the response: whoever used this connection
             # next would get it as the answer to their request.
-            if self.transport is not None:
-                self.transport.loseConnection()
+            if transport is not None:
+                transport.loseConnection()
             return
         self.pool.release(self)
 
@@ -466,7 +471,7 @@ class Pool:
         while self.idle:
             upstream = self.idle.pop()
             if now - upstream.idle_since < POOL_IDLE and upstream.transport is not None \
-                    and upstream.transport.connected:
+                    and upstream.transport.connected and not upstream.transport.disconnecting:
                 return upstream
             upstream.transport.loseConnection()
         return None

@@ -577,3 +577,29 @@ def test_many_pipelined_requests_answered_at_once_do_not_recurse() -> None:
     slow.answer()
     assert transport.value().count(b"HTTP/1.1 404 ") == 2000
     assert transport.producerState == "producing"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",  # a 204 has no body: the 5 bytes are not HTTP
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Le",  # half a second answer
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00",  # not even the start of one
+])
+def test_a_backend_saying_more_than_its_answer_is_never_pooled(answer: bytes) -> None:
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(answer)  # type: ignore[attr-defined]
+    assert transport.value().startswith(answer.split(b"\r\n")[0])
+    assert backend.disconnecting
+    assert channel.site.routes.pools["api"].idle == []  # type: ignore[attr-defined]
+
+
+def test_a_101_to_a_request_that_did_not_ask_is_a_502() -> None:
+    """The client's bytes after a plain request are further requests, maybe for other projects: never tunnelled."""
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.1 502 ")
+    assert transport.value().endswith(b"backend switched protocols without being asked to\n")
+    assert backend.disconnecting
