@@ -722,6 +722,12 @@ class Buffered:
         self.parts: list[bytes] = []
         self.size = 0
         self.gone = False
+        request = channel.current
+        if request.has_body and (request.header(b"expect") or b"").lower() == b"100-continue":
+            # The request is accepted this far: the client may send its body
+            # (else curl, say, waits a second before it does).
+            channel.interim(100, [])
+            channel.flush()
 
     def body(self, data: bytes) -> None:
         self.size += len(data)

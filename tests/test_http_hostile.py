@@ -323,6 +323,17 @@ async def test_api_refuses_before_reading_the_body(tmp_path: Any) -> None:
         status, headers, body = replies[0]
         assert headers["connection"] == "close" and json.loads(body)["error"]["code"] == "unauthorized"
         assert rest == b""  # and then the close
+        # An admin is told to go on (no 1 s wait in curl), and the body is read.
+        def allowed() -> list[Response]:
+            with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
+                body = b'{"backend": "tcp:127.0.0.1:9"}'
+                sock.sendall(b"PUT /_api/projects/p HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer admin-token-0123456789\r\n"
+                             b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+                continued, _ = read_responses(sock, 1)
+                sock.sendall(body)
+                return continued + read_responses(sock, 1)[0]
+
+        assert [s for s, _, _ in await in_thread(allowed)] == [100, 201]
         # Without a body, the refusal waits for the request's end and keeps the connection.
         replies = await in_thread(exchange, router.port_of(), b"GET /_api/routes HTTP/1.1\r\nHost: h\r\n\r\n" * 2, 2)
         assert [s for s, _, _ in replies] == [401, 401]
