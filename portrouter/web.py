@@ -372,7 +372,13 @@ class Channel(Protocol):
             self.handler.end()  # at once: whatever follows is not read
             return
         handler = self.handler = self.site.handler(self, request)
-        if getattr(handler, "early", False):
+        if getattr(handler, "continues", False) and request.has_body \
+                and (request.header(b"expect") or b"").lower() == b"100-continue":
+            # Accepted this far: the client may send its body (else curl,
+            # say, waits a second before it does).
+            self.interim(100, [])
+            self.flush()
+        elif getattr(handler, "early", False):
             # A refusal that needs nothing of the body: the body is not
             # read, so the connection cannot serve another request.
             self.close_after = True
@@ -715,6 +721,8 @@ class Buffered:
     then calls C{respond(body)}; a larger body is a 413.
     """
 
+    continues = True  # it reads the body: a client that expects 100-continue is told to go on
+
     def __init__(self, channel: Channel, respond: Callable[[bytes], None], limit: int = 1 << 20):
         self.channel = channel
         self.respond = respond
@@ -722,12 +730,6 @@ class Buffered:
         self.parts: list[bytes] = []
         self.size = 0
         self.gone = False
-        request = channel.current
-        if request.has_body and (request.header(b"expect") or b"").lower() == b"100-continue":
-            # The request is accepted this far: the client may send its body
-            # (else curl, say, waits a second before it does).
-            channel.interim(100, [])
-            channel.flush()
 
     def body(self, data: bytes) -> None:
         self.size += len(data)
