@@ -185,7 +185,7 @@ class Upstream(Protocol):
                 self.feeding = False
                 if self.release_after:
                     self.release_after = False
-                    self._to_pool()
+                    self.release()
             exchange.channel.flush()  # what this read produced, in one send
             left, self.splice_left = self.splice_left, None
             if left and self.exchange is exchange and not exchange.done:
@@ -207,13 +207,13 @@ class Upstream(Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def release(self) -> None:
-        """The exchange is over and the connection may serve another: pool it, once this read is parsed."""
+        """
+        The exchange is over and the connection may serve another: pool it,
+        once this read is parsed, and only if it held exactly the response.
+        """
         if self.feeding:
             self.release_after = True
-        else:
-            self._to_pool()
-
-    def _to_pool(self) -> None:
+            return
         transport = self.transport
         if self.unasked or self.exchange is not None or transport is None or not transport.connected \
                 or transport.disconnecting:
@@ -511,6 +511,8 @@ class ProxyExchange:
     for an upgrade) and its response back, both bodies streamed.
     """
 
+    early = continues = False  # the channel's handler options: it sends its own 100 Continue
+
     def __init__(
         self, channel: Channel, request: Request, project: Project, pool: Pool,
         path: bytes, prefix: bytes | None, sessions: Sessions, routes: HTTPRoutes,
@@ -644,6 +646,10 @@ class ProxyExchange:
         if self.request_ended:
             self._end_body()
             self._start_timer()
+            if self.request.has_body:
+                # Read whole while the connection was made (reading paused
+                # for it in _connect): the next request may come.
+                self.channel.resume_reading()
         elif self.request.has_body:
             transport.registerProducer(self.channel.transport, True)
             self.channel.resume_reading()

@@ -365,7 +365,11 @@ class Channel(Protocol):
         self.sent = 0
         self.status = 0
         self.project = None
-        refusal = _refusal(request)
+        # The common request has one Host and no repeated header (the index
+        # is built once for the handler anyway): nothing to look at closer.
+        suspect = (request.header(b"host") is None or len(request._index) < len(request.headers)  # type: ignore[arg-type]
+                   or request.upgrade or request.method == b"CONNECT")
+        refusal = _refusal(request) if suspect else None
         if refusal is not None:
             status, text, headers = refusal
             self.handler = Fixed(lambda: self.error(status, text, headers))
@@ -570,10 +574,6 @@ class Channel(Protocol):
             self._reparse()  # answered without a switch
         elif self.broken is not None:
             self.error(400, self.broken)
-        else:
-            # Whoever paused reading for this request (a body waiting for
-            # its backend) is done with it: the next request may come.
-            self.resume_reading()
 
     def _next_queued(self) -> None:
         """
@@ -687,9 +687,9 @@ def _refusal(request: Request) -> tuple[int, str, list[tuple[bytes, bytes]]] | N
     """
     if request.method == b"CONNECT":
         return 405, "CONNECT is not supported: portrouter is a reverse proxy, not a forward proxy", [(b"Allow", ALLOW)]
-    hosts = request.header_values(b"host")
-    if len(hosts) > 1:
-        return 400, f"the request has {len(hosts)} Host headers; one is allowed", []
+    hosts = len(request.header_values(b"host"))
+    if hosts > 1:
+        return 400, f"the request has {hosts} Host headers; one is allowed", []
     if not hosts and request.version == "1.1":
         return 400, "an HTTP/1.1 request needs a Host header", []
     if request.upgrade and request.has_body:
