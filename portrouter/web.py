@@ -276,6 +276,8 @@ class Channel(Protocol):
         if self.tunnel is not None:
             self.tunnel.connectionLost(reason)
             return
+        self.closing = True  # nothing held or queued is answered now
+        self.held = None
         self._stop_timer()
         handler, self.handler = self.handler, None
         if handler is not None and not self.taken_over:

@@ -614,3 +614,15 @@ def test_a_101_to_a_request_that_did_not_ask_is_a_502() -> None:
     assert transport.value().startswith(b"HTTP/1.1 502 ")
     assert transport.value().endswith(b"backend switched protocols without being asked to\n")
     assert backend.disconnecting
+
+
+def test_held_requests_of_a_client_that_left_are_not_answered() -> None:
+    """The bytes after a refused upgrade are read on the next turn: not if the client is gone by then."""
+    reactor, channel, transport = make()
+    refused = Fixed(lambda: channel.send(404, b""))
+    channel.site.handler = lambda ch, req: refused if req.path == b"/up" else ch.site.routes.proxy(  # type: ignore[method-assign]
+        ch, req, ch.site.project, req.path, None)
+    channel.dataReceived(b"GET /up HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\nGET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    reactor.advance(0)
+    assert reactor.tcpClients == []  # /after never went to the backend
