@@ -530,6 +530,7 @@ class ProxyExchange:
         self.done = False
         self.reused = False
         self.answered = False  # something of the response (an interim one) came
+        self.upload_mark = 0  # body_sent when the upload's progress was last looked at
         self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
         self.body_splice: BodySplice | None = None
@@ -653,6 +654,31 @@ class ProxyExchange:
         elif self.request.has_body:
             transport.registerProducer(self.channel.transport, True)
             self.channel.resume_reading()
+            self._watch_upload()
+
+    def _watch_upload(self) -> None:
+        """
+        While the body streams, each response_timeout must see progress
+        (counted, not timed per chunk): else the client stopped sending
+        (408), or the backend stopped reading (504).
+        """
+        self.upload_mark = self.body_sent
+        self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._upload_check)
+
+    def _upload_check(self) -> None:
+        self.timer = None
+        if self.done or self.request_ended:
+            return
+        if self.body_sent != self.upload_mark:
+            self._watch_upload()
+            return
+        timeout = self.project.limits.response_timeout
+        backend = self.upstream.transport if self.upstream is not None else None
+        if backend is not None and (getattr(backend, "_tempDataLen", 0)
+                                    or getattr(backend, "offset", 0) < len(getattr(backend, "dataBuffer", b""))):
+            self._fail(504, f"backend did not read the request body within {timeout:g} s", close=True)
+        else:
+            self._fail(408, f"the request body stopped arriving (nothing within {timeout:g} s)", close=True)
 
     def _start_timer(self) -> None:
         """
@@ -688,7 +714,8 @@ class ProxyExchange:
             if self.request.has_body:
                 self.upstream.transport.unregisterProducer()
                 self.channel.resume_reading()
-            if self.timer is None and not self.responding:
+            if not self.responding:
+                self._stop_timer()  # the upload's watch
                 self._start_timer()
 
     def _release_service(self) -> None:

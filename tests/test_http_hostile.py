@@ -626,3 +626,34 @@ def test_held_requests_of_a_client_that_left_are_not_answered() -> None:
     channel.connectionLost(Failure(ConnectionDone()))
     reactor.advance(0)
     assert reactor.tcpClients == []  # /after never went to the backend
+
+
+def test_an_upload_that_stops_is_a_408() -> None:
+    """
+    With the response timeout counted from the request's end, a client that
+    stops sending its body would hold its backend connection for ever:
+    no progress within response_timeout (checked every response_timeout,
+    so at most twice that) is a 408.
+    """
+    reactor, channel, transport = make(response_timeout=60)
+    channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    backend = connect_backend(reactor)
+    reactor.advance(30)
+    channel.dataReceived(b"cd")
+    reactor.advance(30)  # progress since the last look: looked at again in 60 s
+    reactor.advance(59)
+    assert transport.value() == b""
+    reactor.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.value().endswith(b"the request body stopped arriving (nothing within 60 s)\n")
+    assert backend.disconnecting
+
+
+def test_an_upload_the_backend_stops_reading_is_a_504() -> None:
+    reactor, channel, transport = make(response_timeout=60)
+    channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    backend = connect_backend(reactor)
+    backend._tempDataLen = 4  # type: ignore[attr-defined]  # as a TCP transport whose peer does not read
+    reactor.advance(61)
+    assert transport.value().startswith(b"HTTP/1.1 504 ")
+    assert transport.value().endswith(b"backend did not read the request body within 60 s\n")
