@@ -178,11 +178,14 @@ class Upstream(Protocol):
             self.feeding = True
             try:
                 self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.unasked = True  # whatever follows, this connection is done
+                raise
             finally:
                 self.feeding = False
                 if self.release_after:
                     self.release_after = False
-                    self._to_pool()
+                    self.release()
             exchange.channel.flush()  # what this read produced, in one send
             left, self.splice_left = self.splice_left, None
             if left and self.exchange is exchange and not exchange.done:
@@ -204,18 +207,20 @@ class Upstream(Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def release(self) -> None:
-        """The exchange is over and the connection may serve another: pool it, once this read is parsed."""
+        """
+        The exchange is over and the connection may serve another: pool it,
+        once this read is parsed, and only if it held exactly the response.
+        """
         if self.feeding:
             self.release_after = True
-        else:
-            self._to_pool()
-
-    def _to_pool(self) -> None:
-        if self.unasked or self.exchange is not None or self.transport is None or not self.transport.connected:
+            return
+        transport = self.transport
+        if self.unasked or self.exchange is not None or transport is None or not transport.connected \
+                or transport.disconnecting:
             # More arrived than the response: whoever used this connection
             # next would get it as the answer to their request.
-            if self.transport is not None:
-                self.transport.loseConnection()
+            if transport is not None:
+                transport.loseConnection()
             return
         self.pool.release(self)
 
@@ -466,7 +471,7 @@ class Pool:
         while self.idle:
             upstream = self.idle.pop()
             if now - upstream.idle_since < POOL_IDLE and upstream.transport is not None \
-                    and upstream.transport.connected:
+                    and upstream.transport.connected and not upstream.transport.disconnecting:
                 return upstream
             upstream.transport.loseConnection()
         return None
@@ -506,6 +511,8 @@ class ProxyExchange:
     for an upgrade) and its response back, both bodies streamed.
     """
 
+    early = continues = False  # the channel's handler options: it sends its own 100 Continue
+
     def __init__(
         self, channel: Channel, request: Request, project: Project, pool: Pool,
         path: bytes, prefix: bytes | None, sessions: Sessions, routes: HTTPRoutes,
@@ -523,6 +530,7 @@ class ProxyExchange:
         self.done = False
         self.reused = False
         self.answered = False  # something of the response (an interim one) came
+        self.upload_mark = 0  # body_sent when the upload's progress was last looked at
         self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
         self.body_splice: BodySplice | None = None
@@ -639,9 +647,38 @@ class ProxyExchange:
         if self.request_ended:
             self._end_body()
             self._start_timer()
+            if self.request.has_body:
+                # Read whole while the connection was made (reading paused
+                # for it in _connect): the next request may come.
+                self.channel.resume_reading()
         elif self.request.has_body:
             transport.registerProducer(self.channel.transport, True)
             self.channel.resume_reading()
+            self._watch_upload()
+
+    def _watch_upload(self) -> None:
+        """
+        While the body streams, each response_timeout must see progress
+        (counted, not timed per chunk): else the client stopped sending
+        (408), or the backend stopped reading (504).
+        """
+        self.upload_mark = self.body_sent
+        self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._upload_check)
+
+    def _upload_check(self) -> None:
+        self.timer = None
+        if self.done or self.request_ended:
+            return
+        if self.body_sent != self.upload_mark:
+            self._watch_upload()
+            return
+        timeout = self.project.limits.response_timeout
+        backend = self.upstream.transport if self.upstream is not None else None
+        if backend is not None and (getattr(backend, "_tempDataLen", 0)
+                                    or getattr(backend, "offset", 0) < len(getattr(backend, "dataBuffer", b""))):
+            self._fail(504, f"backend did not read the request body within {timeout:g} s", close=True)
+        else:
+            self._fail(408, f"the request body stopped arriving (nothing within {timeout:g} s)", close=True)
 
     def _start_timer(self) -> None:
         """
@@ -677,7 +714,8 @@ class ProxyExchange:
             if self.request.has_body:
                 self.upstream.transport.unregisterProducer()
                 self.channel.resume_reading()
-            if self.timer is None and not self.responding:
+            if not self.responding:
+                self._stop_timer()  # the upload's watch
                 self._start_timer()
 
     def _release_service(self) -> None:

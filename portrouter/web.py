@@ -183,6 +183,8 @@ class Channel(Protocol):
         self.upgrading: Request | None = None  # the upgrade request they follow
         self.last: Request | None = None  # the last request whose head was parsed
         self.broken: str | None = None  # a request that could not be parsed, answered 400 in its turn
+        self.dispatching = False  # in _next_queued's loop
+        self.dispatch_again = False
 
     # -- connection --------------------------------------------------------------
 
@@ -277,6 +279,8 @@ class Channel(Protocol):
         if self.tunnel is not None:
             self.tunnel.connectionLost(reason)
             return
+        self.closing = True  # nothing held or queued is answered now
+        self.held = None
         self._stop_timer()
         handler, self.handler = self.handler, None
         if handler is not None and not self.taken_over:
@@ -366,14 +370,24 @@ class Channel(Protocol):
         self.sent = 0
         self.status = 0
         self.project = None
-        refusal = _refusal(request)
+        # The common request has one Host and no repeated header (the index
+        # is built once for the handler anyway): nothing to look at closer.
+        suspect = (request.header(b"host") is None or len(request._index) < len(request.headers)  # type: ignore[arg-type]
+                   or request.upgrade or request.method == b"CONNECT")
+        refusal = _refusal(request) if suspect else None
         if refusal is not None:
             status, text, headers = refusal
             self.handler = Fixed(lambda: self.error(status, text, headers))
             self.handler.end()  # at once: whatever follows is not read
             return
         handler = self.handler = self.site.handler(self, request)
-        if getattr(handler, "early", False):
+        if getattr(handler, "continues", False) and request.has_body \
+                and (request.header(b"expect") or b"").lower() == b"100-continue":
+            # Accepted this far: the client may send its body (else curl,
+            # say, waits a second before it does).
+            self.interim(100, [])
+            self.flush()
+        elif getattr(handler, "early", False):
             # A refusal that needs nothing of the body: the body is not
             # read, so the connection cannot serve another request.
             self.close_after = True
@@ -439,10 +453,13 @@ class Channel(Protocol):
         fresh parser reads them, on the next turn (a run of upgrade requests
         answered at once must not recurse).
         """
-        held, self.held, self.upgrading = bytes(self.held or b""), None, None
+        self.upgrading = None
         self.parser = httptools.HttpRequestParser(self)
 
         def feed() -> None:
+            # Until now the bytes stay held (reading paused, anything read
+            # anyway appended), so nothing is parsed before them.
+            held, self.held = bytes(self.held or b""), None
             if self.transport is None or self.closing:
                 return
             if held:
@@ -562,12 +579,27 @@ class Channel(Protocol):
             self._reparse()  # answered without a switch
         elif self.broken is not None:
             self.error(400, self.broken)
-        else:
-            # Whoever paused reading for this request (a body waiting for
-            # its backend) is done with it: the next request may come.
-            self.resume_reading()
 
     def _next_queued(self) -> None:
+        """
+        Answer the waiting requests in order. One answered at once finishes
+        inside this call: its finish() asks for the next, which this loop
+        takes, rather than recursing once per pipelined request.
+        """
+        if self.dispatching:
+            self.dispatch_again = True
+            return
+        self.dispatching = True
+        try:
+            again = True
+            while again and self.queue and not self.closing:
+                self.dispatch_again = False
+                self._dispatch_queued()
+                again = self.dispatch_again
+        finally:
+            self.dispatching = False
+
+    def _dispatch_queued(self) -> None:
         request, body = self.queue.pop(0)
         self._stop_timer()
         self._dispatch(request)
@@ -661,9 +693,9 @@ def _refusal(request: Request) -> tuple[int, str, list[tuple[bytes, bytes]]] | N
     """
     if request.method == b"CONNECT":
         return 405, "CONNECT is not supported: portrouter is a reverse proxy, not a forward proxy", [(b"Allow", ALLOW)]
-    hosts = request.header_values(b"host")
-    if len(hosts) > 1:
-        return 400, f"the request has {len(hosts)} Host headers; one is allowed", []
+    hosts = len(request.header_values(b"host"))
+    if hosts > 1:
+        return 400, f"the request has {hosts} Host headers; one is allowed", []
     if not hosts and request.version == "1.1":
         return 400, "an HTTP/1.1 request needs a Host header", []
     if request.upgrade and request.has_body:
@@ -699,6 +731,8 @@ class Buffered:
     A handler for small bodies (API calls): collects up to C{limit} bytes,
     then calls C{respond(body)}; a larger body is a 413.
     """
+
+    continues = True  # it reads the body: a client that expects 100-continue is told to go on
 
     def __init__(self, channel: Channel, respond: Callable[[bytes], None], limit: int = 1 << 20):
         self.channel = channel

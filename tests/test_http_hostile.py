@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from tests.httpbackend import Backend, raw_request
 from portrouter.config import Auth, Config, Token, parse
+from portrouter.web import Fixed
 from tests.support import LOOPBACK, ThreadServer, in_thread, start_router
 from tests.test_http import router_for
 from tests.test_http_unit import connect_backend, make
@@ -322,6 +323,17 @@ async def test_api_refuses_before_reading_the_body(tmp_path: Any) -> None:
         status, headers, body = replies[0]
         assert headers["connection"] == "close" and json.loads(body)["error"]["code"] == "unauthorized"
         assert rest == b""  # and then the close
+        # An admin is told to go on (no 1 s wait in curl), and the body is read.
+        def allowed() -> list[Response]:
+            with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
+                body = b'{"backend": "tcp:127.0.0.1:9"}'
+                sock.sendall(b"PUT /_api/projects/p HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer admin-token-0123456789\r\n"
+                             b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+                continued, _ = read_responses(sock, 1)
+                sock.sendall(body)
+                return continued + read_responses(sock, 1)[0]
+
+        assert [s for s, _, _ in await in_thread(allowed)] == [100, 201]
         # Without a body, the refusal waits for the request's end and keeps the connection.
         replies = await in_thread(exchange, router.port_of(), b"GET /_api/routes HTTP/1.1\r\nHost: h\r\n\r\n" * 2, 2)
         assert [s for s, _, _ in replies] == [401, 401]
@@ -532,3 +544,116 @@ def test_http10_with_transfer_encoding_closes_after_its_answer() -> None:
     backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
     assert transport.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     assert transport.disconnecting
+
+
+def test_requests_after_refused_upgrades_keep_their_order() -> None:
+    """
+    Found probing 1500 pipelined upgrade requests that each get a 404: after
+    the held bytes were handed to a fresh parser, reading resumed while the
+    next upgrade's held bytes still waited their turn, so later bytes were
+    parsed first (then "Data after Connection: close" and a stall).
+    """
+    reactor, channel, transport = make()
+    channel.site.handler = lambda ch, req: Fixed(lambda: ch.send(404, req.path))  # type: ignore[method-assign]
+    up = b"GET /up%d HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\n"
+    channel.dataReceived(up % 1 + up % 2 + b"GET /plain HTT")
+    step(reactor)  # the bytes after /up1 are read: /up2 is answered, the rest is held again
+    assert transport.producerState == "paused"
+    channel.dataReceived(b"P/1.1\r\nHost: h\r\n\r\n")  # a transport that reads anyway: kept in order
+    reactor.advance(0)
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in transport.value().split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"/up1", b"/up2", b"/plain"]
+    assert transport.producerState == "producing"
+
+
+def step(reactor: Any) -> None:
+    """Run the one call due first, not those it schedules (as a reactor turn does)."""
+    call = min(reactor.getDelayedCalls(), key=lambda c: c.getTime())
+    reactor.calls.remove(call)
+    call.func(*call.args, **call.kw)
+
+
+def test_many_pipelined_requests_answered_at_once_do_not_recurse() -> None:
+    """
+    Found probing: 2000 pipelined requests queued behind a slow one, each
+    answered as soon as dispatched (404s), were dispatched each from the
+    previous one's finish: RecursionError, and the connection stalled.
+    """
+    reactor, channel, transport = make()
+    slow = Fixed(lambda: channel.send(200, b"slow"))
+    routes = {b"/slow": slow}
+    channel.site.handler = lambda ch, req: routes.get(req.path) or Fixed(lambda: ch.send(404, b""))  # type: ignore[method-assign]
+    slow.end = lambda: None  # type: ignore[method-assign]  # answered when the test says
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n" + b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n" * 2000)
+    slow.answer()
+    assert transport.value().count(b"HTTP/1.1 404 ") == 2000
+    assert transport.producerState == "producing"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",  # a 204 has no body: the 5 bytes are not HTTP
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Le",  # half a second answer
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00",  # not even the start of one
+])
+def test_a_backend_saying_more_than_its_answer_is_never_pooled(answer: bytes) -> None:
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(answer)  # type: ignore[attr-defined]
+    assert transport.value().startswith(answer.split(b"\r\n")[0])
+    assert backend.disconnecting
+    assert channel.site.routes.pools["api"].idle == []  # type: ignore[attr-defined]
+
+
+def test_a_101_to_a_request_that_did_not_ask_is_a_502() -> None:
+    """The client's bytes after a plain request are further requests, maybe for other projects: never tunnelled."""
+    reactor, channel, transport = make()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.1 502 ")
+    assert transport.value().endswith(b"backend switched protocols without being asked to\n")
+    assert backend.disconnecting
+
+
+def test_held_requests_of_a_client_that_left_are_not_answered() -> None:
+    """The bytes after a refused upgrade are read on the next turn: not if the client is gone by then."""
+    reactor, channel, transport = make()
+    refused = Fixed(lambda: channel.send(404, b""))
+    channel.site.handler = lambda ch, req: refused if req.path == b"/up" else ch.site.routes.proxy(  # type: ignore[method-assign]
+        ch, req, ch.site.project, req.path, None)
+    channel.dataReceived(b"GET /up HTTP/1.1\r\nHost: h\r\n" + UPGRADE + b"\r\nGET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    reactor.advance(0)
+    assert reactor.tcpClients == []  # /after never went to the backend
+
+
+def test_an_upload_that_stops_is_a_408() -> None:
+    """
+    With the response timeout counted from the request's end, a client that
+    stops sending its body would hold its backend connection for ever:
+    no progress within response_timeout (checked every response_timeout,
+    so at most twice that) is a 408.
+    """
+    reactor, channel, transport = make(response_timeout=60)
+    channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    backend = connect_backend(reactor)
+    reactor.advance(30)
+    channel.dataReceived(b"cd")
+    reactor.advance(30)  # progress since the last look: looked at again in 60 s
+    reactor.advance(59)
+    assert transport.value() == b""
+    reactor.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.value().endswith(b"the request body stopped arriving (nothing within 60 s)\n")
+    assert backend.disconnecting
+
+
+def test_an_upload_the_backend_stops_reading_is_a_504() -> None:
+    reactor, channel, transport = make(response_timeout=60)
+    channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    backend = connect_backend(reactor)
+    backend._tempDataLen = 4  # type: ignore[attr-defined]  # as a TCP transport whose peer does not read
+    reactor.advance(61)
+    assert transport.value().startswith(b"HTTP/1.1 504 ")
+    assert transport.value().endswith(b"backend did not read the request body within 60 s\n")
