@@ -22,7 +22,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,6 +77,66 @@ class _Service(Protocol):
             bridge.service_closed()
 
 
+# Why the client is not being read (L{Bridge.holds}, a bit mask).
+HELD_SERVICE = 1  # the service is not taking what the client sent
+HELD_EARLY = 2  # EARLY_LIMIT bytes wait for the service connection
+HELD_OUTPUT = 4  # the client does not read what its frames made portrouter answer (pongs)
+
+
+@implementer(IPushProducer)
+class _ToClient:
+    """
+    The client transport's producer: Twisted pauses it when more than its
+    buffer size (64 KiB) is queued for the client and resumes it once that
+    is written. Paused, it stops reading the service; and Autobahn's own
+    answers (pongs) written meanwhile stop reading the client
+    (L{Bridge.sendData}), so a client that pings and never reads makes
+    portrouter hold at most one read's worth of pongs more.
+    """
+
+    __slots__ = ("bridge", "full")
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+        self.full = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+        service = self.bridge.service
+        if service is not None and service.transport is not None:
+            service.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.full = False
+        bridge = self.bridge
+        service = bridge.service
+        if service is not None and service.transport is not None:
+            service.transport.resumeProducing()
+        bridge.release(HELD_OUTPUT)
+
+    def stopProducing(self) -> None:
+        pass  # the client is gone: Bridge.onClose ends the service connection
+
+
+@implementer(IPushProducer)
+class _ToService:
+    """The service transport's producer: a full buffer towards the service stops reading the client."""
+
+    __slots__ = ("bridge",)
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+
+    def pauseProducing(self) -> None:
+        self.bridge.hold(HELD_SERVICE)
+
+    def resumeProducing(self) -> None:
+        self.bridge.release(HELD_SERVICE)
+
+    def stopProducing(self) -> None:
+        pass  # the service is gone: _Service.connectionLost tells the bridge
+
+
 def frame_header(length: int) -> bytes:
     """A final, unmasked BINARY frame's header (RFC 6455 5.2): server to client."""
     if length < 126:
@@ -118,6 +178,8 @@ class Bridge(WebSocketServerProtocol):
     early_size = 0
     dropping = False
     ended = False
+    output: _ToClient | None = None
+    holds = 0  # HELD_* reasons the client is not read
 
     def onConnect(self, request: Any) -> str | None:
         # noVNC and websockify speak the "binary" subprotocol.
@@ -133,6 +195,8 @@ class Bridge(WebSocketServerProtocol):
             return
         self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout)
         self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
+        self.output = _ToClient(self)
+        self.transport.registerProducer(self.output, True)
         self.early = []
         d = defer.Deferred.fromCoroutine(self._connect())
         d.addErrback(self._failed)
@@ -164,9 +228,34 @@ class Bridge(WebSocketServerProtocol):
         for data in self.early or ():
             service.transport.write(data)
         self.early = None
-        self.transport.registerProducer(service.transport, True)
-        service.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        if self.output is not None and self.output.full:
+            service.transport.pauseProducing()
+        service.transport.registerProducer(_ToService(self), True)
+        self.holds &= ~HELD_EARLY
+        if not self.holds:
+            self.transport.resumeProducing()
+
+    def hold(self, why: int) -> None:
+        """Stop reading the client, for C{why} (a HELD_* bit), until L{release}d."""
+        if not self.holds:
+            self.transport.pauseProducing()
+        self.holds |= why
+
+    def release(self, why: int) -> None:
+        """Read the client again once no other reason holds it."""
+        if self.holds & why:
+            self.holds &= ~why
+            if not self.holds:
+                self.transport.resumeProducing()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (pongs, closes) and handshake answers, never
+        # the service's data: past the client's buffer, the client is not
+        # read until it reads, or a ping flood would queue pongs for good.
+        super().sendData(data, sync, chopsize)
+        output = self.output
+        if output is not None and output.full:
+            self.hold(HELD_OUTPUT)
 
     def _failed(self, reason: Failure) -> None:
         log.failure("bridge {project}", reason, project=self.target.project)
@@ -209,7 +298,7 @@ class Bridge(WebSocketServerProtocol):
             self.early.append(payload)
             self.early_size += len(payload)
             if self.early_size > EARLY_LIMIT:
-                self.transport.pauseProducing()
+                self.hold(HELD_EARLY)
 
     def onMessageFrameEnd(self) -> None:
         pass
@@ -302,8 +391,9 @@ class Bridge(WebSocketServerProtocol):
         self.service = None
         if self.session.reason is None:
             self.session.reason = "service closed"
+        # The client is read again (for its close reply); what it sends now is dropped.
+        self.release(HELD_SERVICE | HELD_EARLY)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.transport.unregisterProducer()
             self.sendClose(NORMAL)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

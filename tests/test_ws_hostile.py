@@ -1,0 +1,224 @@
+"""
+Hostile WebSocket clients against both kinds of bridge (a ``ws`` route and a
+service port on the ingress), over real loopback sockets with raw client
+bytes (issue 12): ping floods from a client that never reads, an upload to
+an echo service from a client that never reads and then goes away, protocol
+errors, and what a plain HTTP client sees on a ``ws`` route.
+
+Bounds are byte counts. A client that does not read makes the kernel hold
+what portrouter sends it (its send buffer grows up to C{tcp_wmem}'s maximum)
+before portrouter's own queue grows at all; so "portrouter stopped reading"
+is checked as "it read at most what that send buffer can hold, plus a
+little", with a flood several times that size.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+
+from portrouter.config import parse
+from portrouter.ws import Bridge
+from tests.test_ws_framing import frame
+from tests.support import LOOPBACK, MiB, RawWebSocket, ThreadServer, in_thread, start_router, wait_for
+
+PING, PONG, CLOSE, BINARY = 0x9, 0xA, 0x8, 0x2
+MASK = b"\x5a\xc3\x0f\x96"
+STREAM = "/stream/session/k1/tcpproxy?app=echo"
+
+
+def kernel_send_buffer_max() -> int:
+    """The most a socket's send buffer grows to (the third field of C{tcp_wmem})."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
+def client_frame(opcode: int, payload: bytes, **kwargs: Any) -> bytes:
+    """One client frame, masked with L{MASK} unless told otherwise (C{masking=False}: a protocol error)."""
+    return frame(random.Random(0), opcode, payload, mask=MASK, **kwargs)
+
+
+def ping_payload(i: int) -> bytes:
+    """125 bytes (the most a control frame carries) that say which ping it is."""
+    return struct.pack("!Q", i) + bytes(117)
+
+
+def ping_flood(count: int, start: int = 0) -> bytes:
+    return b"".join(client_frame(PING, ping_payload(i)) for i in range(start, start + count))
+
+
+class Reads:
+    """Counts, per client port, the bytes portrouter read from that client (what C{Bridge.dataReceived} was handed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.by_port: dict[int, int] = {}
+        received = Bridge.dataReceived
+        reads = self
+
+        def dataReceived(bridge: Bridge, data: bytes) -> None:
+            port = bridge.transport.getPeer().port
+            reads.by_port[port] = reads.by_port.get(port, 0) + len(data)
+            received(bridge, data)
+
+        monkeypatch.setattr(Bridge, "dataReceived", dataReceived)
+
+    def of(self, client: RawWebSocket) -> int:
+        return self.by_port.get(client.sock.getsockname()[1], 0)
+
+
+class EchoService:
+    """A TCP echo service on a thread per connection that records how far each connection got."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[int] = []
+        self.server = ThreadServer(self._echo)
+
+    def _echo(self, conn: socket.socket) -> None:
+        with self.lock:
+            index = len(self.received)
+            self.received.append(0)
+        while data := conn.recv(65536):
+            with self.lock:
+                self.received[index] += len(data)
+            conn.sendall(data)
+
+    def connections(self) -> int:
+        with self.lock:
+            return len(self.received)
+
+    def got(self, index: int) -> int:
+        with self.lock:
+            return self.received[index]
+
+    def ended(self) -> int:
+        """Connections whose handler has returned (EOF) or failed (reset, broken pipe)."""
+        return len(self.server.results) + len(self.server.errors)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class Bridges:
+    """A router with a ``ws`` route and a service port, both to one L{EchoService}."""
+
+    def __init__(self, router: Any, service: EchoService):
+        self.router = router
+        self.service = service
+        self.clients: list[RawWebSocket] = []
+
+    def track(self, raw: RawWebSocket) -> RawWebSocket:
+        """Closed at the end, whatever happens."""
+        self.clients.append(raw)
+        return raw
+
+    @classmethod
+    async def start(cls) -> Bridges:
+        service = EchoService()
+        config = parse({
+            "ingress": f"tcp:0:interface={LOOPBACK}",
+            "projects": [{"name": "k1", "host": LOOPBACK,
+                          "services": [{"name": "echo", "protocol": "tcp", "port": service.server.port}]}],
+        })
+        router = await start_router(("ws", f"tcp:0:interface={LOOPBACK} -> {service.server.address}"),
+                                    config=config)
+        return cls(router, service)
+
+    def open(self, kind: str, rcvbuf: int | None = 64 * 1024) -> RawWebSocket:
+        """A WebSocket through the C{kind} of bridge ("ws-route" or "service-port"); blocking."""
+        if kind == "ws-route":
+            raw = RawWebSocket(self.router.port_of("ws-0"), "/", rcvbuf=rcvbuf)
+        else:
+            raw = RawWebSocket(self.router.port_of(), STREAM, rcvbuf=rcvbuf)
+        assert raw.status == 101, raw.status
+        return raw
+
+    async def stop(self) -> None:
+        for raw in self.clients:
+            raw.close()
+        try:
+            await wait_for(lambda: not self.router.sessions.live, 30, "the bridges to end")
+        finally:
+            self.service.close()
+            await self.router.stopService()
+
+
+KINDS = pytest.mark.parametrize("kind", ["ws-route", "service-port"])
+
+
+async def until_stalled(progress: Callable[[], int], done: Callable[[], bool], what: str) -> int:
+    """Wait until C{progress} stops moving (25 polls unchanged) or C{done}; the last value."""
+    history: list[int] = []
+
+    def stalled() -> bool:
+        history.append(progress())
+        return done() or (len(history) > 25 and len(set(history[-25:])) == 1)
+
+    await wait_for(stalled, 120, what)
+    return history[-1]
+
+
+def sender(sock: socket.socket, data: bytes) -> tuple[threading.Thread, dict[str, Any]]:
+    """Send C{data} on a thread of its own (it may block for long); C{state["done"]} once all is sent."""
+    state: dict[str, Any] = {"done": False, "error": None}
+
+    def run() -> None:
+        try:
+            sock.sendall(data)
+            state["done"] = True
+        except OSError as e:
+            state["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, state
+
+
+def read_pongs(raw: RawWebSocket, count: int) -> int:
+    """Read C{count} pongs, checking that each answers its ping in order; how many came."""
+    for i in range(count):
+        opcode, payload = raw.frame()
+        assert (opcode, payload) == (PONG, ping_payload(i)), (i, opcode, payload[:8])
+    return count
+
+
+# -- finding 3: a ping flood from a client that never reads ------------------------------------------
+
+
+@KINDS
+@pytest_twisted.ensureDeferred
+async def test_ping_flood_from_a_client_that_never_reads(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    16 MiB of 125-byte pings, the pongs never read: portrouter stops reading
+    once the pongs back up, as it does for data. It reads at most what its
+    kernel send buffer can take in pongs plus 1 MiB (its own queue is 64 KiB
+    and a read 64 KiB), where before it read all 16 MiB and queued every
+    pong in memory. Once the client reads, every ping gets its pong, in order.
+    """
+    reads = Reads(monkeypatch)
+    bridges = await Bridges.start()
+    bound = kernel_send_buffer_max() + MiB
+    count = 16 * MiB // 131
+    flood = ping_flood(count)
+    assert len(flood) > 3 * bound
+    try:
+        raw = bridges.track(await in_thread(bridges.open, kind))
+        thread, state = sender(raw.sock, flood)
+        taken = await until_stalled(lambda: reads.of(raw), lambda: state["done"], "portrouter to stop reading")
+        assert taken <= bound, f"portrouter read {taken / MiB:.1f} MiB of pings while no pong was read"
+        # Nothing was lost: reading, the client gets all its pongs, and the flood goes through.
+        assert await in_thread(read_pongs, raw, count) == count
+        thread.join(30)
+        assert state["done"], state
+        raw.send(struct.pack("!H", 1000), opcode=CLOSE)
+        opcode, payload = await in_thread(raw.frame)
+        assert (opcode, payload[:2]) == (CLOSE, struct.pack("!H", 1000))
+        raw.close()
+    finally:
+        await bridges.stop()
