@@ -424,6 +424,47 @@ class SpliceRelay:
         self.session.ended(reason)
 
 
+# How long a connection whose peer is gone may go without taking any of
+# what is still queued for it, before it is aborted.
+FLUSH_TIMEOUT = 5.0
+
+
+def queued(transport: Any) -> int | None:
+    """Bytes a transport holds to write, or L{None} when it cannot be told (TLS)."""
+    if isinstance(transport, tcp.Connection):
+        return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+    return None
+
+
+def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEOUT) -> None:
+    """
+    Close C{transport} once what is queued for it is written, as
+    C{loseConnection()} does, but abort it once C{timeout} passes with no
+    progress: its peer across the relay is gone, and a connection that does
+    not read (an echo blocked writing to us, whom we no longer read) would
+    otherwise stay ESTABLISHED for good. A slow reader still gets it all.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+    left = queued(transport)
+    if left == 0 or getattr(transport, "disconnected", False):
+        return  # nothing queued: it closes on the next reactor turn
+    if reactor is None:
+        # Twisted's transports carry the reactor they run on (a TLS one, inside).
+        reactor = getattr(transport, "reactor", None) or getattr(getattr(transport, "transport", None), "reactor")
+    reactor.callLater(timeout, _flushed_or_abort, transport, reactor, timeout, left)
+
+
+def _flushed_or_abort(transport: Any, reactor: Any, timeout: float, before: int | None) -> None:
+    if getattr(transport, "disconnected", False):
+        return
+    left = queued(transport)
+    if left is not None and before is not None and left < before:
+        reactor.callLater(timeout, _flushed_or_abort, transport, reactor, timeout, left)
+    else:
+        transport.abortConnection()
+
+
 def _half_close(transport: Any) -> None:
     # TLS has no half-close in Twisted: close the whole connection instead.
     if isinstance(transport, tcp.Connection):
@@ -488,7 +529,7 @@ class StreamSide(Protocol):
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
-                peer.transport.loseConnection()
+                close_soon(peer.transport)
             if self.session is not None:
                 if self.session.reason is None:
                     who = "client" if self.inbound else "backend"
@@ -510,8 +551,8 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     def close() -> None:
         if session.reason is None:  # else whoever closes has said why
             session.reason = "closed by portrouter"
-        client.transport.loseConnection()
-        backend.transport.loseConnection()
+        close_soon(client.transport)
+        close_soon(backend.transport)
 
     session._closer = close
     client.transport.resumeProducing()

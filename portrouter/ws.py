@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.config import Limits, Project
-from portrouter.relay import Session
+from portrouter.relay import Session, close_soon
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, write_now
 
@@ -401,9 +401,9 @@ class Bridge(WebSocketServerProtocol):
         service, self.service = self.service, None
         if service is not None:
             service.bridge = None
-            # What the client sent is written before the connection closes.
-            service.transport.unregisterProducer()
-            service.transport.loseConnection()
+            # What the client sent is written before the connection closes,
+            # unless the service does not take it in time.
+            close_soon(service.transport, self.factory.reactor)
         session = getattr(self, "session", None)
         if session is not None:
             if session.reason is None:

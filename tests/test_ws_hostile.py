@@ -25,6 +25,7 @@ import pytest_twisted
 
 from portrouter.config import parse
 from portrouter.ws import Bridge
+from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame
 from tests.support import LOOPBACK, MiB, RawWebSocket, ThreadServer, in_thread, start_router, wait_for
 
@@ -222,3 +223,60 @@ async def test_ping_flood_from_a_client_that_never_reads(kind: str, monkeypatch:
         raw.close()
     finally:
         await bridges.stop()
+
+
+# -- finding 4: an unread echo, then the client goes away ----------------------------------------------
+
+
+@KINDS
+@pytest_twisted.ensureDeferred
+async def test_client_gone_with_an_echo_backed_up_ends_the_service_connection(kind: str) -> None:
+    """
+    A client uploads 20 MiB to an echo service and reads nothing back, so
+    both directions back up (the service blocks writing, portrouter stops
+    reading it, then stops reading the client), then it closes its socket.
+    The service connection must end too: before, portrouter waited forever
+    to flush what it held for the service, which never read it, and the
+    service connection stayed ESTABLISHED until the daemon stopped.
+    """
+    bridges = await Bridges.start()
+    service = bridges.service
+    try:
+        raw = bridges.track(await in_thread(bridges.open, kind))
+        await wait_for(lambda: service.connections() == 1, what="the service connection")
+        upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(320))
+        thread, state = sender(raw.sock, upload)
+        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        assert got < 20 * MiB, "the echo service took everything though its echo was never read"
+        # shutdown() first: close() alone leaves the socket open while the sender is blocked in it.
+        raw.sock.shutdown(socket.SHUT_RDWR)
+        await in_thread(thread.join, 30)
+        raw.close()
+        await wait_for(lambda: service.ended() == 1, 30, "the service connection to end")
+        await wait_for(lambda: not bridges.router.sessions.live, 30, "the session to end")
+    finally:
+        await bridges.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_client_gone_with_an_echo_backed_up_ends_the_backend_connection(relay_mode: str) -> None:
+    """The same on a plain TCP route, spliced and through Twisted transports."""
+    service = EchoService()
+    router = await start_router(("tcp", f"tcp:0:interface={LOOPBACK} -> {service.server.address}"))
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.connect((LOOPBACK, router.port_of("tcp-0")))
+        thread, state = sender(client, bytes(20 * MiB))
+        await wait_for(lambda: service.connections() == 1, what="the backend connection")
+        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        assert got < 20 * MiB, "the echo backend took everything though its echo was never read"
+        client.shutdown(socket.SHUT_RDWR)
+        await in_thread(thread.join, 30)
+        client.close()
+        await wait_for(lambda: service.ended() == 1, 30, "the backend connection to end")
+        await wait_for(lambda: not router.sessions.live, 30, "the session to end")
+    finally:
+        client.close()
+        service.close()
+        await router.stopService()
