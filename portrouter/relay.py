@@ -465,7 +465,7 @@ def _flushed_or_abort(transport: Any, reactor: Any, timeout: float, before: int 
         transport.abortConnection()
 
 
-def _half_close(transport: Any) -> None:
+def half_close(transport: Any) -> None:
     # TLS has no half-close in Twisted: close the whole connection instead.
     if isinstance(transport, tcp.Connection):
         transport.loseWriteConnection()
@@ -513,7 +513,7 @@ class StreamSide(Protocol):
         if self.session is not None and self.session.reason is None and not (self.peer and self.peer.read_eof):
             self.session.reason = "client closed" if self.inbound else "backend closed"
         if self.peer is not None and self.peer.transport is not None:
-            _half_close(self.peer.transport)
+            half_close(self.peer.transport)
         self._maybe_close()
 
     def writeConnectionLost(self) -> None:

@@ -30,9 +30,9 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.config import Limits, Project
-from portrouter.relay import Session, close_soon
+from portrouter.relay import Session, half_close, close_soon
 from portrouter.tcp import Sessions, connect_failure, peer_of
-from portrouter.web import Channel, Fixed, Request, write_now
+from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
 log = Logger(namespace="portrouter.ws")
 
@@ -76,6 +76,9 @@ class _Service(Protocol):
         if bridge is not None:
             bridge.service_closed()
 
+
+# Handshake refusals Autobahn makes that the HTTP side never does.
+_STATUS = {426: "Upgrade Required", 505: "HTTP Version Not Supported"}
 
 # Why the client is not being read (L{Bridge.holds}, a bit mask).
 HELD_SERVICE = 1  # the service is not taking what the client sent
@@ -179,6 +182,7 @@ class Bridge(WebSocketServerProtocol):
     dropping = False
     ended = False
     output: _ToClient | None = None
+    failed = False  # failed for a protocol error: what the client sends is dropped
     holds = 0  # HELD_* reasons the client is not read
 
     def onConnect(self, request: Any) -> str | None:
@@ -276,7 +280,7 @@ class Bridge(WebSocketServerProtocol):
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
-        if not isBinary:
+        if not isBinary and not self.failedByMe:
             self.dropping = True
             self._close(UNSUPPORTED, "only binary messages are carried")
 
@@ -327,8 +331,11 @@ class Bridge(WebSocketServerProtocol):
             and self.service is not None
         ):
             self._fast(data)
-        else:
+        elif not self.failed:
             super().dataReceived(data)
+            if self.state == WebSocketServerProtocol.STATE_CONNECTING and len(self.data) > self.target.limits.max_header_size:
+                # Autobahn keeps a handshake until its blank line, however long.
+                self.failHandshake(f"request head over {self.target.limits.max_header_size} bytes", 431)
 
     def _fast(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -384,7 +391,48 @@ class Bridge(WebSocketServerProtocol):
         if service is not None and service.transport is not None:
             write_now(service.transport, payload)
 
-    # -- endings ----------------------------------------------------------------------
+    # -- refusals and endings ----------------------------------------------------------
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """A failed handshake: a short plain-text answer (Autobahn's has its reason as status text, no body)."""
+        if code == 426:
+            body = "This port takes WebSocket connections only (Upgrade: websocket).\n"
+            responseHeaders = [("Upgrade", "websocket"), *(responseHeaders or ())]
+        else:
+            body = f"Bad WebSocket handshake: {reason}\n"
+        encoded = body.encode("utf-8")
+        status = _STATUS.get(code) or reason_for(code).decode()
+        head = [f"HTTP/1.1 {code} {status}",
+                "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(encoded)}", "Connection: close"]
+        head += [f"{name}: {value}" for name, value in responseHeaders or ()]
+        self.sendData("\r\n".join(head).encode("latin-1", "replace") + b"\r\n\r\n" + encoded)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        # RFC 6455 7.1.7: after failing the connection, process nothing more
+        # from the client. The close frame (1002, 1007...) goes out, then a
+        # FIN; what the client sends until it closes is read and dropped, so
+        # that closing does not reset the connection (unread bytes would).
+        # Autobahn's close handshake timeout ends a client that never closes.
+        opened = self.state == WebSocketServerProtocol.STATE_OPEN
+        super()._fail_connection(code, reason)
+        if opened and self.state == WebSocketServerProtocol.STATE_CLOSING:
+            self.failed = True
+            self.release(HELD_SERVICE | HELD_EARLY | HELD_OUTPUT)
+            half_close(self.transport)
+            service, self.service = self.service, None
+            if service is not None:  # it gets nothing more: what it had is flushed, then it ends
+                service.bridge = None
+                close_soon(service.transport, self.factory.reactor)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn aborts (a TCP reset) even after a clean closing handshake,
+        # which a client then sees as an error: close with a FIN then, and
+        # abort only what timed out or broke.
+        if abort and not self.wasClean:
+            self.transport.abortConnection()
+        else:
+            close_soon(self.transport, self.factory.reactor)
+
 
     def service_closed(self) -> None:
         """The service closed: end the WebSocket once the queued frames are out."""
@@ -418,13 +466,18 @@ class BridgeFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
-        super().__init__(reactor=reactor)
+        # No Server header: Autobahn's names itself and its version.
+        super().__init__(server=None, reactor=reactor)
         self.sessions = sessions
         self.target = target
         self.setProtocolOptions(
             utf8validateIncoming=False,  # binary only; a TEXT message is refused anyway
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
+            # A protocol error gets a 1002 close frame, not a TCP reset.
+            failByDrop=False,
+            # A plain GET gets a 426, not Autobahn's HTML page (nor its ?redirect=).
+            webStatus=False,
         )
 
     def bridge(self, target: Target, addr: Any) -> Bridge:

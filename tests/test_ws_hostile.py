@@ -26,7 +26,7 @@ import pytest_twisted
 from portrouter.config import parse
 from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
-from tests.test_ws_framing import frame
+from tests.test_ws_framing import frame, masked
 from tests.support import LOOPBACK, MiB, RawWebSocket, ThreadServer, in_thread, start_router, wait_for
 
 PING, PONG, CLOSE, BINARY = 0x9, 0xA, 0x8, 0x2
@@ -280,3 +280,139 @@ async def test_tcp_client_gone_with_an_echo_backed_up_ends_the_backend_connectio
         client.close()
         service.close()
         await router.stopService()
+
+
+# -- protocol errors: a 1002 close frame, then a clean close ------------------------------------------
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    return client_frame(CLOSE, struct.pack("!H", code) + reason)
+
+
+# (what, the frame(s) that break RFC 6455, the close code the server must answer with);
+# a message's first fragment is carried as it comes, before the error.
+PROTOCOL_ERRORS: list[tuple[str, bytes, int]] = [
+    ("reserved data opcode 0x3", client_frame(0x3, b"x"), 1002),
+    ("reserved control opcode 0xB", client_frame(0xB, b"x"), 1002),
+    ("unmasked BINARY", client_frame(BINARY, b"unmasked", masking=False), 1002),
+    ("RSV1 on BINARY", client_frame(BINARY, b"rsv", rsv=4), 1002),
+    ("RSV3 on a ping", client_frame(PING, b"rsv", rsv=1), 1002),
+    ("ping of 126 bytes", client_frame(PING, bytes(126)), 1002),
+    ("fragmented ping", client_frame(PING, b"frag", fin=False), 1002),
+    ("continuation without a message", client_frame(0x0, b"orphan"), 1002),
+    ("BINARY inside a fragmented message",
+     client_frame(BINARY, b"first", fin=False) + client_frame(BINARY, b"second"), 1002),
+    ("close with a 1-byte payload", client_frame(CLOSE, b"\x03"), 1002),
+    ("close code 999", close_frame(999), 1002),
+    ("close code 1005 (reserved, never on the wire)", close_frame(1005), 1002),
+    ("close code 5000", close_frame(5000), 1002),
+    # RFC 6455 8.1 and 7.4.1: data that is not UTF-8 where UTF-8 is due is 1007.
+    ("close reason not UTF-8", close_frame(1000, b"\xff\xfe bad"), 1007),
+    ("64-bit length with the top bit set",
+     bytes((0x82, 0xFF)) + struct.pack("!Q", 1 << 63) + MASK, 1002),
+    ("16-bit length below 126 (not the shortest form)",
+     bytes((0x82, 0xFE)) + struct.pack("!H", 5) + MASK + masked(b"short", MASK), 1002),
+]
+
+
+def refused_with(raw: RawWebSocket, bad: bytes) -> tuple[int, bytes, bool]:
+    """Send C{bad}; (the close code, the data frames before it, whether the TCP close was clean)."""
+    raw.sock.sendall(bad)
+    data = b""
+    while True:
+        opcode, payload = raw.frame()
+        if opcode == CLOSE:
+            break
+        data += payload
+    code = struct.unpack("!H", payload[:2])[0]
+    raw.sock.sendall(close_frame(code))
+    try:
+        clean = raw.sock.recv(1) == b"" and not raw.buf
+    except ConnectionResetError:
+        clean = False
+    return code, data, clean
+
+
+@KINDS
+@pytest_twisted.ensureDeferred
+async def test_protocol_errors_get_a_close_frame_not_a_reset(kind: str) -> None:
+    """
+    Every frame that breaks RFC 6455 fails the WebSocket with a close frame
+    (1002, or 1007 for bad UTF-8) and, once the client answers it, a clean
+    TCP close (FIN), where before the connection was dropped with a reset.
+    What the client sent before reaches the service; nothing after.
+    """
+    bridges = await Bridges.start()
+    service = bridges.service
+    try:
+        for index, (what, bad, expected) in enumerate(PROTOCOL_ERRORS):
+            raw = bridges.track(await in_thread(bridges.open, kind))
+            await wait_for(lambda: service.connections() > index, what="the service connection")
+            raw.send(b"before")
+            assert await in_thread(raw.receive, 6) == b"before", what
+            code, data, clean = await in_thread(refused_with, raw, bad)
+            assert (code, data, clean) == (expected, b"", True), what
+            raw.close()
+            await wait_for(lambda: service.ended() > index, 30, f"the service connection to end ({what})")
+            carried = len(b"first") if what == "BINARY inside a fragmented message" else 0
+            assert service.got(index) == len(b"before") + carried, what
+    finally:
+        await bridges.stop()
+
+
+# -- what a plain HTTP client sees on a ws route ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_get_on_a_ws_route_is_told_a_websocket_is_expected() -> None:
+    """
+    A GET without an upgrade gets a short 426 in plain text saying a
+    WebSocket is expected; not Autobahn's HTML page, nor its redirect
+    (C{?redirect=URL} was an open redirect), nor its name and version.
+    """
+    bridges = await Bridges.start()
+    port = bridges.router.port_of("ws-0")
+    try:
+        for target in ("/", "/?redirect=http%3A%2F%2Fexample.com%2F", "/?redirect=http%3A%2F%2Fexample.com%2F&after=1"):
+            raw = bridges.track(RawWebSocket(port))
+            status, headers, body = await in_thread(raw.request, target, None, False)
+            assert status == 426, (target, status, headers, body)
+            assert headers["content-type"] == "text/plain; charset=utf-8"
+            assert headers.get("upgrade") == "websocket"
+            assert b"WebSocket" in body and len(body) < 200, body
+            assert "location" not in headers
+            assert "autobahn" not in repr((headers, body)).lower()
+            assert await in_thread(raw.sock.recv, 1) == b"", "the connection stays open"
+        # The upgrade does not name Autobahn either.
+        raw = bridges.track(await in_thread(bridges.open, "ws-route"))
+        assert "autobahn" not in repr(raw.headers).lower(), raw.headers
+        assert raw.headers.get("server", "portrouter") == "portrouter"
+    finally:
+        await bridges.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_handshake_on_a_ws_route_is_refused_at_the_header_limit() -> None:
+    """
+    Autobahn keeps a handshake until its blank line, with no limit: a
+    header that never ends was held in memory until the 30 s opening
+    timeout. Past C{max_header_size} (64 KiB) it is refused with a 431.
+    """
+    bridges = await Bridges.start()
+    port = bridges.router.port_of("ws-0")
+    try:
+        raw = bridges.track(RawWebSocket(port, timeout=60))
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * (64 * 1024 + 1024)
+        raw.sock.sendall(head)
+
+        def answer() -> bytes:
+            got = b""
+            while data := raw.sock.recv(65536):
+                got += data
+            return got
+
+        response = await in_thread(answer)
+        assert response.startswith(b"HTTP/1.1 431 "), response[:200]
+        assert b"text/plain" in response
+    finally:
+        await bridges.stop()
