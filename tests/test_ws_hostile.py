@@ -18,6 +18,7 @@ import random
 import socket
 import struct
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -27,7 +28,9 @@ from portrouter.config import parse
 from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame, masked
-from tests.support import LOOPBACK, MiB, RawWebSocket, ThreadServer, in_thread, start_router, wait_for
+from tests.support import (
+    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, in_thread, rss_kib, start_router, wait_for,
+)
 
 PING, PONG, CLOSE, BINARY = 0x9, 0xA, 0x8, 0x2
 MASK = b"\x5a\xc3\x0f\x96"
@@ -416,3 +419,121 @@ async def test_endless_handshake_on_a_ws_route_is_refused_at_the_header_limit() 
         assert b"text/plain" in response
     finally:
         await bridges.stop()
+
+
+# -- the done-when item: memory per WebSocket, from /proc, against the real daemon ---------------------
+
+
+def tcp_states(port: int) -> list[str]:
+    """The state (hex, as in /proc/net/tcp: 01 ESTABLISHED, 08 CLOSE_WAIT) of every IPv4 socket with C{port} at either end."""
+    states = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+            if port in (local, remote) and fields[3] != "0A":  # 0A: the listening socket
+                states.append(fields[3])
+    return states
+
+
+def open_sockets(port: int) -> list[str]:
+    """Those of L{tcp_states} that someone still holds: ESTABLISHED (01) or CLOSE_WAIT (08), not closing ones."""
+    return [state for state in tcp_states(port) if state in ("01", "08")]
+
+
+class Sending:
+    """A blocking sender on a thread of its own that counts what the kernel took."""
+
+    def __init__(self, raw: RawWebSocket, data: bytes):
+        self.raw = raw
+        self.sent = 0
+        self.done = False
+        self.thread = threading.Thread(target=self._run, args=(data,), daemon=True)
+        self.thread.start()
+
+    def _run(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            for at in range(0, len(data), 65536):
+                self.raw.sock.sendall(view[at:at + 65536])
+                self.sent += len(view[at:at + 65536])
+            self.done = True
+        except OSError:
+            pass  # shut down by the test
+
+    def stop(self) -> None:
+        """Wake the sender (close() alone does not while it is blocked) and close."""
+        try:
+            self.raw.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(30)
+        self.raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_per_websocket_under_ping_floods_and_unread_echoes(tmp_path: Path) -> None:
+    """
+    The real ``twistd -n portrouter``, a ws route and a service port to one
+    echo service; two WebSockets of each kind flood 60 MiB of 125-byte pings
+    and never read, then two of each upload 24 MiB to the echo and never
+    read. portrouter's VmRSS may grow by at most 2 MiB per WebSocket: each
+    holds a 64 KiB queue, one 64 KiB read and Autobahn's frame buffer, and
+    2 MiB leaves room for the allocator (0.2 MiB was measured); before, it
+    grew by about as much as the flood (60 MB of pings: +71 MB; 4 floods
+    here: +284 MiB). Then the clients go away, and within the deadline no
+    connection to the echo service is left open (the service's own view,
+    and /proc/net/tcp: none ESTABLISHED or in CLOSE_WAIT), nor any client one.
+    """
+    service = EchoService()
+    config = tmp_path / "portrouter.yaml"
+    echo = f"{{name: echo, protocol: tcp, port: {service.server.port}}}"
+    config.write_text(f"ingress: tcp:0:interface={LOOPBACK}\nstate: {tmp_path / 'state'}\n"
+                      f"projects: [{{name: k1, host: {LOOPBACK}, services: [{echo}]}}]\n")
+    daemon = Twistd("--config", str(config), "--ws", f"tcp:0:interface={LOOPBACK} -> {service.server.address}",
+                    cwd=str(tmp_path))
+    senders: list[Sending] = []
+    try:
+        ingress, ws = await daemon.ingress_port(), await daemon.port_of("ws-0")
+
+        def open_ws(kind: str) -> RawWebSocket:
+            raw = RawWebSocket(ws, "/", rcvbuf=64 * 1024) if kind == "ws-route" else \
+                RawWebSocket(ingress, STREAM, rcvbuf=64 * 1024)
+            assert raw.status == 101, raw.status
+            return raw
+
+        kinds = ["ws-route", "service-port"] * 2
+
+        # Warm up (imports, first bridges of each kind), then take the baseline.
+        for kind in kinds:
+            raw = await in_thread(open_ws, kind)
+            assert await in_thread(raw.echo, b"warm") == b"warm"
+            raw.close()
+        await wait_for(lambda: service.ended() == len(kinds), 30, "the warm-up connections to end")
+        baseline = rss_kib(daemon.proc.pid)
+
+        flood = ping_flood(60 * MiB // 131)
+        upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(24 * 16))
+        for data in (flood, upload):
+            for kind in kinds:
+                senders.append(Sending(await in_thread(open_ws, kind), data))
+            current = senders[-len(kinds):]
+            await until_stalled(lambda: sum(s.sent for s in current), lambda: all(s.done for s in current),
+                                "the clients' sends to stall")
+            grown = (rss_kib(daemon.proc.pid) - baseline) / 1024
+            assert grown / len(senders) < 2, f"portrouter grew by {grown:.1f} MiB for {len(senders)} WebSockets"
+            if data is flood:  # (kernel buffers on the way to and from the echo may take the whole upload)
+                assert not any(s.done for s in current), "portrouter read every ping though no pong was read"
+
+        # The clients go away: nothing of theirs stays open in portrouter.
+        for sender in senders:
+            await in_thread(sender.stop)
+        await wait_for(lambda: service.ended() == len(kinds) * 3, 30, "the service connections to end")
+        await wait_for(lambda: not open_sockets(service.server.port), 30, "no connection to the service left open")
+        await wait_for(lambda: not open_sockets(ws) and not open_sockets(ingress), 30, "no client connection left open")
+    finally:
+        for sender in senders:
+            sender.stop()
+        daemon.stop()
+        service.close()
