@@ -444,7 +444,8 @@ def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEO
     not read (an echo blocked writing to us, whom we no longer read) would
     otherwise stay ESTABLISHED for good. A slow reader still gets it all.
     """
-    transport.unregisterProducer()
+    if getattr(transport, "producer", True) is not None:  # (a memory transport refuses to unregister none)
+        transport.unregisterProducer()
     transport.loseConnection()
     left = queued(transport)
     if left == 0 or getattr(transport, "disconnected", False):
