@@ -429,11 +429,17 @@ class SpliceRelay:
 FLUSH_TIMEOUT = 5.0
 
 
-def queued(transport: Any) -> int | None:
-    """Bytes a transport holds to write, or L{None} when it cannot be told (TLS)."""
+def _connection_of(transport: Any) -> tcp.Connection | None:
+    """The kernel connection under a transport: itself, or the one under TLS; L{None} if neither."""
     if isinstance(transport, tcp.Connection):
-        return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
-    return None
+        return transport
+    inner = getattr(transport, "transport", None)
+    return inner if isinstance(inner, tcp.Connection) else None
+
+
+def queued(connection: tcp.Connection) -> int:
+    """Bytes Twisted holds to write on a connection."""
+    return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
 
 
 def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEOUT) -> None:
@@ -447,23 +453,29 @@ def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEO
     if getattr(transport, "producer", True) is not None:  # (a memory transport refuses to unregister none)
         transport.unregisterProducer()
     transport.loseConnection()
-    left = queued(transport)
-    if left == 0 or getattr(transport, "disconnected", False):
-        return  # nothing queued: it closes on the next reactor turn
+    connection = _connection_of(transport)
+    if connection is None:
+        left = None
+    elif connection.disconnected or (connection is transport and not queued(connection)):
+        return  # gone, or nothing queued: it closes on the next reactor turn
+    else:
+        left = queued(connection)
     if reactor is None:
         # Twisted's transports carry the reactor they run on (a TLS one, inside).
-        reactor = getattr(transport, "reactor", None) or getattr(getattr(transport, "transport", None), "reactor")
-    reactor.callLater(timeout, _flushed_or_abort, transport, reactor, timeout, left)
+        reactor = getattr(transport, "reactor", None) or getattr(connection, "reactor")
+    reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
 
 
-def _flushed_or_abort(transport: Any, reactor: Any, timeout: float, before: int | None) -> None:
-    if getattr(transport, "disconnected", False):
-        return
-    left = queued(transport)
-    if left is not None and before is not None and left < before:
-        reactor.callLater(timeout, _flushed_or_abort, transport, reactor, timeout, left)
-    else:
-        transport.abortConnection()
+def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: Any, timeout: float,
+                      before: int | None) -> None:
+    if connection is not None:
+        if connection.disconnected:
+            return
+        left = queued(connection)
+        if before is not None and left < before:  # progress: it is slow, not stuck
+            reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
+            return
+    transport.abortConnection()
 
 
 def half_close(transport: Any) -> None:

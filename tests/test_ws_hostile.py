@@ -23,8 +23,12 @@ from typing import Any, Callable
 
 import pytest
 import pytest_twisted
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 
 from portrouter.config import parse
+from portrouter.relay import FLUSH_TIMEOUT, close_soon
 from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame, masked
@@ -537,3 +541,37 @@ async def test_memory_per_websocket_under_ping_floods_and_unread_echoes(tmp_path
             sender.stop()
         daemon.stop()
         service.close()
+
+
+# -- relay.close_soon, on a clock ------------------------------------------------------------------------
+
+
+def test_close_soon_waits_for_a_slow_reader_and_aborts_a_stuck_one() -> None:
+    """
+    A connection closed after its peer went away keeps being flushed while
+    each FLUSH_TIMEOUT sees some of its queue written; once one passes with
+    none written, it is aborted.
+    """
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        connection = tcp.Connection(ours, Protocol(), reactor)  # type: ignore[arg-type]
+        connection.connected = True
+        connection.write(bytes(8 * MiB))  # far more than the socket buffers take
+        close_soon(connection, reactor)
+        for _ in range(3):  # a slow reader: some progress in each period
+            connection.doWrite()
+            try:
+                while theirs.recv(1 << 20, socket.MSG_DONTWAIT):
+                    pass
+            except BlockingIOError:
+                pass  # read all there was
+            connection.doWrite()
+            reactor.advance(FLUSH_TIMEOUT)
+            assert not connection._aborting
+        reactor.advance(FLUSH_TIMEOUT)  # a period with nothing written
+        assert connection._aborting
+    finally:
+        ours.close()
+        theirs.close()
