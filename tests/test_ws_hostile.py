@@ -33,7 +33,7 @@ from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame, masked
 from tests.support import (
-    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, in_thread, rss_kib, start_router, wait_for,
+    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, free_port, in_thread, rss_kib, start_router, wait_for,
 )
 
 PING, PONG, CLOSE, BINARY = 0x9, 0xA, 0x8, 0x2
@@ -575,3 +575,47 @@ def test_close_soon_waits_for_a_slow_reader_and_aborts_a_stuck_one() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+# -- the tunnel's local side ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_closes_a_local_client_that_never_reads_once_the_websocket_ends(tmp_path: Path) -> None:
+    """
+    ``portrouter-tunnel``: a local client uploads to an echo service and
+    reads nothing back, so everything backs up; then portrouter ends the
+    WebSocket (as a drain timeout or a shutdown does). The tunnel must not
+    keep the local connection open for good, waiting to flush to a client
+    that does not read: before, it stayed ESTABLISHED.
+    """
+    from tests.test_service_ports import portrouter_tunnel
+
+    service = EchoService()
+    config = parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}",
+        "projects": [{"name": "k1", "host": LOOPBACK,
+                      "services": [{"name": "echo", "protocol": "tcp", "port": service.server.port}]}],
+    })
+    router = await start_router(config=config)
+    local = free_port()
+    tunnel = portrouter_tunnel(f"ws://{LOOPBACK}:{router.port_of()}{STREAM}", local, tmp_path)
+    client = socket.socket()
+    try:
+        await tunnel.listening_on(local)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.connect((LOOPBACK, local))
+        thread, state = sender(client, bytes(64 * MiB))
+        await wait_for(lambda: router.sessions.live and service.connections(), 30, "the WebSocket and the service")
+        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        assert got < 64 * MiB, "the echo took everything though its echo was never read"
+        (session,) = router.sessions.live
+        session.close()
+        await wait_for(lambda: not router.sessions.live, 30, "the WebSocket to end")
+        await wait_for(lambda: not open_sockets(local), 30, "the tunnel to close the local connection")
+        await in_thread(thread.join, 30)
+    finally:
+        client.close()
+        tunnel.stop()
+        service.close()
+        await router.stopService()
