@@ -462,7 +462,9 @@ def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEO
         left = queued(connection)
     if reactor is None:
         # Twisted's transports carry the reactor they run on (a TLS one, inside).
-        reactor = getattr(transport, "reactor", None) or getattr(connection, "reactor")
+        reactor = getattr(transport, "reactor", None) or getattr(connection, "reactor", None)
+        if reactor is None:
+            return  # a memory transport: nothing to wait for
     reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
 
 

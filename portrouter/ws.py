@@ -6,9 +6,12 @@ no credentials: a websockify replacement).
 One WebSocket is one TCP connection. BINARY messages carry the bytes, frame
 data is passed on as it arrives (a message is never assembled in memory), and
 each side's transport is the other's producer, so a slow reader on either
-side stops reading on the other. The service closing ends the WebSocket with
-1000 after everything before it was sent; the client closing closes the TCP
-connection after what is pending was written.
+side stops reading on the other; a client that does not read what its own
+frames make portrouter answer (pongs) is not read either. The service
+closing ends the WebSocket with 1000 after everything before it was sent;
+the client closing closes the TCP connection after what is pending was
+written, or aborts it when the service takes none of it for 5 s. A frame
+that breaks RFC 6455 gets a 1002 close frame, then a FIN.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.config import Limits, Project
-from portrouter.relay import Session, half_close, close_soon
+from portrouter.relay import Session, close_soon, half_close
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
@@ -333,9 +336,11 @@ class Bridge(WebSocketServerProtocol):
             self._fast(data)
         elif not self.failed:
             super().dataReceived(data)
-            if self.state == WebSocketServerProtocol.STATE_CONNECTING and len(self.data) > self.target.limits.max_header_size:
+            if self.state == WebSocketServerProtocol.STATE_CONNECTING:
                 # Autobahn keeps a handshake until its blank line, however long.
-                self.failHandshake(f"request head over {self.target.limits.max_header_size} bytes", 431)
+                limit = self.target.limits.max_header_size
+                if len(self.data) > limit:
+                    self.failHandshake(f"request head over {limit} bytes", 431)
 
     def _fast(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -432,7 +437,6 @@ class Bridge(WebSocketServerProtocol):
             self.transport.abortConnection()
         else:
             close_soon(self.transport, self.factory.reactor)
-
 
     def service_closed(self) -> None:
         """The service closed: end the WebSocket once the queued frames are out."""

@@ -113,6 +113,20 @@ class EchoService:
         self.server.close()
 
 
+def open_websocket(kind: str, ws_route: int, ingress: int) -> RawWebSocket:
+    """
+    A WebSocket through the C{kind} of bridge ("ws-route" or "service-port")
+    with a small receive buffer (a client that does not read fills it
+    soon); blocking.
+    """
+    if kind == "ws-route":
+        raw = RawWebSocket(ws_route, "/", rcvbuf=64 * 1024)
+    else:
+        raw = RawWebSocket(ingress, STREAM, rcvbuf=64 * 1024)
+    assert raw.status == 101, raw.status
+    return raw
+
+
 class Bridges:
     """A router with a ``ws`` route and a service port, both to one L{EchoService}."""
 
@@ -138,14 +152,8 @@ class Bridges:
                                     config=config)
         return cls(router, service)
 
-    def open(self, kind: str, rcvbuf: int | None = 64 * 1024) -> RawWebSocket:
-        """A WebSocket through the C{kind} of bridge ("ws-route" or "service-port"); blocking."""
-        if kind == "ws-route":
-            raw = RawWebSocket(self.router.port_of("ws-0"), "/", rcvbuf=rcvbuf)
-        else:
-            raw = RawWebSocket(self.router.port_of(), STREAM, rcvbuf=rcvbuf)
-        assert raw.status == 101, raw.status
-        return raw
+    def open(self, kind: str) -> RawWebSocket:
+        return open_websocket(kind, self.router.port_of("ws-0"), self.router.port_of())
 
     async def stop(self) -> None:
         for raw in self.clients:
@@ -172,20 +180,34 @@ async def until_stalled(progress: Callable[[], int], done: Callable[[], bool], w
     return history[-1]
 
 
-def sender(sock: socket.socket, data: bytes) -> tuple[threading.Thread, dict[str, Any]]:
-    """Send C{data} on a thread of its own (it may block for long); C{state["done"]} once all is sent."""
-    state: dict[str, Any] = {"done": False, "error": None}
+class Sending:
+    """A blocking sender on a thread of its own (it may block for long) that counts what the kernel took."""
 
-    def run() -> None:
+    def __init__(self, sock: socket.socket, data: bytes):
+        self.sock = sock
+        self.sent = 0
+        self.done = False
+        self.thread = threading.Thread(target=self._run, args=(data,), daemon=True)
+        self.thread.start()
+
+    def _run(self, data: bytes) -> None:
+        view = memoryview(data)
         try:
-            sock.sendall(data)
-            state["done"] = True
-        except OSError as e:
-            state["error"] = e
+            for at in range(0, len(data), 65536):
+                self.sock.sendall(view[at:at + 65536])
+                self.sent += len(view[at:at + 65536])
+            self.done = True
+        except OSError:
+            pass  # shut down by the test
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, state
+    def stop(self) -> None:
+        """Wake the sender (close() alone does not while it is blocked in the socket) and close."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(30)
+        self.sock.close()
 
 
 def read_pongs(raw: RawWebSocket, count: int) -> int:
@@ -217,13 +239,13 @@ async def test_ping_flood_from_a_client_that_never_reads(kind: str, monkeypatch:
     assert len(flood) > 3 * bound
     try:
         raw = bridges.track(await in_thread(bridges.open, kind))
-        thread, state = sender(raw.sock, flood)
-        taken = await until_stalled(lambda: reads.of(raw), lambda: state["done"], "portrouter to stop reading")
+        flooding = Sending(raw.sock, flood)
+        taken = await until_stalled(lambda: reads.of(raw), lambda: flooding.done, "portrouter to stop reading")
         assert taken <= bound, f"portrouter read {taken / MiB:.1f} MiB of pings while no pong was read"
         # Nothing was lost: reading, the client gets all its pongs, and the flood goes through.
         assert await in_thread(read_pongs, raw, count) == count
-        thread.join(30)
-        assert state["done"], state
+        await in_thread(flooding.thread.join, 30)
+        assert flooding.done
         raw.send(struct.pack("!H", 1000), opcode=CLOSE)
         opcode, payload = await in_thread(raw.frame)
         assert (opcode, payload[:2]) == (CLOSE, struct.pack("!H", 1000))
@@ -252,13 +274,10 @@ async def test_client_gone_with_an_echo_backed_up_ends_the_service_connection(ki
         raw = bridges.track(await in_thread(bridges.open, kind))
         await wait_for(lambda: service.connections() == 1, what="the service connection")
         upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(320))
-        thread, state = sender(raw.sock, upload)
-        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        uploading = Sending(raw.sock, upload)
+        got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 20 * MiB, "the echo service took everything though its echo was never read"
-        # shutdown() first: close() alone leaves the socket open while the sender is blocked in it.
-        raw.sock.shutdown(socket.SHUT_RDWR)
-        await in_thread(thread.join, 30)
-        raw.close()
+        await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the service connection to end")
         await wait_for(lambda: not bridges.router.sessions.live, 30, "the session to end")
     finally:
@@ -274,13 +293,11 @@ async def test_tcp_client_gone_with_an_echo_backed_up_ends_the_backend_connectio
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.connect((LOOPBACK, router.port_of("tcp-0")))
-        thread, state = sender(client, bytes(20 * MiB))
+        uploading = Sending(client, bytes(20 * MiB))
         await wait_for(lambda: service.connections() == 1, what="the backend connection")
-        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 20 * MiB, "the echo backend took everything though its echo was never read"
-        client.shutdown(socket.SHUT_RDWR)
-        await in_thread(thread.join, 30)
-        client.close()
+        await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the backend connection to end")
         await wait_for(lambda: not router.sessions.live, 30, "the session to end")
     finally:
@@ -429,7 +446,10 @@ async def test_endless_handshake_on_a_ws_route_is_refused_at_the_header_limit() 
 
 
 def tcp_states(port: int) -> list[str]:
-    """The state (hex, as in /proc/net/tcp: 01 ESTABLISHED, 08 CLOSE_WAIT) of every IPv4 socket with C{port} at either end."""
+    """
+    The state (hex, as in /proc/net/tcp: 01 ESTABLISHED, 08 CLOSE_WAIT) of
+    every IPv4 socket, but a listening one, with C{port} at either end.
+    """
     states = []
     with open("/proc/net/tcp") as f:
         next(f)
@@ -444,36 +464,6 @@ def tcp_states(port: int) -> list[str]:
 def open_sockets(port: int) -> list[str]:
     """Those of L{tcp_states} that someone still holds: ESTABLISHED (01) or CLOSE_WAIT (08), not closing ones."""
     return [state for state in tcp_states(port) if state in ("01", "08")]
-
-
-class Sending:
-    """A blocking sender on a thread of its own that counts what the kernel took."""
-
-    def __init__(self, raw: RawWebSocket, data: bytes):
-        self.raw = raw
-        self.sent = 0
-        self.done = False
-        self.thread = threading.Thread(target=self._run, args=(data,), daemon=True)
-        self.thread.start()
-
-    def _run(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            for at in range(0, len(data), 65536):
-                self.raw.sock.sendall(view[at:at + 65536])
-                self.sent += len(view[at:at + 65536])
-            self.done = True
-        except OSError:
-            pass  # shut down by the test
-
-    def stop(self) -> None:
-        """Wake the sender (close() alone does not while it is blocked) and close."""
-        try:
-            self.raw.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(30)
-        self.raw.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -501,17 +491,11 @@ async def test_memory_per_websocket_under_ping_floods_and_unread_echoes(tmp_path
     try:
         ingress, ws = await daemon.ingress_port(), await daemon.port_of("ws-0")
 
-        def open_ws(kind: str) -> RawWebSocket:
-            raw = RawWebSocket(ws, "/", rcvbuf=64 * 1024) if kind == "ws-route" else \
-                RawWebSocket(ingress, STREAM, rcvbuf=64 * 1024)
-            assert raw.status == 101, raw.status
-            return raw
-
         kinds = ["ws-route", "service-port"] * 2
 
         # Warm up (imports, first bridges of each kind), then take the baseline.
         for kind in kinds:
-            raw = await in_thread(open_ws, kind)
+            raw = await in_thread(open_websocket, kind, ws, ingress)
             assert await in_thread(raw.echo, b"warm") == b"warm"
             raw.close()
         await wait_for(lambda: service.ended() == len(kinds), 30, "the warm-up connections to end")
@@ -521,7 +505,7 @@ async def test_memory_per_websocket_under_ping_floods_and_unread_echoes(tmp_path
         upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(24 * 16))
         for data in (flood, upload):
             for kind in kinds:
-                senders.append(Sending(await in_thread(open_ws, kind), data))
+                senders.append(Sending((await in_thread(open_websocket, kind, ws, ingress)).sock, data))
             current = senders[-len(kinds):]
             await until_stalled(lambda: sum(s.sent for s in current), lambda: all(s.done for s in current),
                                 "the clients' sends to stall")
@@ -605,15 +589,15 @@ async def test_tunnel_closes_a_local_client_that_never_reads_once_the_websocket_
         await tunnel.listening_on(local)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.connect((LOOPBACK, local))
-        thread, state = sender(client, bytes(64 * MiB))
+        uploading = Sending(client, bytes(64 * MiB))
         await wait_for(lambda: router.sessions.live and service.connections(), 30, "the WebSocket and the service")
-        got = await until_stalled(lambda: service.got(0), lambda: state["done"], "the upload to stall")
+        got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 64 * MiB, "the echo took everything though its echo was never read"
         (session,) = router.sessions.live
         session.close()
         await wait_for(lambda: not router.sessions.live, 30, "the WebSocket to end")
         await wait_for(lambda: not open_sockets(local), 30, "the tunnel to close the local connection")
-        await in_thread(thread.join, 30)
+        await in_thread(uploading.stop)
     finally:
         client.close()
         tunnel.stop()
