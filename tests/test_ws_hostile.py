@@ -384,6 +384,45 @@ async def test_protocol_errors_get_a_close_frame_not_a_reset(kind: str) -> None:
         await bridges.stop()
 
 
+@KINDS
+@pytest_twisted.ensureDeferred
+async def test_close_storms_and_tiny_fragments(kind: str) -> None:
+    """
+    Other floods of small frames: 1000 close frames and 100 pings in one
+    send get one close frame back, no pong, then the end of the
+    connection; a BINARY message in 20,000 one-byte fragments, each
+    followed by an unsolicited empty pong, is carried exactly (nothing of a
+    message is assembled in memory, and a pong asks for no answer).
+    """
+    bridges = await Bridges.start()
+    service = bridges.service
+    try:
+        raw = bridges.track(await in_thread(bridges.open, kind))
+        n = 20000
+        fragments = client_frame(BINARY, b"<", fin=False) + b"".join(
+            client_frame(0x0, b"%d" % (i % 10), fin=False) + client_frame(PONG, b"") for i in range(n)
+        ) + client_frame(0x0, b">")
+        expected = b"<" + b"".join(b"%d" % (i % 10) for i in range(n)) + b">"
+        raw.sock.sendall(fragments)
+        assert await in_thread(raw.receive, len(expected)) == expected
+        assert service.got(0) == len(expected)
+
+        raw.sock.sendall(close_frame(1000) * 1000 + client_frame(PING, b"p") * 100)
+
+        def rest() -> list[tuple[int, bytes]]:
+            frames = []
+            try:
+                while True:
+                    frames.append(raw.frame())
+            except (EOFError, ConnectionResetError):
+                # (A reset, if part of the storm was still unread when the connection closed.)
+                return frames
+
+        assert await in_thread(rest) == [(CLOSE, struct.pack("!H", 1000))]
+    finally:
+        await bridges.stop()
+
+
 # -- what a plain HTTP client sees on a ws route ----------------------------------------------------------
 
 
