@@ -425,9 +425,65 @@ class SpliceRelay:
         self.session.ended(reason)
 
 
-def _half_close(transport: Any) -> None:
+# How long a connection whose peer is gone may go without taking any of
+# what is still queued for it, before it is aborted.
+FLUSH_TIMEOUT = 5.0
+
+
+def _connection_of(transport: Any) -> tcp.Connection | None:
+    """The kernel connection under a transport: itself, or the one under TLS; L{None} if neither."""
+    if isinstance(transport, tcp.Connection):
+        return transport
+    inner = getattr(transport, "transport", None)
+    return inner if isinstance(inner, tcp.Connection) else None
+
+
+def queued(connection: tcp.Connection) -> int:
+    """Bytes Twisted holds to write on a connection."""
+    return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
+
+
+def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEOUT) -> None:
+    """
+    Close C{transport} once what is queued for it is written, as
+    C{loseConnection()} does, but abort it once C{timeout} passes with no
+    progress: its peer across the relay is gone, and a connection that does
+    not read (an echo blocked writing to us, whom we no longer read) would
+    otherwise stay ESTABLISHED for good. A slow reader still gets it all.
+    """
+    if getattr(transport, "producer", True) is not None:  # (a memory transport refuses to unregister none)
+        transport.unregisterProducer()
+    transport.loseConnection()
+    connection = _connection_of(transport)
+    if connection is None:
+        left = None
+    elif connection.disconnected or (connection is transport and not queued(connection)):
+        return  # gone, or nothing queued: it closes on the next reactor turn
+    else:
+        left = queued(connection)
+    if reactor is None:
+        # Twisted's transports carry the reactor they run on (a TLS one, inside).
+        reactor = getattr(transport, "reactor", None) or getattr(connection, "reactor", None)
+        if reactor is None:
+            return  # a memory transport: nothing to wait for
+    reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
+
+
+def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: Any, timeout: float,
+                      before: int | None) -> None:
+    if connection is not None:
+        if connection.disconnected:
+            return
+        left = queued(connection)
+        if before is not None and left < before:  # progress: it is slow, not stuck
+            reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
+            return
+    transport.abortConnection()
+
+
+def half_close(transport: Any) -> None:
     # Twisted's TLS has no loseWriteConnection: loseConnection sends
-    # close_notify, and closes once the client answers with its own.
+    # close_notify, and closes once the peer answers with its own.
     if isinstance(transport, tcp.Connection):
         transport.loseWriteConnection()
     else:
@@ -484,7 +540,7 @@ class StreamSide(Protocol):
         if self.session is not None and self.session.reason is None and not (self.peer and self.peer.read_eof):
             self.session.reason = "client closed" if self.inbound else "backend closed"
         if self.peer is not None and self.peer.transport is not None:
-            _half_close(self.peer.transport)
+            half_close(self.peer.transport)
         self._maybe_close()
 
     def writeConnectionLost(self) -> None:
@@ -500,7 +556,7 @@ class StreamSide(Protocol):
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
-                _lose(peer.transport)
+                close_soon(peer.transport)
             if self.session is not None:
                 if self.session.reason is None:
                     who = "client" if self.inbound else "backend"
@@ -522,8 +578,8 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     def close() -> None:
         if session.reason is None:  # else whoever closes has said why
             session.reason = "closed by portrouter"
-        _lose(client.transport)
-        _lose(backend.transport)
+        close_soon(client.transport)
+        close_soon(backend.transport)
 
     session._closer = close
     client.transport.resumeProducing()

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import ConfigError, check_server_strport
+from portrouter.relay import close_soon
 from portrouter.tcp import peer_of
 
 log = Logger(namespace="portrouter.tunnel")
@@ -160,8 +161,8 @@ class _Remote(WebSocketClientProtocol):
             if code not in (1000, None):
                 log.info("tunnel {peer}: the server closed with {code}: {reason}",
                          peer=local.peer, code=code, reason=reason)
-            local.transport.unregisterProducer()
-            local.transport.loseConnection()
+            # Bounded: a local client that does not read must not keep it open for good.
+            close_soon(local.transport, self.factory.reactor)
 
 
 class TunnelFactory(Factory):

@@ -6,9 +6,12 @@ no credentials: a websockify replacement).
 One WebSocket is one TCP connection. BINARY messages carry the bytes, frame
 data is passed on as it arrives (a message is never assembled in memory), and
 each side's transport is the other's producer, so a slow reader on either
-side stops reading on the other. The service closing ends the WebSocket with
-1000 after everything before it was sent; the client closing closes the TCP
-connection after what is pending was written.
+side stops reading on the other; a client that does not read what its own
+frames make portrouter answer (pongs) is not read either. The service
+closing ends the WebSocket with 1000 after everything before it was sent;
+the client closing closes the TCP connection after what is pending was
+written, or aborts it when the service takes none of it for 5 s. A frame
+that breaks RFC 6455 gets a 1002 close frame, then a FIN.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,9 +34,9 @@ from zope.interface import implementer
 from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
-from portrouter.relay import Session
+from portrouter.relay import Session, close_soon, half_close
 from portrouter.tcp import Sessions, connect_failure, peer_of
-from portrouter.web import Channel, Fixed, Request, write_now
+from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
 log = Logger(namespace="portrouter.ws")
 
@@ -78,6 +81,69 @@ class _Service(Protocol):
             bridge.service_closed()
 
 
+# Handshake refusals Autobahn makes that the HTTP side never does.
+_STATUS = {426: "Upgrade Required", 505: "HTTP Version Not Supported"}
+
+# Why the client is not being read (L{Bridge.holds}, a bit mask).
+HELD_SERVICE = 1  # the service is not taking what the client sent
+HELD_EARLY = 2  # EARLY_LIMIT bytes wait for the service connection
+HELD_OUTPUT = 4  # the client does not read what its frames made portrouter answer (pongs)
+
+
+@implementer(IPushProducer)
+class _ToClient:
+    """
+    The client transport's producer: Twisted pauses it when more than its
+    buffer size (64 KiB) is queued for the client and resumes it once that
+    is written. Paused, it stops reading the service; and Autobahn's own
+    answers (pongs) written meanwhile stop reading the client
+    (L{Bridge.sendData}), so a client that pings and never reads makes
+    portrouter hold at most one read's worth of pongs more.
+    """
+
+    __slots__ = ("bridge", "full")
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+        self.full = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+        service = self.bridge.service
+        if service is not None and service.transport is not None:
+            service.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.full = False
+        bridge = self.bridge
+        service = bridge.service
+        if service is not None and service.transport is not None:
+            service.transport.resumeProducing()
+        bridge.release(HELD_OUTPUT)
+
+    def stopProducing(self) -> None:
+        pass  # the client is gone: Bridge.onClose ends the service connection
+
+
+@implementer(IPushProducer)
+class _ToService:
+    """The service transport's producer: a full buffer towards the service stops reading the client."""
+
+    __slots__ = ("bridge",)
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+
+    def pauseProducing(self) -> None:
+        self.bridge.hold(HELD_SERVICE)
+
+    def resumeProducing(self) -> None:
+        self.bridge.release(HELD_SERVICE)
+
+    def stopProducing(self) -> None:
+        pass  # the service is gone: _Service.connectionLost tells the bridge
+
+
 def frame_header(length: int) -> bytes:
     """A final, unmasked BINARY frame's header (RFC 6455 5.2): server to client."""
     if length < 126:
@@ -119,6 +185,9 @@ class Bridge(WebSocketServerProtocol):
     early_size = 0
     dropping = False
     ended = False
+    output: _ToClient | None = None
+    failed = False  # failed for a protocol error: what the client sends is dropped
+    holds = 0  # HELD_* reasons the client is not read
 
     def onConnect(self, request: Any) -> str | None:
         # noVNC and websockify speak the "binary" subprotocol.
@@ -134,6 +203,8 @@ class Bridge(WebSocketServerProtocol):
             return
         self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout, self.transport)
         self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
+        self.output = _ToClient(self)
+        self.transport.registerProducer(self.output, True)
         self.early = []
         d = defer.Deferred.fromCoroutine(self._connect())
         d.addErrback(self._failed)
@@ -165,9 +236,34 @@ class Bridge(WebSocketServerProtocol):
         for data in self.early or ():
             service.transport.write(data)
         self.early = None
-        self.transport.registerProducer(service.transport, True)
-        service.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        if self.output is not None and self.output.full:
+            service.transport.pauseProducing()
+        service.transport.registerProducer(_ToService(self), True)
+        self.holds &= ~HELD_EARLY
+        if not self.holds:
+            self.transport.resumeProducing()
+
+    def hold(self, why: int) -> None:
+        """Stop reading the client, for C{why} (a HELD_* bit), until L{release}d."""
+        if not self.holds:
+            self.transport.pauseProducing()
+        self.holds |= why
+
+    def release(self, why: int) -> None:
+        """Read the client again once no other reason holds it."""
+        if self.holds & why:
+            self.holds &= ~why
+            if not self.holds:
+                self.transport.resumeProducing()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (pongs, closes) and handshake answers, never
+        # the service's data: past the client's buffer, the client is not
+        # read until it reads, or a ping flood would queue pongs for good.
+        super().sendData(data, sync, chopsize)
+        output = self.output
+        if output is not None and output.full:
+            self.hold(HELD_OUTPUT)
 
     def _failed(self, reason: Failure) -> None:
         log.failure("bridge {project}", reason, project=self.target.project)
@@ -188,7 +284,7 @@ class Bridge(WebSocketServerProtocol):
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
-        if not isBinary:
+        if not isBinary and not self.failedByMe:
             self.dropping = True
             self._close(UNSUPPORTED, "only binary messages are carried")
 
@@ -210,7 +306,7 @@ class Bridge(WebSocketServerProtocol):
             self.early.append(payload)
             self.early_size += len(payload)
             if self.early_size > EARLY_LIMIT:
-                self.transport.pauseProducing()
+                self.hold(HELD_EARLY)
 
     def onMessageFrameEnd(self) -> None:
         pass
@@ -239,8 +335,13 @@ class Bridge(WebSocketServerProtocol):
             and self.service is not None
         ):
             self._fast(data)
-        else:
+        elif not self.failed:
             super().dataReceived(data)
+            if self.state == WebSocketServerProtocol.STATE_CONNECTING:
+                # Autobahn keeps a handshake until its blank line, however long.
+                limit = self.target.limits.max_header_size
+                if len(self.data) > limit:
+                    self.failHandshake(f"request head over {limit} bytes", 431)
 
     def _fast(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -296,15 +397,56 @@ class Bridge(WebSocketServerProtocol):
         if service is not None and service.transport is not None:
             write_now(service.transport, payload)
 
-    # -- endings ----------------------------------------------------------------------
+    # -- refusals and endings ----------------------------------------------------------
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """A failed handshake: a short plain-text answer (Autobahn's has its reason as status text, no body)."""
+        if code == 426:
+            body = "This port takes WebSocket connections only (Upgrade: websocket).\n"
+            responseHeaders = [("Upgrade", "websocket"), *(responseHeaders or ())]
+        else:
+            body = f"Bad WebSocket handshake: {reason}\n"
+        encoded = body.encode("utf-8")
+        status = _STATUS.get(code) or reason_for(code).decode()
+        head = [f"HTTP/1.1 {code} {status}",
+                "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(encoded)}", "Connection: close"]
+        head += [f"{name}: {value}" for name, value in responseHeaders or ()]
+        self.sendData("\r\n".join(head).encode("latin-1", "replace") + b"\r\n\r\n" + encoded)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        # RFC 6455 7.1.7: after failing the connection, process nothing more
+        # from the client. The close frame (1002, 1007...) goes out, then a
+        # FIN; what the client sends until it closes is read and dropped, so
+        # that closing does not reset the connection (unread bytes would).
+        # Autobahn's close handshake timeout ends a client that never closes.
+        opened = self.state == WebSocketServerProtocol.STATE_OPEN
+        super()._fail_connection(code, reason)
+        if opened and self.state == WebSocketServerProtocol.STATE_CLOSING:
+            self.failed = True
+            self.release(HELD_SERVICE | HELD_EARLY | HELD_OUTPUT)
+            half_close(self.transport)
+            service, self.service = self.service, None
+            if service is not None:  # it gets nothing more: what it had is flushed, then it ends
+                service.bridge = None
+                close_soon(service.transport, self.factory.reactor)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn aborts (a TCP reset) even after a clean closing handshake,
+        # which a client then sees as an error: close with a FIN then, and
+        # abort only what timed out or broke.
+        if abort and not self.wasClean:
+            self.transport.abortConnection()
+        else:
+            close_soon(self.transport, self.factory.reactor)
 
     def service_closed(self) -> None:
         """The service closed: end the WebSocket once the queued frames are out."""
         self.service = None
         if self.session.reason is None:
             self.session.reason = "service closed"
+        # The client is read again (for its close reply); what it sends now is dropped.
+        self.release(HELD_SERVICE | HELD_EARLY)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.transport.unregisterProducer()
             self.sendClose(NORMAL)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -312,9 +454,9 @@ class Bridge(WebSocketServerProtocol):
         service, self.service = self.service, None
         if service is not None:
             service.bridge = None
-            # What the client sent is written before the connection closes.
-            service.transport.unregisterProducer()
-            service.transport.loseConnection()
+            # What the client sent is written before the connection closes,
+            # unless the service does not take it in time.
+            close_soon(service.transport, self.factory.reactor)
         session = getattr(self, "session", None)
         if session is not None:
             if session.reason is None:
@@ -334,13 +476,18 @@ class BridgeFactory(WebSocketServerFactory):
         return list(HTTP_PROTOCOLS)
 
     def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
-        super().__init__(reactor=reactor)
+        # No Server header: Autobahn's names itself and its version.
+        super().__init__(server=None, reactor=reactor)
         self.sessions = sessions
         self.target = target
         self.setProtocolOptions(
             utf8validateIncoming=False,  # binary only; a TEXT message is refused anyway
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
+            # A protocol error gets a 1002 close frame, not a TCP reset.
+            failByDrop=False,
+            # A plain GET gets a 426, not Autobahn's HTML page (nor its ?redirect=).
+            webStatus=False,
         )
 
     def bridge(self, target: Target, addr: Any) -> Bridge:
