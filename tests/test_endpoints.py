@@ -1,0 +1,291 @@
+"""
+Every endpoint kind README.rst names, end to end with real clients: ``unix:``
+listening and backends, ``tcp6:`` on ``::1`` and IPv6 backends, ``tls:``
+backends verified against ``trustRoots`` (and refused when they do not
+verify), and systemd socket activation of the real ``twistd -n portrouter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.logger import globalLogPublisher
+
+from portrouter.config import Config, parse_project
+from tests.endpoint_pki import CA
+from tests.httpbackend import Backend
+from tests.support import (
+    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, in_thread, pattern, recv_all_and_hash,
+    send_all_and_hash, start_router, wait_for,
+)
+
+
+class Events:
+    """Every log event while a test runs, with their formatted text."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def texts(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in list(self.events)]
+
+    def matching(self, regex: str) -> list[str]:
+        return [t for t in self.texts() if re.search(regex, t)]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    captured = Events()
+    globalLogPublisher.addObserver(captured.events.append)
+    yield captured
+    globalLogPublisher.removeObserver(captured.events.append)
+
+
+def curl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], input=input, capture_output=True, timeout=60)
+
+
+def upper_echo(conn: socket.socket) -> int:
+    """A TCP backend: every byte back in upper case until EOF; then it closes."""
+    total = 0
+    while data := conn.recv(65536):
+        total += len(data)
+        conn.sendall(data.upper())
+    return total
+
+
+def talk(connect: Any, payload: bytes) -> bytes:
+    """Send C{payload}, half-close, read until the other side closes."""
+    with connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return sock.makefile("rb").read()
+
+
+def unix_client(path: str) -> Any:
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        return sock
+    return connect
+
+
+# -- unix: ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_route_listening_on_a_unix_socket(tmp_path: Path, events: Events) -> None:
+    backend = ThreadServer(upper_echo)
+    path = str(tmp_path / "tcp.sock")
+    router = await start_router(("tcp", f"unix:{path} -> {backend.address}"))
+    try:
+        assert await in_thread(talk, unix_client(path), b"hello unix\n") == b"HELLO UNIX\n"
+        await wait_for(lambda: events.matching(r"^tcp tcp-unix-.*: client closed; 11 bytes in, 11 bytes out"),
+                       what="the session's line")
+    finally:
+        await router.stopService()
+        backend.close()
+
+
+
+class UnixBackend(Backend):
+    """The test HTTP backend on a UNIX socket."""
+
+    address_family = socket.AF_UNIX
+
+
+class V6Backend(Backend):
+    """The test HTTP backend on ::1."""
+
+    address_family = socket.AF_INET6
+
+
+class TLSBackend(Backend):
+    """The test HTTP backend behind TLS (the handshake runs in the accepting thread)."""
+
+    def __init__(self, context: ssl.SSLContext):
+        self.context = context
+        super().__init__()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        # A failed handshake raises OSError here, which the server shrugs off.
+        return self.context.wrap_socket(sock, server_side=True), address
+
+
+def unix_listening(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    return sock
+
+
+def v6_listening() -> socket.socket:
+    sock = socket.socket(socket.AF_INET6)
+    sock.bind(("::1", 0))
+    return sock
+
+
+def v6_client(port: int) -> Any:
+    return lambda: socket.create_connection(("::1", port))
+
+
+def v4_client(port: int) -> Any:
+    return lambda: socket.create_connection((LOOPBACK, port))
+
+
+def bulk(connect: Any, seed: int, size: int) -> tuple[str, int, str]:
+    """C{size} bytes up, half-close, everything back: (sent hash, received size, received hash)."""
+    import threading
+
+    with connect() as sock:
+        sock.settimeout(60)
+        got: list[tuple[int, str]] = []
+        reader = threading.Thread(target=lambda: got.append(recv_all_and_hash(sock)))
+        reader.start()
+        sent = send_all_and_hash(sock, seed, size)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(120)
+        return sent, *got[0]
+
+
+def echo(conn: socket.socket) -> int:
+    """A TCP backend that echoes everything until EOF, then closes."""
+    total = 0
+    while data := conn.recv(MiB):
+        total += len(data)
+        conn.sendall(data)
+    return total
+
+
+async def echoes_through_tcp_and_ws_routes(router: Any) -> None:
+    """Routes tcp-0 and ws-0 lead to an echo backend: bytes come back whole."""
+    # Big enough that the TCP relay goes bulk (splice, whatever the backend's socket family).
+    sent, size, received = await in_thread(bulk, v4_client(router.port_of("tcp-0")), 5, 16 * MiB)
+    assert (size, received) == (16 * MiB, sent)
+    ws = await in_thread(RawWebSocket, router.port_of("ws-0"), "/")
+    assert await in_thread(ws.echo, b"through a ws route") == b"through a ws route"
+    ws.close()
+
+
+def headers_of(body: bytes) -> dict[str, str]:
+    return {k.lower(): v for k, v in json.loads(body)["headers"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_ingress_and_http_route_listening_on_unix_sockets(tmp_path: Path, events: Events) -> None:
+    backend = Backend()
+    ingress, http = str(tmp_path / "ingress.sock"), str(tmp_path / "http.sock")
+    project = parse_project({"name": "web", "backend": backend.address})
+    router = await start_router(("http", f"unix:{http} -> {backend.address}"),
+                                config=Config(ingress=f"unix:{ingress}", state=str(tmp_path / "state"),
+                                              projects=(project,)))
+    try:
+        got = await in_thread(curl, "--unix-socket", ingress, "http://localhost/web/headers")
+        assert got.returncode == 0, got.stderr
+        seen = headers_of(got.stdout)
+        assert seen["x-forwarded-prefix"] == "/web" and seen["host"] == "localhost"
+        got = await in_thread(curl, "--unix-socket", http, "-H", "Host: example.org", "http://localhost/headers")
+        assert got.returncode == 0, got.stderr
+        assert headers_of(got.stdout)["x-forwarded-host"] == "example.org"
+        assert events.matching(r"ingress listening on .*ingress\.sock")
+    finally:
+        await router.stopService()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_backends_for_http_tcp_and_ws_routes_and_path_routes(tmp_path: Path) -> None:
+    http_backend = UnixBackend(str(tmp_path / "http-backend.sock"))
+    tcp_backend = ThreadServer(echo, unix_listening(str(tmp_path / "tcp-backend.sock")))
+    project = parse_project({"name": "web", "backend": http_backend.address})
+    router = await start_router(
+        ("http", f"tcp:0:interface={LOOPBACK} -> {http_backend.address}"),
+        ("tcp", f"tcp:0:interface={LOOPBACK} -> {tcp_backend.address}"),
+        ("ws", f"tcp:0:interface={LOOPBACK} -> {tcp_backend.address}"),
+        config=Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), projects=(project,)),
+    )
+    try:
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{router.port_of()}/web/blob?size=100000&seed=3")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == b"".join(pattern(3, 100000))
+        got = await in_thread(curl, "--fail", "-T", "-", f"http://{LOOPBACK}:{router.port_of('http-0')}/sink",
+                              input=b"x" * 300000)
+        assert json.loads(got.stdout)["size"] == 300000
+        await echoes_through_tcp_and_ws_routes(router)
+    finally:
+        await router.stopService()
+        http_backend.close()
+        tcp_backend.close()
+
+
+# -- tcp6: and IPv6 backends ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp6_listening_on_v6_loopback_logs_the_client_in_brackets(tmp_path: Path, events: Events) -> None:
+    tcp_backend = ThreadServer(upper_echo)
+    http_backend = Backend()
+    router = await start_router(
+        ("tcp", rf"tcp6:0:interface=\:\:1 -> {tcp_backend.address}"),
+        ("http", rf"tcp6:0:interface=\:\:1 -> {http_backend.address}"),
+        config=Config(ingress=rf"tcp6:0:interface=\:\:1", state=str(tmp_path / "state"),
+                      projects=(parse_project({"name": "web", "backend": http_backend.address}),)),
+    )
+    try:
+        probe = socket.create_connection(("::1", router.port_of("tcp-0")))
+        client = f"[::1]:{probe.getsockname()[1]}"
+        assert await in_thread(talk, lambda: probe, b"hello six\n") == b"HELLO SIX\n"
+        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {re.escape(client)}: client closed"),
+                       what="the session's line naming the IPv6 client")
+        for port, target in ((router.port_of("http-0"), "/headers"), (router.port_of(), "/web/headers")):
+            got = await in_thread(curl, "--fail", f"http://[::1]:{port}{target}")
+            assert got.returncode == 0, got.stderr
+            seen = headers_of(got.stdout)
+            assert seen["x-forwarded-for"] == "::1" and seen["x-real-ip"] == "::1"
+            assert seen["host"] == f"[::1]:{port}"
+        # Bound to ::1 only: not reachable over IPv4.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((LOOPBACK, router.port_of("tcp-0"))).close()
+    finally:
+        await router.stopService()
+        tcp_backend.close()
+        http_backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_backends_for_tcp_http_and_ws_routes(tmp_path: Path) -> None:
+    tcp_backend = ThreadServer(echo, v6_listening())
+    http_backend = V6Backend(("::1", 0))
+    assert tcp_backend.address.startswith(r"tcp:\:\:1:")
+    router = await start_router(
+        ("tcp", f"tcp:0:interface={LOOPBACK} -> {tcp_backend.address}"),
+        ("http", f"tcp:0:interface={LOOPBACK} -> {http_backend.address}"),
+        ("ws", f"tcp:0:interface={LOOPBACK} -> {tcp_backend.address}"),
+        config=Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"),
+                      projects=(parse_project({"name": "web", "backend": http_backend.address,
+                                               "preserve_host": False}),)),
+    )
+    try:
+        await echoes_through_tcp_and_ws_routes(router)
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{router.port_of()}/web/headers")
+        assert got.returncode == 0, got.stderr
+        assert headers_of(got.stdout)["host"] == f"[::1]:{http_backend.port}"  # preserve_host: false
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{router.port_of('http-0')}/blob?size=200000")
+        assert got.stdout == b"".join(pattern(1, 200000))
+    finally:
+        await router.stopService()
+        tcp_backend.close()
+        http_backend.close()
