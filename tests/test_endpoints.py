@@ -75,6 +75,17 @@ def talk(connect: Any, payload: bytes) -> bytes:
         return sock.makefile("rb").read()
 
 
+def ask(connect: Any, payload: bytes, size: int) -> bytes:
+    """Send C{payload} (no half-close); read until C{size} bytes or the other side closes."""
+    with connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(payload)
+        got = b""
+        while len(got) < size and (chunk := sock.recv(size - len(got))):
+            got += chunk
+        return got
+
+
 def unix_client(path: str) -> Any:
     def connect() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX)
@@ -289,3 +300,97 @@ async def test_ipv6_backends_for_tcp_http_and_ws_routes(tmp_path: Path) -> None:
         await router.stopService()
         tcp_backend.close()
         http_backend.close()
+
+
+# -- tls: backends ------------------------------------------------------------------
+
+
+def tls_echo(context: ssl.SSLContext) -> Any:
+    """A TCP backend handler: TLS with C{context}, then upper-case echo."""
+    def handle(conn: socket.socket) -> int:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            return upper_echo(tls)
+    return handle
+
+
+def tls_answer_once(context: ssl.SSLContext) -> Any:
+    """A TCP backend handler: TLS with C{context}, one read answered in upper case, then close."""
+    def handle(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(tls.recv(65536).upper())
+    return handle
+
+
+BAD_CERTIFICATES = [
+    # (what is wrong, the backend's context, what the log says after "backend TLS ")
+    ("wrong name", lambda ca, stranger: ca.server_context("other.example"),
+     "certificate is not valid for localhost"),
+    ("unknown CA", lambda ca, stranger: stranger.server_context("localhost"),
+     "certificate verify failed: unable to get local issuer certificate"),
+    ("expired", lambda ca, stranger: ca.server_context("localhost", expired=True),
+     "certificate verify failed: certificate has expired"),
+]
+
+
+@pytest.fixture
+def authorities(tmp_path: Path) -> tuple[CA, CA]:
+    return CA(tmp_path / "ca"), CA(tmp_path / "stranger", "someone else's CA")
+
+
+def tls_backend(port: int, ca: CA) -> str:
+    return f"tls:localhost:{port}:trustRoots={ca.roots}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities: Any, events: Events) -> None:
+    ca, _ = authorities
+    http_backend = TLSBackend(ca.server_context("localhost"))
+    tcp_backend = ThreadServer(tls_answer_once(ca.server_context("localhost")))
+    router = await start_router(
+        ("http", f"tcp:0:interface={LOOPBACK} -> {tls_backend(http_backend.port, ca)}"),
+        ("tcp", f"tcp:0:interface={LOOPBACK} -> {tls_backend(tcp_backend.port, ca)}"),
+    )
+    try:
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{router.port_of('http-0')}/blob?size=300000&seed=4")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == b"".join(pattern(4, 300000))
+        # The backend closes first: a client's close or half-close reaching a
+        # TLS backend is the tls branch's fix (its relay lets the producer go).
+        probe = socket.create_connection((LOOPBACK, router.port_of("tcp-0")))
+        client = f"{LOOPBACK}:{probe.getsockname()[1]}"
+        assert await in_thread(ask, lambda: probe, b"over tls\n", 100) == b"OVER TLS\n"
+        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {client}: backend closed; 9 bytes in, 9 bytes out"),
+                       what="the session's line")
+    finally:
+        await router.stopService()
+        http_backend.close()
+        tcp_backend.close()
+
+
+@pytest.mark.parametrize("what, make, says", BAD_CERTIFICATES, ids=[b[0] for b in BAD_CERTIFICATES])
+@pytest_twisted.ensureDeferred
+async def test_tls_backend_that_does_not_verify_is_a_502_or_a_close_with_the_reason(
+        what: str, make: Any, says: str, authorities: Any, events: Events) -> None:
+    ca, stranger = authorities
+    http_backend = TLSBackend(make(ca, stranger))
+    tcp_backend = ThreadServer(tls_echo(make(ca, stranger)))
+    router = await start_router(
+        ("http", f"tcp:0:interface={LOOPBACK} -> {tls_backend(http_backend.port, ca)}"),
+        ("tcp", f"tcp:0:interface={LOOPBACK} -> {tls_backend(tcp_backend.port, ca)}"),
+    )
+    try:
+        got = await in_thread(curl, "-i", f"http://{LOOPBACK}:{router.port_of('http-0')}/headers")
+        assert got.stdout.startswith(b"HTTP/1.1 502"), got.stdout
+        assert not http_backend.stats.seen  # no request reached it
+        assert events.matching(rf"^http-0: GET /headers: 502 backend TLS {says}$"), events.matching("http-0")
+        # The TCP client is closed without a byte back.
+        probe = socket.create_connection((LOOPBACK, router.port_of("tcp-0")))
+        client = f"{LOOPBACK}:{probe.getsockname()[1]}"
+        assert await in_thread(ask, lambda: probe, b"secret\n", 100) == b""
+        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {client}: backend TLS {says}; "),
+                       what="the session's line with the reason")
+        assert not tcp_backend.results  # nothing was echoed
+    finally:
+        await router.stopService()
+        http_backend.close()
+        tcp_backend.close()
