@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -394,3 +395,76 @@ async def test_tls_backend_that_does_not_verify_is_a_502_or_a_close_with_the_rea
         await router.stopService()
         http_backend.close()
         tcp_backend.close()
+
+
+# -- systemd socket activation ----------------------------------------------------------
+
+
+def activated(sockets: dict[str, socket.socket], *args: str) -> Twistd:
+    """
+    ``twistd -n portrouter`` started as systemd starts a socket-activated
+    service: the listening sockets inherited as descriptors 3, 4, ...,
+    ``LISTEN_FDS`` their count, ``LISTEN_FDNAMES`` their names (systemd 227+
+    always sets it, and Twisted ignores descriptors without it) and
+    ``LISTEN_PID`` the service's own pid (the shell sets it to its pid, which
+    exec hands on to twistd).
+    """
+    for sock in sockets.values():
+        sock.listen(64)
+    fds = [sock.fileno() for sock in sockets.values()]
+
+    def move() -> None:  # in the child: first out of the way, then to 3, 4, ...
+        high = [os.dup(fd) for fd in fds]
+        for i, fd in enumerate(high):
+            os.dup2(fd, 3 + i)
+
+    return Twistd(*args, wrapper=("sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"'),
+                  env={"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join(sockets)}, pass_fds=range(3, 3 + len(fds)), preexec_fn=move)
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_activation_for_the_ingress_and_a_route(tmp_path: Path) -> None:
+    backend = ThreadServer(upper_echo)
+    http_backend = Backend()
+    ingress, route = socket.socket(), socket.socket()
+    ingress.bind((LOOPBACK, 0))
+    route.bind((LOOPBACK, 0))
+    ports = ingress.getsockname()[1], route.getsockname()[1]
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"projects:\n  - name: web\n    backend: '{http_backend.address}'\n")
+    daemon = activated({"web": ingress, "shout": route}, "--config", str(config),
+                       "--state", str(tmp_path / "state"), "--ingress", "systemd:domain=INET:index=0",
+                       "--tcp", f"systemd:domain=INET:name=shout -> {backend.address}")
+    # Only portrouter holds the sockets now: what answers is portrouter.
+    ingress.close()
+    route.close()
+    try:
+        await daemon.wait_line(rf"ingress listening on {LOOPBACK}:{ports[0]}")
+        await daemon.wait_line(rf"tcp route \S+ listening on {LOOPBACK}:{ports[1]}")
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{ports[0]}/web/headers")
+        assert got.returncode == 0, got.stderr
+        assert headers_of(got.stdout)["x-forwarded-prefix"] == "/web"
+        assert await in_thread(talk, v4_client(ports[1]), b"activated\n") == b"ACTIVATED\n"
+        await daemon.wait_line(r"tcp tcp-\S+ 127\.0\.0\.1:\d+: client closed; 10 bytes in, 10 bytes out")
+        # The table shows the ports the inherited sockets are bound to.
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{ports[0]}/_api/routes")
+        rows = {row["project"]: row["port"] for row in json.loads(got.stdout)["routes"]}
+        assert rows == {None: ports[0], "web": ports[0], "tcp-systemd-domain-inet-name-shout": ports[1]}
+        # A reload keeps them: the inherited sockets cannot be bound again.
+        daemon.proc.send_signal(signal.SIGHUP)
+        await daemon.wait_line(r"reloaded .*routes\.yaml")
+        assert await in_thread(talk, v4_client(ports[1]), b"still\n") == b"STILL\n"
+        got = await in_thread(curl, "--fail", f"http://{LOOPBACK}:{ports[0]}/web/headers")
+        assert got.returncode == 0, got.stderr
+        # A project deployed on an activated port is refused with the OS's reason.
+        got = await in_thread(curl, "-X", "PUT", "-d", json.dumps(
+            {"backend": backend.address, "listen": {"port": ports[1], "protocol": "tcp"}}),
+            f"http://{LOOPBACK}:{ports[0]}/_api/projects/late")
+        error = json.loads(got.stdout)["error"]
+        assert (error["code"], error["message"]) == (
+            "port_unavailable", f"cannot bind port {ports[1]}/tcp for project 'late': Address already in use")
+        assert await in_thread(talk, v4_client(ports[1]), b"unchanged\n") == b"UNCHANGED\n"
+    finally:
+        daemon.stop()
+        backend.close()
+        http_backend.close()
