@@ -202,9 +202,12 @@ def check_server_strport(value: object, path: str, *, allow_zero: bool = False) 
     try:
         endpoint = serverFromString(reactor, desc)
     except Exception as e:
-        raise ConfigError(
-            path, f"{desc!r} is not a listening endpoint: {_endpoint_problem(e)}"
-        ) from None
+        problem = _endpoint_problem(e)
+        if desc.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+            # Twisted's own words are "list index out of range" or the name alone.
+            problem = ("no such socket was inherited from systemd "
+                       "(LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID describe those it passes down)")
+        raise ConfigError(path, f"{desc!r} is not a listening endpoint: {problem}") from None
     _checked_port(endpoint, desc, path, allow_zero=allow_zero)
     return desc
 

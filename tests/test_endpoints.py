@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import globalLogPublisher
 
-from portrouter.config import Config, parse_project
+from portrouter.config import Config, ConfigError, parse_project, with_cli
 from tests.endpoint_pki import CA
 from tests.httpbackend import Backend
 from tests.support import (
@@ -468,3 +468,16 @@ async def test_socket_activation_for_the_ingress_and_a_route(tmp_path: Path) -> 
         daemon.stop()
         backend.close()
         http_backend.close()
+
+
+def test_systemd_strport_without_an_inherited_socket_says_so() -> None:
+    # This process inherited nothing from systemd.
+    for desc, field_name in (("systemd:domain=INET:index=0", "--ingress"), ("systemd:domain=INET:name=web", "--tcp")):
+        with pytest.raises(ConfigError) as raised:
+            if field_name == "--ingress":
+                with_cli(Config(), ingress=desc)
+            else:
+                with_cli(Config(), routes=[("tcp", f"{desc} -> tcp:127.0.0.1:1")])
+        assert str(raised.value) == (
+            f"{field_name}: {desc!r} is not a listening endpoint: no such socket was inherited from systemd "
+            "(LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID describe those it passes down)")
