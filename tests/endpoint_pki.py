@@ -50,10 +50,6 @@ class CA:
         self.roots.mkdir(exist_ok=True)
         (self.roots / "ca.pem").write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    @property
-    def ca_file(self) -> str:
-        return str(self.roots / "ca.pem")
-
     def issue(self, name: str, *, expired: bool = False, file: str | None = None) -> tuple[str, str]:
         """A leaf for C{name} (a DNS name or an IP address): (cert file, key file)."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -85,7 +81,3 @@ class CA:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
         return context
-
-    def client_context(self) -> ssl.SSLContext:
-        """A standard-library client context that trusts this CA only."""
-        return ssl.create_default_context(cafile=self.ca_file)

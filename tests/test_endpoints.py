@@ -7,7 +7,6 @@ verify), and systemd socket activation of the real ``twistd -n portrouter``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,12 +14,13 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import Config, ConfigError, parse_project, with_cli
 from tests.endpoint_pki import CA
@@ -38,8 +38,6 @@ class Events:
         self.events: list[dict[str, Any]] = []
 
     def texts(self) -> list[str]:
-        from twisted.logger import formatEvent
-
         return [formatEvent(e) for e in list(self.events)]
 
     def matching(self, regex: str) -> list[str]:
@@ -150,18 +148,12 @@ def v6_listening() -> socket.socket:
     return sock
 
 
-def v6_client(port: int) -> Any:
-    return lambda: socket.create_connection(("::1", port))
-
-
 def v4_client(port: int) -> Any:
     return lambda: socket.create_connection((LOOPBACK, port))
 
 
 def bulk(connect: Any, seed: int, size: int) -> tuple[str, int, str]:
     """C{size} bytes up, half-close, everything back: (sent hash, received size, received hash)."""
-    import threading
-
     with connect() as sock:
         sock.settimeout(60)
         got: list[tuple[int, str]] = []
