@@ -76,8 +76,9 @@ def fetch(port: int, seconds: float, tls: bool) -> dict[str, float]:
         elif now >= warm_until:
             measuring, t0 = True, now
     elapsed = time.monotonic() - t0
+    version = sock.version() if tls else None  # type: ignore[attr-defined]
     sock.close()
-    return {"bytes": counted, "seconds": elapsed, "version": sock.version() if tls else None}  # type: ignore[dict-item]
+    return {"bytes": counted, "seconds": elapsed, "version": version}  # type: ignore[dict-item]
 
 
 def main(argv: list[str]) -> int:
