@@ -21,6 +21,7 @@ from types import FrameType
 import harness
 import http_bench
 import tcp_bench
+import tls_bench
 import udp_bench
 import ws_bench
 from section import Section
@@ -30,6 +31,7 @@ SECTIONS: dict[str, type[Section]] = {
     "http": http_bench.Bench,
     "udp": udp_bench.Bench,
     "ws": ws_bench.Bench,
+    "tls": tls_bench.Bench,
 }
 
 

@@ -62,8 +62,9 @@ def route_rows(router: RouterService) -> list[dict[str, Any]]:
         port = route.port
         if route.project is None or route.path is not None:
             port = ingress_port if ingress_port is not None else port
-        elif route.port == 0 and route.project in router.listeners:
-            port = router.port_of(route.project)
+        elif not route.port and route.project in router.listeners:
+            # Port 0, or a socket inherited from systemd: the port it is bound to (none for UNIX).
+            port = getattr(router.listeners[route.project].port.getHost(), "port", None)
         row: dict[str, Any] = {
             "port": port, "protocol": route.protocol, "project": route.project,
             "backend": route.backend,

@@ -408,11 +408,31 @@ def _checked_port(endpoint: object, desc: str, path: str, *, allow_zero: bool) -
         raise ConfigError(path, f"{_show(desc)}: {_show(port)} is not a port ({low}-65535)")
 
 
+def _check_inherited(desc: str, path: str) -> None:
+    """
+    A ``systemd:`` strport names a socket systemd passed down; Twisted looks
+    it up as it parses, and says only "list index out of range" (or the
+    name) when there is none.
+    """
+    from twisted.internet import reactor
+
+    if not desc.startswith("systemd:"):
+        return
+    try:
+        serverFromString(reactor, desc)
+    except (IndexError, KeyError):
+        raise ConfigError(path, f"{desc!r} is not a listening endpoint: no such socket was inherited from "
+                          "systemd (LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID describe those it passes down)") from None
+    except Exception:
+        pass  # any other problem is worded by the general check
+
+
 def check_server_strport(value: object, path: str, *, allow_zero: bool = False) -> str:
     """Check a listening strports description (``tcp:8080``) with Twisted's parser."""
     from twisted.internet import reactor
 
     desc = _expect_str(value, path)
+    _check_inherited(desc, path)
     try:
         endpoint = serverFromString(reactor, desc)
     except Exception as e:

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from portrouter.config import Project
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
-from portrouter.tcp import Sessions, connect_failure, timed_out
+from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
@@ -311,7 +311,7 @@ class Upstream(Protocol):
             exchange.response_done(self)  # the close is the end of the body
         else:
             self.exchange = exchange
-            exchange.upstream_lost(self)
+            exchange.upstream_lost(self, tls_problem(reason, self.transport))
             self.exchange = None
 
 
@@ -797,8 +797,8 @@ class ProxyExchange:
             transport.loseConnection()
         channel.finish()
 
-    def upstream_lost(self, upstream: Upstream) -> None:
-        """The backend closed before the response was complete."""
+    def upstream_lost(self, upstream: Upstream, why: str | None = None) -> None:
+        """The backend closed before the response was complete (C{why}: a failed TLS handshake)."""
         if self.done:
             return
         self._stop_timer()
@@ -818,7 +818,7 @@ class ProxyExchange:
             self.reused = False
             self._connect()
             return
-        self._fail(502, "backend closed the connection without answering")
+        self._fail(502, why or "backend closed the connection without answering")
 
     def upstream_failed(self, upstream: Upstream, why: str) -> None:
         if self.responding:

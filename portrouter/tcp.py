@@ -15,6 +15,8 @@ import socket
 from collections import Counter
 from typing import Any
 
+from OpenSSL.SSL import Error
+from service_identity import VerificationError
 from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IReactorCore, IStreamClientEndpoint
@@ -59,6 +61,35 @@ def connect_failure(reason: Failure, timeout: float) -> str:
     if reason.check(error.ConnectionRefusedError):
         return "backend refused the connection"
     return f"backend connection failed: {reason.getErrorMessage()}"
+
+
+def tls_problem(reason: Failure, transport: Any) -> str | None:
+    """
+    Why a backend's TLS handshake failed, in words (the certificate is for
+    another name, has expired, comes from an unknown CA...); L{None} when
+    C{reason} is no TLS failure. C{transport} is Twisted's TLS transport,
+    whose connection still holds OpenSSL's verify result while it closes:
+    OpenSSL's own error says only "certificate verify failed".
+    """
+    if reason.check(VerificationError):
+        names = [getattr(e.mismatched_id, "hostname", None) or getattr(e.mismatched_id, "ip", "?")
+                 for e in reason.value.errors]
+        shown = ", ".join(n.decode("ascii", "replace") if isinstance(n, bytes) else str(n) for n in names)
+        return f"backend TLS certificate is not valid for {shown}"
+    if not reason.check(Error):
+        return None
+    connection = getattr(transport, "_tlsConnection", None)
+    if connection is not None:
+        from OpenSSL._util import ffi, lib  # pyOpenSSL has no public verify result
+
+        code = lib.SSL_get_verify_result(connection._ssl)
+        if code:  # X509_V_OK is 0
+            text = ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+            return f"backend TLS certificate verify failed: {text}"
+    # pyOpenSSL's Error holds a list of (library, function, reason) triples.
+    queue = reason.value.args[0] if reason.value.args and isinstance(reason.value.args[0], list) else []
+    said = "; ".join(str(e[-1]) for e in queue if isinstance(e, tuple)) or reason.getErrorMessage()
+    return f"backend TLS handshake failed: {said}"
 
 
 class Sessions:
@@ -138,7 +169,12 @@ class Sessions:
 
 
 class _Backend(StreamSide):
-    pass
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        # A TLS backend fails after the connect succeeded: say why in the session's line.
+        problem = tls_problem(reason, self.transport)
+        if problem is not None and self.peer is not None and self.session is not None:
+            self.session.reason = problem
+        super().connectionLost(reason)
 
 
 class _BackendFactory(Factory):

@@ -44,7 +44,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         # As real servers do; without it each response waits 40 ms on Nagle.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.connection.family != socket.AF_UNIX:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.stats.connections += 1
         self.lines: list[str] = []
         self.server.stats.lines.append(self.lines)
@@ -178,16 +179,27 @@ class Backend(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, address: tuple[str, int] | str = ("127.0.0.1", 0)) -> None:
+        # Another address ("::1", a UNIX path) comes with a subclass's address_family.
+        super().__init__(address, Handler)  # type: ignore[arg-type]
         self.stats = Stats()
-        self.port = self.server_address[1]
+        self.port = self.server_address[1] if isinstance(self.server_address, tuple) else 0
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_UNIX:  # HTTPServer's wants a host and port
+            self.socket.bind(self.server_address)
+            self.server_name, self.server_port = "localhost", 0
+        else:
+            super().server_bind()
+
     @property
     def address(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
+        """The client endpoint string portrouter connects to."""
+        if self.address_family == socket.AF_UNIX:
+            return f"unix:{self.server_address}"
+        return f"tcp:{self.server_address[0].replace(':', chr(92) + ':')}:{self.port}"
 
     def close(self) -> None:
         self.shutdown()

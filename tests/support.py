@@ -71,13 +71,15 @@ class ThreadServer:
     per connection; C{results} collects what handlers return.
     """
 
-    def __init__(self, handler: Callable[[socket.socket], Any]):
+    def __init__(self, handler: Callable[[socket.socket], Any], sock: socket.socket | None = None):
         self.handler = handler
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((LOOPBACK, 0))
+        if sock is None:  # else a bound socket of another family (UNIX, IPv6)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((LOOPBACK, 0))
+        self.sock = sock
         self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
+        self.port = self.sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.results: list[Any] = []
         self.errors: list[BaseException] = []
         self.accepted = 0
@@ -87,7 +89,11 @@ class ThreadServer:
 
     @property
     def address(self) -> str:
-        return f"tcp:{LOOPBACK}:{self.port}"
+        """The client endpoint string portrouter connects to."""
+        if self.sock.family == socket.AF_UNIX:
+            return f"unix:{self.sock.getsockname()}"
+        host = self.sock.getsockname()[0].replace(":", "\\:")
+        return f"tcp:{host}:{self.port}"
 
     def _serve(self) -> None:
         while True:
@@ -178,11 +184,14 @@ class Twistd:
     can wait for log lines (the ports bound, a session's end).
     """
 
-    def __init__(self, *args: str, cwd: str | None = None):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, *args: str, cwd: str | None = None, wrapper: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, **popen: Any):
+        # wrapper: a command that execs twistd (given as its last arguments);
+        # popen: pass_fds and the like, for descriptors it inherits.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [twistd_path(), "-n", "--pidfile=", "portrouter", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+            [*wrapper, twistd_path(), "-n", "--pidfile=", "portrouter", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env, **popen,
         )
         self.output: list[str] = []
         self.errors: list[str] = []
