@@ -485,6 +485,12 @@ def half_close(transport: Any) -> None:
     # Twisted's TLS has no loseWriteConnection: loseConnection sends
     # close_notify, and closes once the peer answers with its own.
     if isinstance(transport, tcp.Connection):
+        # The producer is the side that just reached EOF. Left registered
+        # and paused by a full buffer, the drained buffer resumes it
+        # *instead of* sending the FIN (Twisted's FileDescriptor.doWrite),
+        # and the FIN never goes: a TLS close_notify read in the same batch
+        # as the data that filled the buffer did exactly that.
+        transport.unregisterProducer()
         transport.loseWriteConnection()
     else:
         _lose(transport)

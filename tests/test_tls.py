@@ -23,13 +23,20 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
 
+from portrouter.certs import ContextTLS, TLSFactory, load_certificate
 from portrouter.config import Listen, load, parse
+from portrouter.relay import Session, StreamSide, pair_streams
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
 from tests.support import (
-    LOOPBACK, MiB, ThreadServer, Twistd, backendai_python, free_port, in_thread, pattern, start_router, wait_for,
+    LOOPBACK, MiB, ThreadServer, Twistd, backendai_python, free_port, in_thread, pattern, recv_all_and_hash, start_router,
+    wait_for,
 )
 from tests.test_operations import roundtrip
 from tests.test_service_ports import (
@@ -813,4 +820,55 @@ async def test_tls13_half_close_eof_reaches_the_backend_and_the_reply_still_flow
         await wait_for(lambda: not router.sessions.live, what="the session to end")
     finally:
         await router.stopService()
+        service.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_notify_read_while_the_backend_is_full_still_reaches_it_as_eof(pki: PKI) -> None:
+    """
+    Deterministically, the race behind the flaky half-close tests: data and
+    close_notify arrive in one read; the data fills the backend's write
+    buffer, which pauses the client, and the close_notify is read in the
+    same loop, so the backend's FIN is asked for while its producer is
+    paused. Twisted's TCP transport, once the buffer drains, resumes a
+    paused producer *instead of* half-closing (C{FileDescriptor.doWrite}),
+    and nothing writes again: the backend never saw EOF.
+    """
+    service = ThreadServer(recv_all_and_hash)
+    backend_side = await TCP4ClientEndpoint(reactor, LOOPBACK, service.port).connect(
+        Factory.forProtocol(StreamSide))
+    client_side = StreamSide()
+    factory = TLSFactory(ContextTLS(load_certificate(str(pki.dir / "exact.pem")).context), False,
+                         Factory.forProtocol(lambda: client_side))
+    tls = factory.buildProtocol(IPv4Address("TCP", LOOPBACK, 1))
+    wire = StringTransport()
+    tls.makeConnection(wire)
+    client_side.transport.pauseProducing()  # as an accepted client waits for its backend
+    session = Session("tcp", "p", "127.0.0.1:1", 0.0, lambda _: None)
+    pair_streams(session, client_side, backend_side)
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(pki.cafile).wrap_bio(incoming, outgoing, server_hostname="a.example.test")
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            tls.dataReceived(outgoing.read())
+            incoming.write(wire.value())
+            wire.clear()
+    assert client.version() == "TLSv1.3"
+    digest = hashlib.sha256()
+    for block in pattern(5, MiB):
+        client.write(block)
+        digest.update(block)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.unwrap()  # close_notify written; the server's comes later
+    tls.dataReceived(outgoing.read())  # all of it, and the close_notify, in one read
+    assert backend_side.transport.producerPaused, "the backend's full buffer did not pause the client"
+    try:
+        await wait_for(lambda: service.results or service.errors, 30, "the backend to see EOF")
+        assert service.results == [(MiB, digest.hexdigest())], service.errors
+    finally:
+        backend_side.transport.abortConnection()
         service.close()
