@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, reactor, task, threads
@@ -55,6 +57,33 @@ async def start_router(*routes: tuple[str, str], config: Config | None = None) -
     router.privilegedStartService()
     router.startService()
     return router
+
+
+def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:
+    """
+    How many sockets this process holds on each of C{ports}, as the kernel
+    lists them: listening TCP sockets and bound UDP ones on 127.0.0.1, by
+    (namespace, port). Only this process's sockets count: a client elsewhere
+    on the machine may take one of these numbers as its ephemeral port at any
+    moment.
+    """
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    held: Counter[tuple[str, int]] = Counter()
+    for ns in ("tcp", "udp"):
+        for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state, inode = fields[1], fields[3], fields[9]
+            ip, port = address.split(":")
+            if inode in inodes and ip == "0100007F" and int(port, 16) in ports and (ns == "udp" or state == "0A"):
+                held[(ns, int(port, 16))] += 1
+    return held
 
 
 def pattern(seed: int, size: int) -> Iterator[bytes]:
