@@ -86,6 +86,26 @@ def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:
     return held
 
 
+def closes_when_idle(clock: Any, up: Callable[[bytes], None], down: Callable[[bytes], None],
+                     client: Any, backend: Any, session: Any) -> None:
+    """
+    A relayed pair whose idle_timeout is 10 s, on C{clock} (a Clock): bytes
+    either way (C{up} from the client, C{down} from the backend) are
+    activity; 10 s of silence closes both sides (C{client}, C{backend}: their
+    StringTransports, cleared).
+    """
+    clock.advance(9)
+    up(b"up")
+    clock.advance(9)
+    down(b"down")
+    clock.advance(9)
+    assert not client.disconnecting and not backend.disconnecting
+    assert (backend.value(), client.value()) == (b"up", b"down")
+    clock.advance(1.5)  # 10 s after "down"
+    assert client.disconnecting and backend.disconnecting
+    assert session.reason == "idle for 10 s"
+
+
 def pattern(seed: int, size: int) -> Iterator[bytes]:
     """Deterministic, incompressible-enough data in 1 MiB blocks."""
     block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
