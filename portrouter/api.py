@@ -2,11 +2,12 @@
 ``/_api/``: the routing table, deploy and undeploy at run time, reload,
 health and metrics.
 
-Every change goes through the router's one lock and follows one order: validate (the
-config file's own validator, so the API and the file say the same thing for
-the same mistake), check the table for conflicts, bind the new ports, and
-only then switch tables and write the state file. A change refused at any
-step leaves routes, listeners and the state file as they were.
+Every change goes through the router's one lock (SIGHUP's too) and follows
+one order: validate (the config file's own validator, so the API and the file
+say the same thing for the same mistake), check the table for conflicts, bind
+the new ports, and only then switch tables and write the state file. A
+change refused at any step leaves routes, listeners and the state file as
+they were.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from portrouter.ws import StreamEndpoint, WSRoute
 from portrouter.web import Channel, Request
 
 log = Logger(namespace="portrouter")
+T = TypeVar("T")
 
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
-T = TypeVar("T")
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
 
 
