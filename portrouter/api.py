@@ -2,11 +2,12 @@
 ``/_api/``: the routing table, deploy and undeploy at run time, reload,
 health and metrics.
 
-Every change goes through one lock and follows one order: validate (the
-config file's own validator, so the API and the file say the same thing for
-the same mistake), check the table for conflicts, bind the new ports, and
-only then switch tables and write the state file. A change refused at any
-step leaves routes, listeners and the state file as they were.
+Every change goes through the router's one lock (SIGHUP's too) and follows
+one order: validate (the config file's own validator, so the API and the file
+say the same thing for the same mistake), check the table for conflicts, bind
+the new ports, and only then switch tables and write the state file. A
+change refused at any step leaves routes, listeners and the state file as
+they were.
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ def route_text(rows: list[dict[str, Any]]) -> bytes:
 class API:
     def __init__(self, router: RouterService):
         self.router = router
-        self.lock = defer.DeferredLock()
         self.registry = registry_for(router)
 
     def handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
@@ -123,12 +123,14 @@ class API:
                     project = self._existing(name)
                     return Fixed(lambda: channel.send(200, _json(self._shown(project)), JSON))
                 if method == b"PUT":
-                    return Buffered(channel, lambda body: self._later(channel, self._deploy(name, body)))
+                    return Buffered(channel, lambda body: self._later(channel, self.router.serialised(
+                        lambda: self._deploy(name, body))))
                 if method == b"DELETE":
-                    return Fixed(lambda: self._later(channel, self._delete(name)))
+                    return Fixed(lambda: self._later(channel, self.router.serialised(lambda: self._delete(name))))
                 raise APIError(405, "method_not_allowed", f"{method.decode()} is not allowed here")
             if parts == [b"reload"] and method == b"POST":
-                return Fixed(lambda: self._later(channel, self._reload()))
+                # reload() takes the router's lock itself (SIGHUP comes there too).
+                return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._reload())))
             if parts == [b"metrics"] and method == b"GET":
                 return Fixed(lambda: channel.send(200, render(self.registry), CONTENT_TYPE))
             raise APIError(404, "not_found", "no such API endpoint")
@@ -161,9 +163,8 @@ class API:
             raise APIError(404, "not_found", f"no project named {name!r}")
         return project
 
-    def _later(self, channel: Channel, work: Any) -> None:
-        """Run a change under the lock and answer with its result."""
-        d = self.lock.run(lambda: defer.Deferred.fromCoroutine(work))
+    def _later(self, channel: Channel, d: defer.Deferred[Any]) -> None:
+        """Answer with the result of a change (run under the router's lock)."""
 
         def answer(result: tuple[int, bytes | None]) -> None:
             status, body = result

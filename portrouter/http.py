@@ -874,7 +874,8 @@ class ProxyExchange:
         if leftover:
             channel.transport.write(leftover)
         channel._log()
-        session = self.sessions.open("upgrade", self.project.name, self.request.client, transport=channel.transport)
+        session = self.sessions.open("upgrade", self.project.name, self.request.client,
+                                     self.project.limits.idle_timeout, channel.transport)
         session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
         client.makeConnection(channel.transport)
@@ -885,7 +886,7 @@ class ProxyExchange:
         upstream.exchange = None
         if held:
             upstream.transport.write(held)
-        pair_streams(session, client, backend)
+        pair_streams(session, client, backend, self.sessions.reactor.seconds)  # the idle timer's clock
 
 
 class HTTPRoutes:

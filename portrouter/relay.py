@@ -24,7 +24,6 @@ import errno
 import fcntl
 import os
 import socket
-import time
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -516,7 +515,7 @@ class StreamSide(Protocol):
 
     peer: StreamSide | None = None
     session: Session | None = None
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+    clock: Callable[[], float]  # the reactor's seconds, as the session's idle timer: set by pair_streams
     inbound = False  # True for the client side
     read_eof = False
     write_eof = False
@@ -571,10 +570,13 @@ class StreamSide(Protocol):
 
 
 def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
-                 clock: Callable[[], float] | None = None) -> None:
-    """Wire two connected L{StreamSide}s together; the client side must be paused."""
-    if clock is not None:
-        client.clock = backend.clock = clock
+                 clock: Callable[[], float]) -> None:
+    """
+    Wire two connected L{StreamSide}s together; the client side must be
+    paused. C{clock} stamps activity: the injected reactor's C{seconds}, the
+    clock L{Sessions} measures idleness with.
+    """
+    client.clock = backend.clock = clock
     client.peer, backend.peer = backend, client
     client.session = backend.session = session
     client.inbound = True

@@ -9,7 +9,7 @@ the same change are released again and the old state stays in place.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, TypeVar
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, tcp
@@ -36,6 +36,7 @@ from portrouter.ws import StreamEndpoint, WSRoute
 from portrouter.web import Channel, Request
 
 log = Logger(namespace="portrouter")
+T = TypeVar("T")
 
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
@@ -141,6 +142,10 @@ class RouterService(MultiService):
         self.stream = StreamEndpoint(self)
         self.state = State(config.state)
         self.reload_config = reload_config
+        # Every change of the table (start-up, API, SIGHUP, reload) runs under
+        # this lock, from reading the current table to closing what it released:
+        # two changes interleaved would hand one port over twice.
+        self.lock = defer.DeferredLock()
         deployed = self.state.load(config.defaults)
         clash = {p.name for p in deployed} & {p.name for p in config.projects}
         if clash:
@@ -172,7 +177,8 @@ class RouterService(MultiService):
         Bind every port before privileges are dropped. Any failure releases
         what was bound and raises L{BindError}: nothing stays bound.
         """
-        d = defer.Deferred.fromCoroutine(self._bind_all())
+        # The lock is free at start-up: this runs (and fails) synchronously.
+        d = self.serialised(self._bind_all)
         failures: list[Any] = []
         d.addErrback(failures.append)
         if failures:
@@ -311,6 +317,9 @@ class RouterService(MultiService):
         the same listening description, is handed over rather than bound
         again (binding first would find it still in use).
         """
+        if not self.lock.locked:
+            raise RuntimeError("a change of the routing table outside RouterService.serialised(): "
+                               "two changes would interleave")
         current = {} if first else self.listeners
         wanted = table.listeners()
         given_up = {
@@ -420,11 +429,19 @@ class RouterService(MultiService):
         if any(s.project.split("/")[0] in projects for s in self.sessions.live) or channels():
             self.reactor.callLater(timeout, close)
 
+    def serialised(self, work: Callable[[], Coroutine[Any, Any, T]]) -> defer.Deferred[T]:
+        """
+        Run C{work} under the router's lock, after every change already
+        waiting: whatever reads the table to compute a new one and then
+        calls L{change} must run here.
+        """
+        return self.lock.run(lambda: defer.Deferred.fromCoroutine(work()))
+
     async def change(self, table: RoutingTable, *, persist: bool) -> None:
         """
         A run-time change (API deploy or delete, reload): bind, write the
         state file, then switch. A failure at any step leaves listeners,
-        table and state file as they were.
+        table and state file as they were. Only under the lock (L{serialised}).
         """
         from portrouter.api import APIError
 
@@ -444,8 +461,12 @@ class RouterService(MultiService):
     async def reload(self) -> dict[str, list[str]]:
         """
         Re-read the config file and apply only the difference; projects
-        deployed through the API stay. An invalid file changes nothing.
+        deployed through the API stay. An invalid file changes nothing. Waits
+        for the changes already under way (SIGHUP and the API both come here).
         """
+        return await self.serialised(self._reload_now)
+
+    async def _reload_now(self) -> dict[str, list[str]]:
         from portrouter.api import APIError
 
         if self.reload_config is None:

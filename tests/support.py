@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, reactor, task, threads
@@ -55,6 +57,53 @@ async def start_router(*routes: tuple[str, str], config: Config | None = None) -
     router.privilegedStartService()
     router.startService()
     return router
+
+
+def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:
+    """
+    How many sockets this process holds on each of C{ports}, as the kernel
+    lists them: listening TCP sockets and bound UDP ones on 127.0.0.1, by
+    (namespace, port). Only this process's sockets count: a client elsewhere
+    on the machine may take one of these numbers as its ephemeral port at any
+    moment.
+    """
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    held: Counter[tuple[str, int]] = Counter()
+    for ns in ("tcp", "udp"):
+        for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state, inode = fields[1], fields[3], fields[9]
+            ip, port = address.split(":")
+            if inode in inodes and ip == "0100007F" and int(port, 16) in ports and (ns == "udp" or state == "0A"):
+                held[(ns, int(port, 16))] += 1
+    return held
+
+
+def closes_when_idle(clock: Any, up: Callable[[bytes], None], down: Callable[[bytes], None],
+                     client: Any, backend: Any, session: Any) -> None:
+    """
+    A relayed pair whose idle_timeout is 10 s, on C{clock} (a Clock): bytes
+    either way (C{up} from the client, C{down} from the backend) are
+    activity; 10 s of silence closes both sides (C{client}, C{backend}: their
+    StringTransports, cleared).
+    """
+    clock.advance(9)
+    up(b"up")
+    clock.advance(9)
+    down(b"down")
+    clock.advance(9)
+    assert not client.disconnecting and not backend.disconnecting
+    assert (backend.value(), client.value()) == (b"up", b"down")
+    clock.advance(1.5)  # 10 s after "down"
+    assert client.disconnecting and backend.disconnecting
+    assert session.reason == "idle for 10 s"
 
 
 def pattern(seed: int, size: int) -> Iterator[bytes]:

@@ -34,12 +34,14 @@ from twisted.logger import globalLogPublisher
 import portrouter.state
 import portrouter.tcp
 from portrouter.api import API
-from portrouter.config import Auth, Config, Limits, Manhole, Token, parse_project
+from portrouter.config import Auth, Config, Limits, Manhole, Token, load, parse_project
 from portrouter.router import RouterService
 from portrouter.state import State, StateError
+from portrouter.tap import _Daemon
 from portrouter.web import Request
 from tests.httpbackend import Backend
-from tests.support import LOOPBACK, ThreadServer, Twistd, UDPEcho, free_port, in_thread, start_router, wait_for
+from tests.support import (LOOPBACK, ThreadServer, Twistd, UDPEcho, free_port, in_thread, our_sockets, start_router,
+                           wait_for)
 
 ADMIN = "admin-token-0123456789"
 USER = "user-token-abcdefghij"
@@ -864,6 +866,87 @@ async def test_a_reload_hands_ports_over_between_projects(tmp_path: Path) -> Non
             server.close()
         udp_one.close()
         udp_two.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_and_api_changes_wait_for_a_hand_over_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A reload that hands a port over (project "old" renamed "new") is held
+    between binding and switching tables; meanwhile a real SIGHUP (through the
+    daemon's own handler), an API deploy and ``POST /_api/reload`` arrive. Each
+    waits for the change before it (one lock, in the router), all apply in
+    order, every port ends bound once by this process, and the table is the
+    last one.
+    """
+    renamed, added, deployed = distinct_ports(3)
+    backend = f"tcp:{LOOPBACK}:9"  # nothing connects
+    config, state = tmp_path / "routes.yaml", tmp_path / "state"
+    write_config(config, state, tcp_project("old", renamed, backend))
+    reads: list[str] = []
+
+    def read() -> Config:
+        reads.append(config.read_text())
+        return load(str(config))
+
+    router = _Daemon(load(str(config)), reactor, reload_config=read)
+    signals = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        router.privilegedStartService()
+        router.startService()  # installs the daemon's signal handlers (the reactor runs)
+        assert signal.getsignal(signal.SIGHUP) is not signals[signal.SIGHUP]
+        gate: defer.Deferred[None] = defer.Deferred()
+        commits: list[list[str]] = []
+        commit = router._commit
+
+        def held(table: Any, bound: Any, *, first: bool = False) -> Any:
+            commits.append(sorted(table.projects))
+            if len(commits) == 1:  # the first change: bound, not switched yet
+                return gate.addCallback(lambda _: commit(table, bound, first=first))
+            return commit(table, bound, first=first)
+
+        monkeypatch.setattr(router, "_commit", held)
+        hups: list[int] = []
+        on_hup = router._reload
+        monkeypatch.setattr(router, "_reload", lambda: (hups.append(1), on_hup()))
+
+        write_config(config, state, tcp_project("new", renamed, backend))
+        first = defer.Deferred.fromCoroutine(router.reload())
+        await wait_for(lambda: commits, what="the first reload to bind")
+        assert not first.called
+
+        write_config(config, state, tcp_project("new", renamed, backend), tcp_project("extra", added, backend))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: hups, what="the SIGHUP handler")
+        put, post = Answer(), Answer()
+        handler = router.api.handler(put, api_request(b"PUT", b"/_api/projects/api1", LOOPBACK),  # type: ignore[arg-type]
+                                     b"projects/api1")
+        handler.body(json.dumps({"backend": backend, "listen": listen(deployed, "tcp")}).encode())
+        handler.end()
+        router.api.handler(post, api_request(b"POST", b"/_api/reload", LOOPBACK), b"reload").end()  # type: ignore[arg-type]
+        # All three wait: the second file is not even read, nothing answered.
+        assert (len(reads), commits, put.sent, post.sent) == (1, [["new"]], [], [])
+
+        gate.callback(None)
+        await first
+        await wait_for(lambda: post.sent, what="the API's reload to be answered")
+        assert commits == [["new"], ["extra", "new"], ["api1", "extra", "new"], ["api1", "extra", "new"]]
+        assert len(reads) == 3
+        assert put.sent[0][0] == 201, put.sent
+        assert (post.sent[0][0], json.loads(post.sent[0][1])) == (
+            200, {"reloaded": True, "changed": {"added": [], "removed": [], "changed": []}})
+        assert sorted(router.table.projects) == ["api1", "extra", "new"]
+        assert {name: router.port_of(name) for name in router.listeners} == {
+            "new": renamed, "extra": added, "api1": deployed}
+        want = {("tcp", port): 1 for port in (renamed, added, deployed)}
+        await wait_for(lambda: our_sockets([renamed, added, deployed]) == want,
+                       what=f"each port bound once by this process: {want}")
+        assert await in_thread(lambda: connect(renamed).close()) is None
+    finally:
+        for signum, handler_before in signals.items():
+            signal.signal(signum, handler_before)
+        await router.stopService()
 
 
 @pytest_twisted.ensureDeferred

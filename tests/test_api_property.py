@@ -13,7 +13,6 @@ by another socket (TCP and UDP) so that the OS refuses some binds.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import tempfile
 import time
@@ -24,7 +23,7 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.internet import tcp as twisted_tcp
 from twisted.internet import udp as twisted_udp
 
@@ -37,7 +36,7 @@ from portrouter.table import PortConflict
 from portrouter.udp import UDPRoute
 from portrouter.web import Request
 from portrouter.ws import WSRoute
-from tests.support import LOOPBACK, free_port, wait_for
+from tests.support import LOOPBACK, free_port, our_sockets, wait_for
 
 NAMES = ["a", "b", "c"]
 PROTOCOLS = ["http", "tcp", "udp", "ws"]
@@ -133,30 +132,8 @@ async def call(router: RouterService, method: bytes, name: str, body: Any = None
 
 
 def ours_bound(ports: list[int]) -> set[tuple[str, int]]:
-    """
-    Which of C{ports} this process holds, as the kernel lists its sockets: a
-    listening TCP socket or a bound UDP one on 127.0.0.1. Only this process's
-    sockets count: a client elsewhere on the machine may take one of these
-    numbers as its ephemeral port at any moment.
-    """
-    fds = Path("/proc/self/fd")
-    inodes = set()
-    for fd in fds.iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    held = set()
-    for ns in ("tcp", "udp"):
-        for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
-            fields = line.split()
-            address, state, inode = fields[1], fields[3], fields[9]
-            ip, port = address.split(":")
-            if inode in inodes and ip == "0100007F" and int(port, 16) in ports and (ns == "udp" or state == "0A"):
-                held.add((ns, int(port, 16)))
-    return held
+    """Which of C{ports} this process holds (see L{our_sockets})."""
+    return set(our_sockets(ports))
 
 
 async def os_agrees(model: Model, pool: list[int]) -> None:
@@ -229,7 +206,7 @@ async def change_two(router: RouterService, first: dict[str, Any], second: dict[
     except PortConflict:
         return 409, {"error": {"code": "port_conflict"}}
     try:
-        await defer.Deferred.fromCoroutine(router.change(table, persist=True))
+        await router.serialised(lambda: router.change(table, persist=True))
     except APIError as e:
         return e.status, json.loads(e.body())
     return 200, None

@@ -10,13 +10,15 @@ from portrouter.config import parse_project
 from portrouter.http import HTTPRoutes, ProjectSite, normalize
 from portrouter.tcp import Sessions
 from portrouter.web import Channel
+from tests.support import closes_when_idle
 
 
-def make(connect_timeout: float = 10, response_timeout: float = 60) -> tuple[MemoryReactorClock, Channel, StringTransport]:
+def make(connect_timeout: float = 10, response_timeout: float = 60,
+         idle_timeout: float | None = None) -> tuple[MemoryReactorClock, Channel, StringTransport]:
     reactor = MemoryReactorClock()
     project = parse_project({
         "name": "api", "backend": "tcp:127.0.0.1:3001", "listen": {"port": 3000},
-        "connect_timeout": connect_timeout, "response_timeout": response_timeout,
+        "connect_timeout": connect_timeout, "response_timeout": response_timeout, "idle_timeout": idle_timeout,
     })
     site = ProjectSite(HTTPRoutes(reactor, Sessions(reactor)), project)
     channel = Channel(site, reactor)
@@ -102,3 +104,23 @@ def test_normalize() -> None:
     assert normalize(b"/%2e%2E/x/%2e") == b"/x/"
     assert normalize(b"/a%2F..%2Fb") == b"/a%2F..%2Fb"  # one segment, not a dot segment
     assert normalize(b"/..") == b"/"
+
+
+def test_an_upgraded_tunnel_is_closed_when_idle_by_the_reactors_clock() -> None:
+    """
+    After a 101 the tunnel is a session like a TCP one: idle_timeout counts on
+    the injected reactor's clock (a Clock here, no wall time), and bytes
+    either way are activity.
+    """
+    reactor, channel, transport = make(idle_timeout=10)
+    sessions = channel.site.routes.sessions  # type: ignore[attr-defined]
+    channel.dataReceived(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    backend = connect_backend(reactor)
+    backend.protocol.dataReceived(  # type: ignore[attr-defined]
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+    (session,) = sessions.live
+    transport.clear()
+    backend.clear()
+    closes_when_idle(reactor, channel.dataReceived, backend.protocol.dataReceived,  # type: ignore[attr-defined]
+                     transport, backend, session)

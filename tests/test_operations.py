@@ -44,6 +44,7 @@ from tests.support import (
     RawWebSocket,
     ThreadServer,
     Twistd,
+    closes_when_idle,
     free_port,
     in_thread,
     pattern,
@@ -574,16 +575,7 @@ def test_idle_timeout_sees_bytes_relayed_either_way() -> None:
     client.makeConnection(client_transport)
     backend.makeConnection(backend_transport)
     pair_streams(session, client, backend, reactor.seconds)
-    reactor.advance(9)
-    client.dataReceived(b"up")
-    reactor.advance(9)
-    backend.dataReceived(b"down")
-    reactor.advance(9)
-    assert not client_transport.disconnecting and not backend_transport.disconnecting
-    assert (backend_transport.value(), client_transport.value()) == (b"up", b"down")
-    reactor.advance(1.5)  # 10 s after "down"
-    assert client_transport.disconnecting and backend_transport.disconnecting
-    assert session.reason == "idle for 10 s"
+    closes_when_idle(reactor, client.dataReceived, backend.dataReceived, client_transport, backend_transport, session)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "ws"])
