@@ -845,7 +845,7 @@ async def test_close_notify_read_while_the_backend_is_full_still_reaches_it_as_e
     tls.makeConnection(wire)
     client_side.transport.pauseProducing()  # as an accepted client waits for its backend
     session = Session("tcp", "p", "127.0.0.1:1", 0.0, lambda _: None)
-    pair_streams(session, client_side, backend_side)
+    pair_streams(session, client_side, backend_side, reactor.seconds)
 
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_context(pki.cafile).wrap_bio(incoming, outgoing, server_hostname="a.example.test")
