@@ -113,11 +113,6 @@ class ThreadServer:
         finally:
             conn.close()
 
-    def closed(self) -> tuple[int, str]:
-        """Skip data frames until the close frame; answer it; (code, reason)."""
-        code, _, _ = self.read_until_close()
-        return code, self.close_reason
-
     def close(self) -> None:
         self.sock.close()
         for conn in self.conns:
