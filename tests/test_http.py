@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import re
 import socket
-from typing import Any
+import threading
+from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
 
 from dataclasses import replace
 
+from portrouter import http as http_module
 from portrouter.config import Config, Listen, parse_project
+from portrouter.http import SPLICE_BODY
 from tests.httpbackend import Backend, raw_request
-from tests.support import LOOPBACK, MiB, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, start_router, wait_for
 
 
 @pytest.fixture
@@ -226,36 +231,153 @@ async def test_upload_and_download_stream_intact(backend: Backend) -> None:
         await router.stopService()
 
 
+async def until_stalled(count: Callable[[], int], size: int, what: str) -> int:
+    """
+    Poll a byte counter until it reaches C{size} or stops moving (the same
+    value 25 polls in a row); answer it. The caller asserts on the bytes, so a
+    slow machine can only make a stall look shorter, never pass a test that
+    buffers everything.
+    """
+    history: list[int] = []
+
+    def stalled() -> bool:
+        history.append(count())
+        return history[-1] >= size or (len(history) > 25 and len(set(history[-25:])) == 1)
+
+    await wait_for(stalled, 60, what)
+    return history[-1]
+
+
+def force_python_bodies(monkeypatch: pytest.MonkeyPatch, path: str) -> list[int]:
+    """
+    For C{path} "python", turn off splice(2) for response bodies, so they go
+    through the Python producer path that a machine with splice never takes;
+    answer the list of spliced bodies' lengths, to check which path ran.
+    """
+    spliced: list[int] = []
+
+    class Counted(http_module.BodySplice):
+        def start(self) -> None:
+            spliced.append(self.left)
+            super().start()
+
+    monkeypatch.setattr(http_module, "BodySplice", Counted)
+    if path == "python":
+        monkeypatch.setattr(http_module, "_SPLICE", None)
+    return spliced
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, int, str]:
+    """One content-length response from a blocking socket: (head, body length, body SHA-256)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, buf
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    digest = hashlib.sha256(body)
+    total = len(body)
+    while total < length:
+        data = sock.recv(min(MiB, length - total))
+        assert data, f"closed after {total} of {length} body bytes"
+        digest.update(data)
+        total += len(data)
+    return head, total, digest.hexdigest()
+
+
+@pytest.mark.parametrize("path", ["spliced", "python"])
 @pytest_twisted.ensureDeferred
-async def test_slow_reader_pauses_the_backend(backend: Backend) -> None:
+async def test_slow_reader_pauses_the_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """A large download to a client that does not read: the backend is held back, then all arrives intact."""
+    spliced = force_python_bodies(monkeypatch, path)
     router, ingress, _ = await router_for(backend.address)
     size = 256 * MiB
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(60)
     sock.connect((LOOPBACK, ingress))
     try:
-        sock.sendall(b"GET /web/blob?size=%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
-        history: list[int] = []
-
-        def stalled() -> bool:
-            history.append(backend.stats.blob_sent)
-            return history[-1] >= size or (len(history) > 25 and len(set(history[-25:])) == 1)
-
-        await wait_for(stalled, 60, "the backend to stall")
-        assert backend.stats.blob_sent < 32 * MiB
-
-        def drain() -> int:
-            total = 0
-            while total < size:
-                data = sock.recv(MiB)
-                assert data
-                total += len(data)
-            return total
-
-        assert await in_thread(drain) >= size
+        sock.sendall(b"GET /web/blob?size=%d&seed=3 HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+        sent = await until_stalled(lambda: backend.stats.blob_sent, size, "the backend to stall")
+        assert sent < 32 * MiB
+        head, total, digest = await in_thread(read_response, sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert (total, digest) == (size, hash_of(pattern(3, size)))
+        assert spliced == ([] if path == "python" else [spliced[0]])
     finally:
         sock.close()
         await router.stopService()
+
+
+def hash_of(blocks: Iterator[bytes]) -> str:
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_backend_reader_pauses_a_large_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A large upload to a backend that does not read yet: the client is held
+    back, then the backend gets every byte; the answer (its SHA-256) is a
+    large body too, on the Python path.
+    """
+    spliced = force_python_bodies(monkeypatch, "python")
+    size = 256 * MiB
+    release = threading.Event()
+
+    def sink(conn: socket.socket) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(65536)
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        release.wait(60)
+        digest = hashlib.sha256(body)
+        total = len(body)
+        while total < length:
+            data = conn.recv(min(MiB, length - total))
+            assert data
+            digest.update(data)
+            total += len(data)
+        # The answer repeats the digest to a large body, so it is not spliced.
+        answer = digest.hexdigest().encode() * (SPLICE_BODY // 64 + 1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+
+    server = ThreadServer(sink)
+    router, ingress, _ = await router_for(server.address)
+    progress = {"sent": 0}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock.settimeout(60)
+    sock.connect((LOOPBACK, ingress))
+
+    def upload() -> tuple[bytes, int, str]:
+        sock.sendall(b"POST /web/sink HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
+        for block in pattern(4, size):
+            for i in range(0, len(block), 65536):
+                sock.sendall(block[i:i + 65536])
+                progress["sent"] += len(block[i:i + 65536])
+        return read_response(sock)
+
+    try:
+        done = in_thread(upload)
+        sent = await until_stalled(lambda: progress["sent"], size, "the client to stall")
+        assert sent < 32 * MiB
+        release.set()
+        head, total, digest = await done
+        assert head.startswith(b"HTTP/1.1 200 ")
+        want = hash_of(pattern(4, size)).encode() * (SPLICE_BODY // 64 + 1)
+        assert (total, digest) == (len(want), hashlib.sha256(want).hexdigest())
+        assert total >= SPLICE_BODY and spliced == []
+        assert not server.errors
+    finally:
+        release.set()
+        sock.close()
+        await router.stopService()
+        server.close()
 
 
 @pytest_twisted.ensureDeferred
