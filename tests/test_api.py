@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -39,7 +39,18 @@ from portrouter.router import RouterService
 from portrouter.state import State, StateError
 from portrouter.web import Request
 from tests.httpbackend import Backend
-from tests.support import LOOPBACK, ThreadServer, Twistd, UDPEcho, free_port, in_thread, start_router, wait_for
+from tests.support import (
+    LOOPBACK,
+    ClockedReactor,
+    ThreadServer,
+    Twistd,
+    UDPEcho,
+    free_port,
+    in_thread,
+    start_router,
+    stop_clocked,
+    wait_for,
+)
 
 ADMIN = "admin-token-0123456789"
 USER = "user-token-abcdefghij"
@@ -422,33 +433,6 @@ async def test_replace_moving_a_port_keeps_the_open_connection_flowing(tmp_path:
 
 
 # -- delete with an open connection: drain ---------------------------------------------------
-
-
-class ClockedReactor:
-    """The real reactor for I/O, a L{Clock} for timed calls: the test says when time passes."""
-
-    def __init__(self, clock: Clock):
-        self.clock = clock
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.clock.callLater(delay, f, *args, **kwargs)
-
-    def seconds(self) -> float:
-        return self.clock.seconds()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(reactor, name)
-
-
-async def stop_clocked(router: RouterService, clock: Clock) -> None:
-    """Stop the router, letting the clock run for whatever shutdown waits on."""
-    d = router.stopService()
-    for _ in range(200):
-        if d.called:
-            break
-        clock.advance(1)
-        await task.deferLater(reactor, 0.01, lambda: None)
-    await d
 
 
 @pytest_twisted.ensureDeferred
