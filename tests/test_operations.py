@@ -30,6 +30,7 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
@@ -40,6 +41,7 @@ from portrouter.tcp import Sessions
 from tests.httpbackend import Backend, raw_request
 from tests.support import (
     LOOPBACK,
+    ClockedReactor,
     MiB,
     RawWebSocket,
     ThreadServer,
@@ -48,6 +50,7 @@ from tests.support import (
     in_thread,
     pattern,
     start_router,
+    stop_clocked,
     twistd_path,
     wait_for,
 )
@@ -655,56 +658,51 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
 @pytest.mark.parametrize("where", ["ingress", "route"])
 @pytest_twisted.ensureDeferred
 async def test_slowloris_is_cut_at_the_header_timeout_others_are_served(tmp_path: Path, where: str) -> None:
+    """
+    A head trickling in a byte at a time is cut when header_timeout has
+    passed since the head began (the bytes after do not restart it), not
+    before; meanwhile other clients are served. Time is a Clock: the test
+    says when it passes.
+    """
     backend = Backend()
+    clock = Clock()
     defaults = Limits(header_timeout=1.5)
     web = parse_project({"name": "web", "backend": backend.address}, defaults)
-    router = await start_router(("http", route(backend.address)),
+    router = await start_router(("http", route(backend.address)), using=ClockedReactor(clock),
                                 config=base_config(tmp_path, defaults=defaults, projects=(web,)))
     port, prefix = (router.port_of(), "/web") if where == "ingress" else (router.port_of("http-0"), "")
-    slow: dict[str, Any] = {"sent": 0, "reply": None, "done": False}
+    slow = connect(port, 10)
 
-    def slowloris() -> None:
-        # One header byte at a time, 0.25 s apart; never the end of the head.
-        with connect(port) as sock:
-            try:
-                sock.sendall(f"GET {prefix}/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
-                for _ in range(200):
-                    readable, _, _ = select.select([sock], [], [], 0.25)
-                    if readable:
-                        break
-                    sock.sendall(b"a")
-                    slow["sent"] += 1
-                reply = b""
-                while data := sock.recv(65536):
-                    reply += data
-                slow["reply"] = reply
-            except OSError as e:
-                slow["reply"] = e
-            finally:
-                slow["done"] = True
+    def served() -> None:
+        # A full request on a new connection; it also means the router has
+        # read what the slow client sent before it, and answered what was due.
+        status, _, body = get(port, f"{prefix}/hello")
+        assert (status, body) == (200, b"backend saw GET /hello\n")
 
-    def normal_clients() -> int:
-        served = 0
-        while not slow["done"] and served < 1000:
-            status, _, body = get(port, f"{prefix}/hello")
-            assert (status, body) == (200, b"backend saw GET /hello\n")
-            if not slow["done"]:
-                served += 1
-            time.sleep(0.05)  # pacing, not synchronisation
-        return served
+    def reply() -> bytes:
+        data = b""
+        while chunk := slow.recv(65536):
+            data += chunk
+        return data
 
     try:
-        slow_done = in_thread(slowloris)
-        await wait_for(lambda: slow["sent"] >= 1, what="the slow client to start")
-        served = await in_thread(normal_clients)
-        await slow_done
-        reply = slow["reply"]
-        assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 408 "), reply
-        assert b"Connection: close" in reply
-        assert 0 < slow["sent"] < 200
-        assert served >= 3  # full requests answered while the slow head was trickling in
+        slow.sendall(f"GET {prefix}/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
+        await in_thread(served)  # connected after the slow one, so accepted after it: its timer runs
+        for _ in range(5):  # a byte every 0.25 s, up to 1.25 s
+            slow.sendall(b"a")
+            await in_thread(served)
+            clock.advance(0.25)
+        clock.advance(0.125)  # 1.375 s: not yet
+        await in_thread(served)
+        assert select.select([slow], [], [], 0) == ([], [], [])
+        clock.advance(0.125)  # 1.5 s since the head began
+        answer = await in_thread(reply)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"Connection: close" in answer
+        assert backend.stats.seen and all(s["path"] == "/hello" for s in backend.stats.seen)
     finally:
-        await router.stopService()
+        slow.close()
+        await stop_clocked(router, clock)
         backend.close()
 
 
