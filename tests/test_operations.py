@@ -592,38 +592,32 @@ def test_idle_timeout_sees_bytes_relayed_either_way() -> None:
 @pytest_twisted.ensureDeferred
 async def test_idle_connection_is_closed_a_busy_one_stays(
         tmp_path: Path, echo_backend: ThreadServer, kind: str) -> None:
-    router = await start_router((kind, route(echo_backend.address)),
-                                config=base_config(tmp_path, defaults=Limits(idle_timeout=0.5)))
+    """
+    idle_timeout counts from the last byte either way: of two connections
+    opened together, the silent one is closed at the timeout, the one that
+    talks every quarter of it stays, until it too goes quiet. Time is a
+    Clock: the test says when it passes.
+    """
+    clock = Clock()
+    router = await start_router((kind, route(echo_backend.address)), using=ClockedReactor(clock),
+                                config=base_config(tmp_path, defaults=Limits(idle_timeout=1.0)))
     port = router.port_of(f"{kind}-0")
-    busy: dict[str, Any] = {"echoes": 0, "closed": False}
-    stop = threading.Event()
 
     def open_one() -> Any:
         if kind == "tcp":
             sock = connect(port, 10)
             assert roundtrip(sock, b"hi") == b"hi"
             return sock
-        client = RawWebSocket(port, "/")
+        client = RawWebSocket(port, "/", timeout=10)
         assert client.status == 101 and client.echo(b"hi") == b"hi"
         return client
 
     def ping(conn: Any) -> None:
+        # The echo is back, so the router has seen this byte at the clock's time.
         if kind == "tcp":
             assert roundtrip(conn, b".") == b"."
         else:
             assert conn.echo(b".") == b"."
-
-    def keep_busy() -> None:
-        # One byte every 0.1 s (pacing, the load's shape) until told to stop.
-        conn = busy["conn"] = open_one()
-        try:
-            while not stop.wait(0.1):
-                ping(conn)
-                busy["echoes"] += 1
-        except (OSError, EOFError, AssertionError):
-            busy["closed"] = True
-        finally:
-            conn.close()
 
     def wait_closed(conn: Any) -> Any:
         if kind == "tcp":
@@ -632,23 +626,29 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
 
     with LogEvents() as log:
         idle = await in_thread(open_one)
-        busy_done = in_thread(keep_busy)
+        busy = await in_thread(open_one)
         try:
-            # The silent one is closed: EOF for TCP, a close frame for WebSocket.
+            assert len(router.sessions.live) == 2
+            for _ in range(3):  # 0.75 s: both still open
+                clock.advance(0.25)
+                await in_thread(ping, busy)
+            assert len(router.sessions.live) == 2
+            clock.advance(0.25)  # 1 s: the silent one is closed, EOF for TCP, a close frame for WebSocket
             assert await in_thread(wait_closed, idle) == (b"" if kind == "tcp" else 1000)
-            # The one that talks outlives the timeout many times over.
-            await wait_for(lambda: busy["echoes"] >= 20 or busy["closed"], 20, "20 echoes")
-            assert not busy["closed"]
-            assert len(router.sessions.live) == 1
+            for _ in range(8):  # the one that talks outlives the timeout twice over
+                await in_thread(ping, busy)
+                clock.advance(0.25)
+            await wait_for(lambda: len(router.sessions.live) == 1, what="the idle session to end")
+            await in_thread(ping, busy)
+            clock.advance(1.0)  # quiet for the timeout: closed too
+            assert await in_thread(wait_closed, busy) == (b"" if kind == "tcp" else 1000)
+            await wait_for(lambda: not router.sessions.live, what="sessions to end")
         finally:
-            stop.set()
-            await busy_done
             idle.close()
-        assert not busy["closed"]
-        await wait_for(lambda: not router.sessions.live, what="sessions to end")
+            busy.close()
+            await stop_clocked(router, clock)
     reasons = [e["reason"] for e in log.ended(kind, f"{kind}-0")]
-    assert reasons.count("idle for 0.5 s") == 1, reasons
-    await router.stopService()
+    assert reasons == ["idle for 1 s"] * 2, reasons
 
 
 # -- slow and large request heads ----------------------------------------------------------------
