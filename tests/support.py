@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.task import Clock
 
 from portrouter.config import Config, with_cli
 from portrouter.router import RouterService
@@ -51,9 +52,11 @@ async def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: st
         await task.deferLater(reactor, 0.02, lambda: None)
 
 
-async def start_router(*routes: tuple[str, str], config: Config | None = None) -> RouterService:
+async def start_router(*routes: tuple[str, str], config: Config | None = None,
+                       using: Any = None) -> RouterService:
+    """A started router on C{using} (a L{ClockedReactor}, say), the real reactor by default."""
     config = with_cli(config or Config(ingress=f"tcp:0:interface={LOOPBACK}"), routes=routes)
-    router = RouterService(config, reactor)
+    router = RouterService(config, using or reactor)
     router.privilegedStartService()
     router.startService()
     return router
@@ -104,6 +107,34 @@ def closes_when_idle(clock: Any, up: Callable[[bytes], None], down: Callable[[by
     clock.advance(1.5)  # 10 s after "down"
     assert client.disconnecting and backend.disconnecting
     assert session.reason == "idle for 10 s"
+
+
+class ClockedReactor:
+    """The real reactor for I/O, a L{Clock} for timed calls: the test says when time passes."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.clock.callLater(delay, f, *args, **kwargs)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+async def stop_clocked(router: RouterService, clock: Clock) -> None:
+    """Stop the router, letting the clock run (a second per poll) for whatever shutdown waits on."""
+    d = router.stopService()
+
+    def stopped() -> bool:
+        clock.advance(1)
+        return bool(d.called)
+
+    await wait_for(stopped, 30, "the router to stop")
+    await d
 
 
 def pattern(seed: int, size: int) -> Iterator[bytes]:
@@ -161,11 +192,6 @@ class ThreadServer:
             self.errors.append(e)
         finally:
             conn.close()
-
-    def closed(self) -> tuple[int, str]:
-        """Skip data frames until the close frame; answer it; (code, reason)."""
-        code, _, _ = self.read_until_close()
-        return code, self.close_reason
 
     def close(self) -> None:
         self.sock.close()

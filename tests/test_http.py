@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import re
 import socket
-from typing import Any
+import threading
+from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
 
 from dataclasses import replace
 
+from portrouter import http as http_module
 from portrouter.config import Config, Listen, parse_project
+from portrouter.http import SPLICE_BODY
 from tests.httpbackend import Backend, raw_request
-from tests.support import LOOPBACK, MiB, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, start_router, wait_for
 
 
 @pytest.fixture
@@ -226,36 +231,155 @@ async def test_upload_and_download_stream_intact(backend: Backend) -> None:
         await router.stopService()
 
 
+async def until_stalled(count: Callable[[], int], size: int, what: str) -> int:
+    """
+    Poll a byte counter until it reaches C{size} or stops moving (the same
+    value 25 polls in a row); answer it. The caller asserts on the bytes, so a
+    slow machine can only make a stall look shorter, never pass a test that
+    buffers everything.
+    """
+    history: list[int] = []
+
+    def stalled() -> bool:
+        history.append(count())
+        return history[-1] >= size or (len(history) > 25 and len(set(history[-25:])) == 1)
+
+    await wait_for(stalled, 60, what)
+    return history[-1]
+
+
+def force_python_bodies(monkeypatch: pytest.MonkeyPatch, path: str) -> list[int]:
+    """
+    For C{path} "python", turn off splice(2) for response bodies, so they go
+    through the Python producer path that a machine with splice never takes;
+    answer the list of spliced bodies' lengths, to check which path ran.
+    """
+    spliced: list[int] = []
+
+    class Counted(http_module.BodySplice):
+        def start(self) -> None:
+            spliced.append(self.left)
+            super().start()
+
+    monkeypatch.setattr(http_module, "BodySplice", Counted)
+    if path == "python":
+        monkeypatch.setattr(http_module, "_SPLICE", None)
+    return spliced
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, int, bytes]:
+    """An HTTP head from a blocking socket: (head, its Content-Length, the body bytes read with it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, buf
+        buf += data
+    head, _, first = buf.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert length, head
+    return head, int(length.group(1)), first
+
+
+def read_body(sock: socket.socket, length: int, first: bytes) -> tuple[int, str]:
+    """The rest of a body of C{length} bytes that began with C{first}: (bytes, SHA-256)."""
+    digest = hashlib.sha256(first)
+    total = len(first)
+    while total < length:
+        data = sock.recv(min(MiB, length - total))
+        assert data, f"closed after {total} of {length} body bytes"
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, int, str]:
+    """One content-length response: (head, body length, body SHA-256)."""
+    head, length, first = read_head(sock)
+    return (head, *read_body(sock, length, first))
+
+
+def hash_of(blocks: Iterator[bytes]) -> str:
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("path", ["spliced", "python"])
 @pytest_twisted.ensureDeferred
-async def test_slow_reader_pauses_the_backend(backend: Backend) -> None:
+async def test_slow_reader_pauses_the_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """A large download to a client that does not read: the backend is held back, then all arrives intact."""
+    spliced = force_python_bodies(monkeypatch, path)
     router, ingress, _ = await router_for(backend.address)
     size = 256 * MiB
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(60)
     sock.connect((LOOPBACK, ingress))
     try:
-        sock.sendall(b"GET /web/blob?size=%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
-        history: list[int] = []
-
-        def stalled() -> bool:
-            history.append(backend.stats.blob_sent)
-            return history[-1] >= size or (len(history) > 25 and len(set(history[-25:])) == 1)
-
-        await wait_for(stalled, 60, "the backend to stall")
-        assert backend.stats.blob_sent < 32 * MiB
-
-        def drain() -> int:
-            total = 0
-            while total < size:
-                data = sock.recv(MiB)
-                assert data
-                total += len(data)
-            return total
-
-        assert await in_thread(drain) >= size
+        sock.sendall(b"GET /web/blob?size=%d&seed=3 HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+        sent = await until_stalled(lambda: backend.stats.blob_sent, size, "the backend to stall")
+        assert sent < 32 * MiB
+        head, total, digest = await in_thread(read_response, sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert (total, digest) == (size, hash_of(pattern(3, size)))
+        assert len(spliced) == (0 if path == "python" else 1)
     finally:
         sock.close()
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_backend_reader_pauses_a_large_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A large upload to a backend that does not read yet: the client is held
+    back, then the backend gets every byte; the answer (its SHA-256) is a
+    large body too, on the Python path.
+    """
+    spliced = force_python_bodies(monkeypatch, "python")
+    size = 256 * MiB
+    release = threading.Event()
+
+    def sink(conn: socket.socket) -> None:
+        _, length, first = read_head(conn)
+        assert release.wait(60), "the test never let the backend read"
+        _, digest = read_body(conn, length, first)
+        # The answer repeats the digest to a large body, which would be spliced.
+        answer = digest.encode() * (SPLICE_BODY // 64 + 1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+
+    server = ThreadServer(sink)
+    router, ingress, _ = await router_for(server.address)
+    progress = {"sent": 0}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock.settimeout(60)
+    sock.connect((LOOPBACK, ingress))
+
+    def upload() -> tuple[bytes, int, str]:
+        sock.sendall(b"POST /web/sink HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
+        for block in pattern(4, size):
+            for i in range(0, len(block), 65536):
+                sock.sendall(block[i:i + 65536])
+                progress["sent"] += len(block[i:i + 65536])
+        return read_response(sock)
+
+    try:
+        done = in_thread(upload)
+        sent = await until_stalled(lambda: progress["sent"], size, "the client to stall")
+        assert sent < 32 * MiB
+        release.set()
+        head, total, digest = await done
+        assert head.startswith(b"HTTP/1.1 200 ")
+        want = hash_of(pattern(4, size)).encode() * (SPLICE_BODY // 64 + 1)
+        assert (total, digest) == (len(want), hashlib.sha256(want).hexdigest())
+        assert total >= SPLICE_BODY and spliced == []
+        assert not server.errors
+    finally:
+        release.set()
+        sock.close()
+        await router.stopService()
+        server.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -268,8 +392,12 @@ async def test_client_leaving_mid_response_cancels_quietly(backend: Backend) -> 
                 sock.recv(65536)
 
         await in_thread(leave)
-        # The backend connection is closed too, so its sender stops early.
-        await wait_for(lambda: not router.http.pools["web"].idle and backend.stats.blob_sent < 64 * MiB, what="cancel")
+        # The backend connection is closed too, so its sender stops early: it
+        # is cut (a write fails), not finished, and not stalled forever.
+        await wait_for(lambda: backend.stats.blob_cut, 60, "the backend's send to be cut")
+        assert backend.stats.blob_cut == 1
+        assert backend.stats.blob_sent < 64 * MiB
+        assert not router.http.pools["web"].idle  # the cut connection is not pooled
         status, _, _ = await in_thread(get, ingress, "/web/x")
         assert status == 200
     finally:

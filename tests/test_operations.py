@@ -22,14 +22,14 @@ import socket
 import stat
 import subprocess
 import threading
-import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
@@ -40,6 +40,7 @@ from portrouter.tcp import Sessions
 from tests.httpbackend import Backend, raw_request
 from tests.support import (
     LOOPBACK,
+    ClockedReactor,
     MiB,
     RawWebSocket,
     ThreadServer,
@@ -49,6 +50,7 @@ from tests.support import (
     in_thread,
     pattern,
     start_router,
+    stop_clocked,
     twistd_path,
     wait_for,
 )
@@ -582,38 +584,32 @@ def test_idle_timeout_sees_bytes_relayed_either_way() -> None:
 @pytest_twisted.ensureDeferred
 async def test_idle_connection_is_closed_a_busy_one_stays(
         tmp_path: Path, echo_backend: ThreadServer, kind: str) -> None:
-    router = await start_router((kind, route(echo_backend.address)),
-                                config=base_config(tmp_path, defaults=Limits(idle_timeout=0.5)))
+    """
+    idle_timeout counts from the last byte either way: of two connections
+    opened together, the silent one is closed at the timeout, the one that
+    talks every quarter of it stays, until it too goes quiet. Time is a
+    Clock: the test says when it passes.
+    """
+    clock = Clock()
+    router = await start_router((kind, route(echo_backend.address)), using=ClockedReactor(clock),
+                                config=base_config(tmp_path, defaults=Limits(idle_timeout=1.0)))
     port = router.port_of(f"{kind}-0")
-    busy: dict[str, Any] = {"echoes": 0, "closed": False}
-    stop = threading.Event()
 
     def open_one() -> Any:
         if kind == "tcp":
             sock = connect(port, 10)
             assert roundtrip(sock, b"hi") == b"hi"
             return sock
-        client = RawWebSocket(port, "/")
+        client = RawWebSocket(port, "/", timeout=10)
         assert client.status == 101 and client.echo(b"hi") == b"hi"
         return client
 
     def ping(conn: Any) -> None:
+        # The echo is back, so the router has seen this byte at the clock's time.
         if kind == "tcp":
             assert roundtrip(conn, b".") == b"."
         else:
             assert conn.echo(b".") == b"."
-
-    def keep_busy() -> None:
-        # One byte every 0.1 s (pacing, the load's shape) until told to stop.
-        conn = busy["conn"] = open_one()
-        try:
-            while not stop.wait(0.1):
-                ping(conn)
-                busy["echoes"] += 1
-        except (OSError, EOFError, AssertionError):
-            busy["closed"] = True
-        finally:
-            conn.close()
 
     def wait_closed(conn: Any) -> Any:
         if kind == "tcp":
@@ -622,23 +618,29 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
 
     with LogEvents() as log:
         idle = await in_thread(open_one)
-        busy_done = in_thread(keep_busy)
+        busy = await in_thread(open_one)
         try:
-            # The silent one is closed: EOF for TCP, a close frame for WebSocket.
+            assert len(router.sessions.live) == 2
+            for _ in range(3):  # 0.75 s: both still open
+                clock.advance(0.25)
+                await in_thread(ping, busy)
+            assert len(router.sessions.live) == 2
+            clock.advance(0.25)  # 1 s: the silent one is closed, EOF for TCP, a close frame for WebSocket
             assert await in_thread(wait_closed, idle) == (b"" if kind == "tcp" else 1000)
-            # The one that talks outlives the timeout many times over.
-            await wait_for(lambda: busy["echoes"] >= 20 or busy["closed"], 20, "20 echoes")
-            assert not busy["closed"]
-            assert len(router.sessions.live) == 1
+            for _ in range(8):  # the one that talks outlives the timeout twice over
+                await in_thread(ping, busy)
+                clock.advance(0.25)
+            await wait_for(lambda: len(router.sessions.live) == 1, what="the idle session to end")
+            await in_thread(ping, busy)
+            clock.advance(1.0)  # quiet for the timeout: closed too
+            assert await in_thread(wait_closed, busy) == (b"" if kind == "tcp" else 1000)
+            await wait_for(lambda: not router.sessions.live, what="sessions to end")
         finally:
-            stop.set()
-            await busy_done
             idle.close()
-        assert not busy["closed"]
-        await wait_for(lambda: not router.sessions.live, what="sessions to end")
+            busy.close()
+            await stop_clocked(router, clock)
     reasons = [e["reason"] for e in log.ended(kind, f"{kind}-0")]
-    assert reasons.count("idle for 0.5 s") == 1, reasons
-    await router.stopService()
+    assert reasons == ["idle for 1 s"] * 2, reasons
 
 
 # -- slow and large request heads ----------------------------------------------------------------
@@ -647,56 +649,51 @@ async def test_idle_connection_is_closed_a_busy_one_stays(
 @pytest.mark.parametrize("where", ["ingress", "route"])
 @pytest_twisted.ensureDeferred
 async def test_slowloris_is_cut_at_the_header_timeout_others_are_served(tmp_path: Path, where: str) -> None:
+    """
+    A head trickling in a byte at a time is cut when header_timeout has
+    passed since the head began (the bytes after do not restart it), not
+    before; meanwhile other clients are served. Time is a Clock: the test
+    says when it passes.
+    """
     backend = Backend()
+    clock = Clock()
     defaults = Limits(header_timeout=1.5)
     web = parse_project({"name": "web", "backend": backend.address}, defaults)
-    router = await start_router(("http", route(backend.address)),
+    router = await start_router(("http", route(backend.address)), using=ClockedReactor(clock),
                                 config=base_config(tmp_path, defaults=defaults, projects=(web,)))
     port, prefix = (router.port_of(), "/web") if where == "ingress" else (router.port_of("http-0"), "")
-    slow: dict[str, Any] = {"sent": 0, "reply": None, "done": False}
+    slow = connect(port, 10)
 
-    def slowloris() -> None:
-        # One header byte at a time, 0.25 s apart; never the end of the head.
-        with connect(port) as sock:
-            try:
-                sock.sendall(f"GET {prefix}/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
-                for _ in range(200):
-                    readable, _, _ = select.select([sock], [], [], 0.25)
-                    if readable:
-                        break
-                    sock.sendall(b"a")
-                    slow["sent"] += 1
-                reply = b""
-                while data := sock.recv(65536):
-                    reply += data
-                slow["reply"] = reply
-            except OSError as e:
-                slow["reply"] = e
-            finally:
-                slow["done"] = True
+    def served() -> None:
+        # A full request on a new connection; it also means the router has
+        # read what the slow client sent before it, and answered what was due.
+        status, _, body = get(port, f"{prefix}/hello")
+        assert (status, body) == (200, b"backend saw GET /hello\n")
 
-    def normal_clients() -> int:
-        served = 0
-        while not slow["done"] and served < 1000:
-            status, _, body = get(port, f"{prefix}/hello")
-            assert (status, body) == (200, b"backend saw GET /hello\n")
-            if not slow["done"]:
-                served += 1
-            time.sleep(0.05)  # pacing, not synchronisation
-        return served
+    def reply() -> bytes:
+        data = b""
+        while chunk := slow.recv(65536):
+            data += chunk
+        return data
 
     try:
-        slow_done = in_thread(slowloris)
-        await wait_for(lambda: slow["sent"] >= 1, what="the slow client to start")
-        served = await in_thread(normal_clients)
-        await slow_done
-        reply = slow["reply"]
-        assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 408 "), reply
-        assert b"Connection: close" in reply
-        assert 0 < slow["sent"] < 200
-        assert served >= 3  # full requests answered while the slow head was trickling in
+        slow.sendall(f"GET {prefix}/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
+        await in_thread(served)  # connected after the slow one, so accepted after it: its timer runs
+        for _ in range(5):  # a byte every 0.25 s, up to 1.25 s
+            slow.sendall(b"a")
+            await in_thread(served)
+            clock.advance(0.25)
+        clock.advance(0.125)  # 1.375 s: not yet
+        await in_thread(served)
+        assert select.select([slow], [], [], 0) == ([], [], [])
+        clock.advance(0.125)  # 1.5 s since the head began
+        answer = await in_thread(reply)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"Connection: close" in answer
+        assert backend.stats.seen and all(s["path"] == "/hello" for s in backend.stats.seen)
     finally:
-        await router.stopService()
+        slow.close()
+        await stop_clocked(router, clock)
         backend.close()
 
 
@@ -741,6 +738,7 @@ async def test_json_log_lines_carry_the_documented_fields(tmp_path: Path, destin
     )
     log_file = tmp_path / "portrouter.jsonl"
     env = {"PORTROUTER_JSON_LOG": str(log_file)} if destination == "file" else {}
+    started = datetime.now(timezone.utc)  # every record's time falls between this and when it is read
     daemon = Daemon(["--logger", "portrouter.logs.json"],
                     ["--config", str(config), "--tcp", route(tcp_backend.address)], env=env)
 
@@ -790,11 +788,12 @@ async def test_json_log_lines_carry_the_documented_fields(tmp_path: Path, destin
         assert isinstance(access["duration"], float) and access["duration"] >= 0
         assert access["message"].startswith(f"{LOOPBACK} GET /web/hello?x=1 200 {len(body)} ")
 
+        read = datetime.now(timezone.utc)
         for rec in (listening, session, access):
             assert rec["level"] == "info"
             when = datetime.fromisoformat(rec["time"])
             assert when.utcoffset() == timedelta(0)
-            assert abs((datetime.now(when.tzinfo) - when).total_seconds()) < 300
+            assert started <= when <= read, (started, rec["time"], read)
 
         daemon.proc.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0, everything(daemon)

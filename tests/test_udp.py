@@ -20,11 +20,12 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import defer, utils
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import Config, Limits
 from portrouter.udp import UDPRoute
-from tests.support import LOOPBACK, UDPEcho, free_port, in_thread, start_router, wait_for
+from tests.support import LOOPBACK, ClockedReactor, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for
 
 # The largest UDP payload over IPv4: 65,535 - 20 (IP) - 8 (UDP).
 MAX_PAYLOAD = 65507
@@ -34,10 +35,11 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 # --- helpers ---------------------------------------------------------------------
 
 
-async def route_to(backend_port: int, **limits: Any) -> tuple[Any, UDPRoute, tuple[str, int]]:
+async def route_to(backend_port: int, using: Any = None, **limits: Any) -> tuple[Any, UDPRoute, tuple[str, int]]:
     """A router with one UDP route to 127.0.0.1:C{backend_port}: (router, route, its address)."""
     config = Config(ingress=f"tcp:0:interface={LOOPBACK}", defaults=Limits(**limits))
-    router = await start_router(("udp", f"udp:0:interface={LOOPBACK} -> {LOOPBACK}:{backend_port}"), config=config)
+    router = await start_router(("udp", f"udp:0:interface={LOOPBACK} -> {LOOPBACK}:{backend_port}"), config=config,
+                                using=using)
     listener = router.listeners["udp-0"]
     return router, listener.factory, (LOOPBACK, listener.port.getHost().port)
 
@@ -419,32 +421,43 @@ async def test_session_bound_drops_new_clients_and_keeps_the_old() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_idle_session_ends_with_one_log_line() -> None:
+    """
+    A session ends udp_timeout after its last datagram, not after its first,
+    with one log line. Time is a Clock: the test says when it passes (the
+    sweeps come every udp_timeout / 4 of it).
+    """
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     backend = UDPEcho()
-    router, route, address = await route_to(backend.port, udp_timeout=0.5)
+    clock = Clock()
+    router, route, address = await route_to(backend.port, using=ClockedReactor(clock), udp_timeout=1.0)
     sock = client_socket()
     try:
-        for data in (b"a" * 10, b"b" * 20, b"c" * 30):
+        # At 0, 0.5 and 1.0 s; each reply is in before the clock moves on.
+        for i, data in enumerate((b"a" * 10, b"b" * 20, b"c" * 30)):
+            if i:
+                clock.advance(0.5)
             assert await in_thread(exchange, sock, address, data) == data
         me = sock.getsockname()
-        await wait_for(lambda: session_ends(events, me), what="the session to end")
+        clock.advance(0.75)  # 1.75 s: idle for 0.75 s only
+        assert me in route.sessions and not session_ends(events, me)
+        clock.advance(0.25)  # 2 s: idle for 1 s
         assert me not in route.sessions
         [end] = session_ends(events, me)
         assert end["project"] == "udp-0"
-        assert end["reason"] == "idle for 0.5 s"
+        assert end["reason"] == "idle for 1 s"
         assert (end["datagrams_in"], end["bytes_in"], end["datagrams_out"], end["bytes_out"]) == (3, 60, 3, 60)
-        assert end["duration"] >= 0.5  # not expired before its timeout
+        assert end["duration"] == 2.0
         text = formatEvent(end)
-        assert text.startswith(f"udp udp-0 {me[0]}:{me[1]}: idle for 0.5 s; 3 datagrams (60 bytes) in, "
-                               f"3 datagrams (60 bytes) out, ")
+        assert text.startswith(f"udp udp-0 {me[0]}:{me[1]}: idle for 1 s; 3 datagrams (60 bytes) in, "
+                               f"3 datagrams (60 bytes) out, 2.000 s")
         # A new datagram from the same client starts a new session.
         assert await in_thread(exchange, sock, address, b"later") == b"later"
         assert route.sessions[me].datagrams_in == 1
     finally:
         globalLogPublisher.removeObserver(events.append)
         sock.close()
-        await router.stopService()
+        await stop_clocked(router, clock)
         backend.close()
 
 
