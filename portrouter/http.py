@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import Project
+from portrouter.interfaces import IConnection
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
 from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
@@ -144,6 +145,7 @@ def _response_headers(
 class Upstream(Protocol):
     """One connection to a backend, carrying one exchange at a time."""
 
+    transport: IConnection  # set by makeConnection, before any other event
     tunnel: StreamSide | None = None  # after a 101: bytes go to the relay
 
     def __init__(self, pool: Pool):
@@ -877,10 +879,10 @@ class ProxyExchange:
         session = self.sessions.open("upgrade", self.project.name, self.request.client, transport=channel.transport)
         session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
-        client.makeConnection(channel.transport)
+        client.makeConnection(channel.transport)  # type: ignore[no-untyped-call]
         channel.tunnel = client
         backend = StreamSide()
-        backend.makeConnection(upstream.transport)
+        backend.makeConnection(upstream.transport)  # type: ignore[no-untyped-call]
         upstream.tunnel = backend
         upstream.exchange = None
         if held:

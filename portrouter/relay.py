@@ -25,7 +25,7 @@ import fcntl
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
@@ -38,6 +38,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from portrouter.interfaces import IConnection
 
 log = Logger(namespace="portrouter")
 
@@ -106,7 +108,7 @@ class Session:
         on_end(self)
 
 
-def splicable(transport: object) -> bool:
+def splicable(transport: object) -> TypeGuard[tcp.Connection]:
     """A plain kernel stream socket, no TLS in between, and splice(2) exists."""
     return _SPLICE is not None and isinstance(transport, tcp.Connection)
 
@@ -508,6 +510,7 @@ class StreamSide(Protocol):
     write buffer on one side stops reading on the other.
     """
 
+    transport: IConnection  # set by makeConnection, before any other event
     peer: StreamSide | None = None
     session: Session | None = None
     clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]

@@ -84,10 +84,10 @@ class Listener(Service):
         creator = getattr(getattr(port, "factory", None), "creator", None)
         self.strport_tls = None if isinstance(creator, StoreTLS) else creator
         self.given_away = False
-        self.setName(route.project or "ingress")
+        self.setName(route.project or "ingress")  # type: ignore[no-untyped-call]
 
     def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self.given_away:
             return None
         return defer.maybeDeferred(self.port.stopListening)
@@ -128,7 +128,7 @@ class RouterService(MultiService):
         ingress_factory: Callable[[RouterService], Factory] | None = None,
         reload_config: Callable[[], Config] | None = None,
     ):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.sessions = Sessions(reactor)
@@ -185,7 +185,7 @@ class RouterService(MultiService):
                 self.reactor.stop()
 
             d.addErrback(late)
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     async def _bind_all(self) -> None:
         ingress_route = self.table.routes[0]
@@ -200,7 +200,7 @@ class RouterService(MultiService):
                 route = Route(None, "ssh", None, "manhole", manhole.listen)
                 factory = make_manhole(self, manhole.authorized_keys, self.config.state)
                 self.manhole = Listener(route, factory, await self._listen(route, factory))
-                self.manhole.setName("manhole")
+                self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
         except BaseException:
             _release(self.ingress.port)
@@ -209,9 +209,9 @@ class RouterService(MultiService):
                 _release(self.manhole.port)
                 self.manhole = None
             raise
-        self.ingress.setServiceParent(self)
+        self.ingress.setServiceParent(self)  # type: ignore[no-untyped-call]
         if self.manhole is not None:
-            self.manhole.setServiceParent(self)
+            self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _make_ingress(self) -> Factory:
         if self._ingress_factory is not None:
@@ -392,7 +392,7 @@ class RouterService(MultiService):
             for channel in list(getattr(listener.factory, "channels", ())):
                 channel.drain()
         for listener in bound.values():
-            listener.setServiceParent(self)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         for name in set(self.http.pools) - set(table.projects):
             self.http.forget(name)
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.config import Command
+from portrouter.interfaces import IConnection
 
 log = Logger(namespace="portrouter.services")
 
@@ -62,6 +63,8 @@ class _Output(ProcessProtocol):
 
 
 class _Probe(Protocol):
+    transport: IConnection  # set by makeConnection, before any other event
+
     def connectionMade(self) -> None:
         # A plain close: an abort (RST) makes some servers log a traceback.
         self.transport.loseConnection()
@@ -167,7 +170,9 @@ class Supervisor:
         deadline = self.clock.seconds() + self.start_timeout
         while True:
             if ended.called:
-                raise StartFailed(f"{self.name} exited with {_describe(ended.result)} before it opened its port")
+                # Twisted types .result as object; ended only ever fires with _exited's exit code.
+                code = cast("int | None", ended.result)
+                raise StartFailed(f"{self.name} exited with {_describe(code)} before it opened its port")
             try:
                 await self._probe()
                 break

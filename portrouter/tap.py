@@ -42,7 +42,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["routes"] = []
 
     def _route(protocol: str) -> Any:  # type: ignore[misc]
@@ -89,7 +89,7 @@ class _Daemon(RouterService):
     """The router as twistd runs it: one-line start-up errors, our own signals."""
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.reactor.callWhenRunning(self._install_signals)
 
     def _install_signals(self) -> None:
@@ -124,7 +124,8 @@ class _Daemon(RouterService):
             super().privilegedStartService()
         except BindError as e:
             # twistd has redirected sys.stderr into the log by now.
-            sys.__stderr__.write(f"portrouter: {e}\n")
+            if sys.__stderr__ is not None:  # None only without any stderr at all
+                sys.__stderr__.write(f"portrouter: {e}\n")
             raise SystemExit(1) from None
 
 

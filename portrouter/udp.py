@@ -29,7 +29,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -185,6 +185,7 @@ class UDPRoute(DatagramProtocol):
     """The listening side of one project's UDP route."""
 
     noisy = False
+    transport: IUDPTransport  # set by makeConnection, before any datagram
 
     def __init__(self, reactor: Any, project: Project):
         self.reactor = reactor

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
@@ -34,6 +34,7 @@ from zope.interface import implementer
 from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
+from portrouter.interfaces import IConnection
 from portrouter.relay import Session, close_soon, half_close
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
@@ -53,6 +54,8 @@ EARLY_LIMIT = 1 << 20
 @implementer(IHalfCloseableProtocol)
 class _Service(Protocol):
     """The TCP side of a bridge."""
+
+    transport: IConnection  # set by makeConnection, before any other event
 
     bridge: Bridge | None = None
 
@@ -177,6 +180,8 @@ class Target:
 class Bridge(WebSocketServerProtocol):
     """One WebSocket bridged to one TCP connection."""
 
+    transport: IConnection  # set by makeConnection, before any other event
+
     target: Target
     sessions: Sessions
     session: Session
@@ -222,7 +227,7 @@ class Bridge(WebSocketServerProtocol):
         timeout = target.limits.connect_timeout
         d = target.endpoint.connect(_ServiceFactory())
         try:
-            service: _Service = await d.addTimeout(timeout, self.factory.reactor)
+            service = cast(_Service, await d.addTimeout(timeout, self.factory.reactor))  # _ServiceFactory's
         except Exception as e:
             why = connect_failure(Failure(e), timeout)
             self.sessions.stats.connect_failed(target.project, why)
@@ -477,10 +482,10 @@ class BridgeFactory(WebSocketServerFactory):
 
     def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
         # No Server header: Autobahn's names itself and its version.
-        super().__init__(server=None, reactor=reactor)
+        super().__init__(server=None, reactor=reactor)  # type: ignore[no-untyped-call]
         self.sessions = sessions
         self.target = target
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
             utf8validateIncoming=False,  # binary only; a TEXT message is refused anyway
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
@@ -497,7 +502,7 @@ class BridgeFactory(WebSocketServerFactory):
         return proto
 
     def buildProtocol(self, addr: Any) -> Bridge:
-        proto: Bridge = super().buildProtocol(addr)
+        proto = cast(Bridge, super().buildProtocol(addr))  # self.protocol is Bridge
         proto.sessions = self.sessions
         if self.target is not None:
             proto.target = self.target
@@ -568,7 +573,7 @@ class _Takeover:
         channel.status = 101
         channel._log()
         bridge = self.bridge
-        bridge.makeConnection(channel.transport)
+        bridge.makeConnection(channel.transport)  # type: ignore[no-untyped-call]
         channel.tunnel = bridge
         # Autobahn reads the handshake itself, as its own WebSocketResource
         # arranges it: give it the request as it came.
