@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -99,7 +99,7 @@ def normalize(path: bytes) -> bytes:
 
 def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
     """The request's end-to-end headers, in order, repeated ones kept."""
-    named = set()
+    named: set[bytes] = set()
     for value in request.header_values(b"connection"):
         named.update(t.strip().lower() for t in value.split(b","))
     named.discard(b"host")  # Host is end to end (RFC 9112 3.2): an option cannot remove it
@@ -116,7 +116,7 @@ def _response_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
     """The end-to-end headers, the Content-Length, and whether the body is chunked."""
-    named = set()
+    named: set[bytes] = set()
     length = None
     chunked = False
     for name, value in headers:
@@ -334,8 +334,9 @@ class BodySplice:
         self.left = left
         self.pending = 0
         self.moved = 0
-        self.src = upstream.transport
-        self.dst = exchange.channel.transport
+        # Only made for plain TCP transports (Upstream checks _PLAIN): their internals are lent here.
+        self.src = cast(tcp.Connection, upstream.transport)
+        self.dst = cast(tcp.Connection, exchange.channel.transport)
         self.rpipe, self.wpipe = open_pipe()
         self.over = False
 
@@ -479,7 +480,7 @@ class Pool:
         return None
 
     def connect(self, timeout: float) -> defer.Deferred[Upstream]:
-        d = self.endpoint.connect(self.factory)
+        d: defer.Deferred[Upstream] = self.endpoint.connect(self.factory)
         d.addTimeout(timeout, self.reactor)
 
         def opened(upstream: Upstream) -> Upstream:
@@ -676,7 +677,7 @@ class ProxyExchange:
             return
         timeout = self.project.limits.response_timeout
         backend = self.upstream.transport if self.upstream is not None else None
-        if backend is not None and (getattr(backend, "_tempDataLen", 0)
+        if backend is not None and (getattr(backend, "_tempDataLen", 0)  # type: ignore[arg-type]
                                     or getattr(backend, "offset", 0) < len(getattr(backend, "dataBuffer", b""))):
             self._fail(504, f"backend did not read the request body within {timeout:g} s", close=True)
         else:

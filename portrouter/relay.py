@@ -25,12 +25,11 @@ import fcntl
 import os
 import socket
 import time
-from typing import Any, Callable, TypeGuard
+from typing import TYPE_CHECKING, Any, Callable, TypeGuard
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
-    IReactorFDSet,
     IReadDescriptor,
     IWriteDescriptor,
 )
@@ -39,11 +38,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter")
 
-_SPLICE = getattr(os, "splice", None)
+if TYPE_CHECKING:  # as on Linux: whatever calls it has checked splicable() or _SPLICE first
+    _SPLICE = os.splice
+else:
+    _SPLICE = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 # One chunk per direction; also the most a slow reader can make us hold.
 CHUNK = 256 * 1024
@@ -303,7 +305,7 @@ class SpliceRelay:
 
     def __init__(
         self,
-        reactor: IReactorFDSet,
+        reactor: IReactor,
         session: Session,
         client: socket.socket,
         backend: socket.socket,
@@ -334,7 +336,7 @@ class SpliceRelay:
         if err == 0:
             self.start()
         elif err in (errno.EINPROGRESS, errno.EAGAIN):
-            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)  # type: ignore[attr-defined]
+            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)
             self.reactor.addWriter(self.backend)
         else:
             self._connect_failed(err)
@@ -513,7 +515,7 @@ class StreamSide(Protocol):
     transport: IConnection  # set by makeConnection, before any other event
     peer: StreamSide | None = None
     session: Session | None = None
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # type: ignore[assignment]
+    clock: Callable[[], float] = staticmethod(time.monotonic)
     inbound = False  # True for the client side
     read_eof = False
     write_eof = False

@@ -28,6 +28,7 @@ from portrouter.config import Config, ConfigError, Project, needs_tls
 from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
+from portrouter.interfaces import IReactor
 from portrouter.services import Services
 from portrouter.tcp import Sessions, TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
@@ -90,7 +91,8 @@ class Listener(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self.given_away:
             return None
-        return defer.maybeDeferred(self.port.stopListening)
+        # Twisted's maybeDeferred overloads take no callable returning "a Deferred or None".
+        return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
 
     def answer_with(self, factory: Any, store_tls: StoreTLS | None = None) -> None:
         """
@@ -124,7 +126,7 @@ class RouterService(MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactor,
         ingress_factory: Callable[[RouterService], Factory] | None = None,
         reload_config: Callable[[], Config] | None = None,
     ):
@@ -245,11 +247,13 @@ class RouterService(MultiService):
 
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
+        port: IListeningPort | None  # every branch below binds one or raises
         try:
             if route.protocol == "udp":
                 # Twisted has no UDP strports: bind directly.
-                port: IListeningPort = self.reactor.listenUDP(
-                    route.port, factory, interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
+                port = self.reactor.listenUDP(
+                    route.port, factory,  # type: ignore[arg-type]  # a UDP route always has its port
+                    interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
                 )
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
@@ -288,8 +292,9 @@ class RouterService(MultiService):
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
         if tls is not None:
             # Not accept_directly: TLS is Twisted's to do, in user space.
-            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory), backlog,
-                                          endpoint._interface)
+            # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
+            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory),  # type: ignore[arg-type]
+                                          backlog, endpoint._interface)
         port = self.reactor.listenTCP(endpoint._port, factory, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
             accept_directly(port)
