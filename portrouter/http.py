@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import Project
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
 from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
@@ -459,7 +459,7 @@ class _UpstreamFactory(Factory):
 class Pool:
     """Kept-alive connections to one backend, most recently used first."""
 
-    def __init__(self, reactor: Any, project: Project):
+    def __init__(self, reactor: IReactor, project: Project):
         assert project.backend is not None
         self.reactor = reactor
         self.backend = project.backend
@@ -894,7 +894,7 @@ class ProxyExchange:
 class HTTPRoutes:
     """Pools per project, shared by the ingress and the projects' own ports."""
 
-    def __init__(self, reactor: Any, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, sessions: Sessions, services: Any = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services
@@ -949,7 +949,7 @@ class ProjectSite:
 class HTTPRoute(ChannelFactory):
     """The listening side of a project's own HTTP port."""
 
-    def __init__(self, reactor: Any, routes: HTTPRoutes, project: Project):
+    def __init__(self, reactor: IReactor, routes: HTTPRoutes, project: Project):
         super().__init__(ProjectSite(routes, project), reactor)
 
     def update(self, project: Project) -> None:

@@ -447,7 +447,7 @@ def queued(connection: tcp.Connection) -> int:
     return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
 
 
-def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEOUT) -> None:
+def close_soon(transport: Any, reactor: IReactor | None = None, timeout: float = FLUSH_TIMEOUT) -> None:
     """
     Close C{transport} once what is queued for it is written, as
     C{loseConnection()} does, but abort it once C{timeout} passes with no
@@ -473,7 +473,7 @@ def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEO
     reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
 
 
-def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: Any, timeout: float,
+def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: IReactor, timeout: float,
                       before: int | None) -> None:
     if connection is not None:
         if connection.disconnected:

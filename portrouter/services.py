@@ -20,12 +20,13 @@ from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.config import Command
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter.services")
 
@@ -78,8 +79,8 @@ class _ProbeFactory(Factory):
 class Supervisor:
     """One command: started once on demand, shared by every connection."""
 
-    def __init__(self, reactor: Any, name: str, command: Command, backend: str,
-                 start_timeout: float, clock: Any = None):
+    def __init__(self, reactor: IReactor, name: str, command: Command, backend: str,
+                 start_timeout: float, clock: IReactorTime | None = None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.name = name
@@ -265,7 +266,7 @@ def _describe(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
+def _sleep(clock: IReactorTime, seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     clock.callLater(seconds, d.callback, None)
     return d
@@ -274,7 +275,7 @@ def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
 class Services:
     """Every supervised command of the router, by project and service name."""
 
-    def __init__(self, reactor: Any, clock: Any = None):
+    def __init__(self, reactor: IReactor, clock: IReactorTime | None = None):
         self.reactor = reactor
         self.clock = clock
         self.supervisors: dict[tuple[str, str | None], Supervisor] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.internet import defer
@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from portrouter.config import Config, ConfigError, load, with_cli
 from portrouter.api import APIError
+from portrouter.interfaces import IReactor
 from portrouter.router import BindError, RouterService
 from portrouter.state import StateError
 
@@ -141,11 +142,11 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     _raise_fd_limit()
     try:
         return _Daemon(options["parsed"], reactor,

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from portrouter.certs import describe, tls_handle
 from portrouter.config import Project
+from portrouter.interfaces import IReactor
 from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
 
@@ -313,7 +314,7 @@ class TCPRoute(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Any = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services

@@ -9,7 +9,7 @@ sends early is lost), and a clear log line when the server refuses.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import ConfigError, check_server_strport
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import close_soon
 from portrouter.tcp import peer_of
 
@@ -173,7 +173,7 @@ class _Remote(WebSocketClientProtocol):
 class TunnelFactory(Factory):
     noisy = False
 
-    def __init__(self, options: Any, reactor: Any):
+    def __init__(self, options: Any, reactor: IReactor):
         self.options = options
         self.reactor = reactor
         self.url = options["url"]
@@ -219,11 +219,11 @@ class _TunnelService(StreamServerEndpointService):
             raise SystemExit(1) from None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     endpoint = serverFromString(reactor, options["listen"])
     service = _TunnelService(endpoint, TunnelFactory(options, reactor))  # type: ignore[no-untyped-call]
     service.listen = options["listen"]

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from portrouter.config import Project, split_hostport
+from portrouter.interfaces import IReactor
 
 log = Logger(namespace="portrouter.udp")
 
@@ -60,7 +61,7 @@ class Awake:
     how far the routes' windows reach.
     """
 
-    def __init__(self, reactor: Any):
+    def __init__(self, reactor: IReactor):
         self.reactor = reactor
         self.asked: set[UDPRoute] = set()
         self._call: Any = None
@@ -97,7 +98,7 @@ class Awake:
 _awake: weakref.WeakKeyDictionary[Any, Awake] = weakref.WeakKeyDictionary()
 
 
-def awake(reactor: Any) -> Awake:
+def awake(reactor: IReactor) -> Awake:
     """The one L{Awake} of C{reactor}."""
     keeper = _awake.get(reactor)
     if keeper is None:
@@ -187,7 +188,7 @@ class UDPRoute(DatagramProtocol):
     noisy = False
     transport: IUDPTransport  # set by makeConnection, before any datagram
 
-    def __init__(self, reactor: Any, project: Project):
+    def __init__(self, reactor: IReactor, project: Project):
         self.reactor = reactor
         self.sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()
         self.dropped = 0

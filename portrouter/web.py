@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from portrouter.auth import redact_target
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter.http")
 
@@ -154,7 +154,7 @@ class Channel(Protocol):
     tunnel: Any = None  # after an upgrade: bytes go to the relay
     tls: Any = None  # behind TLS: the OpenSSL connection, for the access log
 
-    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+    def __init__(self, site: Site, reactor: IReactor, secure: bool = False):
         self.site = site
         self.reactor = reactor
         self.secure = secure
@@ -715,7 +715,7 @@ class ChannelFactory(Factory):
         """What ALPN may choose behind TLS (L{portrouter.certs})."""
         return list(HTTP_PROTOCOLS)
 
-    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+    def __init__(self, site: Site, reactor: IReactor, secure: bool = False):
         self.site = site
         self.reactor = reactor
         self.secure = secure

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
-from portrouter.interfaces import IConnection
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import Session, close_soon, half_close
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
@@ -480,7 +480,7 @@ class BridgeFactory(WebSocketServerFactory):
         """The opening handshake is HTTP/1.1: what ALPN may choose behind TLS."""
         return list(HTTP_PROTOCOLS)
 
-    def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
+    def __init__(self, reactor: IReactor, sessions: Sessions, target: Target | None = None):
         # No Server header: Autobahn's names itself and its version.
         super().__init__(server=None, reactor=reactor)  # type: ignore[no-untyped-call]
         self.sessions = sessions
@@ -512,7 +512,7 @@ class BridgeFactory(WebSocketServerFactory):
 class WSRoute(BridgeFactory):
     """The listening side of a project's ``ws`` route: any path, no credentials."""
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Any = None):
         super().__init__(reactor, sessions)
         self.services = services
         self.update(project)
