@@ -29,6 +29,7 @@ from zope.interface import implementer
 from portrouter.config import Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
+from portrouter.services import Services, Supervisor
 from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
@@ -467,7 +468,7 @@ class Pool:
         self.factory = _UpstreamFactory(self)
         self.idle: list[Upstream] = []
         self.opened = 0  # connections made, for tests and metrics
-        self.supervisor: Any = None  # starts the backend on demand, if it has a command
+        self.supervisor: Supervisor | None = None  # starts the backend on demand, if it has a command
 
     def take(self) -> Upstream | None:
         now = self.reactor.seconds()
@@ -894,7 +895,7 @@ class ProxyExchange:
 class HTTPRoutes:
     """Pools per project, shared by the ingress and the projects' own ports."""
 
-    def __init__(self, reactor: IReactor, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, sessions: Sessions, services: Services | None = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services

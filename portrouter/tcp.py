@@ -29,6 +29,7 @@ from portrouter.config import Project
 from portrouter.interfaces import IReactor
 from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.services import Services
 
 log = Logger(namespace="portrouter.tcp")
 
@@ -314,7 +315,7 @@ class TCPRoute(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Services | None = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services

@@ -36,6 +36,7 @@ from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import Session, close_soon, half_close
+from portrouter.services import Services, Supervisor
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
@@ -168,7 +169,7 @@ class Target:
 
     def __init__(
         self, project: str, service: str | None, endpoint: IStreamClientEndpoint, limits: Limits,
-        supervisor: Any = None,
+        supervisor: Supervisor | None = None,
     ):
         self.project = project
         self.service = service
@@ -512,7 +513,7 @@ class BridgeFactory(WebSocketServerFactory):
 class WSRoute(BridgeFactory):
     """The listening side of a project's ``ws`` route: any path, no credentials."""
 
-    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Services | None = None):
         super().__init__(reactor, sessions)
         self.services = services
         self.update(project)
