@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -111,7 +111,7 @@ class Certificate:
 def _names(leaf: x509.Certificate) -> tuple[str, ...]:
     """The DNS names of the SAN, else the CN; lower-case, as SNI is compared."""
     try:
-        san = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         names = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
@@ -150,7 +150,7 @@ def load_certificate(path: str) -> Certificate:
     if not names:
         raise CertificateError(f"{path}: the certificate names no host (no DNS name in its SAN, no CN)")
     try:
-        context = server_context(leaf, certs[1:], key)  # type: ignore[arg-type]
+        context = server_context(leaf, certs[1:], key)
     except SSL.Error as e:
         raise CertificateError(f"{path}: OpenSSL refuses it: {e}") from None
     return Certificate(path, names, context)

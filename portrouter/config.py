@@ -19,7 +19,7 @@ import os
 import re
 import reprlib
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, overload
 
 import yaml
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -322,6 +322,10 @@ def _finite(value: object, path: str, what: str) -> float:
     return number
 
 
+@overload
+def _number(value: object, path: str, *, optional: Literal[False] = False) -> float: ...
+@overload
+def _number(value: object, path: str, *, optional: bool) -> float | None: ...
 def _number(value: object, path: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
@@ -739,7 +743,7 @@ def parse_project(
     bpath = _join(path, "backend")
     if data.get("backend") is not None:
         if listen is not None and listen.protocol == "udp":
-            host, port = split_hostport(data["backend"], bpath)
+            split_hostport(data["backend"], bpath)  # only to refuse a bad one here
             backend = data["backend"]
         else:
             backend = check_client_endpoint(data["backend"], bpath)
@@ -766,7 +770,7 @@ def parse_project(
     if listen is not None and backend is None:
         raise ConfigError(bpath, "is required for a project with 'listen'")
 
-    host = None
+    host: str | None = None
     if data.get("host") is not None:
         host = _host(data["host"], _join(path, "host"))
     elif services:

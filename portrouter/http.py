@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -27,7 +27,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import Project
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
+from portrouter.services import Services, Supervisor
 from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
@@ -98,7 +100,7 @@ def normalize(path: bytes) -> bytes:
 
 def _clean_headers(request: Request) -> list[tuple[bytes, bytes]]:
     """The request's end-to-end headers, in order, repeated ones kept."""
-    named = set()
+    named: set[bytes] = set()
     for value in request.header_values(b"connection"):
         named.update(t.strip().lower() for t in value.split(b","))
     named.discard(b"host")  # Host is end to end (RFC 9112 3.2): an option cannot remove it
@@ -115,7 +117,7 @@ def _response_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
     """The end-to-end headers, the Content-Length, and whether the body is chunked."""
-    named = set()
+    named: set[bytes] = set()
     length = None
     chunked = False
     for name, value in headers:
@@ -144,6 +146,7 @@ def _response_headers(
 class Upstream(Protocol):
     """One connection to a backend, carrying one exchange at a time."""
 
+    transport: IConnection  # set by makeConnection, before any other event
     tunnel: StreamSide | None = None  # after a 101: bytes go to the relay
 
     def __init__(self, pool: Pool):
@@ -332,8 +335,9 @@ class BodySplice:
         self.left = left
         self.pending = 0
         self.moved = 0
-        self.src = upstream.transport
-        self.dst = exchange.channel.transport
+        # Only made for plain TCP transports (Upstream checks _PLAIN): their internals are lent here.
+        self.src = cast(tcp.Connection, upstream.transport)
+        self.dst = cast(tcp.Connection, exchange.channel.transport)
         self.rpipe, self.wpipe = open_pipe()
         self.over = False
 
@@ -456,7 +460,7 @@ class _UpstreamFactory(Factory):
 class Pool:
     """Kept-alive connections to one backend, most recently used first."""
 
-    def __init__(self, reactor: Any, project: Project):
+    def __init__(self, reactor: IReactor, project: Project):
         assert project.backend is not None
         self.reactor = reactor
         self.backend = project.backend
@@ -464,7 +468,7 @@ class Pool:
         self.factory = _UpstreamFactory(self)
         self.idle: list[Upstream] = []
         self.opened = 0  # connections made, for tests and metrics
-        self.supervisor: Any = None  # starts the backend on demand, if it has a command
+        self.supervisor: Supervisor | None = None  # starts the backend on demand, if it has a command
 
     def take(self) -> Upstream | None:
         now = self.reactor.seconds()
@@ -477,7 +481,7 @@ class Pool:
         return None
 
     def connect(self, timeout: float) -> defer.Deferred[Upstream]:
-        d = self.endpoint.connect(self.factory)
+        d: defer.Deferred[Upstream] = self.endpoint.connect(self.factory)
         d.addTimeout(timeout, self.reactor)
 
         def opened(upstream: Upstream) -> Upstream:
@@ -674,7 +678,7 @@ class ProxyExchange:
             return
         timeout = self.project.limits.response_timeout
         backend = self.upstream.transport if self.upstream is not None else None
-        if backend is not None and (getattr(backend, "_tempDataLen", 0)
+        if backend is not None and (getattr(backend, "_tempDataLen", 0)  # type: ignore[arg-type]
                                     or getattr(backend, "offset", 0) < len(getattr(backend, "dataBuffer", b""))):
             self._fail(504, f"backend did not read the request body within {timeout:g} s", close=True)
         else:
@@ -878,10 +882,10 @@ class ProxyExchange:
                                      self.project.limits.idle_timeout, channel.transport)
         session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
-        client.makeConnection(channel.transport)
+        client.makeConnection(channel.transport)  # type: ignore[no-untyped-call]
         channel.tunnel = client
         backend = StreamSide()
-        backend.makeConnection(upstream.transport)
+        backend.makeConnection(upstream.transport)  # type: ignore[no-untyped-call]
         upstream.tunnel = backend
         upstream.exchange = None
         if held:
@@ -892,7 +896,7 @@ class ProxyExchange:
 class HTTPRoutes:
     """Pools per project, shared by the ingress and the projects' own ports."""
 
-    def __init__(self, reactor: Any, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, sessions: Sessions, services: Services | None = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services
@@ -947,7 +951,7 @@ class ProjectSite:
 class HTTPRoute(ChannelFactory):
     """The listening side of a project's own HTTP port."""
 
-    def __init__(self, reactor: Any, routes: HTTPRoutes, project: Project):
+    def __init__(self, reactor: IReactor, routes: HTTPRoutes, project: Project):
         super().__init__(ProjectSite(routes, project), reactor)
 
     def update(self, project: Project) -> None:

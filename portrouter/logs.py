@@ -20,11 +20,13 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
+
+from portrouter.interfaces import IReactor
 
 
 @implementer(ILogObserver)
@@ -87,7 +89,7 @@ class BufferedText:
             if isInIOThread():
                 reactor.callLater(0, self._flush)
             else:
-                reactor.callFromThread(self._flush)
+                cast(IReactor, reactor).callFromThread(self._flush)
 
     def _fast(self, event: dict[str, Any]) -> str | None:
         """

@@ -11,13 +11,13 @@ C{table} (always the current routing table), C{connections()} and C{reactor}.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
 from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -46,7 +46,8 @@ def host_key(directory: str) -> keys.Key:
     """The manhole's host key, made on first use and kept (mode 0600)."""
     path = os.path.join(directory, HOST_KEY)
     if os.path.exists(path):
-        return keys.Key.fromFile(path)
+        kept: keys.Key = keys.Key.fromFile(path)
+        return kept
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
@@ -93,11 +94,14 @@ def make_manhole(router: Any, authorized_keys: str, state_dir: str) -> manhole_s
         "reactor": router.reactor,
     }
     realm = manhole_ssh.TerminalRealm()
-    realm.chainedProtocolFactory = lambda: insults.ServerProtocol(manhole.ColoredManhole, namespace)
-    portal = Portal(realm, [SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))])
+    # Twisted annotates this as a class, but calls it as any factory (its own docs pass a lambda).
+    realm.chainedProtocolFactory = lambda: insults.ServerProtocol(  # type: ignore[assignment,misc]
+        manhole.ColoredManhole, namespace)
+    portal = Portal(cast(IRealm, realm), [SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys))])
     factory = manhole_ssh.ConchFactory(portal)
     key = host_key(state_dir)
     factory.publicKeys = {key.sshType(): key.public()}
-    factory.privateKeys = {key.sshType(): key}
+    # Twisted annotates this as bytes values, but SSHFactory wants Key objects there.
+    factory.privateKeys = {key.sshType(): key}  # type: ignore[dict-item]
     factory.noisy = False
     return factory

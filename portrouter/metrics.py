@@ -112,7 +112,7 @@ class _Collector:
 
 def registry_for(router: RouterService) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(router))  # type: ignore[arg-type]
+    registry.register(_Collector(router))
     return registry
 
 

@@ -24,12 +24,11 @@ import errno
 import fcntl
 import os
 import socket
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeGuard
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
-    IReactorFDSet,
     IReadDescriptor,
     IWriteDescriptor,
 )
@@ -38,9 +37,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.interfaces import IConnection, IReactor
+
 log = Logger(namespace="portrouter")
 
-_SPLICE = getattr(os, "splice", None)
+if TYPE_CHECKING:  # as on Linux: whatever calls it has checked splicable() or _SPLICE first
+    _SPLICE = os.splice
+else:
+    _SPLICE = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 # One chunk per direction; also the most a slow reader can make us hold.
 CHUNK = 256 * 1024
@@ -105,7 +109,7 @@ class Session:
         on_end(self)
 
 
-def splicable(transport: object) -> bool:
+def splicable(transport: object) -> TypeGuard[tcp.Connection]:
     """A plain kernel stream socket, no TLS in between, and splice(2) exists."""
     return _SPLICE is not None and isinstance(transport, tcp.Connection)
 
@@ -300,7 +304,7 @@ class SpliceRelay:
 
     def __init__(
         self,
-        reactor: IReactorFDSet,
+        reactor: IReactor,
         session: Session,
         client: socket.socket,
         backend: socket.socket,
@@ -331,7 +335,7 @@ class SpliceRelay:
         if err == 0:
             self.start()
         elif err in (errno.EINPROGRESS, errno.EAGAIN):
-            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)  # type: ignore[attr-defined]
+            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)
             self.reactor.addWriter(self.backend)
         else:
             self._connect_failed(err)
@@ -442,7 +446,7 @@ def queued(connection: tcp.Connection) -> int:
     return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
 
 
-def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEOUT) -> None:
+def close_soon(transport: Any, reactor: IReactor | None = None, timeout: float = FLUSH_TIMEOUT) -> None:
     """
     Close C{transport} once what is queued for it is written, as
     C{loseConnection()} does, but abort it once C{timeout} passes with no
@@ -468,7 +472,7 @@ def close_soon(transport: Any, reactor: Any = None, timeout: float = FLUSH_TIMEO
     reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
 
 
-def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: Any, timeout: float,
+def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: IReactor, timeout: float,
                       before: int | None) -> None:
     if connection is not None:
         if connection.disconnected:
@@ -513,6 +517,7 @@ class StreamSide(Protocol):
     write buffer on one side stops reading on the other.
     """
 
+    transport: IConnection  # set by makeConnection, before any other event
     peer: StreamSide | None = None
     session: Session | None = None
     clock: Callable[[], float]  # the reactor's seconds, as the session's idle timer: set by pair_streams

@@ -28,6 +28,7 @@ from portrouter.config import Config, ConfigError, Project, needs_tls
 from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
+from portrouter.interfaces import IReactor
 from portrouter.services import Services
 from portrouter.tcp import Sessions, TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
@@ -85,13 +86,14 @@ class Listener(Service):
         creator = getattr(getattr(port, "factory", None), "creator", None)
         self.strport_tls = None if isinstance(creator, StoreTLS) else creator
         self.given_away = False
-        self.setName(route.project or "ingress")
+        self.setName(route.project or "ingress")  # type: ignore[no-untyped-call]
 
     def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self.given_away:
             return None
-        return defer.maybeDeferred(self.port.stopListening)
+        # Twisted's maybeDeferred overloads take no callable returning "a Deferred or None".
+        return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
 
     def answer_with(self, factory: Any, store_tls: StoreTLS | None = None) -> None:
         """
@@ -125,11 +127,11 @@ class RouterService(MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactor,
         ingress_factory: Callable[[RouterService], Factory] | None = None,
         reload_config: Callable[[], Config] | None = None,
     ):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.sessions = Sessions(reactor)
@@ -191,7 +193,7 @@ class RouterService(MultiService):
                 self.reactor.stop()
 
             d.addErrback(late)
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     async def _bind_all(self) -> None:
         ingress_route = self.table.routes[0]
@@ -206,7 +208,7 @@ class RouterService(MultiService):
                 route = Route(None, "ssh", None, "manhole", manhole.listen)
                 factory = make_manhole(self, manhole.authorized_keys, self.config.state)
                 self.manhole = Listener(route, factory, await self._listen(route, factory))
-                self.manhole.setName("manhole")
+                self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
         except BaseException:
             _release(self.ingress.port)
@@ -215,9 +217,9 @@ class RouterService(MultiService):
                 _release(self.manhole.port)
                 self.manhole = None
             raise
-        self.ingress.setServiceParent(self)
+        self.ingress.setServiceParent(self)  # type: ignore[no-untyped-call]
         if self.manhole is not None:
-            self.manhole.setServiceParent(self)
+            self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _make_ingress(self) -> Factory:
         if self._ingress_factory is not None:
@@ -251,11 +253,13 @@ class RouterService(MultiService):
 
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
+        port: IListeningPort | None  # every branch below binds one or raises
         try:
             if route.protocol == "udp":
                 # Twisted has no UDP strports: bind directly.
-                port: IListeningPort = self.reactor.listenUDP(
-                    route.port, factory, interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
+                port = self.reactor.listenUDP(
+                    route.port, factory,  # type: ignore[arg-type]  # a UDP route always has its port
+                    interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
                 )
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
@@ -294,8 +298,9 @@ class RouterService(MultiService):
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
         if tls is not None:
             # Not accept_directly: TLS is Twisted's to do, in user space.
-            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory), backlog,
-                                          endpoint._interface)
+            # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
+            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory),  # type: ignore[arg-type]
+                                          backlog, endpoint._interface)
         port = self.reactor.listenTCP(endpoint._port, factory, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
             accept_directly(port)
@@ -401,7 +406,7 @@ class RouterService(MultiService):
             for channel in list(getattr(listener.factory, "channels", ())):
                 channel.drain()
         for listener in bound.values():
-            listener.setServiceParent(self)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         for name in set(self.http.pools) - set(table.projects):
             self.http.forget(name)
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):

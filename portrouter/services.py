@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.config import Command
+from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter.services")
 
@@ -62,6 +64,8 @@ class _Output(ProcessProtocol):
 
 
 class _Probe(Protocol):
+    transport: IConnection  # set by makeConnection, before any other event
+
     def connectionMade(self) -> None:
         # A plain close: an abort (RST) makes some servers log a traceback.
         self.transport.loseConnection()
@@ -75,8 +79,8 @@ class _ProbeFactory(Factory):
 class Supervisor:
     """One command: started once on demand, shared by every connection."""
 
-    def __init__(self, reactor: Any, name: str, command: Command, backend: str,
-                 start_timeout: float, clock: Any = None):
+    def __init__(self, reactor: IReactor, name: str, command: Command, backend: str,
+                 start_timeout: float, clock: IReactorTime | None = None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.name = name
@@ -167,7 +171,9 @@ class Supervisor:
         deadline = self.clock.seconds() + self.start_timeout
         while True:
             if ended.called:
-                raise StartFailed(f"{self.name} exited with {_describe(ended.result)} before it opened its port")
+                # Twisted types .result as object; ended only ever fires with _exited's exit code.
+                code = cast("int | None", ended.result)
+                raise StartFailed(f"{self.name} exited with {_describe(code)} before it opened its port")
             try:
                 await self._probe()
                 break
@@ -260,7 +266,7 @@ def _describe(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
+def _sleep(clock: IReactorTime, seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     clock.callLater(seconds, d.callback, None)
     return d
@@ -269,7 +275,7 @@ def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
 class Services:
     """Every supervised command of the router, by project and service name."""
 
-    def __init__(self, reactor: Any, clock: Any = None):
+    def __init__(self, reactor: IReactor, clock: IReactorTime | None = None):
         self.reactor = reactor
         self.clock = clock
         self.supervisors: dict[tuple[str, str | None], Supervisor] = {}

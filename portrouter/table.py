@@ -129,9 +129,9 @@ class RoutingTable:
                 continue
             key = _key(listen.namespace, listen.port)
             if key is not None:
-                holder = claims.get(key)
-                if holder is not None:
-                    raise PortConflict(key[1], key[0], holder, project.name)
+                owner = claims.get(key)
+                if owner is not None:
+                    raise PortConflict(key[1], key[0], owner, project.name)
                 claims[key] = project.name
             assert project.backend is not None
             own.append(Route(

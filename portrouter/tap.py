@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.internet import defer
@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from portrouter.config import Config, ConfigError, load, with_cli
 from portrouter.api import APIError
+from portrouter.interfaces import IReactor
 from portrouter.router import BindError, RouterService
 from portrouter.state import StateError
 
@@ -42,7 +43,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["routes"] = []
 
     def _route(protocol: str) -> Any:  # type: ignore[misc]
@@ -89,7 +90,7 @@ class _Daemon(RouterService):
     """The router as twistd runs it: one-line start-up errors, our own signals."""
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.reactor.callWhenRunning(self._install_signals)
 
     def _install_signals(self) -> None:
@@ -124,7 +125,8 @@ class _Daemon(RouterService):
             super().privilegedStartService()
         except BindError as e:
             # twistd has redirected sys.stderr into the log by now.
-            sys.__stderr__.write(f"portrouter: {e}\n")
+            if sys.__stderr__ is not None:  # None only without any stderr at all
+                sys.__stderr__.write(f"portrouter: {e}\n")
             raise SystemExit(1) from None
 
 
@@ -140,11 +142,11 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     _raise_fd_limit()
     try:
         return _Daemon(options["parsed"], reactor,

@@ -19,15 +19,17 @@ from OpenSSL.SSL import Error
 from service_identity import VerificationError
 from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IReactorCore, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.certs import describe, tls_handle
 from portrouter.config import Project
+from portrouter.interfaces import IReactor
 from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.services import Services
 
 log = Logger(namespace="portrouter.tcp")
 
@@ -71,12 +73,13 @@ def tls_problem(reason: Failure, transport: Any) -> str | None:
     whose connection still holds OpenSSL's verify result while it closes:
     OpenSSL's own error says only "certificate verify failed".
     """
-    if reason.check(VerificationError):
+    value = reason.value
+    if isinstance(value, VerificationError):
         names = [getattr(e.mismatched_id, "hostname", None) or getattr(e.mismatched_id, "ip", "?")
-                 for e in reason.value.errors]
+                 for e in value.errors]
         shown = ", ".join(n.decode("ascii", "replace") if isinstance(n, bytes) else str(n) for n in names)
         return f"backend TLS certificate is not valid for {shown}"
-    if not reason.check(Error):
+    if not isinstance(value, Error):
         return None
     connection = getattr(transport, "_tlsConnection", None)
     if connection is not None:
@@ -87,7 +90,7 @@ def tls_problem(reason: Failure, transport: Any) -> str | None:
             text = ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
             return f"backend TLS certificate verify failed: {text}"
     # pyOpenSSL's Error holds a list of (library, function, reason) triples.
-    queue = reason.value.args[0] if reason.value.args and isinstance(reason.value.args[0], list) else []
+    queue = value.args[0] if value.args and isinstance(value.args[0], list) else []
     said = "; ".join(str(e[-1]) for e in queue if isinstance(e, tuple)) or reason.getErrorMessage()
     return f"backend TLS handshake failed: {said}"
 
@@ -98,7 +101,7 @@ class Sessions:
     waits for, and where the one log line per finished session is written.
     """
 
-    def __init__(self, reactor: IReactorCore):
+    def __init__(self, reactor: IReactorTime):
         self.reactor = reactor
         self.live: set[Session] = set()
         self.stats = Stats()
@@ -244,7 +247,7 @@ class _Inbound(StreamSide):
             )
             # The Twisted transports are let go of: from here on the relay
             # owns both sockets.
-            self.transport = backend.transport = None
+            self.transport = backend.transport = None  # type: ignore[assignment]  # no event comes after
             relay.start()
         else:
             pair_streams(session, self, backend, self.route.reactor.seconds)
@@ -288,7 +291,7 @@ def accept_directly(port: tcp.Port) -> None:
         factory = port.factory
         # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
         if not isinstance(factory, TCPRoute) or factory.direct is None:
-            twisted_read()
+            twisted_read()  # type: ignore[no-untyped-call]
             return
         for _ in range(_ACCEPTS):
             try:
@@ -312,7 +315,7 @@ class TCPRoute(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Services | None = None):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services
@@ -351,5 +354,6 @@ class TCPRoute(Factory):
         relay.on_connect_failure = lambda why: stats.connect_failed(project.name, why)
         relay.connect(target, limits.connect_timeout)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    # A listening port always passes the peer's address.
+    def buildProtocol(self, addr: IAddress) -> Protocol:  # type: ignore[override]
         return _Inbound(self, addr)

@@ -9,7 +9,7 @@ sends early is lost), and a clear log line when the server refuses.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.config import ConfigError, check_server_strport
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import close_soon
 from portrouter.tcp import peer_of
 
@@ -80,9 +81,12 @@ def headers_for(options: Any, url: str, now: Any = None) -> dict[str, str]:
     return {}
 
 
+# No writeConnectionLost: _Local never half-closes its own side, so Twisted never calls it.
 @implementer(IHalfCloseableProtocol)
-class _Local(Protocol):
+class _Local(Protocol):  # type: ignore[misc]
     """An accepted local connection, bridged to one WebSocket."""
+
+    transport: IConnection  # set by makeConnection, before any other event
 
     ws: _Remote | None = None
     bytes_in = bytes_out = 0
@@ -111,7 +115,7 @@ class _Local(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.ws is not None:
             self.bytes_out += len(data)
-            self.ws.sendMessage(data, isBinary=True)
+            self.ws.sendMessage(data, isBinary=True)  # type: ignore[no-untyped-call]
 
     def readConnectionLost(self) -> None:
         self.transport.loseConnection()  # WebSocket has no half-close
@@ -129,6 +133,7 @@ class _Local(Protocol):
 
 
 class _Remote(WebSocketClientProtocol):
+    transport: IConnection  # set by makeConnection, before any other event
     local: _Local | None = None
     opened: defer.Deferred[_Remote]
 
@@ -168,7 +173,7 @@ class _Remote(WebSocketClientProtocol):
 class TunnelFactory(Factory):
     noisy = False
 
-    def __init__(self, options: Any, reactor: Any):
+    def __init__(self, options: Any, reactor: IReactor):
         self.options = options
         self.reactor = reactor
         self.url = options["url"]
@@ -202,22 +207,25 @@ class TunnelFactory(Factory):
 
 
 class _TunnelService(StreamServerEndpointService):
+    listen: str  # the strport, for the error message
+
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
         except Exception as e:
             # One line, on the real stderr (twistd has redirected sys.stderr).
-            sys.__stderr__.write(f"portrouter-tunnel: cannot listen on {self.listen!r}: {e}\n")
+            if sys.__stderr__ is not None:  # None only without any stderr at all
+                sys.__stderr__.write(f"portrouter-tunnel: cannot listen on {self.listen!r}: {e}\n")
             raise SystemExit(1) from None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     endpoint = serverFromString(reactor, options["listen"])
-    service = _TunnelService(endpoint, TunnelFactory(options, reactor))
+    service = _TunnelService(endpoint, TunnelFactory(options, reactor))  # type: ignore[no-untyped-call]
     service.listen = options["listen"]
     service._raiseSynchronously = True
     return service

@@ -29,12 +29,13 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from portrouter.config import Project, split_hostport
+from portrouter.interfaces import IReactor
 
 log = Logger(namespace="portrouter.udp")
 
@@ -60,7 +61,7 @@ class Awake:
     how far the routes' windows reach.
     """
 
-    def __init__(self, reactor: Any):
+    def __init__(self, reactor: IReactor):
         self.reactor = reactor
         self.asked: set[UDPRoute] = set()
         self._call: Any = None
@@ -97,7 +98,7 @@ class Awake:
 _awake: weakref.WeakKeyDictionary[Any, Awake] = weakref.WeakKeyDictionary()
 
 
-def awake(reactor: Any) -> Awake:
+def awake(reactor: IReactor) -> Awake:
     """The one L{Awake} of C{reactor}."""
     keeper = _awake.get(reactor)
     if keeper is None:
@@ -185,8 +186,9 @@ class UDPRoute(DatagramProtocol):
     """The listening side of one project's UDP route."""
 
     noisy = False
+    transport: IUDPTransport  # set by makeConnection, before any datagram
 
-    def __init__(self, reactor: Any, project: Project):
+    def __init__(self, reactor: IReactor, project: Project):
         self.reactor = reactor
         self.sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()
         self.dropped = 0

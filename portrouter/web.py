@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from portrouter.auth import redact_target
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
+from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter.http")
 
@@ -149,10 +150,11 @@ def reason_for(code: int) -> bytes:
 class Channel(Protocol):
     """One client connection: parse requests, run their handlers one at a time."""
 
+    transport: IConnection  # set by makeConnection, before any other event
     tunnel: Any = None  # after an upgrade: bytes go to the relay
     tls: Any = None  # behind TLS: the OpenSSL connection, for the access log
 
-    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+    def __init__(self, site: Site, reactor: IReactor, secure: bool = False):
         self.site = site
         self.reactor = reactor
         self.secure = secure
@@ -713,13 +715,14 @@ class ChannelFactory(Factory):
         """What ALPN may choose behind TLS (L{portrouter.certs})."""
         return list(HTTP_PROTOCOLS)
 
-    def __init__(self, site: Site, reactor: Any, secure: bool = False):
+    def __init__(self, site: Site, reactor: IReactor, secure: bool = False):
         self.site = site
         self.reactor = reactor
         self.secure = secure
         self.channels: set[Channel] = set()  # for draining
 
-    def buildProtocol(self, addr: IAddress) -> Channel:
+    # A listening port always passes the peer's address.
+    def buildProtocol(self, addr: IAddress) -> Channel:  # type: ignore[override]
         channel = Channel(self.site, self.reactor, self.secure)
         channel.factory = self
         self.channels.add(channel)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
@@ -34,7 +34,9 @@ from zope.interface import implementer
 from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.config import Limits, Project
+from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import Session, close_soon, half_close
+from portrouter.services import Services, Supervisor
 from portrouter.tcp import Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
@@ -53,6 +55,8 @@ EARLY_LIMIT = 1 << 20
 @implementer(IHalfCloseableProtocol)
 class _Service(Protocol):
     """The TCP side of a bridge."""
+
+    transport: IConnection  # set by makeConnection, before any other event
 
     bridge: Bridge | None = None
 
@@ -165,7 +169,7 @@ class Target:
 
     def __init__(
         self, project: str, service: str | None, endpoint: IStreamClientEndpoint, limits: Limits,
-        supervisor: Any = None,
+        supervisor: Supervisor | None = None,
     ):
         self.project = project
         self.service = service
@@ -176,6 +180,8 @@ class Target:
 
 class Bridge(WebSocketServerProtocol):
     """One WebSocket bridged to one TCP connection."""
+
+    transport: IConnection  # set by makeConnection, before any other event
 
     target: Target
     sessions: Sessions
@@ -222,7 +228,7 @@ class Bridge(WebSocketServerProtocol):
         timeout = target.limits.connect_timeout
         d = target.endpoint.connect(_ServiceFactory())
         try:
-            service: _Service = await d.addTimeout(timeout, self.factory.reactor)
+            service = cast(_Service, await d.addTimeout(timeout, self.factory.reactor))  # _ServiceFactory's
         except Exception as e:
             why = connect_failure(Failure(e), timeout)
             self.sessions.stats.connect_failed(target.project, why)
@@ -475,12 +481,12 @@ class BridgeFactory(WebSocketServerFactory):
         """The opening handshake is HTTP/1.1: what ALPN may choose behind TLS."""
         return list(HTTP_PROTOCOLS)
 
-    def __init__(self, reactor: Any, sessions: Sessions, target: Target | None = None):
+    def __init__(self, reactor: IReactor, sessions: Sessions, target: Target | None = None):
         # No Server header: Autobahn's names itself and its version.
-        super().__init__(server=None, reactor=reactor)
+        super().__init__(server=None, reactor=reactor)  # type: ignore[no-untyped-call]
         self.sessions = sessions
         self.target = target
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
             utf8validateIncoming=False,  # binary only; a TEXT message is refused anyway
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
@@ -497,7 +503,7 @@ class BridgeFactory(WebSocketServerFactory):
         return proto
 
     def buildProtocol(self, addr: Any) -> Bridge:
-        proto: Bridge = super().buildProtocol(addr)
+        proto = cast(Bridge, super().buildProtocol(addr))  # self.protocol is Bridge
         proto.sessions = self.sessions
         if self.target is not None:
             proto.target = self.target
@@ -507,7 +513,7 @@ class BridgeFactory(WebSocketServerFactory):
 class WSRoute(BridgeFactory):
     """The listening side of a project's ``ws`` route: any path, no credentials."""
 
-    def __init__(self, reactor: Any, project: Project, sessions: Sessions, services: Any = None):
+    def __init__(self, reactor: IReactor, project: Project, sessions: Sessions, services: Services | None = None):
         super().__init__(reactor, sessions)
         self.services = services
         self.update(project)
@@ -568,7 +574,7 @@ class _Takeover:
         channel.status = 101
         channel._log()
         bridge = self.bridge
-        bridge.makeConnection(channel.transport)
+        bridge.makeConnection(channel.transport)  # type: ignore[no-untyped-call]
         channel.tunnel = bridge
         # Autobahn reads the handshake itself, as its own WebSocketResource
         # arranges it: give it the request as it came.
