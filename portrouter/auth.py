@@ -31,7 +31,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable, Iterable
 from urllib.parse import parse_qsl
 
-from portrouter.config import Auth, Keypair, Token
+from portrouter.model import Auth, Keypair, Token
 if TYPE_CHECKING:
     from portrouter.web import Request
 

@@ -18,17 +18,31 @@ import math
 import os
 import re
 import reprlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, overload
 
 import yaml
 from twisted.internet.endpoints import clientFromString, serverFromString
 
+from portrouter.certs import CertificateError, CertificateStore
+from portrouter.model import (
+    TLS,
+    Auth,
+    Command,
+    Config,
+    Keypair,
+    Limits,
+    Listen,
+    Manhole,
+    Project,
+    Service,
+    Token,
+)
+from portrouter.table import PortConflict, RoutingTable
+
 PROTOCOLS = ("http", "tcp", "udp", "ws")
 SERVICE_PROTOCOLS = ("http", "tcp")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
-DEFAULT_INGRESS = "tcp:8080"
-DEFAULT_STATE = "./portrouter-state"
 
 
 class ConfigError(Exception):
@@ -478,27 +492,6 @@ def split_hostport(value: object, path: str) -> tuple[str, int]:
 # --- limits ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Timeouts and bounds; global ``defaults`` overridden per project or service."""
-
-    connect_timeout: float = 10.0
-    idle_timeout: float | None = None
-    udp_timeout: float = 60.0
-    udp_max_sessions: int = 10000
-    # How long the reactor keeps polling instead of sleeping after a UDP
-    # datagram, when datagrams have been following each other that closely:
-    # waking a sleeping CPU costs tens of microseconds on a virtual machine.
-    udp_busy_poll: float = 0.0001
-    max_connections: int | None = None
-    start_timeout: float = 30.0
-    # HTTP: the backend's response head (504 past it), the client's request
-    # head (408, against slowloris), and the largest request head (431).
-    response_timeout: float = 60.0
-    header_timeout: float = 30.0
-    max_header_size: int = 65536
-
-
 _LIMIT_PARSERS: dict[str, Callable[[object, str], Any]] = {
     "connect_timeout": _number,
     "idle_timeout": lambda v, p: _number(v, p, optional=True),
@@ -531,28 +524,6 @@ def _escape_strport(text: str) -> str:
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-@dataclass(frozen=True)
-class Listen:
-    """
-    Where a project is bound of its own.
-
-    @ivar endpoint: the strports description that is bound (for UDP,
-        ``udp:PORT[:interface=ADDR]``, parsed by portrouter itself).
-    @ivar port: the port number, or L{None} for a UNIX socket or an inherited
-        descriptor; 0 (CLI only) lets the OS pick.
-    """
-
-    protocol: str
-    port: int | None
-    interface: str | None
-    endpoint: str
-    tls: bool = False  # terminated with the certificate store (section 9)
-
-    @property
-    def namespace(self) -> str:
-        return "udp" if self.protocol == "udp" else "tcp"
-
-
 def listen_from(protocol: str, port: int, interface: str | None, tls: bool = False) -> Listen:
     if protocol == "udp":
         endpoint = f"udp:{port}"
@@ -561,60 +532,6 @@ def listen_from(protocol: str, port: int, interface: str | None, tls: bool = Fal
     if interface:
         endpoint += f":interface={_escape_strport(interface)}"
     return Listen(protocol, port, interface, endpoint, tls)
-
-
-@dataclass(frozen=True)
-class Command:
-    """A backend that portrouter starts on demand (SPEC section 5)."""
-
-    argv: tuple[str, ...]
-    env: Mapping[str, str] | None = None
-    cwd: str | None = None
-    idle_stop: float | None = None
-
-
-@dataclass(frozen=True)
-class Service:
-    """A service port: a named TCP service inside a project, reached by tunnel."""
-
-    name: str
-    protocol: str
-    port: int
-    command: Command | None
-    limits: Limits
-
-
-@dataclass(frozen=True)
-class Project:
-    """
-    A deployed project, validated.
-
-    @ivar manifest: the manifest as given (file or API), shown back as is.
-    @ivar static: defined in the config file or on the CLI, not through the API.
-    """
-
-    name: str
-    backend: str | None
-    listen: Listen | None
-    host: str | None
-    services: tuple[Service, ...]
-    command: Command | None
-    limits: Limits
-    runtime: str | None = None
-    entry: str | None = None
-    manifest: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    static: bool = True
-    preserve_host: bool = True
-
-    @property
-    def path_routed(self) -> bool:
-        return self.listen is None and self.backend is not None
-
-    def service(self, name: str) -> Service | None:
-        for service in self.services:
-            if service.name == name:
-                return service
-        return None
 
 
 _COMMAND_KEYS = ("command", "env", "cwd", "idle_stop")
@@ -850,44 +767,7 @@ def parse_cli_route(protocol: str, text: str, defaults: Limits = Limits()) -> Pr
 # --- the whole file -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Token:
-    secret: str = field(repr=False)
-    admin: bool
-    projects: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Keypair:
-    access_key: str
-    secret_key: str = field(repr=False)
-    projects: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Auth:
-    tokens: tuple[Token, ...] = ()
-    keypairs: tuple[Keypair, ...] = ()
-
-
-@dataclass(frozen=True)
-class Manhole:
-    listen: str
-    authorized_keys: str
-
-
-@dataclass(frozen=True)
-class TLS:
-    """The certificate store (section 9), read when the file is."""
-
-    certificates: str
-    default: str | None
-    store: Any = field(compare=False, repr=False)  # portrouter.certs.CertificateStore
-
-
 def _tls(value: object, path: str) -> TLS:
-    from portrouter.certs import CertificateError, CertificateStore
-
     data = _expect_mapping(value, path)
     _check_keys(data, ("certificates", "default"), path)
     if "certificates" not in data:
@@ -908,21 +788,6 @@ def needs_tls(project: Project, tls: TLS | None, path: str) -> None:
     if tls is None and project.listen is not None and project.listen.tls:
         raise ConfigError(_join(_join(path, "listen"), "tls"),
                           "needs a top-level 'tls' section (tls: {certificates: DIR})")
-
-
-@dataclass(frozen=True)
-class Config:
-    """Everything portrouter is told at start-up, file and CLI together."""
-
-    source: str | None = None
-    ingress: str = DEFAULT_INGRESS
-    state: str = DEFAULT_STATE
-    drain_timeout: float = 30.0
-    defaults: Limits = Limits()
-    auth: Auth | None = None
-    manhole: Manhole | None = None
-    projects: tuple[Project, ...] = ()
-    tls: TLS | None = None
 
 
 _TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls")
@@ -1075,8 +940,6 @@ def _parse(data: object, source: str | None) -> Config:
 
     # Conflicts are the routing table's to judge; run it once here so that a
     # file that cannot be served is refused before anything binds.
-    from portrouter.table import PortConflict, RoutingTable
-
     try:
         RoutingTable.build(config.ingress, config.manhole, config.projects)
     except PortConflict as e:
@@ -1191,8 +1054,6 @@ def with_cli(
         options[name] = f"--{protocol}"
         projects.append(replace(project, name=name, manifest={**project.manifest, "name": name}))
     config = replace(config, projects=tuple(projects))
-    from portrouter.table import PortConflict, RoutingTable
-
     try:
         RoutingTable.build(config.ingress, config.manhole, config.projects)
     except PortConflict as e:

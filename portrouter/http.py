@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.config import Project
+from portrouter.model import Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
 from portrouter.services import Services, Supervisor

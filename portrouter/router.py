@@ -24,7 +24,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from portrouter.certs import CertificateError, StoreTLS, TLSFactory, strport_tls
-from portrouter.config import Config, ConfigError, Project, needs_tls
+from portrouter.config import ConfigError, needs_tls
+from portrouter.model import Config, Project
 from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes

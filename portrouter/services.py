@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portrouter.config import Command
+from portrouter.model import Command
 from portrouter.interfaces import IConnection, IReactor
 
 log = Logger(namespace="portrouter.services")

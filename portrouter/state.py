@@ -13,7 +13,8 @@ import json
 import os
 from typing import Iterable
 
-from portrouter.config import ConfigError, JSONProblem, Limits, Project, parse_project, read_json
+from portrouter.config import ConfigError, JSONProblem, parse_project, read_json
+from portrouter.model import Limits, Project
 
 FILE = "projects.json"
 VERSION = 1

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 from twisted.internet.endpoints import serverFromString
 
-from portrouter.config import Manhole, Project
+from portrouter.model import Manhole, Project
 
 
 class PortConflict(Exception):

@@ -17,7 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from portrouter.config import Config, ConfigError, load, with_cli
+from portrouter.config import ConfigError, load, with_cli
+from portrouter.model import Config
 from portrouter.api import APIError
 from portrouter.interfaces import IReactor
 from portrouter.router import BindError, RouterService

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from portrouter.certs import describe, tls_handle
-from portrouter.config import Project
+from portrouter.model import Project
 from portrouter.interfaces import IReactor
 from portrouter.metrics import Stats
 from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable

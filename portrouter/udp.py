@@ -34,7 +34,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from portrouter.config import Project, split_hostport
+from portrouter.config import split_hostport
+from portrouter.model import Project
 from portrouter.interfaces import IReactor
 
 log = Logger(namespace="portrouter.udp")

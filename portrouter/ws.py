@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
-from portrouter.config import Limits, Project
+from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import Session, close_soon, half_close
 from portrouter.services import Services, Supervisor

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
 
-from portrouter.config import Config, with_cli
+from portrouter.config import with_cli
+from portrouter.model import Config
 from portrouter.router import RouterService
 
 LOOPBACK = "127.0.0.1"

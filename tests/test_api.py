@@ -34,7 +34,8 @@ from twisted.logger import globalLogPublisher
 import portrouter.state
 import portrouter.tcp
 from portrouter.api import API
-from portrouter.config import Auth, Config, Limits, Manhole, Token, load, parse_project
+from portrouter.config import load, parse_project
+from portrouter.model import Auth, Config, Limits, Manhole, Token
 from portrouter.router import RouterService
 from portrouter.state import State, StateError
 from portrouter.tap import _Daemon

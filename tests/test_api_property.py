@@ -28,7 +28,8 @@ from twisted.internet import tcp as twisted_tcp
 from twisted.internet import udp as twisted_udp
 
 from portrouter.api import APIError
-from portrouter.config import Config, parse_project
+from portrouter.config import parse_project
+from portrouter.model import Config
 from portrouter.http import HTTPRoute
 from portrouter.router import RouterService
 from portrouter.tcp import TCPRoute

@@ -17,7 +17,7 @@ from tests.support import backendai_python
 from twisted.internet.task import Clock
 
 from portrouter.auth import Credentials, Refused, Verdict, redact_target
-from portrouter.config import Auth, Keypair, Token
+from portrouter.model import Auth, Keypair, Token
 from portrouter.web import Request
 
 OPS = "ops-token-0123456789"

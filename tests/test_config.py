@@ -16,20 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from portrouter.config import (
-    Auth,
-    Command,
-    Config,
-    ConfigError,
-    Keypair,
-    Limits,
-    Listen,
-    Manhole,
-    Token,
-    load,
-    parse,
-    with_cli,
-)
+from portrouter.config import ConfigError, load, parse, with_cli
+from portrouter.model import Auth, Command, Config, Keypair, Limits, Listen, Manhole, Token
 
 ROOT = Path(__file__).resolve().parent.parent
 # The command an operator runs, from the environment that runs the tests.

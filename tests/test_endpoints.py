@@ -22,7 +22,8 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
-from portrouter.config import Config, ConfigError, parse_project, with_cli
+from portrouter.config import ConfigError, parse_project, with_cli
+from portrouter.model import Config
 from tests.endpoint_pki import CA
 from tests.httpbackend import Backend
 from tests.support import (

@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import (
-    BigNumber, Command, Config, ConfigError, Limits, load, parse_project, quote, read_json, with_cli,
-)
+from portrouter.config import BigNumber, ConfigError, load, parse_project, quote, read_json, with_cli
+from portrouter.model import Command, Config, Limits
 from portrouter.router import RouterService
 from portrouter.services import StartFailed, Supervisor
 from portrouter.state import State, StateError

@@ -16,7 +16,8 @@ import pytest_twisted
 from dataclasses import replace
 
 from portrouter import http as http_module
-from portrouter.config import Config, Listen, parse_project
+from portrouter.config import parse_project
+from portrouter.model import Config, Listen
 from portrouter.http import SPLICE_BODY
 from tests.httpbackend import Backend, raw_request
 from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, start_router, wait_for

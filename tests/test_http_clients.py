@@ -14,7 +14,8 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import task
 
-from portrouter.config import Config, Listen, parse_project
+from portrouter.config import parse_project
+from portrouter.model import Config, Listen
 from tests.httpbackend import Backend
 from tests.support import (
     LOOPBACK, MiB, Twistd, free_port, in_thread, pattern, rss_kib, start_router, wait_for,

@@ -17,7 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from tests.httpbackend import Backend, raw_request
-from portrouter.config import Auth, Config, Token, parse
+from portrouter.config import parse
+from portrouter.model import Auth, Config, Token
 from portrouter.web import Fixed
 from tests.support import LOOPBACK, ThreadServer, in_thread, start_router
 from tests.test_http import router_for

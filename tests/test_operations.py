@@ -33,7 +33,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
-from portrouter.config import Config, Limits, parse_project
+from portrouter.config import parse_project
+from portrouter.model import Config, Limits
 from portrouter.manhole import HOST_KEY
 from portrouter.relay import StreamSide, pair_streams
 from portrouter.tcp import Sessions

@@ -27,7 +27,8 @@ import pytest_twisted
 from twisted.internet import task
 
 from portrouter.auth import sign_request
-from portrouter.config import Config, Listen, parse
+from portrouter.config import parse
+from portrouter.model import Config, Listen
 from tests.support import (
     LOOPBACK,
     MiB,

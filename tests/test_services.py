@@ -33,7 +33,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 import portrouter.services
-from portrouter.config import Command, Config, Listen, Project, parse_project
+from portrouter.config import parse_project
+from portrouter.model import Command, Config, Listen, Project
 from portrouter.router import RouterService
 from portrouter.services import POLL, StartFailed, Supervisor
 from tests.support import LOOPBACK, RawWebSocket, Twistd, free_port, in_thread, start_router, wait_for

@@ -13,7 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from portrouter.config import Limits, Manhole, Project, Service, listen_from
+from portrouter.config import listen_from
+from portrouter.model import Limits, Manhole, Project, Service
 from portrouter.table import PortConflict, Route, RoutingTable
 
 INGRESS = "tcp:8080:interface=127.0.0.1"

@@ -13,7 +13,8 @@ from twisted.application.service import IService, IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 
-from portrouter.config import Config, Listen, Manhole, with_cli
+from portrouter.config import with_cli
+from portrouter.model import Config, Listen, Manhole
 from portrouter.router import RouterService
 from portrouter.table import Route
 from portrouter.tap import Options, makeService

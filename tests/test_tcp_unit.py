@@ -8,7 +8,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
-from portrouter.config import Limits, parse_cli_route
+from portrouter.config import parse_cli_route
+from portrouter.model import Limits
 from portrouter.tcp import Sessions, TCPRoute
 
 

@@ -29,7 +29,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 
 from portrouter.certs import ContextTLS, TLSFactory, load_certificate
-from portrouter.config import Listen, load, parse
+from portrouter.config import load, parse
+from portrouter.model import Listen
 from portrouter.relay import Session, StreamSide, pair_streams
 from portrouter.router import RouterService
 from tests.httpbackend import Backend

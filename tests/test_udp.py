@@ -23,7 +23,7 @@ from twisted.internet import defer, utils
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from portrouter.config import Config, Limits
+from portrouter.model import Config, Limits
 from portrouter.udp import UDPRoute
 from tests.support import LOOPBACK, ClockedReactor, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from portrouter.config import Limits, parse_cli_route
+from portrouter.config import parse_cli_route
+from portrouter.model import Limits
 from portrouter.udp import DROP_REPORT, UDPRoute
 LOOPBACK = "127.0.0.1"
 
