@@ -30,7 +30,7 @@ from portrouter.model import Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
 from portrouter.services import Services, Supervisor
-from portrouter.tcp import Sessions, connect_failure, timed_out, tls_problem
+from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")

@@ -1,9 +1,10 @@
 """
 ``/_api/metrics``: Prometheus text, via prometheus-client.
 
-The hot paths only bump plain counters in L{Stats} (a dict increment per
-connection or request, nothing per byte); a custom collector turns them, the
-live sessions and the UDP routes into metric families when scraped.
+The hot paths only bump plain counters in L{portrouter.sessions.Stats} (a
+dict increment per connection or request, nothing per byte); a custom
+collector turns them, the live sessions and the UDP routes into metric
+families when scraped.
 """
 
 from __future__ import annotations
@@ -18,30 +19,6 @@ if TYPE_CHECKING:
     from portrouter.router import RouterService
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-
-
-class Stats:
-    """Totals since start-up, by project and protocol."""
-
-    def __init__(self) -> None:
-        self.connections: Counter[tuple[str, str]] = Counter()  # (protocol, project)
-        self.bytes_in: Counter[tuple[str, str]] = Counter()
-        self.bytes_out: Counter[tuple[str, str]] = Counter()
-        self.http: Counter[tuple[str, str]] = Counter()  # (project, "2xx")
-        self.connect_failures: Counter[tuple[str, str]] = Counter()  # (project, reason)
-        self.refused_at_limit: Counter[tuple[str, str]] = Counter()  # (protocol, project)
-
-    def http_request(self, project: str | None, status: int) -> None:
-        self.http[(project or "-", f"{status // 100}xx")] += 1
-
-    def connect_failed(self, project: str, why: str) -> None:
-        if "did not answer" in why:
-            reason = "timeout"
-        elif "refused" in why:
-            reason = "refused"
-        else:
-            reason = "error"
-        self.connect_failures[(project, reason)] += 1
 
 
 class _Collector:

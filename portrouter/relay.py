@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.interfaces import IConnection, IReactor
+from portrouter.sessions import Session
 
 log = Logger(namespace="portrouter")
 
@@ -64,49 +65,6 @@ def open_pipe() -> tuple[int, int]:
     except OSError:
         pass  # over the per-user pipe quota: the default size still works
     return rpipe, wpipe
-
-
-class Session:
-    """
-    One relayed connection as an operator sees it: who, where, how much, how
-    long, and why it ended. Relays fill the counters; the route module logs it.
-    """
-
-    __slots__ = (
-        "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer", "tls",
-    )
-
-    def __init__(
-        self, protocol: str, project: str, peer: str, started: float,
-        on_end: Callable[[Session], None],
-    ):
-        self.protocol = protocol
-        self.project = project
-        self.peer = peer
-        self.started = started
-        self.bytes_in = 0  # from the client towards the backend
-        self.bytes_out = 0  # from the backend towards the client
-        self.reason: str | None = None
-        self._closer: Callable[[], None] | None = None
-        self._on_end: Callable[[Session], None] | None = on_end
-        self.supervisor: Any = None  # a started-on-demand service it keeps in use
-        self.last = started  # last byte either way, for idle_timeout
-        self.idle_timer: Any = None
-        self.tls: Any = None  # the client's OpenSSL connection, behind TLS (for the log)
-
-    def close(self) -> None:
-        """Close both sides now (drain timeout, idle timeout, shutdown)."""
-        if self._closer is not None:
-            self._closer()
-
-    def ended(self, reason: str) -> None:
-        if self._on_end is None:
-            return
-        self.reason = reason
-        on_end, self._on_end = self._on_end, None
-        self._closer = None
-        on_end(self)
 
 
 def splicable(transport: object) -> TypeGuard[tcp.Connection]:

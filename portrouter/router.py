@@ -31,7 +31,8 @@ from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.interfaces import IReactor
 from portrouter.services import Services
-from portrouter.tcp import Sessions, TCPRoute, accept_directly
+from portrouter.sessions import Sessions
+from portrouter.tcp import TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
 from portrouter.ws import StreamEndpoint, WSRoute

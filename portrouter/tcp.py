@@ -12,163 +12,25 @@ import errno
 import ipaddress
 import os
 import socket
-from collections import Counter
 from typing import Any
 
-from OpenSSL.SSL import Error
-from service_identity import VerificationError
-from twisted.internet import defer, error, tcp
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portrouter.certs import describe, tls_handle
 from portrouter.model import Project
 from portrouter.interfaces import IReactor
-from portrouter.metrics import Stats
-from portrouter.relay import Session, SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.relay import SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services
+from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
 
 log = Logger(namespace="portrouter.tcp")
 
-LIMIT_REPORT = 10.0  # seconds between "refused at max_connections" log lines per project
 _ACCEPTS = 64  # accepts per readiness event, so a flood cannot starve the rest
 _SPLICE_OK = hasattr(os, "splice")
-
-
-def peer_of(address: IAddress) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return getattr(address, "name", None) or "unix"
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"  # type: ignore[attr-defined]
-
-
-def timed_out(reason: Failure) -> bool:
-    """
-    A connect given up by C{Deferred.addTimeout} or the endpoint's own
-    timeout. Endpoints answer a cancel with C{ConnectingCancelledError},
-    which C{addTimeout} passes through as it is; callers drop the cancels of
-    clients that left before they get here, so any cancel seen is a timeout.
-    """
-    return reason.check(defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError,
-                        defer.CancelledError) is not None
-
-
-def connect_failure(reason: Failure, timeout: float) -> str:
-    """Why a backend connection attempt failed, in words."""
-    if timed_out(reason):
-        return f"backend did not answer within {timeout:g} s"
-    if reason.check(error.ConnectionRefusedError):
-        return "backend refused the connection"
-    return f"backend connection failed: {reason.getErrorMessage()}"
-
-
-def tls_problem(reason: Failure, transport: Any) -> str | None:
-    """
-    Why a backend's TLS handshake failed, in words (the certificate is for
-    another name, has expired, comes from an unknown CA...); L{None} when
-    C{reason} is no TLS failure. C{transport} is Twisted's TLS transport,
-    whose connection still holds OpenSSL's verify result while it closes:
-    OpenSSL's own error says only "certificate verify failed".
-    """
-    value = reason.value
-    if isinstance(value, VerificationError):
-        names = [getattr(e.mismatched_id, "hostname", None) or getattr(e.mismatched_id, "ip", "?")
-                 for e in value.errors]
-        shown = ", ".join(n.decode("ascii", "replace") if isinstance(n, bytes) else str(n) for n in names)
-        return f"backend TLS certificate is not valid for {shown}"
-    if not isinstance(value, Error):
-        return None
-    connection = getattr(transport, "_tlsConnection", None)
-    if connection is not None:
-        from OpenSSL._util import ffi, lib  # pyOpenSSL has no public verify result
-
-        code = lib.SSL_get_verify_result(connection._ssl)
-        if code:  # X509_V_OK is 0
-            text = ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
-            return f"backend TLS certificate verify failed: {text}"
-    # pyOpenSSL's Error holds a list of (library, function, reason) triples.
-    queue = value.args[0] if value.args and isinstance(value.args[0], list) else []
-    said = "; ".join(str(e[-1]) for e in queue if isinstance(e, tuple)) or reason.getErrorMessage()
-    return f"backend TLS handshake failed: {said}"
-
-
-class Sessions:
-    """
-    The live sessions of the router: what the manhole lists, what draining
-    waits for, and where the one log line per finished session is written.
-    """
-
-    def __init__(self, reactor: IReactorTime):
-        self.reactor = reactor
-        self.live: set[Session] = set()
-        self.stats = Stats()
-        self.active: Counter[str] = Counter()  # open sessions by project, for max_connections
-        self._limit_reported: dict[str, float] = {}
-
-    def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None,
-             transport: Any = None) -> Session:
-        session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
-        session.tls = tls_handle(transport)
-        self.live.add(session)
-        self.active[project] += 1
-        self.stats.connections[(protocol, project)] += 1
-        if idle_timeout is not None:
-            session.idle_timer = self.reactor.callLater(idle_timeout, self._idle, session, idle_timeout)
-        return session
-
-    def full(self, protocol: str, project: str, limit: int | None, peer: str) -> bool:
-        """
-        C{project} has C{limit} sessions open: count the refusal and say so in
-        the log (at most once per 10 s per project, so a flood stays readable).
-        """
-        if limit is None or self.active[project] < limit:
-            return False
-        self.stats.refused_at_limit[(protocol, project)] += 1
-        now = self.reactor.seconds()
-        if now - self._limit_reported.get(project, -LIMIT_REPORT) >= LIMIT_REPORT:
-            self._limit_reported[project] = now
-            log.warn("{protocol} {project} {peer}: refused, {limit} connections open (max_connections)",
-                     protocol=protocol, project=project, peer=peer, limit=limit)
-        return True
-
-    def _idle(self, session: Session, timeout: float) -> None:
-        # One timer per session, moved only when it fires: activity itself
-        # just writes a timestamp.
-        idle = self.reactor.seconds() - session.last
-        if idle < timeout:
-            session.idle_timer = self.reactor.callLater(timeout - idle, self._idle, session, timeout)
-            return
-        session.idle_timer = None
-        session.reason = f"idle for {timeout:g} s"
-        session.close()
-
-    def _ended(self, session: Session) -> None:
-        self.live.discard(session)
-        self.active[session.project] -= 1
-        if not self.active[session.project]:
-            del self.active[session.project]
-        if session.idle_timer is not None and session.idle_timer.active():
-            session.idle_timer.cancel()
-        key = (session.protocol, session.project)
-        self.stats.bytes_in[key] += session.bytes_in
-        self.stats.bytes_out[key] += session.bytes_out
-        if session.supervisor is not None:
-            session.supervisor.release()
-        log.info(
-            "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
-            "{bytes_out} bytes out, {duration:.3f} s{tls}",
-            protocol=session.protocol,
-            project=session.project,
-            peer=session.peer,
-            reason=session.reason,
-            bytes_in=session.bytes_in,
-            bytes_out=session.bytes_out,
-            duration=self.reactor.seconds() - session.started,
-            tls=describe(session.tls),
-        )
 
 
 class _Backend(StreamSide):

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from portrouter.config import ConfigError, check_server_strport
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import close_soon
-from portrouter.tcp import peer_of
+from portrouter.sessions import peer_of
 
 log = Logger(namespace="portrouter.tunnel")
 

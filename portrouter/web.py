@@ -97,7 +97,7 @@ class Site(TypingProtocol):
 
     header_timeout: float
     max_header_size: int
-    stats: Any  # portrouter.metrics.Stats
+    stats: Any  # portrouter.sessions.Stats
 
     def handler(self, channel: Channel, request: Request) -> Handler: ...
 

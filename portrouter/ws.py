@@ -35,9 +35,9 @@ from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import Session, close_soon, half_close
+from portrouter.relay import close_soon, half_close
 from portrouter.services import Services, Supervisor
-from portrouter.tcp import Sessions, connect_failure, peer_of
+from portrouter.sessions import Session, Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
 
 log = Logger(namespace="portrouter.ws")

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from portrouter.config import parse_project
 from portrouter.http import HTTPRoutes, ProjectSite, normalize
-from portrouter.tcp import Sessions
+from portrouter.sessions import Sessions
 from portrouter.web import Channel
 from tests.support import closes_when_idle
 

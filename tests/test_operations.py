@@ -37,7 +37,7 @@ from portrouter.config import parse_project
 from portrouter.model import Config, Limits
 from portrouter.manhole import HOST_KEY
 from portrouter.relay import StreamSide, pair_streams
-from portrouter.tcp import Sessions
+from portrouter.sessions import Sessions
 from tests.httpbackend import Backend, raw_request
 from tests.support import (
     LOOPBACK,

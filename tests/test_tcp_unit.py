@@ -10,7 +10,8 @@ from twisted.logger import globalLogPublisher
 
 from portrouter.config import parse_cli_route
 from portrouter.model import Limits
-from portrouter.tcp import Sessions, TCPRoute
+from portrouter.sessions import Sessions
+from portrouter.tcp import TCPRoute
 
 
 def make_route(connect_timeout: float = 10.0) -> tuple[MemoryReactorClock, TCPRoute]:

@@ -31,7 +31,8 @@ from twisted.internet.testing import StringTransport
 from portrouter.certs import ContextTLS, TLSFactory, load_certificate
 from portrouter.config import load, parse
 from portrouter.model import Listen
-from portrouter.relay import Session, StreamSide, pair_streams
+from portrouter.relay import StreamSide, pair_streams
+from portrouter.sessions import Session
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
