@@ -22,20 +22,17 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
 from email.utils import parsedate_to_datetime
 from typing import Callable, Iterable
 from urllib.parse import parse_qsl
 
 from portrouter.model import Auth, Keypair, Token
-if TYPE_CHECKING:
-    from portrouter.web import Request
+from portrouter.web import Request
 
-__all__ = ["Credentials", "Refused", "Verdict", "DATE_WINDOW", "redact_target"]
+__all__ = ["Credentials", "Refused", "Verdict", "DATE_WINDOW"]
 
 DATE_WINDOW = timedelta(minutes=15)
 """How far a signed request's date may be from our clock (Backend.AI's rule)."""
@@ -117,17 +114,6 @@ def is_loopback(client: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-_TOKEN_PARAM = re.compile(rb"(^|&)(token=)[^&]*")
-
-
-def redact_target(target: bytes) -> bytes:
-    """The request target with any C{?token=} value hidden, for access logs."""
-    path, sep, query = target.partition(b"?")
-    if not sep:
-        return target
-    return path + sep + _TOKEN_PARAM.sub(rb"\1\2***", query)
 
 
 def _parse_date(raw: str) -> datetime | None:

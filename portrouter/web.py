@@ -15,6 +15,7 @@ chunked, or close-delimited for HTTP/1.0), keep-alive and the access log.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Protocol as TypingProtocol
 
 import httptools
@@ -25,7 +26,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.auth import redact_target
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
 
@@ -144,6 +144,17 @@ def _peer(address: IAddress) -> str:
 
 def reason_for(code: int) -> bytes:
     return REASONS.get(code, b"Unknown")
+
+
+_TOKEN_PARAM = re.compile(rb"(^|&)(token=)[^&]*")
+
+
+def redact_target(target: bytes) -> bytes:
+    """The request target with any C{?token=} value hidden, for access logs."""
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return target
+    return path + sep + _TOKEN_PARAM.sub(rb"\1\2***", query)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -16,9 +16,9 @@ import pytest
 from tests.support import backendai_python
 from twisted.internet.task import Clock
 
-from portrouter.auth import Credentials, Refused, Verdict, redact_target
+from portrouter.auth import Credentials, Refused, Verdict
 from portrouter.model import Auth, Keypair, Token
-from portrouter.web import Request
+from portrouter.web import Request, redact_target
 
 OPS = "ops-token-0123456789"
 K1 = "k1-token-abcdefghij"
