@@ -24,6 +24,8 @@ import errno
 import fcntl
 import os
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Any, Callable, TypeGuard
 
 from twisted.internet import tcp
@@ -402,6 +404,22 @@ def _connection_of(transport: Any) -> tcp.Connection | None:
 def queued(connection: tcp.Connection) -> int:
     """Bytes Twisted holds to write on a connection."""
     return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
+
+
+def unsent(transport: Any) -> int | None:
+    """
+    Bytes written to C{transport} that its peer has not taken yet: what
+    Twisted holds and what the kernel has not had acknowledged (TIOCOUTQ);
+    L{None} when there is no kernel connection under it, or it is gone.
+    """
+    connection = _connection_of(transport)
+    if connection is None or connection.disconnected:
+        return None
+    try:
+        kernel = struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        kernel = 0
+    return queued(connection) + int(kernel)
 
 
 def close_soon(transport: Any, reactor: IReactor | None = None, timeout: float = FLUSH_TIMEOUT) -> None:

@@ -35,7 +35,7 @@ from portrouter.auth import Refused
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import close_soon, half_close
+from portrouter.relay import close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Session, Sessions, connect_failure, peer_of
 from portrouter.web import Channel, Fixed, Request, reason_for, write_now
@@ -192,6 +192,7 @@ class Bridge(WebSocketServerProtocol):
     dropping = False
     ended = False
     output: _ToClient | None = None
+    close_left: int | None = None  # unsent bytes when the close handshake's timer last looked
     failed = False  # failed for a protocol error: what the client sends is dropped
     holds = 0  # HELD_* reasons the client is not read
 
@@ -435,6 +436,22 @@ class Bridge(WebSocketServerProtocol):
             if service is not None:  # it gets nothing more: what it had is flushed, then it ends
                 service.bridge = None
                 close_soon(service.transport, self.factory.reactor)
+
+    def onCloseHandshakeTimeout(self) -> None:
+        # Autobahn counts from the moment it queues its close frame, but the
+        # frame leaves behind whatever data is still queued for the client:
+        # a client still taking that data is slow, not gone, and the abort
+        # that ends the wait throws away what it has not read (the end of
+        # what the service sent). So the timer starts again while the queue
+        # shrinks, and once more, whole, when it is empty; a client that
+        # takes nothing for a whole timeout is dropped as before.
+        left, last = unsent(self.transport), self.close_left
+        if left is not None and ((left and (last is None or left < last)) or (not left and last)):
+            self.close_left = left
+            self.closeHandshakeTimeoutCall = self.factory.reactor.callLater(
+                self.factory.closeHandshakeTimeout, self.onCloseHandshakeTimeout)
+            return
+        super().onCloseHandshakeTimeout()
 
     def _closeConnection(self, abort: bool = False) -> None:
         # Autobahn aborts (a TCP reset) even after a clean closing handshake,

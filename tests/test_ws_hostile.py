@@ -642,3 +642,59 @@ async def test_tunnel_closes_a_local_client_that_never_reads_once_the_websocket_
         tunnel.stop()
         service.close()
         await router.stopService()
+
+
+def test_close_handshake_waits_while_the_client_takes_what_is_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Autobahn's close handshake timer runs from when the close frame is
+    queued, behind data still queued for the client; on expiry it aborts,
+    and the client loses what it had not read. (With the timeout cut to
+    10 ms, test_ws_route_64_mib_each_way lost the tail of its 64 MiB every
+    time; with 5 s, now and then on a loaded machine.) The bridge waits on
+    while the client takes the queue, gives it one whole timeout more once
+    the queue is empty, and drops a client that takes nothing.
+    """
+    import portrouter.ws
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+    from twisted.internet.address import IPv4Address
+
+    from portrouter.sessions import Sessions
+    from portrouter.ws import BridgeFactory
+
+    clock = MemoryReactorClock()
+    factory = BridgeFactory(clock, Sessions(clock))
+    timeout = factory.closeHandshakeTimeout
+    looks = iter([300_000, 200_000, 200_000])  # what the client had yet to take, at each look
+    monkeypatch.setattr(portrouter.ws, "unsent", lambda transport: next(looks), raising=False)
+
+    def closing() -> tuple[Bridge, list[bool]]:
+        bridge = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        dropped: list[bool] = []
+        monkeypatch.setattr(bridge, "dropConnection", lambda abort=False: dropped.append(abort))
+        bridge.state = WebSocketServerProtocol.STATE_CLOSING
+        return bridge, dropped
+
+    # Slow: 300 KB queued when the timer first ran out, then 200 KB; stuck after.
+    slow, dropped = closing()
+    slow.onCloseHandshakeTimeout()
+    assert dropped == []
+    clock.advance(timeout)
+    assert dropped == []
+    clock.advance(timeout)
+    assert dropped == [True] and slow.wasCloseHandshakeTimeout
+
+    # Everything taken: one whole timeout more for the client's answer, then dropped.
+    looks = iter([100_000, 0, 0])
+    done, dropped = closing()
+    done.onCloseHandshakeTimeout()
+    clock.advance(timeout)
+    assert dropped == []
+    clock.advance(timeout)
+    assert dropped == [True]
+
+    # Nothing queued when the timer runs out, or no connection any more: dropped at once.
+    for left in (0, None):
+        looks = iter([left])
+        gone, dropped = closing()
+        gone.onCloseHandshakeTimeout()
+        assert dropped == [True]
