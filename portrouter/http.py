@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from portrouter.model import Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, open_pipe, pair_streams
+from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, held, open_pipe, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
@@ -355,8 +355,7 @@ class BodySplice:
             self.src.startReading()
 
     def _queued(self) -> bool:
-        dst = self.dst
-        return bool(dst._tempDataLen or dst.offset < len(dst.dataBuffer))
+        return held(self.dst) > 0
 
     def readable(self) -> Any:
         if self.pending and not self._flush():

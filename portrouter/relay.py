@@ -406,6 +406,12 @@ def queued(connection: tcp.Connection) -> int:
     return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
 
 
+def held(transport: Any) -> int:
+    """Bytes Twisted holds to write on C{transport} (on the connection under TLS); 0 without one."""
+    connection = _connection_of(transport)
+    return 0 if connection is None else queued(connection)
+
+
 def unsent(transport: Any) -> int | None:
     """
     Bytes written to C{transport} that its peer has not taken yet: what
