@@ -211,12 +211,39 @@ def both_ways_service(conn: socket.socket) -> tuple[tuple[int, str], str]:
 
 
 def both_ways_client(port: int) -> tuple[str, tuple[int, str]]:
-    """Send 64 MiB while reading until the tunnel closes."""
+    """
+    Send 64 MiB while reading; once the service's 64 MiB are in, end the
+    sending side and read on until the tunnel closes.
+
+    Ending it is for websocat: websocat 1.x may hold the last bytes its TCP
+    client sent for good. When its flush towards the WebSocket would block,
+    the wake-up for the socket turning writable polls its reader first, which
+    has nothing and returns, and nothing flushes again until the client sends
+    more or ends (its copy loop, src/my_copy.rs; vi/websocat#129, #250). Seen
+    here as a 64 MiB tunnel stuck on the rest of one frame inside websocat,
+    every socket queue empty and the router reading, once in about 40 runs
+    under load.
+    """
     with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
         received: list[Any] = []
-        reader = threading.Thread(target=lambda: received.append(recv_all_and_hash(sock)))
+        got_all = threading.Event()
+
+        def read() -> None:
+            digest = hashlib.sha256()
+            total = 0
+            while data := sock.recv(MiB):
+                total += len(data)
+                digest.update(data)
+                if total >= SIZE:
+                    got_all.set()
+            received.append((total, digest.hexdigest()))
+            got_all.set()
+
+        reader = threading.Thread(target=read)
         reader.start()
         sent = send_all_and_hash(sock, 1, SIZE)
+        got_all.wait(120)
+        sock.shutdown(socket.SHUT_WR)
         reader.join(120)
         assert received, "the client's reader did not finish"
         return sent, received[0]
