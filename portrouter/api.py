@@ -13,7 +13,7 @@ they were.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,11 +21,9 @@ from twisted.logger import Logger
 from portrouter.auth import Refused
 from portrouter.config import ConfigError, JSONProblem, kind_of, needs_tls, parse_project, quote, read_json
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
+from portrouter.router import ChangeRefused, RouterService
 from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
-
-if TYPE_CHECKING:
-    from portrouter.router import RouterService
 
 log = Logger(namespace="portrouter.api")
 
@@ -49,6 +47,15 @@ class APIError(Exception):
         if self.field is not None:
             error["field"] = self.field
         return json.dumps({"error": error}).encode() + b"\n"
+
+    @classmethod
+    def refused(cls, refusal: ChangeRefused) -> APIError:
+        """The answer to a change the router refused."""
+        return cls(_STATUS[refusal.kind], refusal.code, refusal.message, refusal.field)
+
+
+# Whose fault a refused change is, as an HTTP status.
+_STATUS = {"invalid": 400, "conflict": 409, "failed": 500}
 
 
 def _json(data: Any) -> bytes:
@@ -175,7 +182,10 @@ class API:
                 channel.send(status, body, JSON)
 
         def failed(failure: Any) -> None:
-            if failure.check(APIError):
+            if failure.check(ChangeRefused):
+                error = APIError.refused(failure.value)
+                channel.send(error.status, error.body(), JSON)
+            elif failure.check(APIError):
                 channel.send(failure.value.status, failure.value.body(), JSON)
             else:
                 log.failure("API change failed", failure)

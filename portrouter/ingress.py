@@ -10,13 +10,16 @@ to; dot segments in the rest are resolved within the project's prefix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from portrouter.http import NAME
+from portrouter.router import RouterService
 from portrouter.web import Channel, ChannelFactory, Fixed, Request
 
-if TYPE_CHECKING:
-    from portrouter.router import RouterService
+# What the ingress mounts under paths of its own: the API's handler for a
+# request (with the path past /_api/), and the service ports' (/stream/...).
+APIHandler = Callable[[Channel, Request, bytes], Any]
+StreamHandler = Callable[[Channel, Request], Any]
 
 # What the Backend.AI SDK needs from GET /: an API version it can speak
 # (v7.20230615 is what 23.09 clients use at most).
@@ -24,8 +27,10 @@ VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'
 
 
 class IngressSite:
-    def __init__(self, router: RouterService):
+    def __init__(self, router: RouterService, api: APIHandler, stream: StreamHandler):
         self.router = router
+        self.api = api
+        self.stream = stream
         self.stats = router.sessions.stats
         defaults = router.config.defaults
         self.header_timeout = defaults.header_timeout
@@ -44,7 +49,7 @@ class IngressSite:
         if segment == b"_api" and slash:
             return self._api(channel, request, rest)
         if segment == b"stream":
-            return self.router.stream_handler(channel, request)
+            return self.stream(channel, request)
         project = self.router.table.projects.get(segment.decode("latin-1")) if NAME.match(segment) else None
         if project is None or not project.path_routed:
             return Fixed(lambda: channel.send(404, b"portrouter: no such project\n"))
@@ -61,8 +66,8 @@ class IngressSite:
     def _api(self, channel: Channel, request: Request, rest: bytes) -> Any:
         if rest == b"health":
             return Fixed(lambda: channel.send(200, b'{"status": "ok"}\n', b"application/json"))
-        return self.router.api_handler(channel, request, rest)
+        return self.api(channel, request, rest)
 
 
-def make_ingress(router: RouterService) -> ChannelFactory:
-    return ChannelFactory(IngressSite(router), router.reactor)
+def make_ingress(router: RouterService, api: APIHandler, stream: StreamHandler) -> ChannelFactory:
+    return ChannelFactory(IngressSite(router, api, stream), router.reactor)

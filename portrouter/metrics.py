@@ -10,13 +10,12 @@ families when scraped.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-if TYPE_CHECKING:
-    from portrouter.router import RouterService
+from portrouter.router import RouterService
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 

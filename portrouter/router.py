@@ -9,7 +9,7 @@ the same change are released again and the old state stays in place.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, Literal, Protocol, TypeVar
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, tcp
@@ -35,14 +35,42 @@ from portrouter.sessions import Sessions
 from portrouter.tcp import TCPRoute, accept_directly
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
-from portrouter.ws import StreamEndpoint, WSRoute
-from portrouter.web import Channel, Request
+from portrouter.ws import WSRoute
 
 log = Logger(namespace="portrouter")
 T = TypeVar("T")
 
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
+
+
+class ChangeRefused(Exception):
+    """
+    A change the router did not make: nothing changed. C{kind} says whose
+    the fault is (the request's, a clash with what is there, or the
+    router's own); C{code} and C{field} name it for the API's answer.
+    """
+
+    def __init__(self, kind: Literal["invalid", "conflict", "failed"], code: str, message: str,
+                 field: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class Front(Protocol):
+    """
+    What answers on the router's own ports. The composition root builds it
+    (L{portrouter.front}); the router binds its factories and knows no more.
+    """
+
+    def ingress(self) -> Factory:
+        """The factory for the ingress port."""
+
+    def manhole(self) -> Factory | None:
+        """The factory for the manhole's port, if one is configured."""
 
 
 class BindError(Exception):
@@ -130,7 +158,7 @@ class RouterService(MultiService):
         self,
         config: Config,
         reactor: IReactor,
-        ingress_factory: Callable[[RouterService], Factory] | None = None,
+        front: Callable[[RouterService], Front],
         reload_config: Callable[[], Config] | None = None,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
@@ -143,7 +171,6 @@ class RouterService(MultiService):
         # One creator for every tls: true port; a reload gives it a new store.
         self.store_tls = StoreTLS()
         self.store_tls.store = config.tls.store if config.tls is not None else None
-        self.stream = StreamEndpoint(self)
         self.state = State(config.state)
         self.reload_config = reload_config
         # Every change of the table (start-up, API, SIGHUP, reload) runs under
@@ -164,15 +191,12 @@ class RouterService(MultiService):
             self.table = RoutingTable.build(config.ingress, config.manhole, [*config.projects, *deployed])
         except PortConflict as e:
             raise StateError(f"{self.state.path}: {e}") from None
-        from portrouter.api import API
-
-        self.api = API(self)
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
         self.manhole: Listener | None = None
-        self._ingress_factory = ingress_factory
         self.stopping = False
         self.forced = False
+        self.front = front(self)
 
     # -- start-up -------------------------------------------------------------
 
@@ -199,17 +223,14 @@ class RouterService(MultiService):
 
     async def _bind_all(self) -> None:
         ingress_route = self.table.routes[0]
-        factory = self._make_ingress()
+        factory = self.front.ingress()
         port = await self._listen(ingress_route, factory)
         self.ingress = Listener(ingress_route, factory, port)
         try:
-            if self.config.manhole is not None:
-                from portrouter.manhole import make_manhole
-
-                manhole = self.config.manhole
+            manhole, shell = self.config.manhole, self.front.manhole()
+            if manhole is not None and shell is not None:
                 route = Route(None, "ssh", None, "manhole", manhole.listen)
-                factory = make_manhole(self, manhole.authorized_keys, self.config.state)
-                self.manhole = Listener(route, factory, await self._listen(route, factory))
+                self.manhole = Listener(route, shell, await self._listen(route, shell))
                 self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
         except BaseException:
@@ -222,13 +243,6 @@ class RouterService(MultiService):
         self.ingress.setServiceParent(self)  # type: ignore[no-untyped-call]
         if self.manhole is not None:
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
-
-    def _make_ingress(self) -> Factory:
-        if self._ingress_factory is not None:
-            return self._ingress_factory(self)
-        from portrouter.ingress import make_ingress
-
-        return make_ingress(self)
 
     # -- reconciling ------------------------------------------------------------
 
@@ -244,14 +258,6 @@ class RouterService(MultiService):
         if protocol == "ws":
             return WSRoute(self.reactor, project, self.sessions, self.commands)
         raise NotImplementedError(f"{protocol} routes are not served yet")
-
-    # -- what the ingress mounts ------------------------------------------------
-
-    def api_handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
-        return self.api.handler(channel, request, rest)
-
-    def stream_handler(self, channel: Channel, request: Request) -> Any:
-        return self.stream.handler(channel, request)
 
 
     async def _listen(self, route: Route, factory: Any) -> IListeningPort:
@@ -450,19 +456,17 @@ class RouterService(MultiService):
         state file, then switch. A failure at any step leaves listeners,
         table and state file as they were. Only under the lock (L{serialised}).
         """
-        from portrouter.api import APIError
-
         try:
             bound = await self._prepare(table)
         except BindError as e:
-            raise APIError(409, "port_unavailable", str(e), "listen.port") from None
+            raise ChangeRefused("conflict", "port_unavailable", str(e), "listen.port") from None
         if persist:
             try:
                 self.state.save(p for p in table.projects.values() if not p.static)
             except OSError as e:
                 self._abandon(bound)
-                raise APIError(500, "state_unwritable",
-                               f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
+                raise ChangeRefused("failed", "state_unwritable",
+                                    f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
         await self._commit(table, bound)
 
     async def reload(self) -> dict[str, list[str]]:
@@ -474,31 +478,29 @@ class RouterService(MultiService):
         return await self.serialised(self._reload_now)
 
     async def _reload_now(self) -> dict[str, list[str]]:
-        from portrouter.api import APIError
-
         if self.reload_config is None:
-            raise APIError(409, "no_config_file", "portrouter was started without --config")
+            raise ChangeRefused("conflict", "no_config_file", "portrouter was started without --config")
         try:
             config = self.reload_config()
         except ConfigError as e:
             log.error("reload refused: {error}", error=str(e))
-            raise APIError(400, "invalid", str(e), e.field or None) from None
+            raise ChangeRefused("invalid", "invalid", str(e), e.field or None) from None
         dynamic = [p for p in self.table.projects.values() if not p.static]
         for project in dynamic:
             try:
                 needs_tls(project, config.tls, project.name)
             except ConfigError as e:
                 log.error("reload refused: {error}", error=f"{config.source}: {e} (deployed through the API)")
-                raise APIError(400, "invalid", f"{e} (deployed through the API)", "tls") from None
+                raise ChangeRefused("invalid", "invalid", f"{e} (deployed through the API)", "tls") from None
         clash = {p.name for p in config.projects} & {p.name for p in dynamic}
         if clash:
             name = sorted(clash)[0]
-            raise APIError(409, "invalid", f"project {name!r} is in the file and was deployed through the API")
+            raise ChangeRefused("conflict", "invalid", f"project {name!r} is in the file and was deployed through the API")
         try:
             table = RoutingTable.build(self.table.ingress, self.table.manhole, [*config.projects, *dynamic])
         except PortConflict as e:
             log.error("reload refused: {error}", error=str(e))
-            raise APIError(409, "port_conflict", str(e), "listen.port") from None
+            raise ChangeRefused("conflict", "port_conflict", str(e), "listen.port") from None
         if config.ingress != self.config.ingress or config.manhole != self.config.manhole:
             log.warn("reload: the ingress and manhole stay as they are until a restart")
         old = self.table.projects

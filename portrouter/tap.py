@@ -19,9 +19,9 @@ from twisted.python import usage
 
 from portrouter.config import ConfigError, load, with_cli
 from portrouter.model import Config
-from portrouter.api import APIError
+from portrouter.front import Front
 from portrouter.interfaces import IReactor
-from portrouter.router import BindError, RouterService
+from portrouter.router import BindError, ChangeRefused, RouterService
 from portrouter.state import StateError
 
 log = Logger(namespace="portrouter")
@@ -119,7 +119,7 @@ class _Daemon(RouterService):
         log.info("Received SIGHUP, reloading")
         d = defer.Deferred.fromCoroutine(self.reload())
         # A refused reload is logged by reload() itself; nothing changed.
-        d.addErrback(lambda f: None if f.check(APIError) else log.failure("reload", f))
+        d.addErrback(lambda f: None if f.check(ChangeRefused) else log.failure("reload", f))
 
     def privilegedStartService(self) -> None:
         try:
@@ -150,7 +150,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     _raise_fd_limit()
     try:
-        return _Daemon(options["parsed"], reactor,
+        return _Daemon(options["parsed"], reactor, Front,
                        reload_config=options.read_config if options["config"] else None)
     except StateError as e:
         sys.stderr.write(f"{e}\n")

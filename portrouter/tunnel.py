@@ -24,6 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.auth import sign_request
 from portrouter.config import ConfigError, check_server_strport
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import close_soon
@@ -70,8 +71,6 @@ class Options(usage.Options):
 def headers_for(options: Any, url: str, now: Any = None) -> dict[str, str]:
     """The credentials for one WebSocket request."""
     if options.get("access-key"):
-        from portrouter.auth import sign_request
-
         return sign_request(
             "GET", url, options["access-key"], options["secret-key"],
             content_type="application/octet-stream", now=now,

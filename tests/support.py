@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
 
+from portrouter.front import Front
 from portrouter.config import with_cli
 from portrouter.model import Config
 from portrouter.router import RouterService
@@ -57,7 +58,7 @@ async def start_router(*routes: tuple[str, str], config: Config | None = None,
                        using: Any = None) -> RouterService:
     """A started router on C{using} (a L{ClockedReactor}, say), the real reactor by default."""
     config = with_cli(config or Config(ingress=f"tcp:0:interface={LOOPBACK}"), routes=routes)
-    router = RouterService(config, using or reactor)
+    router = RouterService(config, using or reactor, Front)
     router.privilegedStartService()
     router.startService()
     return router

@@ -33,6 +33,7 @@ from twisted.logger import globalLogPublisher
 
 import portrouter.state
 import portrouter.tcp
+from portrouter.front import Front
 from portrouter.api import API
 from portrouter.config import load, parse_project
 from portrouter.model import Auth, Config, Limits, Manhole, Token
@@ -446,7 +447,7 @@ async def test_delete_stops_accepting_at_once_and_closes_open_connections_after_
     port = free_port()
     clock = Clock()
     config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
-    router = RouterService(config, ClockedReactor(clock))
+    router = RouterService(config, ClockedReactor(clock), Front)
     router.privilegedStartService()
     router.startService()
     ingress = router.port_of()
@@ -513,7 +514,7 @@ async def test_delete_drains_kept_alive_http_clients(tmp_path: Path) -> None:
     port = free_port()
     clock = Clock()
     config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
-    router = RouterService(config, ClockedReactor(clock))
+    router = RouterService(config, ClockedReactor(clock), Front)
     router.privilegedStartService()
     router.startService()
     ingress = router.port_of()
@@ -882,7 +883,7 @@ async def test_sighup_and_api_changes_wait_for_a_hand_over_in_progress(
         reads.append(config.read_text())
         return load(str(config))
 
-    router = _Daemon(load(str(config)), reactor, reload_config=read)
+    router = _Daemon(load(str(config)), reactor, Front, reload_config=read)
     signals = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
     try:
         router.privilegedStartService()
@@ -912,11 +913,11 @@ async def test_sighup_and_api_changes_wait_for_a_hand_over_in_progress(
         os.kill(os.getpid(), signal.SIGHUP)
         await wait_for(lambda: hups, what="the SIGHUP handler")
         put, post = Answer(), Answer()
-        handler = router.api.handler(put, api_request(b"PUT", b"/_api/projects/api1", LOOPBACK),  # type: ignore[arg-type]
+        handler = router.front.api.handler(put, api_request(b"PUT", b"/_api/projects/api1", LOOPBACK),  # type: ignore[arg-type]
                                      b"projects/api1")
         handler.body(json.dumps({"backend": backend, "listen": listen(deployed, "tcp")}).encode())
         handler.end()
-        router.api.handler(post, api_request(b"POST", b"/_api/reload", LOOPBACK), b"reload").end()  # type: ignore[arg-type]
+        router.front.api.handler(post, api_request(b"POST", b"/_api/reload", LOOPBACK), b"reload").end()  # type: ignore[arg-type]
         # All three wait: the second file is not even read, nothing answered.
         assert (len(reads), commits, put.sent, post.sent) == (1, [["new"]], [], [])
 
@@ -1177,12 +1178,12 @@ def test_without_auth_section_only_loopback_clients_are_answered(tmp_path: Path,
     refused client cannot come over a real socket here: the request is handed
     to the handler in-process, from a documentation address.
     """
-    router = RouterService(Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state")), reactor)
+    router = RouterService(Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state")), reactor, Front)
     body = json.dumps({"backend": f"tcp:{LOOPBACK}:1"}).encode()
     for method, path in [(b"GET", b"/_api/routes"), (b"GET", b"/_api/projects"), (b"GET", b"/_api/metrics"),
                          (b"PUT", b"/_api/projects/p"), (b"DELETE", b"/_api/projects/p"),
                          (b"POST", b"/_api/reload")]:
-        status, answer = answer_of(router.api, method, path, client, body if method == b"PUT" else b"")
+        status, answer = answer_of(router.front.api, method, path, client, body if method == b"PUT" else b"")
         assert status == 403, (method, path)
         assert answer == {"error": {"code": "forbidden",
                                     "message": "without an auth section only loopback clients are answered"}}
@@ -1190,7 +1191,7 @@ def test_without_auth_section_only_loopback_clients_are_answered(tmp_path: Path,
     assert not (tmp_path / "state" / "projects.json").exists()
     # The same handler answers a loopback client.
     for client in ("127.0.0.1", "127.0.0.2", "::1"):
-        status, answer = answer_of(router.api, b"GET", b"/_api/projects", client)
+        status, answer = answer_of(router.front.api, b"GET", b"/_api/projects", client)
         assert (status, answer) == (200, {"projects": []})
 
 

@@ -27,11 +27,12 @@ from twisted.internet import reactor, task
 from twisted.internet import tcp as twisted_tcp
 from twisted.internet import udp as twisted_udp
 
+from portrouter.front import Front
 from portrouter.api import APIError
 from portrouter.config import parse_project
 from portrouter.model import Config
 from portrouter.http import HTTPRoute
-from portrouter.router import RouterService
+from portrouter.router import ChangeRefused, RouterService
 from portrouter.tcp import TCPRoute
 from portrouter.table import PortConflict
 from portrouter.udp import UDPRoute
@@ -123,7 +124,7 @@ async def call(router: RouterService, method: bytes, name: str, body: Any = None
     request.method = method
     request.target = request.path = f"/_api/projects/{name}".encode()
     channel = Answer()
-    handler = router.api.handler(channel, request, f"projects/{name}".encode())  # type: ignore[arg-type]
+    handler = router.front.api.handler(channel, request, f"projects/{name}".encode())  # type: ignore[arg-type]
     if body is not None:
         handler.body(json.dumps(body).encode())
     handler.end()
@@ -208,8 +209,9 @@ async def change_two(router: RouterService, first: dict[str, Any], second: dict[
         return 409, {"error": {"code": "port_conflict"}}
     try:
         await router.serialised(lambda: router.change(table, persist=True))
-    except APIError as e:
-        return e.status, json.loads(e.body())
+    except ChangeRefused as e:
+        error = APIError.refused(e)
+        return error.status, json.loads(error.body())
     return 200, None
 
 
@@ -278,7 +280,7 @@ async def test_any_sequence_of_changes_keeps_the_listeners_equal_to_the_table(
 ) -> None:
     state = Path(tempfile.mkdtemp(dir=tmp_path))
     state_file = state / "projects.json"
-    router = RouterService(Config(ingress=f"tcp:{ingress}:interface={LOOPBACK}", state=str(state), drain_timeout=1), reactor)
+    router = RouterService(Config(ingress=f"tcp:{ingress}:interface={LOOPBACK}", state=str(state), drain_timeout=1), reactor, Front)
     router.privilegedStartService()
     router.startService()
     model: Model = {}

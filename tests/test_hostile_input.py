@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
+from portrouter.front import Front
 from portrouter.config import BigNumber, ConfigError, load, parse_project, quote, read_json, with_cli
 from portrouter.model import Command, Config, Limits
 from portrouter.router import RouterService
@@ -490,7 +491,7 @@ async def test_twistd_refuses_a_binary_config_file_with_one_line(tmp_path: Path)
 async def test_a_reload_of_a_hostile_config_file_is_a_400_and_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     write_config(path, tmp_path / "state", f"{{name: web, backend: '{BACKEND}'}}")
-    router = RouterService(load(str(path)), reactor, reload_config=lambda: load(str(path)))
+    router = RouterService(load(str(path)), reactor, Front, reload_config=lambda: load(str(path)))
     router.privilegedStartService()
     router.startService()
     port = router.port_of()

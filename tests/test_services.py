@@ -33,6 +33,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 import portrouter.services
+from portrouter.front import Front
 from portrouter.config import parse_project
 from portrouter.model import Command, Config, Listen, Project
 from portrouter.router import RouterService
@@ -671,7 +672,7 @@ class OnAClock:
         project = own_port("tcp", "echo", self.service.backend, self.service.command,
                            idle_stop=60, start_timeout=1000)
         self.clock = Clock()
-        self.router = RouterService(Config(ingress=f"tcp:0:interface={LOOPBACK}", projects=(project,)), reactor)
+        self.router = RouterService(Config(ingress=f"tcp:0:interface={LOOPBACK}", projects=(project,)), reactor, Front)
         self.router.commands.clock = self.clock  # polling, start_timeout and idle_stop
         self.router.privilegedStartService()
         self.router.startService()

@@ -28,6 +28,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 
+from portrouter.front import Front
 from portrouter.certs import ContextTLS, TLSFactory, load_certificate
 from portrouter.config import load, parse
 from portrouter.model import Listen
@@ -207,7 +208,7 @@ async def start_tls_router(data: dict[str, Any], path: Path | None = None) -> Ro
         return replace(fresh, projects=tuple(
             replace(p, listen=config.projects[i].listen) for i, p in enumerate(fresh.projects)))
 
-    router = RouterService(config, reactor, reload_config=reread)
+    router = RouterService(config, reactor, Front, reload_config=reread)
     router.privilegedStartService()
     router.startService()
     return router
