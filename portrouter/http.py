@@ -11,7 +11,6 @@ requests tunnelled byte for byte after the backend's C{101}.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from typing import Any, cast
@@ -28,7 +27,7 @@ from zope.interface import implementer
 
 from portrouter.model import Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import _FLAGS, _SPLICE, CHUNK, StreamSide, held, open_pipe, pair_streams
+from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
@@ -264,7 +263,7 @@ class Upstream(Protocol):
             self.reset_parser = True
             self._complete()
         elif (length is not None and length >= SPLICE_BODY and not chunked and code not in (204, 304)
-              and _SPLICE is not None and type(self.transport) in _PLAIN
+              and SPLICE_OK and type(self.transport) in _PLAIN
               and type(exchange.channel.transport) in _PLAIN):
             self.splice_left = length  # less what arrives with this read (on_body)
 
@@ -320,130 +319,36 @@ class Upstream(Protocol):
 
 class BodySplice:
     """
-    The rest of a large response body (its length known), moved from the
-    backend's socket to the client's with splice(2) through a pipe, never
-    entering Python, like the TCP relay. For the while, it lends itself the
-    two transports' C{doRead}/C{doWrite} (as Twisted's own C{abortConnection}
-    replaces them): the backend is read only while the pipe is empty, so a
-    slow client holds back the backend as before. Then all is handed back and
-    the exchange completes as usual.
+    The rest of a large response body (its length known), spliced from the
+    backend's socket to the client's by the relay (L{SplicedBody}), never
+    entering Python; then the exchange completes as usual.
     """
 
     def __init__(self, upstream: Upstream, exchange: ProxyExchange, left: int):
         self.upstream = upstream
         self.exchange = exchange
-        self.left = left
-        self.pending = 0
-        self.moved = 0
-        # Only made for plain TCP transports (Upstream checks _PLAIN): their internals are lent here.
-        self.src = cast(tcp.Connection, upstream.transport)
-        self.dst = cast(tcp.Connection, exchange.channel.transport)
-        self.rpipe, self.wpipe = open_pipe()
-        self.over = False
+        # Only made for plain TCP transports (Upstream checks _PLAIN).
+        self.pump = SplicedBody(cast(tcp.Connection, upstream.transport),
+                                cast(tcp.Connection, exchange.channel.transport), left, self._ended)
 
     def start(self) -> None:
-        exchange = self.exchange
-        exchange.body_splice = self
-        self.dst.unregisterProducer()  # flow control is ours until the end
-        self.src.doRead = self.readable  # type: ignore[method-assign]
-        self.dst.doWrite = self.writable  # type: ignore[method-assign]
-        if self._queued():
-            # Twisted still holds the head and the first bytes: they go first.
-            self.src.stopReading()
-            self.dst.startWriting()
-        else:
-            self.src.startReading()
+        self.exchange.body_splice = self
+        self.pump.start()
 
-    def _queued(self) -> bool:
-        return held(self.dst) > 0
-
-    def readable(self) -> Any:
-        if self.pending and not self._flush():
-            self._wait_for_client()
-            return None
-        try:
-            n = _SPLICE(self.src.socket.fileno(), self.wpipe, min(self.left, CHUNK), flags=_FLAGS)
-        except BlockingIOError:
-            return None
-        except OSError:
-            self._broken_upstream()
-            return None
-        if n == 0:
-            self._broken_upstream()
-            return None
-        self.left -= n
-        self.pending += n
-        if not self._flush():
-            self._wait_for_client()
-        elif not self.left:
-            self._finish()
-        return None
-
-    def _wait_for_client(self) -> None:
-        self.src.stopReading()
-        self.dst.startWriting()
-
-    def _flush(self) -> bool:
-        while self.pending:
-            try:
-                n = _SPLICE(self.rpipe, self.dst.socket.fileno(), self.pending, flags=_FLAGS)
-            except BlockingIOError:
-                return False
-            except OSError:
-                self._broken_client()
-                return False
-            self.pending -= n
-            self.moved += n
-        return True
-
-    def writable(self) -> Any:
-        if self._queued() or self.dst.disconnecting:
-            # Twisted's own buffer first (the head and the first bytes), and
-            # a loseConnection() is Twisted's to finish.
-            result = type(self.dst).doWrite(self.dst)
-            if result is not None or self._queued():
-                return result
-        if self.over or not self._flush():
-            return None
-        self.dst.stopWriting()
-        if self.left:
-            self.src.startReading()
-        else:
-            self._finish()
-        return None
-
-    def _restore(self) -> None:
-        if self.over:
-            return
-        self.over = True
-        for transport, name in ((self.src, "doRead"), (self.dst, "doWrite")):
-            transport.__dict__.pop(name, None)
-        os.close(self.rpipe)
-        os.close(self.wpipe)
-        self.exchange.body_splice = None
-        self.exchange.channel.sent += self.moved
-
-    def _finish(self) -> None:
-        self._restore()
-        self.dst.stopWriting()
-        upstream = self.upstream
-        # The parser still waits for the bytes that went around it.
-        upstream.parser = httptools.HttpResponseParser(upstream)
-        upstream._complete()
-
-    def _broken_upstream(self) -> None:
-        self._restore()
-        self.src.stopReading()
-        self.exchange.upstream_lost(self.upstream)
-        self.src.loseConnection()
-
-    def _broken_client(self) -> None:
-        self._restore()
-        self.dst.abortConnection()
+    def _ended(self, how: SpliceEnd, moved: int) -> None:
+        exchange, upstream = self.exchange, self.upstream
+        exchange.body_splice = None
+        exchange.channel.sent += moved
+        if how == "done":
+            # The parser still waits for the bytes that went around it.
+            upstream.parser = httptools.HttpResponseParser(upstream)
+            upstream._complete()
+        elif how == "source broken":
+            exchange.upstream_lost(upstream)
 
     def cancel(self) -> None:
         """The exchange ended another way (the client left): hand everything back."""
-        self._restore()
+        self.pump.cancel()
 
 
 class _UpstreamFactory(Factory):

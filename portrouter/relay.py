@@ -15,7 +15,9 @@ Two ways, chosen per connection pair:
     half-close.
 
 Both report to a L{Session}, which is what logs, metrics, the manhole and
-draining see of a connection.
+draining see of a connection. L{SplicedBody} moves a known number of bytes
+(a large HTTP response body) the way L{SpliceRelay} does, between two
+Twisted transports it borrows for the while.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import socket
 import struct
 import termios
-from typing import TYPE_CHECKING, Any, Callable, TypeGuard
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeGuard
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
@@ -48,6 +50,8 @@ if TYPE_CHECKING:  # as on Linux: whatever calls it has checked splicable() or _
     _SPLICE = os.splice
 else:
     _SPLICE = getattr(os, "splice", None)
+# Whether splice(2) is there at all (Linux); without it, everything goes through Python.
+SPLICE_OK = _SPLICE is not None
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 # One chunk per direction; also the most a slow reader can make us hold.
 CHUNK = 256 * 1024
@@ -386,6 +390,131 @@ class SpliceRelay:
         self.up.close_pipe()
         self.down.close_pipe()
         self.session.ended(reason)
+
+
+# How a L{SplicedBody} ended: all moved, or which side broke, or called off.
+SpliceEnd = Literal["done", "source broken", "destination broken", "cancelled"]
+
+
+class SplicedBody:
+    """
+    A known number of bytes (the rest of an HTTP body) moved from one plain
+    TCP transport's socket to another's with splice(2) through a pipe, never
+    entering Python, like L{SpliceRelay}. For the while it lends itself the
+    two transports' C{doRead}/C{doWrite} (as Twisted's own
+    C{abortConnection} replaces them): the source is read only while the
+    pipe is empty, so a slow destination holds back the source. Then all is
+    handed back and C{ended(how, moved)} is told, once; after a broken
+    source it closes the source, after a broken destination it aborts it.
+    """
+
+    def __init__(self, src: tcp.Connection, dst: tcp.Connection, left: int,
+                 ended: Callable[[SpliceEnd, int], None]):
+        self.src = src
+        self.dst = dst
+        self.left = left
+        self.ended = ended
+        self.pending = 0  # in the pipe
+        self.moved = 0  # written to the destination
+        self.rpipe, self.wpipe = open_pipe()
+        self.over = False
+
+    def start(self) -> None:
+        self.dst.unregisterProducer()  # flow control is ours until the end
+        self.src.doRead = self.readable  # type: ignore[method-assign]
+        self.dst.doWrite = self.writable  # type: ignore[method-assign]
+        if held(self.dst):
+            # Twisted still holds what was written before (an HTTP head): it goes first.
+            self.src.stopReading()
+            self.dst.startWriting()
+        else:
+            self.src.startReading()
+
+    def readable(self) -> Any:
+        if self.pending and not self._flush():
+            self._wait_for_destination()
+            return None
+        try:
+            n = _SPLICE(self.src.socket.fileno(), self.wpipe, min(self.left, CHUNK), flags=_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._source_broken()
+            return None
+        if n == 0:
+            self._source_broken()
+            return None
+        self.left -= n
+        self.pending += n
+        if not self._flush():
+            self._wait_for_destination()
+        elif not self.left:
+            self._finish()
+        return None
+
+    def _wait_for_destination(self) -> None:
+        self.src.stopReading()
+        self.dst.startWriting()
+
+    def _flush(self) -> bool:
+        while self.pending:
+            try:
+                n = _SPLICE(self.rpipe, self.dst.socket.fileno(), self.pending, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self._destination_broken()
+                return False
+            self.pending -= n
+            self.moved += n
+        return True
+
+    def writable(self) -> Any:
+        if held(self.dst) or self.dst.disconnecting:
+            # Twisted's own buffer first, and a loseConnection() is Twisted's to finish.
+            result = type(self.dst).doWrite(self.dst)
+            if result is not None or held(self.dst):
+                return result
+        if self.over or not self._flush():
+            return None
+        self.dst.stopWriting()
+        if self.left:
+            self.src.startReading()
+        else:
+            self._finish()
+        return None
+
+    def _restore(self) -> bool:
+        """Hand the transports back; False if that was done already."""
+        if self.over:
+            return False
+        self.over = True
+        for transport, name in ((self.src, "doRead"), (self.dst, "doWrite")):
+            transport.__dict__.pop(name, None)
+        os.close(self.rpipe)
+        os.close(self.wpipe)
+        return True
+
+    def _finish(self) -> None:
+        if self._restore():
+            self.dst.stopWriting()
+            self.ended("done", self.moved)
+
+    def _source_broken(self) -> None:
+        if self._restore():
+            self.src.stopReading()
+            self.ended("source broken", self.moved)
+            self.src.loseConnection()
+
+    def _destination_broken(self) -> None:
+        if self._restore():
+            self.ended("destination broken", self.moved)
+            self.dst.abortConnection()
+
+    def cancel(self) -> None:
+        """The transfer ended another way: hand everything back."""
+        if self._restore():
+            self.ended("cancelled", self.moved)
 
 
 # How long a connection whose peer is gone may go without taking any of

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 from typing import Any
 
@@ -23,14 +22,13 @@ from twisted.python.failure import Failure
 
 from portrouter.model import Project
 from portrouter.interfaces import IReactor
-from portrouter.relay import SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services
 from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
 
 log = Logger(namespace="portrouter.tcp")
 
 _ACCEPTS = 64  # accepts per readiness event, so a flood cannot starve the rest
-_SPLICE_OK = hasattr(os, "splice")
 
 
 class _Backend(StreamSide):
@@ -129,7 +127,7 @@ def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
     (family, address) when C{endpoint} is a plain TCP endpoint to an IP
     literal, which the relay can connect itself; else L{None}.
     """
-    if _SPLICE_OK and type(endpoint).__name__ in ("TCP4ClientEndpoint", "TCP6ClientEndpoint"):
+    if SPLICE_OK and type(endpoint).__name__ in ("TCP4ClientEndpoint", "TCP6ClientEndpoint"):
         host = getattr(endpoint, "_host", None)
         port = getattr(endpoint, "_port", None)
         if getattr(endpoint, "_bindAddress", None) is None and isinstance(port, int) and isinstance(host, str):

@@ -259,12 +259,12 @@ def force_python_bodies(monkeypatch: pytest.MonkeyPatch, path: str) -> list[int]
 
     class Counted(http_module.BodySplice):
         def start(self) -> None:
-            spliced.append(self.left)
+            spliced.append(self.pump.left)
             super().start()
 
     monkeypatch.setattr(http_module, "BodySplice", Counted)
     if path == "python":
-        monkeypatch.setattr(http_module, "_SPLICE", None)
+        monkeypatch.setattr(http_module, "SPLICE_OK", False)
     return spliced
 
 
