@@ -17,7 +17,9 @@ Two ways, chosen per connection pair:
 Both report to a L{Session}, which is what logs, metrics, the manhole and
 draining see of a connection. L{SplicedBody} moves a known number of bytes
 (a large HTTP response body) the way L{SpliceRelay} does, between two
-Twisted transports it borrows for the while.
+Twisted transports it borrows for the while. Relays with framing in between
+(the WebSocket bridges, the tunnel client) wire their backpressure from the
+same pieces: L{couple}, L{Holds} and L{HoldWhileFull}.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, TypeGuard
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IPushProducer,
     IReadDescriptor,
     IWriteDescriptor,
 )
@@ -620,6 +623,63 @@ def _lose(transport: Any) -> None:
     transport.loseConnection()
 
 
+def couple(one: IConnection, other: IConnection) -> None:
+    """
+    Each transport the other's streaming producer, as C{portforward} does it:
+    a full write buffer on one stops reading on the other until it drains.
+    """
+    one.registerProducer(other, True)
+    other.registerProducer(one, True)
+
+
+class Holds:
+    """
+    Why one transport is not being read: a set of reasons (bits, the
+    caller's own). It is paused when the first reason comes and resumed
+    when the last goes, so one reason ending never lifts another's pause.
+    """
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self, transport: IConnection):
+        self.transport = transport
+        self.reasons = 0
+
+    def hold(self, why: int) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons |= why
+
+    def release(self, why: int) -> None:
+        if self.reasons & why:
+            self.reasons &= ~why
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+
+@implementer(IPushProducer)
+class HoldWhileFull:
+    """
+    The producer of a transport whose data comes from another one that
+    L{Holds} governs: while its write buffer is full, C{why} holds the other.
+    """
+
+    __slots__ = ("holds", "why")
+
+    def __init__(self, holds: Holds, why: int):
+        self.holds = holds
+        self.why = why
+
+    def pauseProducing(self) -> None:
+        self.holds.hold(self.why)
+
+    def resumeProducing(self) -> None:
+        self.holds.release(self.why)
+
+    def stopProducing(self) -> None:
+        pass  # the transport is gone: its protocol tells whoever needs to know
+
+
 @implementer(IHalfCloseableProtocol)
 class StreamSide(Protocol):
     """
@@ -696,8 +756,7 @@ def pair_streams(session: Session, client: StreamSide, backend: StreamSide,
     client.peer, backend.peer = backend, client
     client.session = backend.session = session
     client.inbound = True
-    client.transport.registerProducer(backend.transport, True)
-    backend.transport.registerProducer(client.transport, True)
+    couple(client.transport, backend.transport)
 
     def close() -> None:
         if session.reason is None:  # else whoever closes has said why

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from portrouter.auth import sign_request
 from portrouter.config import ConfigError, check_server_strport
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import close_soon
+from portrouter.relay import close_soon, couple
 from portrouter.sessions import peer_of
 
 log = Logger(namespace="portrouter.tunnel")
@@ -107,8 +107,7 @@ class _Local(Protocol):  # type: ignore[misc]
 
     def opened(self, ws: _Remote) -> None:
         self.ws = ws
-        ws.transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(ws.transport, True)
+        couple(ws.transport, self.transport)
         self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:

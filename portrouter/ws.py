@@ -32,7 +32,7 @@ from zope.interface import implementer
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.relay import close_soon, half_close, unsent
+from portrouter.relay import HoldWhileFull, Holds, close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Session, Sessions, connect_failure, peer_of
 from portrouter.web import reason_for, write_now
@@ -85,7 +85,7 @@ class _Service(Protocol):
 # Handshake refusals Autobahn makes that the HTTP side never does.
 _STATUS = {426: "Upgrade Required", 505: "HTTP Version Not Supported"}
 
-# Why the client is not being read (L{Bridge.holds}, a bit mask).
+# Why the client is not being read (L{Bridge.holds}: bits of a relay.Holds).
 HELD_SERVICE = 1  # the service is not taking what the client sent
 HELD_EARLY = 2  # EARLY_LIMIT bytes wait for the service connection
 HELD_OUTPUT = 4  # the client does not read what its frames made portrouter answer (pongs)
@@ -120,29 +120,10 @@ class _ToClient:
         service = bridge.service
         if service is not None and service.transport is not None:
             service.transport.resumeProducing()
-        bridge.release(HELD_OUTPUT)
+        bridge.holds.release(HELD_OUTPUT)
 
     def stopProducing(self) -> None:
         pass  # the client is gone: Bridge.onClose ends the service connection
-
-
-@implementer(IPushProducer)
-class _ToService:
-    """The service transport's producer: a full buffer towards the service stops reading the client."""
-
-    __slots__ = ("bridge",)
-
-    def __init__(self, bridge: Bridge):
-        self.bridge = bridge
-
-    def pauseProducing(self) -> None:
-        self.bridge.hold(HELD_SERVICE)
-
-    def resumeProducing(self) -> None:
-        self.bridge.release(HELD_SERVICE)
-
-    def stopProducing(self) -> None:
-        pass  # the service is gone: _Service.connectionLost tells the bridge
 
 
 def frame_header(length: int) -> bytes:
@@ -191,7 +172,11 @@ class Bridge(WebSocketServerProtocol):
     output: _ToClient | None = None
     close_left: int | None = None  # unsent bytes when the close handshake's timer last looked
     failed = False  # failed for a protocol error: what the client sends is dropped
-    holds = 0  # HELD_* reasons the client is not read
+    holds: Holds  # why the client is not read (HELD_*): made with the connection
+
+    def connectionMade(self) -> None:
+        self.holds = Holds(self.transport)
+        super().connectionMade()
 
     def onConnect(self, request: Any) -> str | None:
         # noVNC and websockify speak the "binary" subprotocol.
@@ -242,23 +227,9 @@ class Bridge(WebSocketServerProtocol):
         self.early = None
         if self.output is not None and self.output.full:
             service.transport.pauseProducing()
-        service.transport.registerProducer(_ToService(self), True)
-        self.holds &= ~HELD_EARLY
-        if not self.holds:
-            self.transport.resumeProducing()
-
-    def hold(self, why: int) -> None:
-        """Stop reading the client, for C{why} (a HELD_* bit), until L{release}d."""
-        if not self.holds:
-            self.transport.pauseProducing()
-        self.holds |= why
-
-    def release(self, why: int) -> None:
-        """Read the client again once no other reason holds it."""
-        if self.holds & why:
-            self.holds &= ~why
-            if not self.holds:
-                self.transport.resumeProducing()
+        # A full buffer towards the service stops reading the client.
+        service.transport.registerProducer(HoldWhileFull(self.holds, HELD_SERVICE), True)
+        self.holds.release(HELD_EARLY)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's own frames (pongs, closes) and handshake answers, never
@@ -267,7 +238,7 @@ class Bridge(WebSocketServerProtocol):
         super().sendData(data, sync, chopsize)
         output = self.output
         if output is not None and output.full:
-            self.hold(HELD_OUTPUT)
+            self.holds.hold(HELD_OUTPUT)
 
     def _failed(self, reason: Failure) -> None:
         log.failure("bridge {project}", reason, project=self.target.project)
@@ -310,7 +281,7 @@ class Bridge(WebSocketServerProtocol):
             self.early.append(payload)
             self.early_size += len(payload)
             if self.early_size > EARLY_LIMIT:
-                self.hold(HELD_EARLY)
+                self.holds.hold(HELD_EARLY)
 
     def onMessageFrameEnd(self) -> None:
         pass
@@ -427,7 +398,7 @@ class Bridge(WebSocketServerProtocol):
         super()._fail_connection(code, reason)
         if opened and self.state == WebSocketServerProtocol.STATE_CLOSING:
             self.failed = True
-            self.release(HELD_SERVICE | HELD_EARLY | HELD_OUTPUT)
+            self.holds.release(HELD_SERVICE | HELD_EARLY | HELD_OUTPUT)
             half_close(self.transport)
             service, self.service = self.service, None
             if service is not None:  # it gets nothing more: what it had is flushed, then it ends
@@ -465,7 +436,7 @@ class Bridge(WebSocketServerProtocol):
         if self.session.reason is None:
             self.session.reason = "service closed"
         # The client is read again (for its close reply); what it sends now is dropped.
-        self.release(HELD_SERVICE | HELD_EARLY)
+        self.holds.release(HELD_SERVICE | HELD_EARLY)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendClose(NORMAL)
 
