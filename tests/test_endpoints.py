@@ -24,7 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import ConfigError, parse_project, with_cli
 from portrouter.model import Config
-from tests.endpoint_pki import CA
+from tests.pki import CA
 from tests.httpbackend import Backend
 from tests.support import (
     LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, in_thread, pattern, recv_all_and_hash,
