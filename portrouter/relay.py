@@ -426,7 +426,7 @@ class SplicedBody:
         self.dst.unregisterProducer()  # flow control is ours until the end
         self.src.doRead = self.readable  # type: ignore[method-assign]
         self.dst.doWrite = self.writable  # type: ignore[method-assign]
-        if held(self.dst):
+        if queued(self.dst):
             # Twisted still holds what was written before (an HTTP head): it goes first.
             self.src.stopReading()
             self.dst.startWriting()
@@ -473,10 +473,10 @@ class SplicedBody:
         return True
 
     def writable(self) -> Any:
-        if held(self.dst) or self.dst.disconnecting:
+        if queued(self.dst) or self.dst.disconnecting:
             # Twisted's own buffer first, and a loseConnection() is Twisted's to finish.
             result = type(self.dst).doWrite(self.dst)
-            if result is not None or held(self.dst):
+            if result is not None or queued(self.dst):
                 return result
         if self.over or not self._flush():
             return None
@@ -538,12 +538,6 @@ def queued(connection: tcp.Connection) -> int:
     return int(connection._tempDataLen + len(connection.dataBuffer) - connection.offset)
 
 
-def held(transport: Any) -> int:
-    """Bytes Twisted holds to write on C{transport} (on the connection under TLS); 0 without one."""
-    connection = _connection_of(transport)
-    return 0 if connection is None else queued(connection)
-
-
 def unsent(transport: Any) -> int | None:
     """
     Bytes written to C{transport} that its peer has not taken yet: what
@@ -560,10 +554,10 @@ def unsent(transport: Any) -> int | None:
     return queued(connection) + int(kernel)
 
 
-def close_soon(transport: Any, reactor: IReactor | None = None, timeout: float = FLUSH_TIMEOUT) -> None:
+def close_soon(transport: Any, reactor: IReactor | None = None) -> None:
     """
     Close C{transport} once what is queued for it is written, as
-    C{loseConnection()} does, but abort it once C{timeout} passes with no
+    C{loseConnection()} does, but abort it once L{FLUSH_TIMEOUT} passes with no
     progress: its peer across the relay is gone, and a connection that does
     not read (an echo blocked writing to us, whom we no longer read) would
     otherwise stay ESTABLISHED for good. A slow reader still gets it all.
@@ -583,17 +577,17 @@ def close_soon(transport: Any, reactor: IReactor | None = None, timeout: float =
         reactor = getattr(transport, "reactor", None) or getattr(connection, "reactor", None)
         if reactor is None:
             return  # a memory transport: nothing to wait for
-    reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
+    reactor.callLater(FLUSH_TIMEOUT, _flushed_or_abort, transport, connection, reactor, left)
 
 
-def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: IReactor, timeout: float,
+def _flushed_or_abort(transport: Any, connection: tcp.Connection | None, reactor: IReactor,
                       before: int | None) -> None:
     if connection is not None:
         if connection.disconnected:
             return
         left = queued(connection)
         if before is not None and left < before:  # progress: it is slow, not stuck
-            reactor.callLater(timeout, _flushed_or_abort, transport, connection, reactor, timeout, left)
+            reactor.callLater(FLUSH_TIMEOUT, _flushed_or_abort, transport, connection, reactor, left)
             return
     transport.abortConnection()
 
@@ -610,17 +604,11 @@ def half_close(transport: Any) -> None:
         transport.unregisterProducer()
         transport.loseWriteConnection()
     else:
-        _lose(transport)
-
-
-def _lose(transport: Any) -> None:
-    """
-    Close after what is queued. Twisted's TLS transport sends its
-    close_notify (and closes) only once no producer is registered, and the
-    peer registered as its producer never unregisters: let it go first.
-    """
-    transport.unregisterProducer()
-    transport.loseConnection()
+        # Twisted's TLS transport sends its close_notify (and closes) only
+        # once no producer is registered, and the peer registered as its
+        # producer never unregisters: let it go first.
+        transport.unregisterProducer()
+        transport.loseConnection()
 
 
 def couple(one: IConnection, other: IConnection) -> None:

@@ -97,9 +97,9 @@ class StreamEndpoint:
             return Fixed(lambda: channel.send(
                 refused.status, refused.body(), refused.content_type, headers=refused.headers()
             ))
-        if match is None:
+        if match is None or name is None:  # (one is None when the other is)
             return problem(channel, 404, "Not found.", "not-found")
-        project = self.router.table.projects.get(match.group(2).decode())
+        project = self.router.table.projects.get(name)
         if project is None or not project.services:
             return problem(channel, 404, "No such session.", "session-not-found")
         if match.group(3) == b"apps":

@@ -38,9 +38,9 @@ REASONS = {
     204: b"No Content", 301: b"Moved Permanently", 304: b"Not Modified",
     400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
-    413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    413: b"Content Too Large", 426: b"Upgrade Required", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 # Bytes read after an upgrade request, held until its answer says whose they
 # are: past this, the client is not waiting for an answer and is dropped.

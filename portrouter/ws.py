@@ -81,10 +81,6 @@ class _Service(Protocol):
         if bridge is not None:
             bridge.service_closed()
 
-
-# Handshake refusals Autobahn makes that the HTTP side never does.
-_STATUS = {426: "Upgrade Required", 505: "HTTP Version Not Supported"}
-
 # Why the client is not being read (L{Bridge.holds}: bits of a relay.Holds).
 HELD_SERVICE = 1  # the service is not taking what the client sent
 HELD_EARLY = 2  # EARLY_LIMIT bytes wait for the service connection
@@ -111,14 +107,14 @@ class _ToClient:
     def pauseProducing(self) -> None:
         self.full = True
         service = self.bridge.service
-        if service is not None and service.transport is not None:
+        if service is not None:
             service.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.full = False
         bridge = self.bridge
         service = bridge.service
-        if service is not None and service.transport is not None:
+        if service is not None:
             service.transport.resumeProducing()
         bridge.holds.release(HELD_OUTPUT)
 
@@ -369,7 +365,7 @@ class Bridge(WebSocketServerProtocol):
         session.bytes_in += len(payload)
         session.last = self.factory.reactor.seconds()
         service = self.service
-        if service is not None and service.transport is not None:
+        if service is not None:
             write_now(service.transport, payload)
 
     # -- refusals and endings ----------------------------------------------------------
@@ -382,7 +378,7 @@ class Bridge(WebSocketServerProtocol):
         else:
             body = f"Bad WebSocket handshake: {reason}\n"
         encoded = body.encode("utf-8")
-        status = _STATUS.get(code) or reason_for(code).decode()
+        status = reason_for(code).decode()
         head = [f"HTTP/1.1 {code} {status}",
                 "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(encoded)}", "Connection: close"]
         head += [f"{name}: {value}" for name, value in responseHeaders or ()]
