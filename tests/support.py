@@ -223,6 +223,26 @@ def recv_all_and_hash(sock: socket.socket) -> tuple[int, str]:
         digest.update(data)
 
 
+def reads_from(*, peer: int | None = None, local: int | None = None) -> bool:
+    """
+    Whether this process's reactor is reading a connected TCP socket whose
+    peer (or own) port is the one given: how a test tells that the router it
+    runs has stopped reading a side, so a stall it saw is the router's doing
+    and not the machine pausing.
+    """
+    for reader in reactor.getReaders():  # type: ignore[attr-defined]
+        sock = getattr(reader, "socket", None) or getattr(reader, "sock", None)
+        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+            continue
+        try:
+            there, here = sock.getpeername(), sock.getsockname()
+        except OSError:
+            continue  # a listening socket, or one closing
+        if (peer is None or there[1] == peer) and (local is None or here[1] == local):
+            return True
+    return False
+
+
 def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
     return threads.deferToThread(fn, *args, **kwargs)
 
