@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from portrouter.auth import Refused
 from portrouter.config import ConfigError, JSONProblem, kind_of, needs_tls, parse_project, quote, read_json
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
-from portrouter.router import ChangeRefused, RouterService
+from portrouter.router import ChangeRefused, Listener, RouterService
 from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
 
@@ -62,17 +62,21 @@ def _json(data: Any) -> bytes:
     return json.dumps(data, indent=2).encode() + b"\n"
 
 
+def _bound_port(listener: Listener) -> int | None:
+    """Port 0, or a socket inherited from systemd: the port it is bound to (none for UNIX)."""
+    return getattr(listener.port.getHost(), "port", None)
+
+
 def route_rows(router: RouterService) -> list[dict[str, Any]]:
     """The table as the API shows it, with the ports actually bound."""
     rows = []
-    ingress_port = router.port_of() if router.ingress is not None else None
+    ingress_port = _bound_port(router.ingress) if router.ingress is not None else None
     for route in router.table.routes:
         port = route.port
         if route.project is None or route.path is not None:
             port = ingress_port if ingress_port is not None else port
         elif not route.port and route.project in router.listeners:
-            # Port 0, or a socket inherited from systemd: the port it is bound to (none for UNIX).
-            port = getattr(router.listeners[route.project].port.getHost(), "port", None)
+            port = _bound_port(router.listeners[route.project])
         row: dict[str, Any] = {
             "port": port, "protocol": route.protocol, "project": route.project,
             "backend": route.backend,

@@ -24,6 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import ConfigError, parse_project, with_cli
 from portrouter.model import Config
+from portrouter.api import route_rows
 from tests.pki import CA
 from tests.httpbackend import Backend
 from tests.support import (
@@ -206,6 +207,9 @@ async def test_ingress_and_http_route_listening_on_unix_sockets(tmp_path: Path, 
         assert got.returncode == 0, got.stderr
         assert headers_of(got.stdout)["x-forwarded-host"] == "example.org"
         assert events.matching(r"ingress listening on .*ingress\.sock")
+        # The table shows no port for what listens on a UNIX socket (it raised before).
+        rows = route_rows(router)
+        assert [r["port"] for r in rows] == [None, None, None] and rows[1]["project"] == "web"
     finally:
         await router.stopService()
         backend.close()
