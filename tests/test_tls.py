@@ -99,22 +99,25 @@ def curl(url: str, cafile: str, *extra: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-def client_context(cafile: str, *, alpn: list[str] | None = None, check_name: bool = True) -> ssl.SSLContext:
+def client_context(cafile: str, *, alpn: list[str] | None = None, check_name: bool = True,
+                   newest: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.check_hostname = check_name
+    ctx.maximum_version = newest
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
 
 
 def handshake(port: int, cafile: str, server_name: str | None, *, alpn: list[str] | None = None,
-              send: bytes = b"", check_name: bool = False) -> dict[str, Any]:
+              send: bytes = b"", check_name: bool = False,
+              newest: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED) -> dict[str, Any]:
     """
     One TLS connection: the serial of the certificate served (its chain
     verified, its name if C{check_name}), the version, the ALPN choice, and
     the echo of C{send}.
     """
-    ctx = client_context(cafile, alpn=alpn, check_name=check_name)
+    ctx = client_context(cafile, alpn=alpn, check_name=check_name, newest=newest)
     with socket.create_connection((LOOPBACK, port), timeout=30) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
             result = {
@@ -335,7 +338,7 @@ def old_tls_refused(port: int, cafile: str) -> str:
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest_twisted.ensureDeferred
-async def test_tls_1_1_is_refused_on_every_kind_of_listener(pki: PKI) -> None:
+async def test_tls_1_1_is_refused_on_every_kind_of_listener_1_2_and_1_3_spoken(pki: PKI) -> None:
     service = ThreadServer(echo)
     router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)))
     try:
@@ -343,6 +346,9 @@ async def test_tls_1_1_is_refused_on_every_kind_of_listener(pki: PKI) -> None:
             assert "TLSV1_ALERT_PROTOCOL_VERSION" in await in_thread(old_tls_refused, port, pki.cafile)
             got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok")
             assert got["version"] == "TLSv1.3"
+            got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok",
+                                  newest=ssl.TLSVersion.TLSv1_2)
+            assert got["version"] == "TLSv1.2"
     finally:
         await router.stopService()
         service.close()
