@@ -444,6 +444,17 @@ def test_an_idempotent_request_is_sent_again_when_its_pooled_connection_was_clos
     assert transport.value().startswith(b"HTTP/1.1 204 ")
 
 
+def test_an_idempotent_request_whose_body_was_streamed_is_not_sent_again() -> None:
+    """A PUT is idempotent, but its body went to the closed connection and is not kept to send twice."""
+    reactor, channel, transport = make()
+    backend = pooled(reactor, channel, transport)
+    channel.dataReceived(b"PUT /file HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok")
+    assert backend.value().startswith(b"PUT /file ") and backend.value().endswith(b"\r\n\r\nok")
+    backend.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    assert len(reactor.tcpClients) == 1
+    assert transport.value().startswith(b"HTTP/1.1 502 ")
+
+
 def test_no_second_try_once_something_of_the_answer_came() -> None:
     reactor, channel, transport = make()
     backend = pooled(reactor, channel, transport)
