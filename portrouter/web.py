@@ -388,12 +388,13 @@ class Channel(Protocol):
         suspect = (request.header(b"host") is None or len(request._index) < len(request.headers)  # type: ignore[arg-type]
                    or request.upgrade or request.method == b"CONNECT")
         refusal = _refusal(request) if suspect else None
+        handler: Handler
         if refusal is not None:
             status, text, headers = refusal
-            self.handler = Fixed(lambda: self.error(status, text, headers))
-            self.handler.end()  # at once: whatever follows is not read
-            return
-        handler = self.handler = self.site.handler(self, request)
+            # At once (below): whatever follows is not read.
+            handler = self.handler = Fixed(lambda: self.error(status, text, headers), early=True)
+        else:
+            handler = self.handler = self.site.handler(self, request)
         if getattr(handler, "continues", False) and request.has_body \
                 and (request.header(b"expect") or b"").lower() == b"100-continue":
             # Accepted this far: the client may send its body (else curl,
@@ -421,9 +422,13 @@ class Channel(Protocol):
         self._hold(leftover)
         if self.held is None or self.queue:
             return  # dropped, or the upgrade request waits its turn (_next_queued)
+        self._upgrade_due()
+
+    def _upgrade_due(self) -> None:
+        """The upgrade request's turn has come: it was answered already, or is being answered."""
         if self.handler is None and not self.responding:
-            self._reparse()  # already answered (a refusal): the bytes are requests
-        elif self.current is self.upgrading:
+            self._reparse()  # answered without a switch (a refusal): the bytes are requests
+        else:
             self._upgrade_turn()
 
     def _hold(self, data: bytes) -> None:
@@ -444,8 +449,6 @@ class Channel(Protocol):
         """The upgrade request is being answered: a handler that switches at once takes the bytes."""
         take = getattr(self.handler, "take_over", None)
         if take is not None:
-            self.taken_over = True
-            self._stop_timer()
             take(self.switch_protocols())
 
     def switch_protocols(self) -> bytes:
@@ -624,10 +627,8 @@ class Channel(Protocol):
             else:
                 self.request_done = True
                 self.handler.end()
-        if request is self.upgrading and self.held is not None and self.handler is not None:
-            self._upgrade_turn()
-        elif request is self.upgrading and self.held is not None and not self.responding:
-            self._reparse()  # answered at once
+        if request is self.upgrading and self.held is not None:
+            self._upgrade_due()
         else:
             self.resume_reading()
 
