@@ -164,6 +164,9 @@ class Channel(Protocol):
     transport: IConnection  # set by makeConnection, before any other event
     tunnel: Any = None  # after an upgrade: bytes go to the relay
     tls: Any = None  # behind TLS: the OpenSSL connection, for the access log
+    # " tls=... sni=..." once the first request is logged: a request means the
+    # handshake is over, and what it settled does not change on the connection.
+    tls_suffix: str | None = None
 
     def __init__(self, site: Site, reactor: IReactor, secure: bool = False):
         self.site = site
@@ -684,6 +687,8 @@ class Channel(Protocol):
 
     def _log(self, aborted: bool = False) -> None:
         request = self.current
+        if self.tls_suffix is None:
+            self.tls_suffix = describe(self.tls)
         self.site.stats.http_request(self.project, self.status)
         log.info(
             "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
@@ -695,7 +700,7 @@ class Channel(Protocol):
             duration=self.reactor.seconds() - request.started,
             project=self.project or "-",
             aborted=" (aborted)" if aborted else "",
-            tls=describe(self.tls),
+            tls=self.tls_suffix,
         )
 
 
