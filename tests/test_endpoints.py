@@ -16,42 +16,21 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import ConfigError, parse_project, with_cli
 from portrouter.model import Config
 from portrouter.api import route_rows
 from tests.pki import CA
+from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
 from tests.httpbackend import Backend
 from tests.support import (
     LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, in_thread, pattern, recv_all_and_hash,
     send_all_and_hash, start_router, wait_for,
 )
-
-
-class Events:
-    """Every log event while a test runs, with their formatted text."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def texts(self) -> list[str]:
-        return [formatEvent(e) for e in list(self.events)]
-
-    def matching(self, regex: str) -> list[str]:
-        return [t for t in self.texts() if re.search(regex, t)]
-
-
-@pytest.fixture
-def events() -> Iterator[Events]:
-    captured = Events()
-    globalLogPublisher.addObserver(captured.events.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.events.append)
 
 
 def curl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -99,14 +78,13 @@ def unix_client(path: str) -> Any:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_route_listening_on_a_unix_socket(tmp_path: Path, events: Events) -> None:
+async def test_tcp_route_listening_on_a_unix_socket(tmp_path: Path, logged: list[str]) -> None:
     backend = ThreadServer(upper_echo)
     path = str(tmp_path / "tcp.sock")
     router = await start_router(("tcp", f"unix:{path} -> {backend.address}"))
     try:
         assert await in_thread(talk, unix_client(path), b"hello unix\n") == b"HELLO UNIX\n"
-        await wait_for(lambda: events.matching(r"^tcp tcp-unix-.*: client closed; 11 bytes in, 11 bytes out"),
-                       what="the session's line")
+        await log_line(logged, r"^tcp tcp-unix-.*: client closed; 11 bytes in, 11 bytes out")
     finally:
         await router.stopService()
         backend.close()
@@ -191,7 +169,7 @@ def headers_of(body: bytes) -> dict[str, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_ingress_and_http_route_listening_on_unix_sockets(tmp_path: Path, events: Events) -> None:
+async def test_ingress_and_http_route_listening_on_unix_sockets(tmp_path: Path, logged: list[str]) -> None:
     backend = Backend()
     ingress, http = str(tmp_path / "ingress.sock"), str(tmp_path / "http.sock")
     project = parse_project({"name": "web", "backend": backend.address})
@@ -206,7 +184,7 @@ async def test_ingress_and_http_route_listening_on_unix_sockets(tmp_path: Path, 
         got = await in_thread(curl, "--unix-socket", http, "-H", "Host: example.org", "http://localhost/headers")
         assert got.returncode == 0, got.stderr
         assert headers_of(got.stdout)["x-forwarded-host"] == "example.org"
-        assert events.matching(r"ingress listening on .*ingress\.sock")
+        await log_line(logged, r"ingress listening on .*ingress\.sock")
         # The table shows no port for what listens on a UNIX socket (it raised before).
         rows = route_rows(router)
         assert [r["port"] for r in rows] == [None, None, None] and rows[1]["project"] == "web"
@@ -244,7 +222,7 @@ async def test_unix_backends_for_http_tcp_and_ws_routes_and_path_routes(tmp_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp6_listening_on_v6_loopback_logs_the_client_in_brackets(tmp_path: Path, events: Events) -> None:
+async def test_tcp6_listening_on_v6_loopback_logs_the_client_in_brackets(tmp_path: Path, logged: list[str]) -> None:
     tcp_backend = ThreadServer(upper_echo)
     http_backend = Backend()
     router = await start_router(
@@ -257,8 +235,7 @@ async def test_tcp6_listening_on_v6_loopback_logs_the_client_in_brackets(tmp_pat
         probe = socket.create_connection(("::1", router.port_of("tcp-0")))
         client = f"[::1]:{probe.getsockname()[1]}"
         assert await in_thread(talk, lambda: probe, b"hello six\n") == b"HELLO SIX\n"
-        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {re.escape(client)}: client closed"),
-                       what="the session's line naming the IPv6 client")
+        await log_line(logged, rf"^tcp tcp-0 {re.escape(client)}: client closed")
         for port, target in ((router.port_of("http-0"), "/headers"), (router.port_of(), "/web/headers")):
             got = await in_thread(curl, "--fail", f"http://[::1]:{port}{target}")
             assert got.returncode == 0, got.stderr
@@ -267,7 +244,7 @@ async def test_tcp6_listening_on_v6_loopback_logs_the_client_in_brackets(tmp_pat
             assert seen["host"] == f"[::1]:{port}"
         # Bound to ::1 only (a refused IPv4 connect would prove nothing: another
         # program may hold the same port number on 127.0.0.1).
-        assert events.matching(rf"^tcp route tcp-0 listening on ::1:{router.port_of('tcp-0')}$")
+        await log_line(logged, rf"^tcp route tcp-0 listening on ::1:{router.port_of('tcp-0')}$")
     finally:
         await router.stopService()
         tcp_backend.close()
@@ -340,7 +317,7 @@ def tls_backend(port: int, ca: CA) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities: Any, events: Events) -> None:
+async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities: Any, logged: list[str]) -> None:
     ca, _ = authorities
     http_backend = TLSBackend(ca.server_context("localhost"))
     tcp_backend = ThreadServer(tls_answer_once(ca.server_context("localhost")))
@@ -357,8 +334,7 @@ async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities
         probe = socket.create_connection((LOOPBACK, router.port_of("tcp-0")))
         client = f"{LOOPBACK}:{probe.getsockname()[1]}"
         assert await in_thread(ask, lambda: probe, b"over tls\n", 100) == b"OVER TLS\n"
-        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {client}: backend closed; 9 bytes in, 9 bytes out"),
-                       what="the session's line")
+        await log_line(logged, rf"^tcp tcp-0 {client}: backend closed; 9 bytes in, 9 bytes out")
     finally:
         await router.stopService()
         http_backend.close()
@@ -368,7 +344,7 @@ async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities
 @pytest.mark.parametrize("what, make, says", BAD_CERTIFICATES, ids=[b[0] for b in BAD_CERTIFICATES])
 @pytest_twisted.ensureDeferred
 async def test_tls_backend_that_does_not_verify_is_a_502_or_a_close_with_the_reason(
-        what: str, make: Any, says: str, authorities: Any, events: Events) -> None:
+        what: str, make: Any, says: str, authorities: Any, logged: list[str]) -> None:
     ca, stranger = authorities
     http_backend = TLSBackend(make(ca, stranger))
     tcp_backend = ThreadServer(tls_echo(make(ca, stranger)))
@@ -380,13 +356,12 @@ async def test_tls_backend_that_does_not_verify_is_a_502_or_a_close_with_the_rea
         got = await in_thread(curl, "-i", f"http://{LOOPBACK}:{router.port_of('http-0')}/headers")
         assert got.stdout.startswith(b"HTTP/1.1 502"), got.stdout
         assert not http_backend.stats.seen  # no request reached it
-        assert events.matching(rf"^http-0: GET /headers: 502 backend TLS {says}$"), events.matching("http-0")
+        await log_line(logged, rf"^http-0: GET /headers: 502 backend TLS {says}$")
         # The TCP client is closed without a byte back.
         probe = socket.create_connection((LOOPBACK, router.port_of("tcp-0")))
         client = f"{LOOPBACK}:{probe.getsockname()[1]}"
         assert await in_thread(ask, lambda: probe, b"secret\n", 100) == b""
-        await wait_for(lambda: events.matching(rf"^tcp tcp-0 {client}: backend TLS {says}; "),
-                       what="the session's line with the reason")
+        await log_line(logged, rf"^tcp tcp-0 {client}: backend TLS {says}; ")
         assert not tcp_backend.results  # nothing was echoed
     finally:
         await router.stopService()

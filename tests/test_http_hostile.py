@@ -21,17 +21,10 @@ from portrouter.config import parse
 from portrouter.model import Auth, Config, Token
 from portrouter.web import Fixed
 from tests.support import LOOPBACK, ThreadServer, in_thread, start_router
-from tests.test_http import router_for
+from tests.test_http import backend, router_for  # noqa: F401 (backend: a fixture)
 from tests.test_http_unit import connect_backend, make
 
 ROUTED = "real-ip=127.0.0.1 prefix=/web"  # what every request the ingress routed carries
-
-
-@pytest.fixture
-def backend() -> Any:
-    server = Backend()
-    yield server
-    server.close()
 
 
 Response = tuple[int, dict[str, str], bytes]

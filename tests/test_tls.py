@@ -625,8 +625,6 @@ def test_tls_1_1_is_refused_by_our_contexts_not_only_by_openssl_defaults(pki: PK
     """
     from OpenSSL import SSL
 
-    from portrouter.certs import load_certificate
-
     server_ctx = load_certificate(str(pki.dir / "localhost.pem")).context
     server_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
