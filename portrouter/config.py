@@ -899,6 +899,29 @@ def parse(data: object, source: str | None = None) -> Config:
         raise e.within(source) if source else e
 
 
+def parse_projects(items: Sequence[object], defaults: Limits, *, static: bool = True,
+                   check: Callable[[Project, str], None] | None = None) -> list[Project]:
+    """
+    The manifests of a ``projects`` list (the config file's, the state
+    file's): each valid, then C{check}ed, and no name twice.
+    """
+    projects: list[Project] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = _join("projects", i)
+        project = parse_project(item, defaults, path, static=static)
+        if check is not None:
+            check(project, path)
+        if project.name in seen:
+            raise ConfigError(
+                _join(path, "name"),
+                f"{project.name!r} is already the name of projects[{seen[project.name]}]",
+            )
+        seen[project.name] = i
+        projects.append(project)
+    return projects
+
+
 def _parse(data: object, source: str | None) -> Config:
     if data is None:
         data = {}
@@ -922,20 +945,9 @@ def _parse(data: object, source: str | None) -> Config:
     if data.get("tls") is not None:
         config = replace(config, tls=_tls(data["tls"], "tls"))
 
-    projects: list[Project] = []
-    seen: dict[str, int] = {}
+    tls = config.tls
     items = _expect_list(_or_empty(data.get("projects")), "projects")
-    for i, item in enumerate(items):
-        path = _join("projects", i)
-        project = parse_project(item, config.defaults, path)
-        needs_tls(project, config.tls, path)
-        if project.name in seen:
-            raise ConfigError(
-                _join(path, "name"),
-                f"{project.name!r} is already the name of projects[{seen[project.name]}]",
-            )
-        seen[project.name] = i
-        projects.append(project)
+    projects = parse_projects(items, config.defaults, check=lambda project, path: needs_tls(project, tls, path))
     config = replace(config, projects=tuple(projects))
 
     # Conflicts are the routing table's to judge; run it once here so that a
@@ -943,7 +955,7 @@ def _parse(data: object, source: str | None) -> Config:
     try:
         RoutingTable.build(config.ingress, config.manhole, config.projects)
     except PortConflict as e:
-        index = seen[e.claimant]
+        index = next(i for i, project in enumerate(projects) if project.name == e.claimant)
         raise ConfigError(f"projects[{index}].listen.port", str(e)) from None
     return config
 

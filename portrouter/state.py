@@ -13,7 +13,7 @@ import json
 import os
 from typing import Iterable
 
-from portrouter.config import ConfigError, JSONProblem, parse_project, read_json
+from portrouter.config import ConfigError, JSONProblem, parse_projects, read_json
 from portrouter.model import Limits, Project
 
 FILE = "projects.json"
@@ -55,20 +55,12 @@ class State:
         version = data.get("version") if isinstance(data, dict) else None
         if type(version) is not int or version != VERSION or not isinstance(data.get("projects"), list):
             raise StateError(f"{self.path}: not a portrouter state file (version {VERSION})")
-        projects = []
-        seen: dict[str, int] = {}
-        for i, manifest in enumerate(data["projects"]):
-            try:
-                project = parse_project(manifest, defaults, f"projects[{i}]", static=False)
-            except ConfigError as e:
-                raise StateError(f"{self.path}: {e}") from None
-            # The file is written from a table, where names are unique: two
-            # of one name mean it was edited, and neither can be chosen.
-            if project.name in seen:
-                raise StateError(f"{self.path}: projects[{i}].name: {project.name!r} is already "
-                                 f"the name of projects[{seen[project.name]}]")
-            seen[project.name] = i
-            projects.append(project)
+        try:
+            # The file is written from a table, where names are unique: two of
+            # one name mean it was edited, and neither can be chosen.
+            projects = parse_projects(data["projects"], defaults, static=False)
+        except ConfigError as e:
+            raise StateError(f"{self.path}: {e}") from None
         return projects
 
     def save(self, projects: Iterable[Project]) -> None:
