@@ -163,8 +163,7 @@ class CertificateStore:
     (``*.apps.example.com`` for ``a.apps.example.com``), then the default.
     """
 
-    def __init__(self, directory: str, certificates: Sequence[Certificate], default: Certificate):
-        self.directory = directory
+    def __init__(self, certificates: Sequence[Certificate], default: Certificate):
         self.certificates = tuple(certificates)
         self.default = default
         self.exact: dict[str, Certificate] = {}
@@ -198,7 +197,7 @@ class CertificateStore:
                 raise CertificateError(f"{directory}: tls.default {default!r} is not a *.pem file there "
                                        f"(there are: {', '.join(files)})")
             chosen = certificates[files.index(default)]
-        return cls(directory, certificates, chosen)
+        return cls(certificates, chosen)
 
     def choose(self, server_name: str | None) -> Certificate:
         if server_name:
@@ -335,7 +334,7 @@ def is_tls(transport: Any) -> bool:
 
 def tls_handle(transport: Any) -> SSL.Connection | None:
     """The OpenSSL connection under a TLS transport, kept for logging after it closes."""
-    if transport is None or not is_tls(transport):
+    if not is_tls(transport):
         return None
     handle = transport.getHandle()
     return handle if isinstance(handle, SSL.Connection) else None

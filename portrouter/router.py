@@ -125,7 +125,7 @@ class Listener(Service):
         # Twisted's maybeDeferred overloads take no callable returning "a Deferred or None".
         return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
 
-    def answer_with(self, factory: Any, store_tls: StoreTLS | None = None) -> None:
+    def answer_with(self, factory: Any, store_tls: StoreTLS) -> None:
         """
         New connections or datagrams on this port go to C{factory}, over TLS
         if the port's strport or the route (C{tls: true}, with C{store_tls})
@@ -519,8 +519,9 @@ class RouterService(MultiService):
         except BaseException:
             self.store_tls.store = old_store
             raise
-        self.store_tls.store = config.tls.store if config.tls is not None else None
-        if config.tls is not None:
+        if config.tls is None:
+            self.store_tls.store = None
+        else:
             log.info("tls: {count} certificates from {directory}", count=len(config.tls.store.certificates),
                      directory=config.tls.certificates)
         self.config = replace(self.config, auth=config.auth, defaults=config.defaults,

@@ -126,6 +126,6 @@ class CA:
         return context
 
 
-def serial_of(pem_or_der: bytes) -> int:
+def serial_of(der: bytes) -> int:
     """The serial number of a certificate as a client received it (DER)."""
-    return x509.load_der_x509_certificate(pem_or_der).serial_number
+    return x509.load_der_x509_certificate(der).serial_number

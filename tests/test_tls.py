@@ -220,11 +220,15 @@ async def start_tls_router(data: dict[str, Any], path: Path | None = None) -> Ro
 @pytest_twisted.ensureDeferred
 async def test_sni_chooses_exact_then_wildcard_then_default(pki: PKI) -> None:
     service = ThreadServer(echo)
+    # A certificate with no SAN is known by its CN.
+    pki.serials["zz-cn-only.pem"] = pki.ca.issue(str(pki.dir / "zz-cn-only.pem"), "cn.example.test",
+                                                 san=False).serial_number
     router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)))
     port = router.port_of("echo")
     serials = pki.serials
     try:
         for asked, served in [
+            ("cn.example.test", "zz-cn-only.pem"),
             ("a.example.test", "exact.pem"),
             ("A.Example.Test", "exact.pem"),  # names are compared without case
             ("x.apps.example.test", "wild.pem"),
