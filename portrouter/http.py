@@ -445,7 +445,7 @@ class ProxyExchange:
         self.chunked = request.header(b"transfer-encoding") is not None
         channel.project = project.name
         self.head = self._head(path, prefix)
-        self.wants_continue = (request.header(b"expect") or b"").lower() == b"100-continue"
+        self.wants_continue = request.expects_continue()
         self.routes = routes
         self.counted = True
         routes.inflight[project.name] += 1

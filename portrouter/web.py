@@ -81,6 +81,10 @@ class Request:
     def header_values(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k.lower() == name]
 
+    def expects_continue(self) -> bool:
+        """The client waits for a 100 Continue before it sends its body."""
+        return (self.header(b"expect") or b"").lower() == b"100-continue"
+
 
 class Handler(TypingProtocol):
     """What answers one request; told of its body, its end, and a lost client."""
@@ -398,8 +402,7 @@ class Channel(Protocol):
             handler = self.handler = Fixed(lambda: self.error(status, text, headers), early=True)
         else:
             handler = self.handler = self.site.handler(self, request)
-        if getattr(handler, "continues", False) and request.has_body \
-                and (request.header(b"expect") or b"").lower() == b"100-continue":
+        if getattr(handler, "continues", False) and request.has_body and request.expects_continue():
             # Accepted this far: the client may send its body (else curl,
             # say, waits a second before it does).
             self.interim(100, [])

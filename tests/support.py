@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
@@ -64,6 +64,24 @@ async def start_router(*routes: tuple[str, str], config: Config | None = None,
     return router
 
 
+class Socket(NamedTuple):
+    """One line of /proc/net/tcp or /proc/net/udp."""
+
+    ip: str  # the local address, hex as the kernel writes it (0100007F: 127.0.0.1)
+    port: int
+    remote_port: int
+    state: str  # hex: 01 ESTABLISHED, 08 CLOSE_WAIT, 0A LISTEN
+    inode: str
+
+
+def kernel_sockets(ns: str = "tcp") -> Iterator[Socket]:
+    """The IPv4 sockets of C{ns} (tcp or udp) on the machine, as the kernel lists them."""
+    for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
+        fields = line.split()
+        (ip, port), remote = fields[1].split(":"), fields[2].split(":")[1]
+        yield Socket(ip, int(port, 16), int(remote, 16), fields[3], fields[9])
+
+
 def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:
     """
     How many sockets this process holds on each of C{ports}, as the kernel
@@ -82,12 +100,10 @@ def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:
             inodes.add(link[8:-1])
     held: Counter[tuple[str, int]] = Counter()
     for ns in ("tcp", "udp"):
-        for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
-            fields = line.split()
-            address, state, inode = fields[1], fields[3], fields[9]
-            ip, port = address.split(":")
-            if inode in inodes and ip == "0100007F" and int(port, 16) in ports and (ns == "udp" or state == "0A"):
-                held[(ns, int(port, 16))] += 1
+        for sock in kernel_sockets(ns):
+            if (sock.inode in inodes and sock.ip == "0100007F" and sock.port in ports
+                    and (ns == "udp" or sock.state == "0A")):
+                held[(ns, sock.port)] += 1
     return held
 
 

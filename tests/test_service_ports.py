@@ -38,6 +38,7 @@ from tests.support import (
     backendai_python,
     free_port,
     in_thread,
+    kernel_sockets,
     pattern,
     recv_all_and_hash,
     rss_kib,
@@ -67,13 +68,7 @@ def tool(name: str) -> str:
 
 def listening(port: int) -> bool:
     """Whether something listens on 127.0.0.1:C{port}: it accepts, without a probe connection."""
-    want = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == want and fields[3] == "0A":
-                return True
-    return False
+    return any(s.ip == "0100007F" and s.port == port and s.state == "0A" for s in kernel_sockets())
 
 
 class Process:

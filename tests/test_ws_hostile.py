@@ -33,7 +33,8 @@ from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame, masked
 from tests.support import (
-    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, free_port, in_thread, reads_from, rss_kib, start_router, wait_for,
+    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, free_port, in_thread, kernel_sockets, reads_from, rss_kib,
+    start_router, wait_for,
 )
 
 PING, PONG, CLOSE, BINARY = 0x9, 0xA, 0x8, 0x2
@@ -320,29 +321,29 @@ def close_frame(code: int, reason: bytes = b"") -> bytes:
     return client_frame(CLOSE, struct.pack("!H", code) + reason)
 
 
-# (what, the frame(s) that break RFC 6455, the close code the server must answer with);
-# a message's first fragment is carried as it comes, before the error.
-PROTOCOL_ERRORS: list[tuple[str, bytes, int]] = [
-    ("reserved data opcode 0x3", client_frame(0x3, b"x"), 1002),
-    ("reserved control opcode 0xB", client_frame(0xB, b"x"), 1002),
-    ("unmasked BINARY", client_frame(BINARY, b"unmasked", masking=False), 1002),
-    ("RSV1 on BINARY", client_frame(BINARY, b"rsv", rsv=4), 1002),
-    ("RSV3 on a ping", client_frame(PING, b"rsv", rsv=1), 1002),
-    ("ping of 126 bytes", client_frame(PING, bytes(126)), 1002),
-    ("fragmented ping", client_frame(PING, b"frag", fin=False), 1002),
-    ("continuation without a message", client_frame(0x0, b"orphan"), 1002),
+# (what, the frame(s) that break RFC 6455, the close code the server must answer with,
+# the bytes of them carried to the service: a message's first fragment goes as it comes, before the error).
+PROTOCOL_ERRORS: list[tuple[str, bytes, int, int]] = [
+    ("reserved data opcode 0x3", client_frame(0x3, b"x"), 1002, 0),
+    ("reserved control opcode 0xB", client_frame(0xB, b"x"), 1002, 0),
+    ("unmasked BINARY", client_frame(BINARY, b"unmasked", masking=False), 1002, 0),
+    ("RSV1 on BINARY", client_frame(BINARY, b"rsv", rsv=4), 1002, 0),
+    ("RSV3 on a ping", client_frame(PING, b"rsv", rsv=1), 1002, 0),
+    ("ping of 126 bytes", client_frame(PING, bytes(126)), 1002, 0),
+    ("fragmented ping", client_frame(PING, b"frag", fin=False), 1002, 0),
+    ("continuation without a message", client_frame(0x0, b"orphan"), 1002, 0),
     ("BINARY inside a fragmented message",
-     client_frame(BINARY, b"first", fin=False) + client_frame(BINARY, b"second"), 1002),
-    ("close with a 1-byte payload", client_frame(CLOSE, b"\x03"), 1002),
-    ("close code 999", close_frame(999), 1002),
-    ("close code 1005 (reserved, never on the wire)", close_frame(1005), 1002),
-    ("close code 5000", close_frame(5000), 1002),
+     client_frame(BINARY, b"first", fin=False) + client_frame(BINARY, b"second"), 1002, len(b"first")),
+    ("close with a 1-byte payload", client_frame(CLOSE, b"\x03"), 1002, 0),
+    ("close code 999", close_frame(999), 1002, 0),
+    ("close code 1005 (reserved, never on the wire)", close_frame(1005), 1002, 0),
+    ("close code 5000", close_frame(5000), 1002, 0),
     # RFC 6455 8.1 and 7.4.1: data that is not UTF-8 where UTF-8 is due is 1007.
-    ("close reason not UTF-8", close_frame(1000, b"\xff\xfe bad"), 1007),
+    ("close reason not UTF-8", close_frame(1000, b"\xff\xfe bad"), 1007, 0),
     ("64-bit length with the top bit set",
-     bytes((0x82, 0xFF)) + struct.pack("!Q", 1 << 63) + MASK, 1002),
+     bytes((0x82, 0xFF)) + struct.pack("!Q", 1 << 63) + MASK, 1002, 0),
     ("16-bit length below 126 (not the shortest form)",
-     bytes((0x82, 0xFE)) + struct.pack("!H", 5) + MASK + masked(b"short", MASK), 1002),
+     bytes((0x82, 0xFE)) + struct.pack("!H", 5) + MASK + masked(b"short", MASK), 1002, 0),
 ]
 
 
@@ -376,7 +377,7 @@ async def test_protocol_errors_get_a_close_frame_not_a_reset(kind: str) -> None:
     bridges = await Bridges.start()
     service = bridges.service
     try:
-        for index, (what, bad, expected) in enumerate(PROTOCOL_ERRORS):
+        for index, (what, bad, expected, carried) in enumerate(PROTOCOL_ERRORS):
             raw = bridges.track(await in_thread(bridges.open, kind))
             await wait_for(lambda: service.connections() > index, what="the service connection")
             raw.send(b"before")
@@ -385,7 +386,6 @@ async def test_protocol_errors_get_a_close_frame_not_a_reset(kind: str) -> None:
             assert (code, data, clean) == (expected, b"", True), what
             raw.close()
             await wait_for(lambda: service.ended() > index, 30, f"the service connection to end ({what})")
-            carried = len(b"first") if what == "BINARY inside a fragmented message" else 0
             assert service.got(index) == len(b"before") + carried, what
     finally:
         await bridges.stop()
@@ -496,15 +496,7 @@ def tcp_states(port: int) -> list[str]:
     The state (hex, as in /proc/net/tcp: 01 ESTABLISHED, 08 CLOSE_WAIT) of
     every IPv4 socket, but a listening one, with C{port} at either end.
     """
-    states = []
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
-            if port in (local, remote) and fields[3] != "0A":  # 0A: the listening socket
-                states.append(fields[3])
-    return states
+    return [s.state for s in kernel_sockets() if port in (s.port, s.remote_port) and s.state != "0A"]
 
 
 def open_sockets(port: int) -> list[str]:
@@ -673,7 +665,7 @@ def test_close_handshake_waits_while_the_client_takes_what_is_queued(monkeypatch
     factory = BridgeFactory(clock, Sessions(clock))
     timeout = factory.closeHandshakeTimeout
     looks = iter([300_000, 200_000, 200_000])  # what the client had yet to take, at each look
-    monkeypatch.setattr(portrouter.ws, "unsent", lambda transport: next(looks), raising=False)
+    monkeypatch.setattr(portrouter.ws, "unsent", lambda transport: next(looks))
 
     def closing() -> tuple[Bridge, list[bool]]:
         bridge = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
