@@ -259,6 +259,15 @@ def reads_from(*, peer: int | None = None, local: int | None = None) -> bool:
     return False
 
 
+async def stops_reading(what: str, *, peer: int | None = None, local: int | None = None) -> None:
+    """
+    Wait until the router stops reading that socket (L{reads_from}), up to
+    30 s: a stall seen while it still reads was the machine pausing, and the
+    router must still get to not reading.
+    """
+    await wait_for(lambda: not reads_from(peer=peer, local=local), 30, what)
+
+
 def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
     return threads.deferToThread(fn, *args, **kwargs)
 

@@ -20,7 +20,7 @@ from portrouter.config import parse_project
 from portrouter.model import Config, Listen
 from portrouter.http import SPLICE_BODY
 from tests.httpbackend import Backend, raw_request
-from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, reads_from, start_router, wait_for
+from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, start_router, stops_reading, wait_for
 
 
 @pytest.fixture
@@ -237,7 +237,7 @@ async def until_stalled(count: Callable[[], int], size: int, what: str) -> int:
     Poll a byte counter until it reaches C{size} or stops moving (the same
     value 25 polls in a row); answer it. A pause of the machine can look like
     a stall, so the caller also asserts that the router has stopped reading
-    the side that pushes (L{reads_from}): only then is the stall its doing.
+    the side that pushes (L{stops_reading}): only then is the stall its doing.
     """
     history: list[int] = []
 
@@ -321,7 +321,7 @@ async def test_slow_reader_pauses_the_backend(backend: Backend, monkeypatch: pyt
         sock.sendall(b"GET /web/blob?size=%d&seed=3 HTTP/1.1\r\nHost: h\r\n\r\n" % size)
         sent = await until_stalled(lambda: backend.stats.blob_sent, size, "the backend to stall")
         assert sent < 32 * MiB
-        assert not reads_from(peer=backend.port), "the backend stalled, but portrouter still reads it"
+        await stops_reading("portrouter to stop reading the stalled backend", peer=backend.port)
         head, total, digest = await in_thread(read_response, sock)
         assert head.startswith(b"HTTP/1.1 200 ")
         assert (total, digest) == (size, hash_of(pattern(3, size)))
@@ -370,7 +370,7 @@ async def test_slow_backend_reader_pauses_a_large_upload(monkeypatch: pytest.Mon
         done = in_thread(upload)
         sent = await until_stalled(lambda: progress["sent"], size, "the client to stall")
         assert sent < 32 * MiB
-        assert not reads_from(peer=sock.getsockname()[1]), "the client stalled, but portrouter still reads it"
+        await stops_reading("portrouter to stop reading the stalled client", peer=sock.getsockname()[1])
         release.set()
         head, total, digest = await done
         assert head.startswith(b"HTTP/1.1 200 ")

@@ -33,7 +33,7 @@ from portrouter.ws import Bridge
 from tests.test_tcp import relay_mode  # noqa: F401 (a fixture)
 from tests.test_ws_framing import frame, masked
 from tests.support import (
-    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, free_port, in_thread, kernel_sockets, reads_from, rss_kib,
+    LOOPBACK, MiB, RawWebSocket, ThreadServer, Twistd, free_port, in_thread, kernel_sockets, rss_kib, stops_reading,
     start_router, wait_for,
 )
 
@@ -173,7 +173,7 @@ async def until_stalled(progress: Callable[[], int], done: Callable[[], bool], w
     """
     Wait until C{progress} stops moving (25 polls unchanged) or C{done}; the
     last value. A pause of the machine can look like a stall: in-process
-    callers also assert that the router stopped reading the client (L{reads_from}).
+    callers also assert that the router stopped reading the client (L{stops_reading}).
     """
     history: list[int] = []
 
@@ -247,7 +247,7 @@ async def test_ping_flood_from_a_client_that_never_reads(kind: str, monkeypatch:
         flooding = Sending(raw.sock, flood)
         taken = await until_stalled(lambda: reads.of(raw), lambda: flooding.done, "portrouter to stop reading")
         assert taken <= bound, f"portrouter read {taken / MiB:.1f} MiB of pings while no pong was read"
-        assert not reads_from(peer=raw.sock.getsockname()[1]), "the flood stalled, but portrouter still reads it"
+        await stops_reading("portrouter to stop reading the stalled flood", peer=raw.sock.getsockname()[1])
         # Nothing was lost: reading, the client gets all its pongs, and the flood goes through.
         assert await in_thread(read_pongs, raw, count) == count
         await in_thread(flooding.thread.join, 30)
@@ -283,7 +283,7 @@ async def test_client_gone_with_an_echo_backed_up_ends_the_service_connection(ki
         uploading = Sending(raw.sock, upload)
         got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 20 * MiB, "the echo service took everything though its echo was never read"
-        assert not reads_from(peer=raw.sock.getsockname()[1]), "the upload stalled, but portrouter still reads it"
+        await stops_reading("portrouter to stop reading the stalled upload", peer=raw.sock.getsockname()[1])
         await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the service connection to end")
         await wait_for(lambda: not bridges.router.sessions.live, 30, "the session to end")
@@ -304,7 +304,7 @@ async def test_tcp_client_gone_with_an_echo_backed_up_ends_the_backend_connectio
         await wait_for(lambda: service.connections() == 1, what="the backend connection")
         got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 20 * MiB, "the echo backend took everything though its echo was never read"
-        assert not reads_from(peer=client.getsockname()[1]), "the upload stalled, but portrouter still reads it"
+        await stops_reading("portrouter to stop reading the stalled upload", peer=client.getsockname()[1])
         await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the backend connection to end")
         await wait_for(lambda: not router.sessions.live, 30, "the session to end")
@@ -631,7 +631,7 @@ async def test_tunnel_closes_a_local_client_that_never_reads_once_the_websocket_
         await wait_for(lambda: router.sessions.live and service.connections(), 30, "the WebSocket and the service")
         got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
         assert got < 64 * MiB, "the echo took everything though its echo was never read"
-        assert not reads_from(local=router.port_of()), "the upload stalled, but portrouter still reads the tunnel"
+        await stops_reading("portrouter to stop reading the stalled tunnel", local=router.port_of())
         (session,) = router.sessions.live
         session.close()
         await wait_for(lambda: not router.sessions.live, 30, "the WebSocket to end")
