@@ -22,6 +22,7 @@ from portrouter.auth import Refused
 from portrouter.config import ConfigError, JSONProblem, kind_of, needs_tls, parse_project, quote, read_json
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
 from portrouter.router import ChangeRefused, Listener, RouterService
+from portrouter.hostnames import Names, reaching
 from portrouter.table import PortConflict
 from portrouter.web import Buffered, Channel, Fixed, Request
 
@@ -86,23 +87,63 @@ def route_rows(router: RouterService) -> list[dict[str, Any]]:
         if route.interface is not None:
             row["interface"] = route.interface
         rows.append(row)
+    if router.table.hostnames is not None:
+        rows[1:1] = _hostname_rows(router, rows)
     head, rest = rows[:1], rows[1:]
     # By port; on the ingress's port its path routes come first.
-    rest.sort(key=lambda r: (r["port"] if isinstance(r["port"], int) else 1 << 17, "path" not in r, r["project"]))
+    rest.sort(key=lambda r: (r["port"] if isinstance(r["port"], int) else 1 << 17, "path" not in r,
+                             r["project"] or "", r.get("service", "")))
     return head + rest
+
+
+def _hostname_rows(router: RouterService, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Hostnames into the rows of the routes they reach; a row for the TLS
+    front and one for each service port that has a hostname.
+    """
+    hostnames = router.table.hostnames
+    assert hostnames is not None
+    names = Names(hostnames)
+    projects = router.table.projects
+    front = _bound_port(router.tls_front) if router.tls_front is not None else None
+    ingress_port = rows[0]["port"]
+    by_project = {row["project"]: row for row in rows if row["project"] is not None}
+    extra: list[dict[str, Any]] = []
+    if router.tls_front is not None:
+        extra.append({"port": front, "protocol": "sni", "project": None, "backend": "hostname routing (TLS front)"})
+    for project in projects.values():
+        for label, target in reaching(project, projects):
+            if target.service is None:
+                row = by_project.get(project.name)
+                if row is not None:
+                    row.setdefault("hostnames", []).extend(names.hostnames(label))
+                continue
+            service = target.service
+            extra.append({
+                "port": front if front is not None or service.protocol != "http" else ingress_port,
+                "protocol": service.protocol, "project": project.name, "service": service.name,
+                "backend": project.service_endpoint(service), "hostnames": names.hostnames(label),
+            })
+    return extra
 
 
 def route_text(rows: list[dict[str, Any]]) -> bytes:
     """The table aligned in columns, as an operator reads it in a terminal."""
-    table = [("Host port", "Protocol", "Project", "Backend")]
+    named = any("hostnames" in row for row in rows)
+    table = [("Host port", "Protocol", "Project", *(("Hostname",) if named else ()), "Backend")]
     for row in rows:
         backend = row["backend"]
         if "path" in row:
             backend = f"{backend} (path {row['path']})"
         port = "-" if row["port"] is None else str(row["port"])
-        table.append((port, row["protocol"], row["project"] or "-", backend))
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
-    lines = ["  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(r)) for r in table]
+        project = row["project"] or "-"
+        if "service" in row:
+            project = f"{project}/{row['service']}"
+        hostnames = (",".join(row.get("hostnames", ())) or "-",) if named else ()
+        table.append((port, row["protocol"], project, *hostnames, backend))
+    last = len(table[0]) - 1
+    widths = [max(len(r[i]) for r in table) for i in range(last)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < last else cell for i, cell in enumerate(r)) for r in table]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -199,6 +199,10 @@ class CertificateStore:
             chosen = certificates[files.index(default)]
         return cls(certificates, chosen)
 
+    def covers_below(self, domain: str) -> bool:
+        """A certificate of the store names every host one label below C{domain} (``*.domain``)."""
+        return domain in self.wildcard
+
     def choose(self, server_name: str | None) -> Certificate:
         if server_name:
             name = server_name.lower().rstrip(".")

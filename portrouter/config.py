@@ -29,6 +29,7 @@ from portrouter.model import (
     TLS,
     Auth,
     Command,
+    Hostnames,
     Config,
     Keypair,
     Limits,
@@ -790,7 +791,48 @@ def needs_tls(project: Project, tls: TLS | None, path: str) -> None:
                           "needs a top-level 'tls' section (tls: {certificates: DIR})")
 
 
-_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls")
+def _hostnames(value: object, path: str, tls: TLS | None) -> Hostnames:
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("domains", "listen"), path)
+    if "domains" not in data:
+        raise ConfigError(_join(path, "domains"), "is required (a list of base domains: [apps.example.com])")
+    items = _expect_list(data["domains"], _join(path, "domains"))
+    if not items:
+        raise ConfigError(_join(path, "domains"), "names no domain (a list of base domains: [apps.example.com])")
+    domains: list[str] = []
+    for i, item in enumerate(items):
+        where = _join(_join(path, "domains"), i)
+        text = _expect_str(item, where)
+        domain = text.lower().rstrip(".")
+        labels = domain.split(".")
+        if len(domain) > 253 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+            raise ConfigError(where, f"{_show(text)} is not a domain name (apps.example.com)")
+        if domain in domains:
+            raise ConfigError(where, f"{_show(text)} is already domains[{domains.index(domain)}]")
+        domains.append(domain)
+    listen = None
+    if data.get("listen") is not None:
+        where = _join(path, "listen")
+        text = _expect_str(data["listen"], where)
+        if text.split(":", 1)[0].strip().lower() == "ssl":
+            raise ConfigError(where, f"{_show(text)}: the TLS front terminates TLS itself with the "
+                              "certificate store; give it a plain endpoint (tcp:8443)")
+        listen = check_server_strport(text, where, allow_zero=True)
+        if tls is None:
+            raise ConfigError(where, "the TLS front needs a top-level 'tls' section (tls: {certificates: DIR}) "
+                              "holding a certificate for *.<domain> of each domain")
+        for i, domain in enumerate(domains):
+            if not tls.store.covers_below(domain):
+                raise ConfigError(_join(_join(path, "domains"), i),
+                                  f"{domain!r}: no certificate in {tls.certificates} covers *.{domain} "
+                                  "(the TLS front needs one for the names under each domain)")
+    return Hostnames(tuple(domains), listen)
+
+
+# Domain labels as DNS has them (no '_': these names are looked up and certified).
+_DOMAIN_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls", "hostnames")
 
 
 def _inline_secret(value: object, path: str) -> str:
@@ -944,6 +986,8 @@ def _parse(data: object, source: str | None) -> Config:
         config = replace(config, manhole=_manhole(data["manhole"], "manhole"))
     if data.get("tls") is not None:
         config = replace(config, tls=_tls(data["tls"], "tls"))
+    if data.get("hostnames") is not None:
+        config = replace(config, hostnames=_hostnames(data["hostnames"], "hostnames", config.tls))
 
     tls = config.tls
     items = _expect_list(_or_empty(data.get("projects")), "projects")
@@ -953,8 +997,10 @@ def _parse(data: object, source: str | None) -> Config:
     # Conflicts are the routing table's to judge; run it once here so that a
     # file that cannot be served is refused before anything binds.
     try:
-        RoutingTable.build(config.ingress, config.manhole, config.projects)
+        RoutingTable.build(config.ingress, config.manhole, config.projects, config.hostnames)
     except PortConflict as e:
+        if e.claimant == "the TLS front":
+            raise ConfigError("hostnames.listen", str(e)) from None
         index = next(i for i, project in enumerate(projects) if project.name == e.claimant)
         raise ConfigError(f"projects[{index}].listen.port", str(e)) from None
     return config
@@ -1067,7 +1113,7 @@ def with_cli(
         projects.append(replace(project, name=name, manifest={**project.manifest, "name": name}))
     config = replace(config, projects=tuple(projects))
     try:
-        RoutingTable.build(config.ingress, config.manhole, config.projects)
+        RoutingTable.build(config.ingress, config.manhole, config.projects, config.hostnames)
     except PortConflict as e:
         # Name what the operator wrote: the CLI option, or the file's field.
         if e.claimant in options:
@@ -1076,6 +1122,8 @@ def with_cli(
             raise ConfigError("--ingress", str(e)) from None
         if e.holder == "the manhole" and manhole is not None:
             raise ConfigError("--manhole", str(e)) from None
+        if e.claimant == "the TLS front":
+            raise ConfigError("hostnames.listen", str(e), config.source) from None
         index = [p.name for p in config.projects].index(e.claimant)
         raise ConfigError(f"projects[{index}].listen.port", str(e), config.source) from None
     return config

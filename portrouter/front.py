@@ -1,6 +1,6 @@
 """
 What portrouter's own ports answer with, put together: the ingress (path
-routes, ``/_api/``, ``/stream/``) and the manhole. The router binds them
+and hostname routes, ``/_api/``, ``/stream/``), the TLS front and the manhole. The router binds them
 and reconciles the projects' ports; it imports none of this, so the API and
 the ingress may import the router and nothing points back up.
 """
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from twisted.internet.protocol import Factory
 
-from portrouter.api import API
+from portrouter.api import API, route_rows, route_text
+from portrouter.hostnames import Names
+from portrouter.hosts import HostRouting
 from portrouter.ingress import make_ingress
 from portrouter.manhole import make_manhole
 from portrouter.router import RouterService
 from portrouter.stream import StreamEndpoint
+from portrouter.tlsfront import TLSFront
 
 
 class Front:
@@ -23,12 +26,20 @@ class Front:
         self.router = router
         self.api = API(router)
         self.stream = StreamEndpoint(router)
+        hostnames = router.config.hostnames
+        self.hosts = HostRouting(router, Names(hostnames)) if hostnames is not None else None
 
     def ingress(self) -> Factory:
-        return make_ingress(self.router, self.api.handler, self.stream.handler)
+        return make_ingress(self.router, self.api.handler, self.stream.handler, self.hosts)
+
+    def tls_front(self) -> TLSFront | None:
+        if self.hosts is None or self.hosts.names.config.listen is None:
+            return None
+        return TLSFront(self.router, self.hosts)
 
     def manhole(self) -> Factory | None:
         config = self.router.config
         if config.manhole is None:
             return None
-        return make_manhole(self.router, config.manhole.authorized_keys, config.state)
+        return make_manhole(self.router, config.manhole.authorized_keys, config.state,
+                            lambda: route_text(route_rows(self.router)).decode())

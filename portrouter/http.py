@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import replace
 from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.model import Project
+from portrouter.model import Project, Service
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
@@ -806,31 +807,58 @@ class HTTPRoutes:
         self.services = services
         self.pools: dict[str, Pool] = {}
         self.inflight: Counter[str] = Counter()  # requests in progress per project, for max_connections
+        self.views: dict[str, tuple[Project, Project]] = {}  # service_view's, by name: (project, view)
 
-    def pool(self, project: Project) -> Pool:
+    def pool(self, project: Project, service: Service | None = None) -> Pool:
+        """The pool of C{project}'s backend, or of its service port C{service} (then C{project} is its view)."""
         pool = self.pools.get(project.name)
         if pool is None or pool.backend != project.backend:
             if pool is not None:
                 pool.close()
             pool = self.pools[project.name] = Pool(self.reactor, project)
-        pool.supervisor = self.services.get(project) if self.services is not None else None
+        if self.services is None:
+            pool.supervisor = None
+        elif service is None:
+            pool.supervisor = self.services.get(project)
+        else:
+            # The tunnels' supervisor: one copy of the service, however it is reached.
+            owner = self.views[project.name][0]
+            pool.supervisor = self.services.get(owner, service)
         return pool
 
+    def service_view(self, project: Project, service: Service) -> Project:
+        """
+        An HTTP service port (reached by hostname) as a project of its own
+        for the proxy: ``project/service``, its port, its limits.
+        """
+        name = f"{project.name}/{service.name}"
+        cached = self.views.get(name)
+        if cached is not None and cached[0] is project:
+            return cached[1]
+        view = replace(project, name=name, backend=project.service_endpoint(service), listen=None,
+                       services=(), command=service.command, limits=service.limits)
+        self.views[name] = (project, view)
+        return view
+
     def proxy(self, channel: Channel, request: Request, project: Project,
-              path: bytes, prefix: bytes | None) -> Any:
+              path: bytes, prefix: bytes | None, service: Service | None = None) -> Any:
+        if service is not None:
+            project = self.service_view(project, service)
         limit = project.limits.max_connections
         if limit is not None and self.inflight[project.name] >= limit:
             self.sessions.stats.refused_at_limit[("http", project.name)] += 1
             channel.project = project.name
             why = f"portrouter: project '{project.name}': {limit} requests in progress (max_connections)\n"
             return Fixed(lambda: channel.send(503, why.encode(), headers=[(b"Retry-After", b"1")]))
-        return ProxyExchange(channel, request, project, self.pool(project), normalize(path), prefix,
+        return ProxyExchange(channel, request, project, self.pool(project, service), normalize(path), prefix,
                              self.sessions, self)
 
     def forget(self, name: str) -> None:
-        pool = self.pools.pop(name, None)
-        if pool is not None:
-            pool.close()
+        """A project is gone: its pools (and its service ports') close."""
+        for key in [k for k in self.pools if k == name or k.startswith(name + "/")]:
+            self.pools.pop(key).close()
+        for key in [k for k in self.views if k.startswith(name + "/")]:
+            del self.views[key]
 
 
 class ProjectSite:

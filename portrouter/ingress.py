@@ -1,5 +1,6 @@
 """
-The default ingress (``tcp:8080``): ``/<name>/...`` goes to project
+The default ingress (``tcp:8080``): a ``Host`` under a base domain goes by
+hostname (L{portrouter.hosts}); otherwise ``/<name>/...`` goes to project
 ``<name>`` with the prefix stripped; ``/_api/`` and ``/stream/`` are
 portrouter's own.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from portrouter.hosts import HostRouting
 from portrouter.http import NAME
 from portrouter.router import RouterService
 from portrouter.web import Channel, ChannelFactory, Fixed, Request
@@ -27,16 +29,23 @@ VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'
 
 
 class IngressSite:
-    def __init__(self, router: RouterService, api: APIHandler, stream: StreamHandler):
+    def __init__(self, router: RouterService, api: APIHandler, stream: StreamHandler,
+                 hosts: HostRouting | None = None):
         self.router = router
         self.api = api
         self.stream = stream
+        self.hosts = hosts
         self.stats = router.sessions.stats
         defaults = router.config.defaults
         self.header_timeout = defaults.header_timeout
         self.max_header_size = defaults.max_header_size
 
     def handler(self, channel: Channel, request: Request) -> Any:
+        hosts = self.hosts
+        if hosts is not None:
+            label = hosts.label(request)
+            if label is not None:
+                return hosts.handler(channel, request, label)
         path = request.path
         if not path.startswith(b"/"):
             return Fixed(lambda: channel.error(400, "the request target must be a path"))
@@ -69,5 +78,6 @@ class IngressSite:
         return self.api(channel, request, rest)
 
 
-def make_ingress(router: RouterService, api: APIHandler, stream: StreamHandler) -> ChannelFactory:
-    return ChannelFactory(IngressSite(router, api, stream), router.reactor)
+def make_ingress(router: RouterService, api: APIHandler, stream: StreamHandler,
+                 hosts: HostRouting | None = None) -> ChannelFactory:
+    return ChannelFactory(IngressSite(router, api, stream, hosts), router.reactor)

@@ -11,7 +11,7 @@ C{table} (always the current routing table), C{connections()} and C{reactor}.
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
@@ -86,10 +86,23 @@ def connections(router: Any) -> list[dict[str, Any]]:
     ]
 
 
-def make_manhole(router: Any, authorized_keys: str, state_dir: str) -> manhole_ssh.ConchFactory:
+class Text(str):
+    """Shown as it reads at the prompt, not as a quoted string."""
+
+    def __repr__(self) -> str:
+        return str(self).rstrip("\n")
+
+
+def make_manhole(router: Any, authorized_keys: str, state_dir: str,
+                 routes: Callable[[], str] = lambda: "") -> manhole_ssh.ConchFactory:
+    """
+    The SSH shell; C{routes} gives the routing table as C{GET
+    /_api/routes?format=text} shows it (with hostnames), for C{routes()}.
+    """
     namespace = {
         "router": router,
         "table": LiveTable(router),
+        "routes": lambda: Text(routes()),
         "connections": lambda: connections(router),
         "reactor": router.reactor,
     }

@@ -67,6 +67,13 @@ class _Collector:
             limited.add_metric([project, protocol], n)
         yield limited
 
+        hostnames = CounterMetricFamily("portrouter_hostname_routing",
+                                        "HTTP requests by Host and TLS front connections by SNI, by outcome: "
+                                        "host, tls, passthrough, h2c, unknown, refused", labels=["kind"])
+        for kind, n in sorted(stats.hostnames.items()):
+            hostnames.add_metric([kind], n)
+        yield hostnames
+
         udp_sessions = GaugeMetricFamily("portrouter_udp_sessions", "Open UDP sessions", labels=["project"])
         udp_dropped = CounterMetricFamily("portrouter_udp_dropped", "Datagrams from new clients dropped "
                                           "at udp_max_sessions", labels=["project"])

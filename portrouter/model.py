@@ -105,6 +105,11 @@ class Project:
     def path_routed(self) -> bool:
         return self.listen is None and self.backend is not None
 
+    def service_endpoint(self, service: Service) -> str:
+        """The client endpoint of one of its service ports, on the project's host."""
+        host = (self.host or "127.0.0.1").replace(":", "\\:")  # an IPv6 address, escaped for strports
+        return f"tcp:{host}:{service.port}"
+
     def service(self, name: str) -> Service | None:
         for service in self.services:
             if service.name == name:
@@ -148,6 +153,18 @@ class TLS:
 
 
 @dataclass(frozen=True)
+class Hostnames:
+    """
+    Hostname routing (section 10): ``<project>[-<port>][s|g].<domain>`` for
+    each base domain, on the ingress by ``Host`` and on the TLS front
+    (C{listen}, if any) by SNI.
+    """
+
+    domains: tuple[str, ...]
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything portrouter is told at start-up, file and CLI together."""
 
@@ -160,3 +177,4 @@ class Config:
     manhole: Manhole | None = None
     projects: tuple[Project, ...] = ()
     tls: TLS | None = None
+    hostnames: Hostnames | None = None

@@ -289,9 +289,18 @@ class SpliceRelay:
         self.closed = False
         session._closer = self.close
 
-    def start(self) -> None:
-        self.reactor.addReader(self.client)
+    def start(self, early: bytes = b"") -> None:
+        """
+        Relay from now on; C{early}, bytes of the client's read before the
+        backend was chosen (a ClientHello), go to the backend first.
+        """
         self.reactor.addReader(self.backend)
+        if early:
+            self.count(self.up, len(early))
+            self.up.held = early
+            self.up._blocked()  # the client is read once the backend has taken them
+        else:
+            self.reactor.addReader(self.client)
 
     def connect(self, address: Any, timeout: float) -> None:
         """
@@ -609,6 +618,18 @@ def half_close(transport: Any) -> None:
         # producer never unregisters: let it go first.
         transport.unregisterProducer()
         transport.loseConnection()
+
+
+def hand_over(transport: Any, protocol: Any, data: bytes = b"") -> None:
+    """
+    Give an accepted connection to C{protocol}, as if it had been built for
+    it; C{data}, read before the choice was made, is delivered first.
+    """
+    # Twisted's tcp.Connection delivers every event to its .protocol.
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    if data and transport.connected:
+        protocol.dataReceived(data)
 
 
 def couple(one: IConnection, other: IConnection) -> None:

@@ -40,6 +40,8 @@ from portrouter.ws import WSRoute
 log = Logger(namespace="portrouter")
 T = TypeVar("T")
 
+# What the router's own ports are called in its log lines and errors, by route protocol.
+_OWN = {"http": "the ingress", "ssh": "the manhole", "sni": "the TLS front"}
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
 
@@ -72,6 +74,9 @@ class Front(Protocol):
     def manhole(self) -> Factory | None:
         """The factory for the manhole's port, if one is configured."""
 
+    def tls_front(self) -> Any:
+        """The factory for the TLS front (``hostnames.listen``), if one is configured."""
+
 
 class BindError(Exception):
     """A port the OS refused to bind; the message names the project and port."""
@@ -80,8 +85,7 @@ class BindError(Exception):
         self.route = route
         self.reason = reason
         where = f"port {route.port}/{route.namespace}" if route.port else route.listen
-        who = f"project {route.project!r}" if route.project else (
-            "the manhole" if route.protocol == "ssh" else "the ingress")
+        who = f"project {route.project!r}" if route.project else _OWN[route.protocol]
         super().__init__(f"cannot bind {where} for {who}: {reason}")
 
 
@@ -188,12 +192,14 @@ class RouterService(MultiService):
             except ConfigError as e:
                 raise StateError(f"{self.state.path}: {e}") from None
         try:
-            self.table = RoutingTable.build(config.ingress, config.manhole, [*config.projects, *deployed])
+            self.table = RoutingTable.build(config.ingress, config.manhole, [*config.projects, *deployed],
+                                            config.hostnames)
         except PortConflict as e:
             raise StateError(f"{self.state.path}: {e}") from None
         self.listeners: dict[str, Listener] = {}
         self.ingress: Listener | None = None
         self.manhole: Listener | None = None
+        self.tls_front: Listener | None = None
         self.stopping = False
         self.forced = False
         self.front = front(self)
@@ -232,17 +238,21 @@ class RouterService(MultiService):
                 route = Route(None, "ssh", None, "manhole", manhole.listen)
                 self.manhole = Listener(route, shell, await self._listen(route, shell))
                 self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
+            hostnames, front = self.config.hostnames, self.front.tls_front()
+            if hostnames is not None and hostnames.listen is not None and front is not None:
+                route = Route(None, "sni", None, "hostname routing", hostnames.listen)
+                self.tls_front = Listener(route, front, await self._listen(route, front))
+                self.tls_front.setName("tls-front")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
         except BaseException:
-            _release(self.ingress.port)
-            self.ingress = None
-            if self.manhole is not None:
-                _release(self.manhole.port)
-                self.manhole = None
+            for own in (self.ingress, self.manhole, self.tls_front):
+                if own is not None:
+                    _release(own.port)
+            self.ingress = self.manhole = self.tls_front = None
             raise
-        self.ingress.setServiceParent(self)  # type: ignore[no-untyped-call]
-        if self.manhole is not None:
-            self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
+        for own in (self.ingress, self.manhole, self.tls_front):
+            if own is not None:
+                own.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     # -- reconciling ------------------------------------------------------------
 
@@ -281,8 +291,7 @@ class RouterService(MultiService):
             raise BindError(route, _os_reason(e)) from None
         log.info(
             "{what} listening on {address}",
-            what=f"{route.protocol} route {route.project}" if route.project else
-            ("manhole" if route.protocol == "ssh" else "ingress"),
+            what=f"{route.protocol} route {route.project}" if route.project else _OWN[route.protocol][4:],
             address=_address(port),
             project=route.project,
         )
@@ -415,7 +424,7 @@ class RouterService(MultiService):
                 channel.drain()
         for listener in bound.values():
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
-        for name in set(self.http.pools) - set(table.projects):
+        for name in {key.split("/")[0] for key in self.http.pools} - set(table.projects):
             self.http.forget(name)
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
             self.commands.forget(name)
@@ -497,12 +506,14 @@ class RouterService(MultiService):
             name = sorted(clash)[0]
             raise ChangeRefused("conflict", "invalid", f"project {name!r} is in the file and was deployed through the API")
         try:
-            table = RoutingTable.build(self.table.ingress, self.table.manhole, [*config.projects, *dynamic])
+            table = RoutingTable.build(self.table.ingress, self.table.manhole, [*config.projects, *dynamic],
+                                       self.table.hostnames)
         except PortConflict as e:
             log.error("reload refused: {error}", error=str(e))
             raise ChangeRefused("conflict", "port_conflict", str(e), "listen.port") from None
-        if config.ingress != self.config.ingress or config.manhole != self.config.manhole:
-            log.warn("reload: the ingress and manhole stay as they are until a restart")
+        if (config.ingress, config.manhole, config.hostnames) != (self.config.ingress, self.config.manhole,
+                                                                   self.config.hostnames):
+            log.warn("reload: the ingress, the manhole and the hostnames section stay as they are until a restart")
         old = self.table.projects
         changed = {
             "added": sorted(n for n in table.projects if n not in old),
@@ -539,7 +550,7 @@ class RouterService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
     def _channels(self) -> list[Any]:
-        listeners = [self.ingress, *self.listeners.values()]
+        listeners = [self.ingress, self.tls_front, *self.listeners.values()]
         return [c for l in listeners if l is not None for c in getattr(l.factory, "channels", ())]
 
     def _busy(self) -> bool:
@@ -549,6 +560,8 @@ class RouterService(MultiService):
         self.stopping = True
         await defer.maybeDeferred(super().stopService)
         self.commands.stop_starting()
+        if self.tls_front is not None:
+            self.tls_front.factory.close_reading()
         for channel in self._channels():
             channel.drain()
         timeout = self.config.drain_timeout

@@ -286,11 +286,7 @@ class Services:
         if command is None:
             return None
         key = (project.name, service.name if service is not None else None)
-        if service is not None:
-            host = (project.host or "127.0.0.1").replace(":", "\\:")
-            backend = f"tcp:{host}:{service.port}"
-        else:
-            backend = project.backend
+        backend = project.service_endpoint(service) if service is not None else project.backend
         supervisor = self.supervisors.get(key)
         if supervisor is None or supervisor.command != command or supervisor.backend != backend:
             if supervisor is not None:

@@ -39,6 +39,9 @@ class Stats:
         self.http: Counter[tuple[str, str]] = Counter()  # (project, "2xx")
         self.connect_failures: Counter[tuple[str, str]] = Counter()  # (project, reason)
         self.refused_at_limit: Counter[tuple[str, str]] = Counter()  # (protocol, project)
+        # Requests by Host, connections by SNI: "host", "tls", "passthrough",
+        # "h2c", "unknown" (under a base domain, naming nothing), "refused".
+        self.hostnames: Counter[str] = Counter()
 
     def http_request(self, project: str | None, status: int) -> None:
         self.http[(project or "-", f"{status // 100}xx")] += 1

@@ -112,9 +112,7 @@ class StreamEndpoint:
             return problem(channel, 404, "No such app service.", "app-not-found")
         if request.method != b"GET" or not is_websocket(request):
             return problem(channel, 400, "Not a WebSocket request.", "invalid-api-params")
-        host = project.host or "127.0.0.1"
-        escaped = host.replace(":", "\\:")
-        endpoint = clientFromString(self.router.reactor, f"tcp:{escaped}:{service.port}")
+        endpoint = clientFromString(self.router.reactor, project.service_endpoint(service))
         target = Target(project.name, service.name, endpoint, service.limits,
                         self.router.commands.get(project, service))
         return _Takeover(channel, request, self.factory.bridge(target, channel.transport.getPeer()))

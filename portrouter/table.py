@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 from twisted.internet.endpoints import serverFromString
 
-from portrouter.model import Manhole, Project
+from portrouter.model import Hostnames, Manhole, Project
 
 
 class PortConflict(Exception):
@@ -39,10 +39,8 @@ class PortConflict(Exception):
 
     def __str__(self) -> str:
         what = "reserved for" if self.holder.startswith("the ") else "already bound by"
-        return (
-            f"port {self.port}/{self.namespace} is {what} {self.bound_by}; "
-            f"project {self.claimant!r} cannot bind it"
-        )
+        who = self.claimant if self.claimant.startswith("the ") else f"project {self.claimant!r}"
+        return f"port {self.port}/{self.namespace} is {what} {self.bound_by}; {who} cannot bind it"
 
 
 @dataclass(frozen=True)
@@ -95,23 +93,30 @@ class RoutingTable:
         manhole: Manhole | None,
         projects: Mapping[str, Project],
         routes: tuple[Route, ...],
+        hostnames: Hostnames | None = None,
     ):
         self.ingress = ingress
         self.manhole = manhole
         self.projects = projects
         self.routes = routes
+        self.hostnames = hostnames
 
     @classmethod
     def build(
-        cls, ingress: str, manhole: Manhole | None, projects: Iterable[Project]
+        cls, ingress: str, manhole: Manhole | None, projects: Iterable[Project],
+        hostnames: Hostnames | None = None,
     ) -> RoutingTable:
         """Check C{projects} against each other; raise L{PortConflict} on a clash."""
         claims: dict[tuple[str, int | str], str] = {}
         ingress_port, ingress_interface = _port_of(ingress)
-        for strport, holder in ((ingress, "the ingress"), (manhole.listen if manhole else None, "the manhole")):
+        reserved = ((ingress, "the ingress"), (manhole.listen if manhole else None, "the manhole"),
+                    (hostnames.listen if hostnames else None, "the TLS front"))
+        for strport, holder in reserved:
             if strport is not None:
                 key = _key("tcp", _port_of(strport)[0])
                 if key is not None:
+                    if key in claims:
+                        raise PortConflict(key[1], key[0], claims[key], holder)
                     claims[key] = holder
 
         by_name: dict[str, Project] = {}
@@ -145,7 +150,7 @@ class RoutingTable:
         )
         own.sort(key=lambda r: (r.port if r.port is not None else 1 << 17, r.protocol, r.project or ""))
         paths.sort(key=lambda r: r.project or "")
-        return cls(ingress, manhole, by_name, (ingress_route, *paths, *own))
+        return cls(ingress, manhole, by_name, (ingress_route, *paths, *own), hostnames)
 
     def listeners(self) -> dict[str, Route]:
         """The routes bound on a port of their own, by project name."""
@@ -159,12 +164,12 @@ class RoutingTable:
         one's port.
         """
         others = [p for name, p in self.projects.items() if name != project.name]
-        self.build(self.ingress, self.manhole, [*others, project])
+        self.build(self.ingress, self.manhole, [*others, project], self.hostnames)
         projects = dict(self.projects)
         projects[project.name] = project  # a replace keeps its place
-        return self.build(self.ingress, self.manhole, projects.values())
+        return self.build(self.ingress, self.manhole, projects.values(), self.hostnames)
 
     def without(self, name: str) -> RoutingTable:
         projects = dict(self.projects)
         del projects[name]
-        return self.build(self.ingress, self.manhole, projects.values())
+        return self.build(self.ingress, self.manhole, projects.values(), self.hostnames)

@@ -20,10 +20,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from portrouter.model import Project
+from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
-from portrouter.services import Services
+from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
 
 log = Logger(namespace="portrouter.tcp")
@@ -48,20 +48,21 @@ class _BackendFactory(Factory):
 class _Inbound(StreamSide):
     """An accepted client connection, waiting for its backend, then relayed."""
 
-    def __init__(self, route: TCPRoute, addr: IAddress):
+    def __init__(self, route: TCPRoute, addr: IAddress, early: bytes = b""):
         self.route = route
         self.addr = addr
+        self.early = early  # read before the route was chosen (a ClientHello): the backend's first bytes
         self.pending: defer.Deferred[Any] | None = None
 
     def connectionMade(self) -> None:
         route = self.route
-        limits = route.project.limits
+        limits = route.limits
         peer = peer_of(self.addr)
-        if route.sessions.full("tcp", route.project.name, limits.max_connections, peer):
+        if route.sessions.full("tcp", route.name, limits.max_connections, peer):
             self.transport.loseConnection()  # accepted and closed at once: clients never hang
             return
         self.transport.pauseProducing()
-        self.session = route.sessions.open("tcp", route.project.name, peer, limits.idle_timeout, self.transport)
+        self.session = route.sessions.open("tcp", route.name, peer, limits.idle_timeout, self.transport)
         supervisor = route.supervisor
         if supervisor is None:
             self._connect()
@@ -84,7 +85,7 @@ class _Inbound(StreamSide):
 
     def _connect(self) -> None:
         route = self.route
-        connect_timeout = route.project.limits.connect_timeout
+        connect_timeout = route.limits.connect_timeout
         d = self.pending = route.endpoint.connect(_BackendFactory())
         d.addTimeout(connect_timeout, route.reactor)
         d.addBoth(self._answered, connect_timeout)
@@ -101,6 +102,7 @@ class _Inbound(StreamSide):
                 session.ended(why)
             return
         backend: _Backend = result
+        early, self.early = self.early, b""
         if splicable(self.transport) and splicable(backend.transport):
             relay = SpliceRelay(
                 self.route.reactor, session, detach(self.transport), detach(backend.transport)
@@ -108,8 +110,11 @@ class _Inbound(StreamSide):
             # The Twisted transports are let go of: from here on the relay
             # owns both sockets.
             self.transport = backend.transport = None  # type: ignore[assignment]  # no event comes after
-            relay.start()
+            relay.start(early)
         else:
+            if early:
+                session.bytes_in += len(early)
+                backend.transport.write(early)
             pair_streams(session, self, backend, self.route.reactor.seconds)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
@@ -163,7 +168,7 @@ def accept_directly(port: tcp.Port) -> None:
                     continue  # that client gave up; go on with the next
                 # Out of descriptors or memory: try again at the next event
                 # rather than spin; the kernel keeps the queue.
-                log.warn("tcp {project}: cannot accept: {why}", project=factory.project.name, why=e.strerror)
+                log.warn("tcp {project}: cannot accept: {why}", project=factory.name, why=e.strerror)
                 return
             factory.accept_socket(sock, address)
 
@@ -184,10 +189,29 @@ class TCPRoute(Factory):
     def update(self, project: Project) -> None:
         """Take a changed manifest; new connections use it, open ones go on."""
         assert project.backend is not None
+        self._aim(project, project.name, project.backend, project.limits,
+                  self.services.get(project) if self.services is not None else None)
+
+    @classmethod
+    def to_service(cls, reactor: IReactor, project: Project, service: Service, sessions: Sessions,
+                   services: Services) -> TCPRoute:
+        """
+        Connections relayed to a service port of C{project} (reached by
+        hostname), started on demand as its tunnels start it.
+        """
+        route = cls.__new__(cls)
+        route.reactor, route.sessions, route.services = reactor, sessions, services
+        route._aim(project, f"{project.name}/{service.name}", project.service_endpoint(service), service.limits,
+                   services.get(project, service))
+        return route
+
+    def _aim(self, project: Project, name: str, backend: str, limits: Limits, supervisor: Supervisor | None) -> None:
         self.project = project
-        self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, project.backend)
-        self.supervisor = self.services.get(project) if self.services is not None else None
-        self.direct = None if self.supervisor is not None else direct_address(self.endpoint)
+        self.name = name  # as sessions, logs and metrics name it
+        self.limits = limits
+        self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, backend)
+        self.supervisor = supervisor
+        self.direct = None if supervisor is not None else direct_address(self.endpoint)
 
     def accept_socket(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """
@@ -195,11 +219,11 @@ class TCPRoute(Factory):
         backend given by IP address. No Twisted transport is made for
         either side; the relay connects the backend and splices.
         """
-        project = self.project
-        limits = project.limits
+        name = self.name
+        limits = self.limits
         host, port = address[0], address[1]
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self.sessions.full("tcp", project.name, limits.max_connections, peer):
+        if self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
@@ -208,12 +232,16 @@ class TCPRoute(Factory):
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = self.sessions.open("tcp", project.name, peer, limits.idle_timeout)
+        session = self.sessions.open("tcp", name, peer, limits.idle_timeout)
         relay = SpliceRelay(self.reactor, session, sock, backend)
         stats = self.sessions.stats
-        relay.on_connect_failure = lambda why: stats.connect_failed(project.name, why)
+        relay.on_connect_failure = lambda why: stats.connect_failed(name, why)
         relay.connect(target, limits.connect_timeout)
 
     # A listening port always passes the peer's address.
     def buildProtocol(self, addr: IAddress) -> Protocol:  # type: ignore[override]
         return _Inbound(self, addr)
+
+    def inbound(self, addr: IAddress, early: bytes) -> Protocol:
+        """A connection whose first bytes (C{early}) were read to choose this route."""
+        return _Inbound(self, addr, early)

@@ -23,14 +23,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portrouter"
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("the daemons: composition roots", frozenset({"tap", "tunnel"})),
     ("the front, put together", frozenset({"front"})),
-    ("the front: what the router's own ports answer", frozenset({"api", "ingress", "stream"})),
-    ("the front's parts", frozenset({"metrics", "manhole"})),
+    ("the front: what the router's own ports answer", frozenset({"api", "ingress", "stream", "tlsfront"})),
+    ("the front's parts", frozenset({"metrics", "manhole", "hosts"})),
     ("the router: table, listeners, changes under one lock", frozenset({"router"})),
     ("routes", frozenset({"http", "tcp", "udp", "ws"})),
     ("credentials and the state file", frozenset({"auth", "state"})),
     ("parsing, the HTTP server, the relay", frozenset({"config", "web", "relay"})),
-    ("table, sessions, supervised commands, log format", frozenset({"table", "sessions", "services", "logs"})),
-    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "__init__"})),
+    ("table, sessions, supervised commands, log format", frozenset({"table", "sessions", "services", "logs", "hostnames"})),
+    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "__init__"})),
 ]
 
 
