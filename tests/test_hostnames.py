@@ -18,9 +18,12 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from portrouter.config import ConfigError, parse
+from portrouter.config import ConfigError, load, parse
+from portrouter.front import Front
+from portrouter.hostnames import resolve
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
@@ -452,3 +455,63 @@ def test_the_front_port_is_reserved(store: Path) -> None:
         parse({"tls": {"certificates": str(store)}, "hostnames": {"domains": ["apps.test"], "listen": "tcp:8443"},
                "projects": [{"name": "a", "backend": "tcp:127.0.0.1:1", "listen": {"port": 8443}}]})
     assert "port 8443/tcp is reserved for the TLS front; project 'a' cannot bind it" in str(caught.value)
+
+
+# -- the grammar, by example (the property test searches it) ---------------------------------------
+
+
+def test_a_reading_whose_project_exists_decides() -> None:
+    projects = {p.name: p for p in parse({"projects": [
+        {"name": "web", "backend": "tcp:127.0.0.1:1", "listen": {"port": 8081, "protocol": "http"},
+         "services": [{"name": "ssh", "port": 2200}]},
+        {"name": "web-8081", "backend": "tcp:127.0.0.1:2"},
+        {"name": "webs", "services": [{"name": "x", "port": 1}]},
+        {"name": "k1", "services": [{"name": "sshd", "port": 2200}]},
+    ]}).projects}
+
+    def reached(label: str) -> tuple[str, str | None, int | None, str] | None:
+        target = resolve(label, projects)
+        if target is None:
+            return None
+        return target.project.name, target.service.name if target.service else None, target.port, target.mode
+
+    assert reached("web") == ("web", None, None, "")
+    assert reached("web-8081") == ("web-8081", None, None, "")  # the project of that name, not web's port
+    assert reached("web-8081s") == ("web-8081", None, None, "s")
+    assert reached("web-2200g") == ("web", "ssh", 2200, "g")
+    assert reached("webs") is None  # project "webs" exists, has no route: not web's passthrough
+    assert reached("webg") == ("web", None, None, "g")
+    assert reached("k1") is None  # services only: nothing by the bare name
+    assert reached("k1-2200") == ("k1", "sshd", 2200, "")
+    for nothing in ("k1-02200", "k1-99999", "k1-2201", "k1-", "-2200", "k1-2200x", ""):
+        assert reached(nothing) is None, nothing
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_keeps_the_hostnames_section(tmp_path: Path, store: Path, backend: Backend,
+                                                  logged: list[str]) -> None:
+    """Like the ingress, the section (and the front's port) stays until a restart; projects reload."""
+    path = tmp_path / "routes.yaml"
+
+    def write(domain: str, project: str) -> None:
+        path.write_text(json.dumps({
+            "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+            "tls": {"certificates": str(store)},
+            "hostnames": {"domains": [domain]},
+            "projects": [{"name": project, "backend": backend.address}],
+        }))
+
+    write(DOMAIN, "k1")
+    router = RouterService(load(str(path)), reactor, Front, lambda: load(str(path)))
+    router.privilegedStartService()
+    router.startService()
+    try:
+        port = router.port_of()
+        write("elsewhere.test", "k2")
+        await router.reload()
+        await log_line(logged, "the hostnames section stay as they are until a restart")
+        assert headers_seen(await in_thread(curl, f"http://k2.{DOMAIN}:{port}/headers"))["path"] == "/headers"
+        result = await in_thread(curl, f"http://k1.{DOMAIN}:{port}/", "-w", "%{http_code}")
+        assert result.stdout.endswith("404")
+    finally:
+        await router.stopService()
