@@ -42,7 +42,7 @@ from portrouter.model import (
 from portrouter.table import PortConflict, RoutingTable
 
 PROTOCOLS = ("http", "tcp", "udp", "ws")
-SERVICE_PROTOCOLS = ("http", "tcp")
+SERVICE_PROTOCOLS = ("http", "tcp", "udp")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 
 

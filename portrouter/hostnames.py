@@ -61,7 +61,8 @@ def _route_ports(project: Project) -> Iterator[tuple[int, Service | None]]:
     if listen is not None and listen.port and listen.protocol != "udp":
         yield listen.port, None
     for service in project.services:
-        yield service.port, service
+        if service.protocol != "udp":  # no Host, no SNI: a datagram names nothing
+            yield service.port, service
 
 
 def has_route(project: Project) -> bool:

@@ -74,6 +74,14 @@ class _Collector:
             hostnames.add_metric([kind], n)
         yield hostnames
 
+        dropped = CounterMetricFamily("portrouter_service_datagrams_dropped",
+                                      "Datagrams a UDP service port dropped (a full buffer either way, "
+                                      "or while the service started), counted when its session ends",
+                                      labels=["project"])
+        for name, n in sorted(stats.datagrams_dropped.items()):
+            dropped.add_metric([name], n)
+        yield dropped
+
         udp_sessions = GaugeMetricFamily("portrouter_udp_sessions", "Open UDP sessions", labels=["project"])
         udp_dropped = CounterMetricFamily("portrouter_udp_dropped", "Datagrams from new clients dropped "
                                           "at udp_max_sessions", labels=["project"])

@@ -70,7 +70,7 @@ class Command:
 
 @dataclass(frozen=True)
 class Service:
-    """A service port: a named TCP service inside a project, reached by tunnel."""
+    """A service port: a named TCP, HTTP or UDP service inside a project, reached by tunnel."""
 
     name: str
     protocol: str
@@ -106,9 +106,13 @@ class Project:
         return self.listen is None and self.backend is not None
 
     def service_endpoint(self, service: Service) -> str:
-        """The client endpoint of one of its service ports, on the project's host."""
+        """
+        The client endpoint of one of its service ports, on the project's
+        host; ``udp:HOST:PORT`` for a UDP service (not a strport: Twisted
+        has none for UDP clients).
+        """
         host = (self.host or "127.0.0.1").replace(":", "\\:")  # an IPv6 address, escaped for strports
-        return f"tcp:{host}:{service.port}"
+        return f"{'udp' if service.protocol == 'udp' else 'tcp'}:{host}:{service.port}"
 
     def service(self, name: str) -> Service | None:
         for service in self.services:

@@ -3,8 +3,9 @@ Starting backends on demand (SPEC section 5).
 
 A project or service with a ``command`` is spawned by the first connection
 that needs it; every connection that arrives while it starts waits for the
-same start. portrouter polls the port until it accepts, then lets the waiting
-connections through (their early bytes are held by the connections
+same start. portrouter polls the port until it accepts (a UDP service: until
+a socket is bound to its port, as ``/proc/net/udp`` shows, since nothing
+answers a probe datagram reliably), then lets the waiting connections through (their early bytes are held by the connections
 themselves, paused). A command that exits first, or a port that does not open
 within ``start_timeout``, fails every waiting connection with the reason; one
 service failing never blocks another. Output goes to the log line by line;
@@ -76,6 +77,21 @@ class _ProbeFactory(Factory):
     protocol = _Probe
 
 
+def udp_bound(port: int) -> bool:
+    """Whether a UDP socket on this host is bound to C{port} (IPv4 or IPv6, any address)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local = line.split()[1]  # ADDRESS:PORT, both in hex
+            if int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 class Supervisor:
     """One command: started once on demand, shared by every connection."""
 
@@ -85,7 +101,9 @@ class Supervisor:
         self.clock = clock or reactor
         self.name = name
         self.command = command
-        self.endpoint = clientFromString(reactor, backend)
+        # "udp:HOST:PORT" (Model.service_endpoint): readiness is a bound socket, not an accept.
+        self.udp_port = int(backend.rsplit(":", 1)[1]) if backend.startswith("udp:") else None
+        self.endpoint = clientFromString(reactor, backend) if self.udp_port is None else None
         self.backend = backend
         self.start_timeout = start_timeout
         self.process: Any = None
@@ -100,7 +118,9 @@ class Supervisor:
 
     @property
     def waits_for(self) -> str:
-        """What the start waits to accept: C{port 8888}, or a UNIX socket's path."""
+        """What the start waits to accept: C{port 8888}, C{port 53/udp}, or a UNIX socket's path."""
+        if self.udp_port is not None:
+            return f"port {self.udp_port}/udp"
         port = getattr(self.endpoint, "_port", None)
         if isinstance(port, int):
             return f"port {port}"
@@ -192,6 +212,11 @@ class Supervisor:
         log.info("{service} is ready (pid {pid})", service=self.name, pid=self.pid)
 
     async def _probe(self) -> None:
+        if self.udp_port is not None:
+            if not udp_bound(self.udp_port):
+                raise OSError(f"nothing is bound to port {self.udp_port}/udp yet")
+            return
+        assert self.endpoint is not None
         await self.endpoint.connect(_ProbeFactory()).addTimeout(1.0, self.reactor)
 
     def _exited(self, code: int | None, protocol: _Output) -> int | None:

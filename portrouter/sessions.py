@@ -42,6 +42,7 @@ class Stats:
         # Requests by Host, connections by SNI: "host", "tls", "passthrough",
         # "h2c", "unknown" (under a base domain, naming nothing), "refused".
         self.hostnames: Counter[str] = Counter()
+        self.datagrams_dropped: Counter[str] = Counter()  # by UDP service port ("project/service")
 
     def http_request(self, project: str | None, status: int) -> None:
         self.http[(project or "-", f"{status // 100}xx")] += 1

@@ -1,6 +1,6 @@
 """
 Service ports on the ingress: ``/stream/{kernel,session}/<name>/...``, as
-Backend.AI's app proxy serves them. The caller's credentials are checked
+Backend.AI's app proxy serves them, and ``udpproxy`` for UDP services. The caller's credentials are checked
 before anything else; an accepted upgrade hands the connection to a
 L{portrouter.ws.Bridge} to the project's named service.
 """
@@ -18,8 +18,9 @@ from portrouter.auth import Refused
 from portrouter.router import RouterService
 from portrouter.web import Channel, Fixed, Request
 from portrouter.ws import Bridge, BridgeFactory, Target
+from portrouter.wsudp import DatagramBridgeFactory
 
-_STREAM = re.compile(rb"/stream/(kernel|session)/([a-z0-9][a-z0-9-]{0,62})/(tcpproxy|httpproxy|apps)\Z")
+_STREAM = re.compile(rb"/stream/(kernel|session)/([a-z0-9][a-z0-9-]{0,62})/(tcpproxy|httpproxy|udpproxy|apps)\Z")
 
 
 def problem(channel: Channel, status: int, title: str, kind: str) -> Fixed:
@@ -84,6 +85,7 @@ class StreamEndpoint:
     def __init__(self, router: RouterService):
         self.router = router
         self.factory = BridgeFactory(router.reactor, router.sessions)
+        self.datagrams = DatagramBridgeFactory(router.reactor, router.sessions)
 
     def handler(self, channel: Channel, request: Request) -> Any:
         match = _STREAM.match(request.path)
@@ -110,9 +112,19 @@ class StreamEndpoint:
         service = project.service(app) if app else None
         if service is None:
             return problem(channel, 404, "No such app service.", "app-not-found")
+        udp = match.group(3) == b"udpproxy"
+        if udp != (service.protocol == "udp"):
+            title = (f"{service.name!r} is a UDP service: use udpproxy." if service.protocol == "udp"
+                     else f"{service.name!r} is a {service.protocol.upper()} service: udpproxy is for UDP services.")
+            return problem(channel, 400, title, "invalid-api-params")
         if request.method != b"GET" or not is_websocket(request):
             return problem(channel, 400, "Not a WebSocket request.", "invalid-api-params")
+        supervisor = self.router.commands.get(project, service)
+        peer = channel.transport.getPeer()
+        if udp:
+            host = project.host or "127.0.0.1"
+            target = Target(project.name, service.name, None, service.limits, supervisor, (host, service.port))
+            return _Takeover(channel, request, self.datagrams.bridge(target, peer))
         endpoint = clientFromString(self.router.reactor, project.service_endpoint(service))
-        target = Target(project.name, service.name, endpoint, service.limits,
-                        self.router.commands.get(project, service))
-        return _Takeover(channel, request, self.factory.bridge(target, channel.transport.getPeer()))
+        target = Target(project.name, service.name, endpoint, service.limits, supervisor)
+        return _Takeover(channel, request, self.factory.bridge(target, peer))

@@ -137,19 +137,23 @@ class _ServiceFactory(Factory):
 
 
 class Target:
-    """Where a bridge goes: the service's endpoint, for whom, with which limits."""
+    """
+    Where a bridge goes: the service's endpoint (a UDP service: its
+    C{address}), for whom, with which limits.
+    """
 
-    __slots__ = ("project", "service", "endpoint", "limits", "supervisor")
+    __slots__ = ("project", "service", "endpoint", "limits", "supervisor", "address")
 
     def __init__(
-        self, project: str, service: str | None, endpoint: IStreamClientEndpoint, limits: Limits,
-        supervisor: Supervisor | None = None,
+        self, project: str, service: str | None, endpoint: IStreamClientEndpoint | None, limits: Limits,
+        supervisor: Supervisor | None = None, address: tuple[str, int] | None = None,
     ):
         self.project = project
         self.service = service
         self.endpoint = endpoint
         self.limits = limits
         self.supervisor = supervisor  # starts the service on demand, if it has a command
+        self.address = address
 
 
 class Bridge(WebSocketServerProtocol):
@@ -194,17 +198,25 @@ class Bridge(WebSocketServerProtocol):
         d = defer.Deferred.fromCoroutine(self._connect())
         d.addErrback(self._failed)
 
-    async def _connect(self) -> None:
-        target = self.target
-        if target.supervisor is not None:
-            target.supervisor.acquire()
-            self.session.supervisor = target.supervisor
+    async def _started(self) -> bool:
+        """The service started on demand, if it has a command; else closed with 1011 and why."""
+        supervisor = self.target.supervisor
+        if supervisor is not None:
+            supervisor.acquire()
+            self.session.supervisor = supervisor
             try:
-                await target.supervisor.ensure()
+                await supervisor.ensure()
             except Exception as e:
                 self._close(INTERNAL, str(e))
-                return
+                return False
+        return True
+
+    async def _connect(self) -> None:
+        target = self.target
+        if not await self._started():
+            return
         timeout = target.limits.connect_timeout
+        assert target.endpoint is not None  # a stream service's target has one
         d = target.endpoint.connect(_ServiceFactory())
         try:
             service = cast(_Service, await d.addTimeout(timeout, self.factory.reactor))  # _ServiceFactory's

@@ -90,8 +90,8 @@ BROKEN = [
         projects:
           - name: k1
             services:
-              - {name: dns, protocol: udp, port: 53}
-        """, "projects[0].services[0].protocol: 'udp' is not a service protocol (http, tcp)"),
+              - {name: dns, protocol: sctp, port: 53}
+        """, "projects[0].services[0].protocol: 'sctp' is not a service protocol (http, tcp, udp)"),
     # -- names ----------------------------------------------------------------
     Broken("duplicate-project", """
         projects:

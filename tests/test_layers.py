@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("the front: what the router's own ports answer", frozenset({"api", "ingress", "stream", "tlsfront"})),
     ("the front's parts", frozenset({"metrics", "manhole", "hosts"})),
     ("the router: table, listeners, changes under one lock", frozenset({"router"})),
+    ("UDP service ports, on the WebSocket bridge", frozenset({"wsudp"})),
     ("routes", frozenset({"http", "tcp", "udp", "ws"})),
     ("credentials and the state file", frozenset({"auth", "state"})),
     ("parsing, the HTTP server, the relay", frozenset({"config", "web", "relay"})),

@@ -1,0 +1,196 @@
+"""
+UDP service ports (SPEC section 11): ``/stream/.../udpproxy?app=<service>``.
+
+One WebSocket is one UDP session to the service, through a connected UDP
+socket of its own, so a reply can only have come from the service. Each
+BINARY message is one datagram and each datagram one BINARY message:
+boundaries kept, nothing coalesced or split. A message over 65,507 bytes
+(the most an IPv4 datagram carries) closes with 1009, a TEXT message with
+1003, and ``udp_timeout`` without a datagram either way ends the session
+with 1000 (one timer, moved only when it fires).
+
+A datagram relay cannot block, so it drops, as a UDP link does, and
+counts: datagrams from the service while more than the client transport's
+buffer (64 KiB) waits for a client that does not read; datagrams to the
+service the kernel will not take; and, while the service starts, past
+L{EARLY_DATAGRAMS}. So a session holds at most about 130 KiB however
+either side behaves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from portrouter.interfaces import IReactor
+from portrouter.sessions import Sessions, peer_of
+from portrouter.web import write_now
+from portrouter.ws import NORMAL, TRY_AGAIN, Bridge, BridgeFactory, Target, frame_header
+
+log = Logger(namespace="portrouter.ws")
+
+MAX_PAYLOAD = 65507
+EARLY_DATAGRAMS = 64  # held for the service while it starts; past that, dropped
+
+
+class _ServiceSocket(DatagramProtocol):
+    """The session's connected UDP socket towards the service."""
+
+    def __init__(self, bridge: DatagramBridge):
+        self.bridge: DatagramBridge | None = bridge
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        bridge = self.bridge
+        if bridge is not None:
+            bridge.from_service(datagram)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable: nothing listens there now. UDP promises
+        # nothing, so the session goes on; the log line tells why it was quiet.
+        bridge = self.bridge
+        if bridge is not None:
+            bridge.refusals += 1
+
+
+@implementer(IPushProducer)
+class _Full:
+    """Twisted pauses it while more than its buffer size is queued for the client."""
+
+    __slots__ = ("full",)
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+
+    def resumeProducing(self) -> None:
+        self.full = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class DatagramBridge(Bridge):
+    """One WebSocket bridged to one UDP session; Autobahn assembles each message."""
+
+    socket: _ServiceSocket | None = None
+    port: Any = None  # the listening side of the connected socket, closed with the session
+    early_datagrams: list[bytes] | None = None
+    dropped = 0
+    refusals = 0
+    to_client: _Full
+
+    # Whole messages, as Autobahn assembles them (the TCP bridge streams frame data instead).
+    onMessageFrameData = WebSocketServerProtocol.onMessageFrameData
+    onMessageFrameEnd = WebSocketServerProtocol.onMessageFrameEnd
+    onMessageEnd = WebSocketServerProtocol.onMessageEnd
+
+    def onOpen(self) -> None:
+        target = self.target
+        name = f"{target.project}/{target.service}"
+        peer = peer_of(self.transport.getPeer())
+        if self.sessions.full("udp", name, target.limits.max_connections, peer):
+            self.ended = True
+            self.sendCloseFrame(TRY_AGAIN, b"too many connections (max_connections)", isReply=False)
+            return
+        # udp_timeout is the session's idle timer: one per session, moved when it fires.
+        self.session = self.sessions.open("udp", name, peer, target.limits.udp_timeout, self.transport)
+        self.session._closer = lambda: self._close(NORMAL, self.session.reason or "closed by portrouter")
+        self.to_client = _Full()
+        self.transport.registerProducer(self.to_client, True)
+        self.early_datagrams = []
+        d = defer.Deferred.fromCoroutine(self._open_socket())
+        d.addErrback(self._failed)
+
+    async def _open_socket(self) -> None:
+        target = self.target
+        assert target.address is not None
+        if not await self._started():
+            return
+        host, port = target.address
+        reactor: IReactor = self.factory.reactor
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = ipaddress.ip_address(await reactor.resolve(host))  # IPv4: Twisted's resolver
+        if self.ended:
+            return
+        socket = _ServiceSocket(self)
+        try:
+            self.port = reactor.listenUDP(0, socket, interface="::" if ip.version == 6 else "",
+                                          maxPacketSize=MAX_PAYLOAD + 1)
+            socket.transport.connect(str(ip), port)  # type: ignore[union-attr]  # set by listenUDP
+        except Exception as e:
+            self._close(TRY_AGAIN, f"cannot open a UDP socket to the service: {e}")
+            return
+        self.socket = socket
+        for datagram in self.early_datagrams or ():
+            self._to_service(datagram)
+        self.early_datagrams = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.dropping or self.failedByMe:
+            return
+        session = self.session
+        session.bytes_in += len(payload)
+        session.last = self.factory.reactor.seconds()
+        if self.socket is not None:
+            self._to_service(payload)
+        elif self.early_datagrams is not None and len(self.early_datagrams) < EARLY_DATAGRAMS:
+            self.early_datagrams.append(payload)
+        else:
+            self.dropped += 1
+
+    def _to_service(self, datagram: bytes) -> None:
+        try:
+            self.socket.transport.write(datagram, None)  # type: ignore[union-attr]  # connected: to the service
+        except OSError:
+            self.dropped += 1  # the kernel's buffer is full (EAGAIN, ENOBUFS): a link would drop it too
+
+    def from_service(self, datagram: bytes) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self.to_client.full:
+            self.dropped += 1
+            return
+        session = self.session
+        session.bytes_out += len(datagram)
+        session.last = self.factory.reactor.seconds()
+        # One whole frame per write, as the TCP bridge writes them.
+        write_now(self.transport, frame_header(len(datagram)) + datagram)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        socket, self.socket = self.socket, None
+        if socket is not None:
+            socket.bridge = None
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+        self.early_datagrams = None
+        session = getattr(self, "session", None)
+        if session is not None and (self.dropped or self.refusals):
+            log.info("udp {project} {peer}: {dropped} datagrams dropped, {refusals} refused by the service "
+                     "(nothing listening)", project=session.project, peer=session.peer,
+                     dropped=self.dropped, refusals=self.refusals)
+        if session is not None:
+            self.sessions.stats.datagrams_dropped[session.project] += self.dropped
+        super().onClose(wasClean, code, reason)
+
+
+class DatagramBridgeFactory(BridgeFactory):
+    """Builds L{DatagramBridge}s: one for all UDP service ports."""
+
+    protocol = DatagramBridge
+
+    def __init__(self, reactor: IReactor, sessions: Sessions, target: Target | None = None):
+        super().__init__(reactor, sessions, target)
+        # Autobahn closes with 1009 for a message past this, before reading it all.
+        self.setProtocolOptions(maxMessagePayloadSize=MAX_PAYLOAD)  # type: ignore[no-untyped-call]
