@@ -405,7 +405,9 @@ class UDPSession:
                 ws.sendClose(1000)
             elif ws.state == WebSocketClientProtocol.STATE_CONNECTING:
                 ws.dropConnection(abort=True)
-        self.early = []
+        early, self.early = self.early, []
+        for _ in early:
+            tunnel.drop("held for a WebSocket that never opened", self)
         (log.warn if trouble else log.info)(
             "udp tunnel {peer}: {why}; {sent} datagrams ({bytes_sent} bytes) sent, {received} datagrams "
             "({bytes_received} bytes) received, {dropped} dropped, {duration:.3f} s",
