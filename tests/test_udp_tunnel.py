@@ -36,10 +36,12 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
+from twisted.internet.testing import FakeDatagramTransport, StringTransport
 
 from portrouter.config import parse
 from portrouter.model import Config
-from portrouter.tunnel import MAX_DATAGRAM, Options, Phase, UDPTunnel, makeService
+from portrouter.tunnel import EARLY_DATAGRAMS, MAX_DATAGRAM, Options, Phase, UDPTunnel, _Datagrams, makeService
+from portrouter.udp import DROP_REPORT
 from tests.support import (
     LOOPBACK,
     ClockedReactor,
@@ -544,3 +546,493 @@ async def test_a_service_that_stops_listening_and_comes_back_keeps_its_session(t
         service.close()
         tunnel.stop()
         await router.stopService()
+
+
+# -- refusals: as an Autobahn client sees them, and as the tunnel logs them -------------------------
+
+
+class _Probe(WebSocketClientProtocol):
+    """Sends one message once open, closes once one comes back, and reports how the WebSocket ended."""
+
+    def onOpen(self) -> None:
+        payload, binary = self.factory.message
+        self.sendMessage(payload, isBinary=binary)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.echoed.append((payload, isBinary))
+        self.sendClose(1000)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # A refused upgrade: Autobahn's reason quotes the status; a close: the server's code and reason.
+        ended = (self.remoteCloseCode, self.remoteCloseReason) if wasClean else (None, self.wasNotCleanReason)
+        self.factory.ended.callback(ended)
+
+
+async def autobahn(port: int, app: str, headers: dict[str, str], message: tuple[bytes, bool] = (b"", True),
+                   echoed: list[tuple[bytes, bool]] | None = None) -> tuple[int | None, str | None]:
+    """
+    An Autobahn client's WebSocket to udpproxy?app=C{app}, sending
+    C{message}: (the server's close code, its reason). What comes back is
+    added to C{echoed}, and the client then closes (1000).
+    """
+    echoed = [] if echoed is None else echoed
+    url = udpproxy(port, app)
+    factory = WebSocketClientFactory(url, headers=headers)
+    factory.protocol = _Probe
+    factory.message = message  # type: ignore[attr-defined]
+    factory.echoed = echoed  # type: ignore[attr-defined]
+    factory.ended = ended = defer.Deferred()  # type: ignore[attr-defined]
+    reactor.connectTCP(LOOPBACK, port, factory)  # type: ignore[attr-defined]
+    result: tuple[int | None, str | None] = await ended
+    return result
+
+
+BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_as_an_autobahn_client_sees_them(tmp_path: Path) -> None:
+    """SPEC 4 and 11: credentials first (401, 403), then the service (404), then TEXT (1003) and size (1009)."""
+    echo = UDPEcho()
+    router = await start_router(config=config(tmp_path, [{"name": "echo", "protocol": "udp", "port": echo.port}]))
+    port = router.port_of()
+    try:
+        assert await autobahn(port, "echo", BEARER, (b"hello", False)) == (1003, "only binary messages are carried")
+        code, reason = await autobahn(port, "echo", BEARER, (bytes(MAX_DATAGRAM + 1), True))
+        assert code == 1009, reason
+        assert await autobahn(port, "nope", BEARER) == (None, "WebSocket connection upgrade failed [404]: Not Found")
+        assert await autobahn(port, "echo", {}) == (
+            None, "WebSocket connection upgrade failed [401]: Unauthorized")
+        assert await autobahn(port, "echo", {"Authorization": "Bearer not-a-token"}) == (
+            None, "WebSocket connection upgrade failed [403]: Forbidden")
+        # Credentials come before the service: an unknown one is a 401 to a caller without them.
+        assert await autobahn(port, "nope", {}) == (None, "WebSocket connection upgrade failed [401]: Unauthorized")
+        assert echo.received == 0, "a refused message reached the service"
+        # What is allowed goes through: the largest datagram there is.
+        largest = random.Random(16).randbytes(MAX_DATAGRAM)
+        echoed: list[tuple[bytes, bool]] = []
+        assert await autobahn(port, "echo", BEARER, (largest, True), echoed) == (1000, None)
+        assert echoed == [(largest, True)] and echo.received == 1
+    finally:
+        echo.close()
+        await router.stopService()
+
+
+def session_line(output: str, peer: int) -> dict[str, str] | None:
+    return next((line for line in session_lines(output) if line["peer"] == f"{LOOPBACK}:{peer}"), None)
+
+
+async def first_line(tunnel: Process, peer: int) -> dict[str, str]:
+    line: dict[str, str] = await wait_for(lambda: session_line(tunnel.output(), peer), 30,
+                                          f"the tunnel's line for the session of port {peer}")
+    return line
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tunnel_logs_why_the_server_refused_or_closed(tmp_path: Path) -> None:
+    """
+    The real tunnel against every refusal and close it can meet: 404, 401,
+    403 before the upgrade, 1013 (max_connections) and 1011 (a service that
+    cannot start) after it. Each ends that session with a line saying why,
+    and the datagram it held counts as dropped.
+    """
+    echo = UDPEcho()
+    router = await start_router(config=config(tmp_path, [
+        {"name": "echo", "protocol": "udp", "port": echo.port, "max_connections": 1},
+        {"name": "broken", "protocol": "udp", "port": free_port(socket.SOCK_DGRAM),
+         "command": [sys.executable, "-c", "raise SystemExit(3)"]},
+    ]))
+    port = router.port_of()
+    cases = [
+        ("nope", TOKEN, r"cannot open ws://[\d.:]+/stream/kernel/k1/udpproxy\?app=nope: "
+                        r"WebSocket connection upgrade failed \[404\]: Not Found"),
+        ("echo", (), r"cannot open .*: WebSocket connection upgrade failed \[401\]: Unauthorized"),
+        ("echo", ("--token", "not-a-token"), r"cannot open .*: WebSocket connection upgrade failed \[403\]: Forbidden"),
+        # Opened, then closed: the datagram went out (to a service that never came).
+        ("broken", TOKEN, r"closed by the server with 1011: k1/broken exited with exit code 3 before it opened its port"),
+    ]
+    ports = [free_port(socket.SOCK_DGRAM) for _ in range(len(cases) + 1)]
+    tunnels = [udp_tunnel(udpproxy(port, app), local, tmp_path, *args) for (app, args, _), local in zip(cases, ports)]
+    echoes = udp_tunnel(udpproxy(port, "echo"), ports[-1], tmp_path, *TOKEN)
+    clients = [udp_socket() for _ in range(len(cases) + 2)]
+    try:
+        for (app, _, why), tunnel, local, client in zip(cases, tunnels, ports, clients):
+            await bound(tunnel, local)
+            client.sendto(b"refused", (LOOPBACK, local))
+            line = await first_line(tunnel, client.getsockname()[1])
+            assert re.fullmatch(why, line["why"]), (app, line)
+            assert (line["sent"], line["dropped"]) == (("1", "0") if app == "broken" else ("0", "1")), line
+        # max_connections: 1 — the first client's session is open, the second's is refused with 1013.
+        local = ports[-1]
+        await bound(echoes, local)
+        first, second = clients[-2:]
+        first.settimeout(30)
+        first.sendto(b"first", (LOOPBACK, local))
+        assert await in_thread(first.recv, 100) == b"first"
+        second.sendto(b"second", (LOOPBACK, local))
+        line = await first_line(echoes, second.getsockname()[1])
+        assert line["why"] == "closed by the server with 1013: too many connections (max_connections)", line
+        assert echo.received == 1
+        no_tracebacks(*(t.output() for t in [*tunnels, echoes]))
+    finally:
+        for client in clients:
+            client.close()
+        for tunnel in [*tunnels, echoes]:
+            tunnel.stop()
+        echo.close()
+        await router.stopService()
+
+
+class _Misbehaving(WebSocketServerProtocol):
+    """A server that answers C{text} with a TEXT message and C{big} with 65,508 bytes; echoes the rest."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if payload == b"text":
+            self.sendMessage(b"a TEXT message", isBinary=False)
+        elif payload == b"big":
+            self.sendMessage(bytes(MAX_DATAGRAM + 1), isBinary=True)
+        else:
+            self.sendMessage(payload, isBinary=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tunnel_closes_on_a_text_or_oversized_message_from_the_server(
+        tmp_path: Path, logged: list[str]) -> None:  # noqa: F811 (the fixture)
+    """
+    What portrouter never sends, the tunnel refuses as the router does: a
+    TEXT message closes with 1003, one over 65,507 bytes with 1009; that
+    session ends with its line, and the client's next datagram opens a new one.
+    """
+    server = WebSocketServerFactory()
+    server.protocol = _Misbehaving
+    listening = reactor.listenTCP(0, server, interface=LOOPBACK)  # type: ignore[attr-defined]
+    service_ = makeService(tunnel_options(f"ws://{LOOPBACK}:{listening.getHost().port}/stream/kernel/k1/udpproxy?app=x"))
+    service_.privilegedStartService()
+    service_.startService()
+    local = service_.port.getHost().port  # type: ignore[attr-defined]
+    client = udp_socket()
+    client.settimeout(30)
+    peer = rf"udp tunnel 127\.0\.0\.1:{client.getsockname()[1]}: "
+    try:
+        for trigger, why in [(b"text", r"the server sent a TEXT message; closed with 1003"),
+                             (b"big", r"closed with 1009: received WebSocket message size 65508 exceeds payload "
+                                      r"limit of 65507 octets")]:
+            client.sendto(b"hello", (LOOPBACK, local))
+            assert await in_thread(client.recv, 100) == b"hello"
+            client.sendto(trigger, (LOOPBACK, local))
+            await log_line(logged, peer + why + r"; 2 datagrams")
+    finally:
+        client.close()
+        await service_.stopService()
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_datagram_over_65507_bytes_is_dropped_by_the_tunnel(tmp_path: Path) -> None:
+    """
+    IPv6 carries datagrams up to 65,527 bytes; a WebSocket to a udpproxy
+    only 65,507 (the server would close with 1009 and end the session). The
+    tunnel drops the larger ones, says so, and the session goes on.
+    """
+    echo = UDPEcho()
+    router = await start_router(config=config(tmp_path, [{"name": "echo", "protocol": "udp", "port": echo.port}]))
+    local = free_port(socket.SOCK_DGRAM)
+    argv = [twistd_path(), "-n", "--pidfile=", "portrouter-tunnel", "--listen", f"udp:{local}:interface=\\:\\:1",
+            "--url", udpproxy(router.port_of(), "echo"), *TOKEN]
+    tunnel = Process(argv, tmp_path / "tunnel-v6.log", cwd=tmp_path)
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.settimeout(30)
+    try:
+        await wait_for(lambda: f"udp tunnel listening on [::1]:{local}, " in tunnel.output(), 30, "the tunnel")
+        client.sendto(b"small", ("::1", local))
+        assert await in_thread(client.recv, 100) == b"small"
+        client.sendto(bytes(MAX_DATAGRAM + 1), ("::1", local))
+        client.sendto(bytes(MAX_DATAGRAM), ("::1", local))
+        assert await in_thread(client.recv, MAX_DATAGRAM + 1) == bytes(MAX_DATAGRAM)
+        assert echo.received == 2
+        assert "udp tunnel: dropped 1 datagram over 65,507 bytes" in tunnel.output()
+        output = await stopped(tunnel)
+        (line,) = session_lines(output.replace("[::1]", "127.0.0.1"))
+        assert (line["sent"], line["received"], line["dropped"]) == ("2", "2", "1"), line
+    finally:
+        client.close()
+        tunnel.stop()
+        echo.close()
+        await router.stopService()
+
+
+# -- the wrong proxy for the service: 400 ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcpproxy_for_a_udp_service_and_udpproxy_for_a_tcp_one_are_400(tmp_path: Path) -> None:
+    """
+    curl sees the 400 and its sentence; each tunnel, pointed at the wrong
+    kind, logs the refusal; and the UDP tunnel refuses at start-up a URL
+    that is not a udpproxy one, before it binds anything.
+    """
+    from tests.test_service_ports import portrouter_tunnel
+
+    router = await start_router(config=config(tmp_path, [
+        {"name": "dns", "protocol": "udp", "port": 53}, {"name": "web", "protocol": "tcp", "port": 80}]))
+    port = router.port_of()
+    local_tcp, local_udp = free_port(), free_port(socket.SOCK_DGRAM)
+    tcp_tunnel = portrouter_tunnel(udpproxy(port, "dns", "tcpproxy"), local_tcp, tmp_path, *TOKEN)
+    udp = udp_tunnel(udpproxy(port, "web"), local_udp, tmp_path, *TOKEN)
+    client = udp_socket()
+    try:
+        for kind, app, title in [("tcpproxy", "dns", "'dns' is a UDP service: use udpproxy."),
+                                 ("udpproxy", "web", "'web' is a TCP service: udpproxy is for UDP services.")]:
+            result = await in_thread(subprocess.run, [
+                tool("curl"), "-sS", "-i", "-H", f"Authorization: Bearer {ADMIN_TOKEN}",
+                "-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
+                "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                f"http://{LOOPBACK}:{port}/stream/kernel/k1/{kind}?app={app}",
+            ], capture_output=True, text=True, timeout=30)
+            head, _, body = result.stdout.partition("\n\n")  # (text: the CRLFs read as newlines)
+            assert head.startswith("HTTP/1.1 400 "), result
+            assert json.loads(body)["title"] == title
+        await tcp_tunnel.listening_on(local_tcp)
+
+        def refused() -> bytes:
+            with socket.create_connection((LOOPBACK, local_tcp), timeout=30) as conn:
+                return conn.recv(100)
+
+        assert await in_thread(refused) == b"", "the TCP tunnel kept a refused connection open"
+        assert re.search(r"cannot reach .*tcpproxy\?app=dns: .*upgrade failed \[400\]: Bad Request", tcp_tunnel.output())
+        await bound(udp, local_udp)
+        client.sendto(b"x", (LOOPBACK, local_udp))
+        line = await first_line(udp, client.getsockname()[1])
+        assert line["why"].endswith("upgrade failed [400]: Bad Request"), line
+        # The kind of URL is checked before anything is bound.
+        wrong = await in_thread(subprocess.run, [
+            twistd_path(), "-n", "--pidfile=", "portrouter-tunnel", "--listen", f"udp:{local_udp}",
+            "--url", udpproxy(port, "dns", "tcpproxy")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert wrong.returncode == 1
+        assert wrong.stderr.strip().endswith(
+            f"--url: {udpproxy(port, 'dns', 'tcpproxy')!r} is not a udpproxy URL, which a udp: --listen needs "
+            "(/stream/{kernel,session}/NAME/udpproxy?app=SERVICE)"), wrong.stderr
+    finally:
+        client.close()
+        tcp_tunnel.stop()
+        udp.stop()
+        await router.stopService()
+
+
+# -- options ---------------------------------------------------------------------------------------------
+
+URL = "ws://127.0.0.1:8080/stream/kernel/k1/udpproxy?app=dns"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "udp:dns"], "--listen: 'udp:dns' is not a UDP listen description (udp:PORT[:interface=ADDR])"),
+    (["--listen", "udp:70000"], "--listen: 'udp:70000': 70000 is not a port (0-65535)"),
+    (["--listen", "udp:53:interface=nowhere"], "--listen: 'nowhere' is not an IP address"),
+    (["--listen", "udp:53", "--url", URL.replace("udpproxy", "tcpproxy")],
+     f"--url: {URL.replace('udpproxy', 'tcpproxy')!r} is not a udpproxy URL, which a udp: --listen needs "
+     "(/stream/{kernel,session}/NAME/udpproxy?app=SERVICE)"),
+    (["--listen", "udp:53", "--udp-timeout", "0"], "--udp-timeout: 0.0 is not a number of seconds above 0"),
+    (["--listen", "udp:53", "--udp-timeout", "nan"], "--udp-timeout: nan is not a number of seconds above 0"),
+    (["--listen", "udp:53", "--udp-max-sessions", "0"], "--udp-max-sessions: 0 is not 1 or more"),
+])
+def test_bad_udp_options_are_one_line_quoting_the_value(args: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped_:
+        Options().parseOptions([*args, "--url", URL] if "--url" not in args else args)
+    assert stopped_.value.code == 1
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_udp_options_and_their_defaults() -> None:
+    options = tunnel_options(URL)
+    assert (options["udp"].port, options["udp"].interface) == (0, LOOPBACK)
+    assert (options["udp-timeout"], options["udp-max-sessions"]) == (60.0, 10000)
+    v6 = Options()
+    v6.parseOptions(["--listen", "udp:5353:interface=\\:\\:1", "--url", URL, "--udp-timeout", "2.5",
+                     "--udp-max-sessions", "3"])
+    assert (v6["udp"].port, v6["udp"].interface, v6["udp-timeout"], v6["udp-max-sessions"]) == (5353, "::1", 2.5, 3)
+    tcp = Options()
+    tcp.parseOptions(["--listen", "tcp:8022", "--url", URL.replace("udpproxy", "tcpproxy")])
+    assert tcp["udp"] is None  # the TCP tunnel, as before
+
+
+def test_a_port_in_use_stops_the_udp_tunnel_with_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind((LOOPBACK, 0))
+        taken = holder.getsockname()[1]
+        result = subprocess.run([twistd_path(), "-n", "--pidfile=", "portrouter-tunnel",
+                                 "--listen", f"udp:{taken}:interface={LOOPBACK}", "--url", URL],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.search(rf"portrouter-tunnel: cannot listen on 'udp:{taken}:interface={LOOPBACK}': .*Address already in use",
+                     result.stderr), result.stderr
+
+
+# -- the bounds, in memory --------------------------------------------------------------------------------
+
+
+class _Pending:
+    """A service port whose WebSockets open when the test says so."""
+
+    url = URL
+
+    def __init__(self) -> None:
+        self.asked: list[defer.Deferred[Any]] = []
+
+    def connect(self, protocol: type[Any], **settings: Any) -> defer.Deferred[Any]:
+        assert settings == {"maxMessagePayloadSize": MAX_DATAGRAM, "failByDrop": False}
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.asked.append(d)
+        return d
+
+
+class _FakeWebSocket(_Datagrams):
+    """An open WebSocket on a memory transport; what it is asked to close with is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport = StringTransport()  # type: ignore[assignment]
+        self.state = WebSocketClientProtocol.STATE_OPEN
+        self.closes: list[Any] = []
+
+    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closes.append(code)
+        self.state = WebSocketClientProtocol.STATE_CLOSING
+
+
+def messages(data: bytes) -> list[bytes]:
+    """The payloads of the masked BINARY frames a client wrote."""
+    out = []
+    while data:
+        assert data[0] == 0x82 and data[1] & 0x80, data[:2]
+        n, pos = data[1] & 0x7F, 2
+        if n == 126:
+            (n,), pos = struct.unpack_from("!H", data, 2), 4
+        elif n == 127:
+            (n,), pos = struct.unpack_from("!Q", data, 2), 10
+        mask = data[pos:pos + 4]
+        out.append(bytes(b ^ mask[i % 4] for i, b in enumerate(data[pos + 4:pos + 4 + n])))
+        data = data[pos + 4 + n:]
+    return out
+
+
+@pytest.fixture
+def memory() -> Iterator[tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport]]:
+    clock = Clock()
+    pending = _Pending()
+    udp = UDPTunnel(tunnel_options(URL, "--udp-max-sessions", "2", "--udp-timeout", "20"), clock,  # type: ignore[arg-type]
+                    pending)  # type: ignore[arg-type]
+    transport = FakeDatagramTransport()
+    udp.makeConnection(transport)
+    yield udp, pending, clock, transport
+    udp.doStop()
+
+
+def open_ws(pending: _Pending, index: int = -1) -> _FakeWebSocket:
+    ws = _FakeWebSocket()
+    pending.asked[index].callback(ws)
+    ws.onOpen()
+    return ws
+
+
+A, B, C = (LOOPBACK, 1001), (LOOPBACK, 1002), (LOOPBACK, 1003)
+
+
+def test_datagrams_wait_for_the_websocket_in_order_and_bounded(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport]) -> None:
+    udp, pending, _, _ = memory
+    for i in range(EARLY_DATAGRAMS + 3):
+        udp.datagramReceived(b"%d" % i, A)
+    for _ in range(4):  # 4 x 60 KiB fit in 256 KiB; the 5th does not
+        udp.datagramReceived(bytes(60 * KiB), B)
+    assert len(pending.asked) == 2  # one WebSocket per client, however many datagrams wait
+    (a, b) = udp.sessions.values()
+    assert (len(a.early), a.dropped) == (EARLY_DATAGRAMS, 3)
+    udp.datagramReceived(bytes(60 * KiB), B)
+    assert (len(b.early), b.dropped, udp.dropped) == (4, 1, 4)
+    ws = open_ws(pending, 0)
+    assert messages(ws.transport.value()) == [b"%d" % i for i in range(EARLY_DATAGRAMS)]  # type: ignore[attr-defined]
+    udp.datagramReceived(b"after", A)
+    assert messages(ws.transport.value())[-1] == b"after"  # type: ignore[attr-defined]
+    assert (a.sent, a.early) == (EARLY_DATAGRAMS + 1, [])
+
+
+def test_replies_go_to_their_own_client_from_the_tunnels_socket(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport]) -> None:
+    udp, pending, _, transport = memory
+    udp.datagramReceived(b"from a", A)
+    udp.datagramReceived(b"from b", B)
+    ws_a, ws_b = open_ws(pending, 0), open_ws(pending, 1)
+    ws_b.onMessage(b"to b", True)
+    ws_a.onMessage(b"to a", True)
+    ws_a.onMessage(b"", True)  # an empty datagram is a datagram
+    assert transport.written == [(b"to b", B), (b"to a", A), (b"", A)]
+    assert (udp.sessions[A].received, udp.sessions[A].bytes_received) == (2, 4)
+
+
+def test_a_full_websocket_buffer_drops_datagrams_and_counts_them(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport]) -> None:
+    """Twisted pauses the producer it is given when its buffer is full: the datagrams meanwhile are dropped."""
+    udp, pending, _, _ = memory
+    udp.datagramReceived(b"1", A)
+    ws = open_ws(pending)
+    transport: StringTransport = ws.transport  # type: ignore[assignment]
+    transport.producer.pauseProducing()  # as Twisted does past its buffer size
+    udp.datagramReceived(b"2", A)
+    udp.datagramReceived(b"3", A)
+    transport.producer.resumeProducing()  # all it held is written
+    udp.datagramReceived(b"4", A)
+    assert messages(transport.value()) == [b"1", b"4"]
+    assert (udp.sessions[A].sent, udp.sessions[A].dropped, udp.dropped) == (2, 2, 2)
+
+
+def test_sessions_past_the_limit_and_datagrams_past_the_size_are_dropped(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport], logged: list[str]) -> None:  # noqa: F811
+    udp, pending, clock, _ = memory
+    udp.datagramReceived(b"a", A)
+    udp.datagramReceived(b"b", B)
+    udp.datagramReceived(b"c", C)  # a third client, --udp-max-sessions 2
+    udp.datagramReceived(bytes(MAX_DATAGRAM + 1), A)
+    udp.datagramReceived(b"c", C)
+    assert set(udp.sessions) == {A, B} and len(pending.asked) == 2
+    assert udp.dropped == 3 and udp.sessions[A].dropped == 1
+    # The first drop is reported at once, the rest at most every DROP_REPORT seconds.
+    reports = [line for line in logged if line.startswith("udp tunnel: dropped")]
+    assert reports == ["udp tunnel: dropped 1 datagram from new clients while 2 sessions were open "
+                       "(--udp-max-sessions)"]
+    clock.advance(DROP_REPORT)
+    reports = [line for line in logged if line.startswith("udp tunnel: dropped")]
+    assert reports[1:] == ["udp tunnel: dropped 1 datagram over 65,507 bytes; 1 datagram from new clients "
+                           "while 2 sessions were open (--udp-max-sessions)"]
+
+
+def test_expiry_closes_with_1000_in_last_activity_order(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport], logged: list[str]) -> None:  # noqa: F811
+    udp, pending, clock, _ = memory
+    udp.datagramReceived(b"a", A)
+    clock.advance(10)
+    udp.datagramReceived(b"b", B)
+    ws_a, ws_b = open_ws(pending, 0), open_ws(pending, 1)
+    clock.advance(8)
+    ws_a.onMessage(b"to a", True)  # A's last datagram now at 18, B's at 10
+    assert list(udp.sessions) == [B, A]
+    clock.advance(12)  # 30: B idle 20 s, A 12 s
+    assert list(udp.sessions) == [A] and ws_b.closes == [1000] and ws_a.closes == []
+    clock.advance(8)
+    assert not udp.sessions and ws_a.closes == [1000]
+    assert [line.split(";")[0] for line in logged if line.startswith("udp tunnel 127")] == [
+        "udp tunnel 127.0.0.1:1002: idle for 20 s", "udp tunnel 127.0.0.1:1001: idle for 20 s"]
+
+
+def test_a_session_that_expires_while_its_websocket_opens_drops_it(
+        memory: tuple[UDPTunnel, _Pending, Clock, FakeDatagramTransport]) -> None:
+    udp, pending, clock, _ = memory
+    udp.datagramReceived(b"a", A)
+    (session,) = udp.sessions.values()
+    clock.advance(20)
+    assert session.phase is Phase.ENDED and session.dropped == 1  # what it held
+    ws = _FakeWebSocket()
+    dropped: list[bool] = []
+    ws.dropConnection = lambda abort=False: dropped.append(abort)  # type: ignore[method-assign]
+    pending.asked[0].callback(ws)  # opens late: nobody wants it any more
+    assert dropped == [True] and ws.session is None
