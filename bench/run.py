@@ -23,6 +23,7 @@ import http_bench
 import tcp_bench
 import tls_bench
 import udp_bench
+import udp_tunnel_bench
 import ws_bench
 from section import Section
 
@@ -32,6 +33,7 @@ SECTIONS: dict[str, type[Section]] = {
     "udp": udp_bench.Bench,
     "ws": ws_bench.Bench,
     "tls": tls_bench.Bench,
+    "udptunnel": udp_tunnel_bench.Bench,
 }
 
 
