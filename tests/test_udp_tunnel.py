@@ -684,15 +684,27 @@ async def test_the_tunnel_logs_why_the_server_refused_or_closed(tmp_path: Path) 
 
 
 class _Misbehaving(WebSocketServerProtocol):
-    """A server that answers C{text} with a TEXT message and C{big} with 65,508 bytes; echoes the rest."""
+    """
+    A server that answers C{text} with a TEXT message, C{big} with 65,508
+    bytes, C{ping} with a ping and then its echo, C{fragments} with its echo
+    in 3-byte fragments; and echoes the rest.
+    """
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if payload == b"text":
             self.sendMessage(b"a TEXT message", isBinary=False)
         elif payload == b"big":
             self.sendMessage(bytes(MAX_DATAGRAM + 1), isBinary=True)
+        elif payload == b"ping":
+            self.sendPing(b"are you there")
+            self.sendMessage(payload, isBinary=True)
+        elif payload == b"fragments":
+            self.sendMessage(payload, isBinary=True, fragmentSize=3)
         else:
             self.sendMessage(payload, isBinary=True)
+
+    def onPong(self, payload: bytes) -> None:
+        self.factory.pongs.append(payload)
 
 
 @pytest_twisted.ensureDeferred
@@ -705,6 +717,7 @@ async def test_the_tunnel_closes_on_a_text_or_oversized_message_from_the_server(
     """
     server = WebSocketServerFactory()
     server.protocol = _Misbehaving
+    server.pongs = []  # type: ignore[attr-defined]
     listening = reactor.listenTCP(0, server, interface=LOOPBACK)  # type: ignore[attr-defined]
     service_ = makeService(tunnel_options(f"ws://{LOOPBACK}:{listening.getHost().port}/stream/kernel/k1/udpproxy?app=x"))
     service_.privilegedStartService()
@@ -714,13 +727,19 @@ async def test_the_tunnel_closes_on_a_text_or_oversized_message_from_the_server(
     client.settimeout(30)
     peer = rf"udp tunnel 127\.0\.0\.1:{client.getsockname()[1]}: "
     try:
+        # What the tunnel's fast path leaves to Autobahn works as before: a ping between two
+        # frames is answered, a message in fragments is one datagram.
+        for message in (b"ping", b"fragments"):
+            client.sendto(message, (LOOPBACK, local))
+            assert await in_thread(client.recv, 100) == message
+        assert server.pongs == [b"are you there"]  # type: ignore[attr-defined]
         for trigger, why in [(b"text", r"the server sent a TEXT message; closed with 1003"),
                              (b"big", r"closed with 1009: received WebSocket message size 65508 exceeds payload "
                                       r"limit of 65507 octets")]:
             client.sendto(b"hello", (LOOPBACK, local))
             assert await in_thread(client.recv, 100) == b"hello"
             client.sendto(trigger, (LOOPBACK, local))
-            await log_line(logged, peer + why + r"; 2 datagrams")
+            await log_line(logged, peer + why + (r"; 4 datagrams" if trigger == b"text" else r"; 2 datagrams"))
     finally:
         client.close()
         await service_.stopService()
@@ -1036,3 +1055,30 @@ def test_a_session_that_expires_while_its_websocket_opens_drops_it(
     ws.dropConnection = lambda abort=False: dropped.append(abort)  # type: ignore[method-assign]
     pending.asked[0].callback(ws)  # opens late: nobody wants it any more
     assert dropped == [True] and ws.session is None
+
+
+def test_frames_cut_anywhere_come_out_as_the_same_datagrams() -> None:
+    """The fast path for the server's frames: whole datagrams, in order, however TCP cuts the stream."""
+    from portrouter.ws import frame_header
+
+    payloads = [b"", b"x", bytes(range(125)), bytes(126), bytes(127), random.Random(1).randbytes(MAX_DATAGRAM), b"end"]
+    stream = b"".join(frame_header(len(p)) + p for p in payloads)
+    rng = random.Random(16)
+    for _ in range(50):
+        got: list[bytes] = []
+        ws = _Datagrams()
+        ws.state = WebSocketClientProtocol.STATE_OPEN
+        ws.data, ws.current_frame, ws.inside_message = b"", None, False
+        ws.session = type("Session", (), {"from_server": lambda self, data: got.append(data)})()  # type: ignore[assignment]
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randrange(1, 40)))
+        for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+            ws.dataReceived(stream[a:b])
+        assert got == payloads and ws.partial == b""
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 1024, 1025, 65535, MAX_DATAGRAM])
+def test_client_frames_are_masked_binary_frames(size: int) -> None:
+    from portrouter.tunnel import client_frame
+
+    payload = random.Random(size).randbytes(size)
+    assert messages(client_frame(payload)) == [payload]
