@@ -24,10 +24,12 @@ import pytest_twisted
 
 from portrouter.router import RouterService
 from tests.pki import CA
-from tests.support import LOOPBACK, free_port, in_thread, start_router, wait_for
-from tests.test_hostnames import DOMAIN, ca, config, front_port, store  # noqa: F401 (fixtures)
+from tests.support import LOOPBACK, ThreadServer, free_port, in_thread, start_router, wait_for
+from tests.test_hostnames import DOMAIN, ca, config, echo, front_port, store  # noqa: F401 (fixtures)
+from tests.test_http_clients import WebSocketEcho
 from tests.test_service_ports import Process, tool
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
+from tests.test_tls import say_through
 
 
 # -- OpenSSH through openssl s_client ------------------------------------------------------------
@@ -190,5 +192,94 @@ async def test_grpc_unary_and_streaming_through_suffix_g(tmp_path: Path, store: 
             await log_line(logged, rf"^tcp {session} 127\.0\.0\.1:\d+: .* tls=TLSv1\.3 sni={name}$")
         assert router.sessions.stats.hostnames["h2c"] == 2
     finally:
+        await router.stopService()
+        server.close()
+
+
+# -- WebSocket by hostname: websocat --------------------------------------------------------------
+
+PAYLOAD = bytes(range(256)) * 1024  # every byte value, 256 KiB: several frames each way
+
+
+def websocat_by_name(url: str, connect: str, local: int, tmp_path: Path, cafile: str | None = None) -> Process:
+    """
+    websocat as a local TCP-to-WebSocket tunnel that asks for C{url} (its
+    ``Host`` and path) over the connection C{connect} describes, so that
+    the name in C{url} is never looked up: ``ws-c:`` is websocat's WebSocket
+    client over any stream, and with ``ssl-connect:`` under it the name is
+    the SNI and the name the certificate is checked for (``--tls-domain``),
+    against C{cafile} (websocat's OpenSSL trusts C{SSL_CERT_FILE}).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    argv = [tool("websocat"), "--binary", "--ws-c-uri", url]
+    if cafile is not None:
+        env["SSL_CERT_FILE"] = cafile
+        argv += ["--tls-domain", url.split("/")[2].rsplit(":", 1)[0]]
+    argv += [f"tcp-l:{LOOPBACK}:{local}", connect]
+    return Process(argv, tmp_path / f"websocat-{local}.log", env=env)
+
+
+async def echoed_by_name(tunnels: list[Process], url: str, connect: str, tmp_path: Path,
+                         cafile: str | None = None) -> None:
+    """L{PAYLOAD} through a new websocat tunnel (kept in C{tunnels}, to be stopped) comes back intact."""
+    local = free_port()
+    tunnels.append(tunnel := websocat_by_name(url, connect, local, tmp_path, cafile))
+    await tunnel.listening_on(local)
+    assert await in_thread(say_through, local, PAYLOAD) == PAYLOAD, tunnel.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocat_wss_by_sni_to_a_ws_route_on_the_tls_front(
+        tmp_path: Path, store: Path, ca: CA, logged: list[str]) -> None:
+    """
+    ``wss://vnc.<domain>`` on the front: TLS terminated with the wildcard
+    certificate (websocat verifies it for the name), then the ws route
+    answers the upgrade as on its own port and bridges to its TCP backend.
+    """
+    server = ThreadServer(echo)
+    ws_port = free_port()
+    router = await start_router(config=config(tmp_path, store, [
+        {"name": "vnc", "backend": server.address, "listen": {"port": ws_port, "protocol": "ws"}},
+    ]))
+    tunnels: list[Process] = []
+    try:
+        front = front_port(router)
+        for name in (f"vnc.{DOMAIN}", f"vnc-{ws_port}.{DOMAIN}"):
+            await echoed_by_name(tunnels, f"wss://{name}:{front}/websockify",
+                                 f"ws-c:ssl-connect:tcp:{LOOPBACK}:{front}", tmp_path, ca.path)
+            await log_line(logged, rf"^ws vnc 127\.0\.0\.1:\d+: .* tls=TLSv1\.3 sni={name}$")
+        assert router.sessions.stats.hostnames["tls"] == 2
+    finally:
+        for tunnel in tunnels:
+            tunnel.stop()
+        await router.stopService()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocat_upgrade_by_host_on_the_plain_ingress(tmp_path: Path, store: Path) -> None:
+    """
+    An HTTP route's WebSocket upgrade, chosen by ``Host`` on the plain
+    ingress (a path-routed project by its name, a project with its own HTTP
+    port by ``<name>-<port>``), relayed after the 101 to a real WebSocket
+    echo server (websocat's ``mirror:``).
+    """
+    server = WebSocketEcho()
+    await server.ready()
+    own = free_port()
+    backend = f"tcp:{LOOPBACK}:{server.port}"
+    router = await start_router(config=config(tmp_path, store, [
+        {"name": "chat", "backend": backend},
+        {"name": "live", "backend": backend, "listen": {"port": own, "protocol": "http"}},
+    ], front=False))
+    tunnels: list[Process] = []
+    try:
+        ingress = router.port_of()
+        for name in (f"chat.{DOMAIN}", f"live-{own}.{DOMAIN}"):
+            await echoed_by_name(tunnels, f"ws://{name}:{ingress}/socket", f"ws-c:tcp:{LOOPBACK}:{ingress}", tmp_path)
+        assert router.sessions.stats.hostnames["host"] == 2
+    finally:
+        for tunnel in tunnels:
+            tunnel.stop()
         await router.stopService()
         server.close()
