@@ -25,10 +25,12 @@ import pytest_twisted
 from portrouter.router import RouterService
 from tests.pki import CA
 from tests.support import LOOPBACK, ThreadServer, free_port, in_thread, start_router, wait_for
-from tests.test_hostnames import DOMAIN, ca, config, echo, front_port, store  # noqa: F401 (fixtures)
+from tests.test_hostnames import DOMAIN, ca, config, curl, echo, front_port, store  # noqa: F401 (fixtures)
 from tests.test_http_clients import WebSocketEcho
-from tests.test_service_ports import Process, tool
-from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
+from tests.test_service_ports import Process, stream_url, tool, websocat_tunnel
+from tests.test_services import (  # noqa: F401 (fixtures: logged; no_child_left is autouse here too)
+    Service, let_go, log_line, logged, no_child_left, stop_router,
+)
 from tests.test_tls import say_through
 
 
@@ -283,3 +285,49 @@ async def test_websocat_upgrade_by_host_on_the_plain_ingress(tmp_path: Path, sto
             tunnel.stop()
         await router.stopService()
         server.close()
+
+
+# -- on-demand start by hostname ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_request_by_host_starts_the_service_and_a_tunnel_shares_it(
+        tmp_path: Path, store: Path, ca: CA) -> None:
+    """
+    ``Host: k1-<port>.<domain>`` on the plain ingress reaches an HTTP
+    service port with a ``command``: the first request starts it (and waits
+    for it); the same service by SNI on the TLS front and through a
+    ``/stream/`` tunnel then uses that one supervisor and that one process.
+    """
+    service = Service(tmp_path, "web", "http", "--gate")
+    router = await start_router(config=config(tmp_path, store, [
+        {"name": "k1", "host": LOOPBACK,
+         "services": [{"name": "web", "protocol": "http", "port": service.port, "command": service.command}]},
+    ]))
+    tunnel = None
+    try:
+        ingress = router.port_of()
+        assert router.commands.supervisors == {} and service.starts() == [], "started before anyone asked"
+        reply = in_thread(curl, f"http://k1-{service.port}.{DOMAIN}:{ingress}/by-host")
+        # The request started the service, which waits to be let go: the request waits with it.
+        await wait_for(service.starts, what="the service to be started")
+        sup = router.commands.supervisors[("k1", "web")]
+        assert not sup.ready and not reply.called
+        let_go(sup)
+        result = await reply
+        assert (result.returncode, result.stdout) == (0, f"pid {sup.pid} saw /by-host\n"), result.stderr
+
+        result = await in_thread(curl, f"https://k1-{service.port}.{DOMAIN}:{front_port(router)}/by-sni",
+                                 cafile=ca.path)
+        assert (result.returncode, result.stdout) == (0, f"pid {sup.pid} saw /by-sni\n"), result.stderr
+        local = free_port()
+        tunnel = websocat_tunnel(stream_url(ingress, "web"), local, tmp_path)
+        await tunnel.listening_on(local)
+        result = await in_thread(curl, f"http://{LOOPBACK}:{local}/by-tunnel")
+        assert (result.returncode, result.stdout) == (0, f"pid {sup.pid} saw /by-tunnel\n"), result.stderr
+        assert list(router.commands.supervisors.items()) == [(("k1", "web"), sup)]
+        assert sup.starts == 1 and service.starts() == [sup.pid]
+    finally:
+        if tunnel is not None:
+            tunnel.stop()
+        await stop_router(router, *service.starts())
