@@ -10,22 +10,30 @@ manhole's ``routes()``.
 
 from __future__ import annotations
 
+import ast
 import getpass
 import os
+import ssl
 import shutil
 import subprocess
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
 import pytest
 import pytest_twisted
+from twisted.internet.task import Clock
 
-from portrouter.router import RouterService
 from tests.pki import CA
-from tests.support import LOOPBACK, ThreadServer, free_port, in_thread, start_router, wait_for
-from tests.test_hostnames import DOMAIN, ca, config, curl, echo, front_port, store  # noqa: F401 (fixtures)
+from tests.support import (
+    LOOPBACK, ClockedReactor, ThreadServer, free_port, in_thread, start_router, stop_clocked, wait_for,
+)
+from tests.test_api import api, closed_by_peer, refuses, say
+from tests.test_hostnames import (  # noqa: F401 (fixtures: ca, store)
+    DOMAIN, alert_for, ca, config, curl, echo, front_port, store, tls_connect,
+)
 from tests.test_http_clients import WebSocketEcho
 from tests.test_service_ports import Process, stream_url, tool, websocat_tunnel
 from tests.test_services import (  # noqa: F401 (fixtures: logged; no_child_left is autouse here too)
@@ -331,3 +339,60 @@ async def test_first_request_by_host_starts_the_service_and_a_tunnel_shares_it(
         if tunnel is not None:
             tunnel.stop()
         await stop_router(router, *service.starts())
+
+
+# -- a deleted project drains on the TLS front ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_drains_relays_on_the_tls_front_and_the_names_go(
+        tmp_path: Path, store: Path, ca: CA, logged: list[str]) -> None:
+    """
+    A project deployed through the API, reached on the front by SNI (its tcp
+    route and a TCP service port, TLS terminated): after DELETE the open
+    relays keep working until ``drain_timeout`` and are closed then, saying
+    why; new connections by its names get the 404 naming the host, or the
+    alert for a passthrough name.
+    """
+    server = ThreadServer(echo)
+    clock = Clock()
+    router = await start_router(config=replace(config(tmp_path, store, []), drain_timeout=5.0),
+                                using=ClockedReactor(clock))
+    ingress, front, tcp_port = router.port_of(), front_port(router), free_port()
+    names = {"db": f"db.{DOMAIN}", "db/admin": f"db-{server.port}.{DOMAIN}"}
+    relays: dict[str, ssl.SSLSocket] = {}
+    try:
+        status, _ = await api(ingress, "PUT", "/_api/projects/db", {
+            "backend": server.address, "listen": {"port": tcp_port, "protocol": "tcp", "interface": LOOPBACK},
+            "host": LOOPBACK, "services": [{"name": "admin", "protocol": "tcp", "port": server.port}],
+        })
+        assert status == 201
+        for session, name in names.items():
+            relays[session] = await in_thread(tls_connect, front, name, ca.path)
+            assert await in_thread(say, relays[session], b"hello") == b"hello"
+        assert sorted(s.project for s in router.sessions.live) == ["db", "db/admin"]
+
+        assert await api(ingress, "DELETE", "/_api/projects/db") == (204, b"")
+        assert await in_thread(refuses, tcp_port)
+        # New connections by its names: nothing there any more.
+        for name in names.values():
+            result = await in_thread(curl, f"https://{name}:{front}/", "-w", "%{http_code}", cafile=ca.path)
+            assert result.stdout == f"portrouter: no project or port for host '{name}:{front}'\n404", result.stdout
+        assert "UNRECOGNIZED_NAME" in await in_thread(alert_for, front, f"db-{tcp_port}s.{DOMAIN}", ca.path)
+        # The open relays go on until the drain timeout...
+        clock.advance(4.9)
+        for relay in relays.values():
+            assert await in_thread(say, relay, b"still here") == b"still here"
+        # ...and are closed then, their lines saying why.
+        clock.advance(0.1)
+        for session, relay in relays.items():
+            assert await in_thread(closed_by_peer, relay), session
+            await log_line(logged, rf"^tcp {session} 127\.0\.0\.1:\d+: project removed; "
+                                   rf"closed after the drain timeout \(5 s\); .* sni={names[session]}$")
+        assert not router.sessions.live
+    finally:
+        for relay in relays.values():
+            relay.close()
+        await stop_clocked(router, clock)
+        server.close()
+
