@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import getpass
 import os
+import signal
 import ssl
 import shutil
 import subprocess
@@ -26,15 +27,18 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from portrouter.model import Manhole
+from tests.httpbackend import Backend
 from tests.pki import CA
 from tests.support import (
-    LOOPBACK, ClockedReactor, ThreadServer, free_port, in_thread, start_router, stop_clocked, wait_for,
+    LOOPBACK, ClockedReactor, ThreadServer, Twistd, free_port, in_thread, start_router, stop_clocked, wait_for,
 )
 from tests.test_api import api, closed_by_peer, refuses, say
 from tests.test_hostnames import (  # noqa: F401 (fixtures: ca, store)
-    DOMAIN, alert_for, ca, config, curl, echo, front_port, store, tls_connect,
+    DOMAIN, alert_for, backend, ca, config, curl, echo, front_port, headers_seen, store, tls_connect,
 )
 from tests.test_http_clients import WebSocketEcho
+from tests.test_operations import Shell, everything, manhole_files, ssh_argv
 from tests.test_service_ports import Process, stream_url, tool, websocat_tunnel
 from tests.test_services import (  # noqa: F401 (fixtures: logged; no_child_left is autouse here too)
     Service, let_go, log_line, logged, no_child_left, stop_router,
@@ -396,3 +400,63 @@ async def test_delete_drains_relays_on_the_tls_front_and_the_names_go(
         await stop_clocked(router, clock)
         server.close()
 
+
+# -- the real daemon, and the manhole -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_https_by_sni_and_http_by_host(tmp_path: Path, store: Path, ca: CA,
+                                                           backend: Backend) -> None:
+    """``twistd -n portrouter --config routes.yaml`` with a hostnames section and a TLS front."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"ingress: tcp:0:interface={LOOPBACK}\n"
+        f"state: {tmp_path / 'state'}\n"
+        f"tls:\n  certificates: {store}\n"
+        f"hostnames:\n  domains: [{DOMAIN}]\n  listen: tcp:0:interface={LOOPBACK}\n"
+        f"projects:\n  - name: k1\n    backend: {backend.address}\n"
+    )
+    daemon = Twistd("--config", str(routes), cwd=str(tmp_path))
+    try:
+        front = int((await daemon.wait_line(r"TLS front listening on [\d.]+:(\d+)")).group(1))
+        ingress = await daemon.ingress_port()
+        seen = headers_seen(await in_thread(curl, f"https://k1.{DOMAIN}:{front}/headers?by=sni", cafile=ca.path))
+        assert (seen["path"], seen["headers"]["X-Forwarded-Proto"]) == ("/headers?by=sni", "https")
+        assert seen["headers"]["X-Forwarded-Host"] == f"k1.{DOMAIN}:{front}"
+        seen = headers_seen(await in_thread(curl, f"http://k1.{DOMAIN}:{ingress}/headers?by=host"))
+        assert (seen["path"], seen["headers"]["X-Forwarded-Proto"]) == ("/headers?by=host", "http")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0, everything(daemon)
+    finally:
+        daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_manhole_routes_show_the_hostnames(tmp_path: Path, store: Path, backend: Backend) -> None:
+    """``routes()`` at the manhole's prompt: the table as the API's text shows it, Hostname column included."""
+    key, _ = manhole_files(tmp_path)
+    conf = config(tmp_path, store, [
+        {"name": "k1", "backend": backend.address},
+        {"name": "k2", "host": LOOPBACK, "services": [{"name": "ssh", "protocol": "tcp", "port": 2200}]},
+    ])
+    manhole = Manhole(f"tcp:0:interface={LOOPBACK}", str(tmp_path / "authorized_keys"))
+    router = await start_router(config=replace(conf, manhole=manhole))
+    shell = None
+    try:
+        port = int(router.manhole.port.getHost().port)  # type: ignore[union-attr]
+        shell = Shell(ssh_argv(port, tmp_path / "known_hosts", "StrictHostKeyChecking=accept-new", key=key, tty=True))
+        await shell.expect(r">>> ")
+        api_text = (await in_thread(curl, f"http://{LOOPBACK}:{router.port_of()}/_api/routes?format=text")).stdout
+        shown = ast.literal_eval(await shell.evaluate("ascii(str(routes()))", "ROUTES"))
+        assert shown.rstrip("\n") == api_text.rstrip("\n")
+        lines = shown.splitlines()
+        assert lines[0].split() == ["Host", "port", "Protocol", "Project", "Hostname", "Backend"]
+        assert any(line.split()[2:4] == ["k1", f"k1.{DOMAIN}"] for line in lines), shown
+        assert any(line.split()[2:4] == ["k2/ssh", f"k2-2200.{DOMAIN}"] for line in lines), shown
+        # Typed at the prompt, it reads as a table, not as a quoted string.
+        shell.type("routes()")
+        await shell.expect(r"\n\s*Host port +Protocol +Project +Hostname +Backend *\r?\n")
+    finally:
+        if shell is not None:
+            shell.stop()
+        await router.stopService()
