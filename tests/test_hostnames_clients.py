@@ -271,12 +271,13 @@ async def test_websocat_wss_by_sni_to_a_ws_route_on_the_tls_front(
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocat_upgrade_by_host_on_the_plain_ingress(tmp_path: Path, store: Path) -> None:
+async def test_websocat_upgrade_by_host_on_the_plain_ingress_and_by_sni(tmp_path: Path, store: Path, ca: CA) -> None:
     """
     An HTTP route's WebSocket upgrade, chosen by ``Host`` on the plain
     ingress (a path-routed project by its name, a project with its own HTTP
-    port by ``<name>-<port>``), relayed after the 101 to a real WebSocket
-    echo server (websocat's ``mirror:``).
+    port by ``<name>-<port>``) and by SNI on the TLS front (``wss://``),
+    relayed after the 101 to a real WebSocket echo server (websocat's
+    ``mirror:``).
     """
     server = WebSocketEcho()
     await server.ready()
@@ -285,19 +286,22 @@ async def test_websocat_upgrade_by_host_on_the_plain_ingress(tmp_path: Path, sto
     router = await start_router(config=config(tmp_path, store, [
         {"name": "chat", "backend": backend},
         {"name": "live", "backend": backend, "listen": {"port": own, "protocol": "http"}},
-    ], front=False))
+    ]))
     tunnels: list[Process] = []
     try:
-        ingress = router.port_of()
+        ingress, front = router.port_of(), front_port(router)
         for name in (f"chat.{DOMAIN}", f"live-{own}.{DOMAIN}"):
             await echoed_by_name(tunnels, f"ws://{name}:{ingress}/socket", f"ws-c:tcp:{LOOPBACK}:{ingress}", tmp_path)
         assert router.sessions.stats.hostnames["host"] == 2
+        await echoed_by_name(tunnels, f"wss://chat.{DOMAIN}:{front}/socket",
+                             f"ws-c:ssl-connect:tcp:{LOOPBACK}:{front}", tmp_path, ca.path)
+        assert router.sessions.stats.hostnames["tls"] == 1
+        assert router.sessions.stats.connections[("upgrade", "chat")] == 2
     finally:
         for tunnel in tunnels:
             tunnel.stop()
         await router.stopService()
         server.close()
-
 
 # -- on-demand start by hostname ------------------------------------------------------------------
 
