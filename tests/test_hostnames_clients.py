@@ -3,9 +3,9 @@ Hostname routing (SPEC section 10, issue 15) with the clients users run,
 on loopback, every name set by the client (SNI, ``Host``) and never looked
 up: OpenSSH through ``openssl s_client`` on the TLS front, a grpcio client
 and server through suffix ``g``, websocat by hostname (``wss://`` on the
-front, an upgrade on the plain ingress), an on-demand service reached by
-``Host`` and by a tunnel, a drain on delete, the real ``twistd`` and the
-manhole's ``routes()``.
+front, upgrades by ``Host`` and by SNI), an on-demand service reached by
+``Host``, by SNI and by a tunnel, a drain on delete, the real ``twistd``
+and the manhole's ``routes()``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import ast
 import getpass
 import os
 import signal
-import ssl
 import shutil
+import ssl
 import subprocess
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import grpc
 import pytest
@@ -34,7 +34,7 @@ from tests.support import (
     LOOPBACK, ClockedReactor, ThreadServer, Twistd, free_port, in_thread, start_router, stop_clocked, wait_for,
 )
 from tests.test_api import api, closed_by_peer, refuses, say
-from tests.test_hostnames import (  # noqa: F401 (fixtures: ca, store)
+from tests.test_hostnames import (  # noqa: F401 (fixtures: backend, ca, store)
     DOMAIN, alert_for, backend, ca, config, curl, echo, front_port, headers_seen, store, tls_connect,
 )
 from tests.test_http_clients import WebSocketEcho
