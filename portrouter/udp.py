@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from portrouter.config import split_hostport
+from portrouter.proxyheader import header
 from portrouter.model import Project
 from portrouter.interfaces import IReactor
 
@@ -113,7 +114,7 @@ class _Session:
 
     __slots__ = (
         "route", "client", "started", "last", "datagrams_in", "datagrams_out",
-        "bytes_in", "bytes_out", "sock", "fd",
+        "bytes_in", "bytes_out", "sock", "fd", "prefix",
     )
 
     def __init__(self, route: UDPRoute, client: tuple[str, int], started: float, sock: socket.socket):
@@ -125,6 +126,7 @@ class _Session:
         self.bytes_in = self.bytes_out = 0
         self.sock = sock
         self.fd = sock.fileno()
+        self.prefix = b""  # send_proxy: the v2 header each datagram to the backend starts with
 
     def fileno(self) -> int:
         return self.fd
@@ -177,7 +179,7 @@ class _Session:
         self.datagrams_in += 1
         self.bytes_in += len(data)
         try:
-            self.sock.send(data)
+            self.sock.send(self.prefix + data if self.prefix else data)
         except OSError:
             # A full buffer or an ICMP error reported late: UDP may drop.
             self.route.send_errors += 1
@@ -321,6 +323,9 @@ class UDPRoute(DatagramProtocol):
                      project=self.project.name, why=e)
             return None
         session = _Session(self, client, now, sock)
+        if self.project.send_proxy is not None:
+            host = self.transport.getHost()
+            session.prefix = header("v2", client[:2], (host.host, host.port), "udp")
         self.sessions[client] = session
         self.reactor.addReader(session)
         return session
