@@ -452,7 +452,14 @@ class RouterService(MultiService):
         timeout = self.config.drain_timeout
 
         def channels() -> list[Any]:
-            return [c for l in released for c in getattr(l.factory, "channels", ())]
+            # The removed projects' own ports, and requests for them on the
+            # shared ports (path and hostname routes): looked at again when
+            # the timer fires, so a kept-alive client that moved on to
+            # another project is left alone.
+            shared = [l for l in (self.ingress, self.tls_front) if l is not None]
+            return [c for l in released for c in getattr(l.factory, "channels", ())] + [
+                c for l in shared for c in l.factory.channels
+                if c.busy and (c.project or "").split("/")[0] in projects]
 
         def close() -> None:
             left = [s for s in self.sessions.live if s.project.split("/")[0] in projects]

@@ -14,6 +14,7 @@ import ast
 import getpass
 import os
 import signal
+import socket
 import shutil
 import ssl
 import subprocess
@@ -464,3 +465,35 @@ async def test_the_manhole_routes_show_the_hostnames(tmp_path: Path, store: Path
         if shell is not None:
             shell.stop()
         await router.stopService()
+
+
+@pytest.mark.parametrize("where", ["tls front", "plain ingress"])
+@pytest_twisted.ensureDeferred
+async def test_delete_cuts_a_request_in_flight_by_hostname_at_the_drain_timeout(
+        tmp_path: Path, store: Path, ca: CA, backend: Backend, where: str) -> None:
+    """SPEC 3: a removed project's open requests finish until drain_timeout, on the shared ports too."""
+    clock = Clock()
+    router = await start_router(config=replace(config(tmp_path, store, []), drain_timeout=5.0),
+                                using=ClockedReactor(clock))
+    ingress, name = router.port_of(), f"web.{DOMAIN}"
+    front = router.tls_front.factory if where == "tls front" else router.ingress.factory  # type: ignore[union-attr]
+    sock: socket.socket | None = None
+    try:
+        assert (await api(ingress, "PUT", "/_api/projects/web", {"backend": backend.address}))[0] == 201
+        if where == "tls front":
+            sock = await in_thread(tls_connect, front_port(router), name, ca.path)
+        else:
+            sock = await in_thread(socket.create_connection, (LOOPBACK, ingress), 30)
+        sock.sendall(f"GET /slow HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        await wait_for(lambda: any(line.startswith("GET /slow ") for conn in backend.stats.lines for line in conn),
+                       what="the request to reach the backend")
+        assert await api(ingress, "DELETE", "/_api/projects/web") == (204, b"")
+        clock.advance(4.9)
+        assert [c.project for c in front.channels if c.busy] == ["web"]
+        clock.advance(0.1)
+        await wait_for(lambda: not any(c.busy for c in front.channels), 10, "the request to be cut")
+        assert await in_thread(closed_by_peer, sock)
+    finally:
+        if sock is not None:
+            sock.close()
+        await stop_clocked(router, clock)
