@@ -25,7 +25,7 @@ from portrouter.config import ConfigError, parse
 from portrouter.proxyheader import header
 from tests.httpbackend import Backend
 from tests.support import (
-    LOOPBACK, ClockedReactor, ThreadServer, free_port, in_thread, start_router, stop_clocked, wait_for,
+    LOOPBACK, ClockedReactor, ThreadServer, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for,
 )
 from tests.test_hostnames import read_to_the_end
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
@@ -345,3 +345,52 @@ async def test_the_table_shows_both_settings(tmp_path: Path, backend: Backend) -
         assert b"(send PROXY v2)" in text and b"(PROXY from 192.0.2.0/24)" in text
     finally:
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_udp_route_receives_v2_headers_from_trusted_senders(tmp_path: Path, logged: list[str]) -> None:
+    """
+    Each datagram of a trusted sender starts with a v2 header, whose source
+    is the session's client; replies go back to the sender. A datagram
+    without one from it, or with one from anyone else, is dropped.
+    """
+    echo = UDPEcho()
+    trusted_port, untrusted_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [
+            {"name": "game", "backend": echo.address, "listen": {
+                "port": trusted_port, "protocol": "udp", "interface": LOOPBACK,
+                "proxy_protocol": {"trusted": ["127.0.0.1"]}}},
+            {"name": "open", "backend": echo.address, "listen": {
+                "port": untrusted_port, "protocol": "udp", "interface": LOOPBACK,
+                "proxy_protocol": {"trusted": ["10.0.0.0/8"]}}},
+        ]}))
+    routes = {name: router.listeners[name].factory for name in ("game", "open")}
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(30)
+    try:
+        def exchange_udp(port: int, datagram: bytes) -> bytes:
+            c.sendto(datagram, (LOOPBACK, port))
+            return c.recvfrom(65535)[0]
+
+        async def dropped(route: str, port: int, datagram: bytes) -> None:
+            before = routes[route].proxy_refused
+            c.sendto(datagram, (LOOPBACK, port))
+            await wait_for(lambda: routes[route].proxy_refused == before + 1, 15, f"{route} to drop {datagram!r}")
+
+        to_game = (LOOPBACK, trusted_port)
+        assert await in_thread(exchange_udp, trusted_port, header("v2", CLIENT_V4, to_game, "udp") + b"one") == b"one"
+        assert await in_thread(exchange_udp, trusted_port, header("v2", CLIENT_V6, to_game, "udp") + b"two") == b"two"
+        await dropped("game", trusted_port, b"no header")
+        assert await in_thread(exchange_udp, untrusted_port, b"plain") == b"plain"
+        await dropped("open", untrusted_port, header("v2", CLIENT_V4, (LOOPBACK, untrusted_port), "udp") + b"forged")
+        assert echo.received == 3  # nothing dropped reached the backend
+        assert {s[:2] for s in routes["game"].sessions} == {CLIENT_V4, CLIENT_V6}
+        await log_line(logged, r"udp game 127\.0\.0\.1:\d+: a datagram without a PROXY v2 header from a trusted "
+                               r"address; dropped \(1 so far\)")
+        await log_line(logged, r"udp open 127\.0\.0\.1:\d+: a PROXY header from an untrusted address; dropped")
+    finally:
+        c.close()
+        await router.stopService()
+        echo.close()
