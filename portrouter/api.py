@@ -86,6 +86,12 @@ def route_rows(router: RouterService) -> list[dict[str, Any]]:
             row["path"] = route.path
         if route.interface is not None:
             row["interface"] = route.interface
+        proxy = route.proxy if route.project is not None and route.path is None else router.config.proxy_protocol
+        if proxy is not None:
+            row["proxy_protocol"] = {"trusted": [str(n) for n in proxy.trusted], "header_timeout": proxy.header_timeout}
+        project = router.table.projects.get(route.project) if route.project is not None else None
+        if project is not None and project.send_proxy is not None:
+            row["send_proxy"] = project.send_proxy
         rows.append(row)
     if router.table.hostnames is not None:
         rows[1:1] = _hostname_rows(router, rows)
@@ -135,6 +141,10 @@ def route_text(rows: list[dict[str, Any]]) -> bytes:
         backend = row["backend"]
         if "path" in row:
             backend = f"{backend} (path {row['path']})"
+        if "send_proxy" in row:
+            backend = f"{backend} (send PROXY {row['send_proxy']})"
+        if "proxy_protocol" in row:
+            backend = f"{backend} (PROXY from {', '.join(row['proxy_protocol']['trusted'])})"
         port = "-" if row["port"] is None else str(row["port"])
         project = row["project"] or "-"
         if "service" in row:

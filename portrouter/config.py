@@ -30,6 +30,7 @@ from portrouter.model import (
     Auth,
     Command,
     Hostnames,
+    ProxyProtocol,
     Config,
     Keypair,
     Limits,
@@ -537,10 +538,44 @@ def listen_from(protocol: str, port: int, interface: str | None, tls: bool = Fal
 
 _COMMAND_KEYS = ("command", "env", "cwd", "idle_stop")
 _PROJECT_KEYS = (
-    "name", "backend", "listen", "runtime", "entry", "host", "services", "preserve_host",
+    "name", "backend", "listen", "runtime", "entry", "host", "services", "preserve_host", "send_proxy",
 ) + _COMMAND_KEYS + LIMIT_KEYS
-_SERVICE_KEYS = ("name", "protocol", "port") + _COMMAND_KEYS + LIMIT_KEYS
-_LISTEN_KEYS = ("port", "protocol", "interface", "tls")
+_SERVICE_KEYS = ("name", "protocol", "port", "send_proxy") + _COMMAND_KEYS + LIMIT_KEYS
+_LISTEN_KEYS = ("port", "protocol", "interface", "tls", "proxy_protocol")
+
+
+def proxy_protocol(value: object, path: str, defaults: Limits) -> ProxyProtocol:
+    """``{trusted: [CIDR, ...], header_timeout: S}``: who must send a PROXY header, and how soon."""
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("trusted", "header_timeout"), path)
+    if "trusted" not in data:
+        raise ConfigError(_join(path, "trusted"), "is required (the addresses that send PROXY headers: "
+                          "[10.0.0.0/8, 127.0.0.1])")
+    items = _expect_list(data["trusted"], _join(path, "trusted"))
+    networks = []
+    for i, item in enumerate(items):
+        where = _join(_join(path, "trusted"), i)
+        text = _expect_str(item, where)
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(where, f"{_show(text)} is not an IP address or network (10.0.0.0/8)") from None
+    timeout = defaults.header_timeout
+    if data.get("header_timeout") is not None:
+        timeout = _number(data["header_timeout"], _join(path, "header_timeout"))
+    return ProxyProtocol(tuple(networks), timeout)
+
+
+def _send_proxy(data: Mapping[str, Any], path: str, udp: bool) -> str | None:
+    value = data.get("send_proxy")
+    if value is None:
+        return None
+    where = _join(path, "send_proxy")
+    if value not in ("v1", "v2"):
+        raise ConfigError(where, f"{_show(value)} is not a PROXY protocol version (v1 or v2)")
+    if udp and value == "v1":
+        raise ConfigError(where, "'v1' cannot go with UDP (a text header has no datagram form): use 'v2'")
+    return str(value)
 
 
 def _name(value: object, path: str) -> str:
@@ -603,7 +638,7 @@ def _command(data: Mapping[str, Any], path: str) -> Command | None:
     return Command(args, env, cwd, idle_stop)
 
 
-def _listen(value: object, path: str) -> Listen | None:
+def _listen(value: object, path: str, defaults: Limits = Limits()) -> Listen | None:
     if value is None:
         return None
     data = _expect_mapping(value, path)
@@ -623,7 +658,11 @@ def _listen(value: object, path: str) -> Listen | None:
     tls = _expect_bool(data.get("tls", False), _join(path, "tls"))
     if tls and protocol == "udp":
         raise ConfigError(_join(path, "tls"), "UDP routes cannot use TLS")
-    return listen_from(protocol, port, interface, tls)
+    listen = listen_from(protocol, port, interface, tls)
+    if data.get("proxy_protocol") is not None:
+        received = proxy_protocol(data["proxy_protocol"], _join(path, "proxy_protocol"), defaults)
+        listen = replace(listen, proxy_protocol=received)
+    return listen
 
 
 def _service(value: object, path: str, defaults: Limits) -> Service:
@@ -640,7 +679,8 @@ def _service(value: object, path: str, defaults: Limits) -> Service:
             f"{_show(protocol)} is not a service protocol ({', '.join(SERVICE_PROTOCOLS)})",
         )
     port = _port(data["port"], _join(path, "port"))
-    return Service(name, protocol, port, _command(data, path), _limits(data, defaults, path))
+    return Service(name, protocol, port, _command(data, path), _limits(data, defaults, path),
+                   _send_proxy(data, path, protocol == "udp"))
 
 
 def parse_project(
@@ -655,7 +695,7 @@ def parse_project(
     if "name" not in data:
         raise ConfigError(_join(path, "name"), "is required")
     name = _project_name(data["name"], _join(path, "name"))
-    listen = _listen(data.get("listen"), _join(path, "listen"))
+    listen = _listen(data.get("listen"), _join(path, "listen"), _limits(data, defaults, path))
 
     backend: str | None = None
     bpath = _join(path, "backend")
@@ -715,6 +755,7 @@ def parse_project(
         entry=data.get("entry"),
         manifest=dict(data),
         static=static,
+        send_proxy=_send_proxy(data, path, listen is not None and listen.protocol == "udp"),
     )
 
 
@@ -832,7 +873,8 @@ def _hostnames(value: object, path: str, tls: TLS | None) -> Hostnames:
 # Domain labels as DNS has them (no '_': these names are looked up and certified).
 _DOMAIN_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
-_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls", "hostnames")
+_TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls", "hostnames",
+             "proxy_protocol")
 
 
 def _inline_secret(value: object, path: str) -> str:
@@ -988,6 +1030,9 @@ def _parse(data: object, source: str | None) -> Config:
         config = replace(config, tls=_tls(data["tls"], "tls"))
     if data.get("hostnames") is not None:
         config = replace(config, hostnames=_hostnames(data["hostnames"], "hostnames", config.tls))
+    if data.get("proxy_protocol") is not None:
+        config = replace(config, proxy_protocol=proxy_protocol(data["proxy_protocol"], "proxy_protocol",
+                                                               config.defaults))
 
     tls = config.tls
     items = _expect_list(_or_empty(data.get("projects")), "projects")

@@ -157,10 +157,13 @@ class Names:
         if host.endswith("]") or host.count(":") > 1:
             return None  # an IPv6 literal is under no domain
         host = host.partition(":")[0].rstrip(".")
+        if host in self.config.domains:
+            return None  # a base domain itself, even inside another
         for suffix in self.suffixes:
             if host.endswith(suffix):
                 return host[:-len(suffix)]
         return None
 
     def hostnames(self, label: str) -> list[str]:
-        return [f"{label}{suffix}" for suffix in self.suffixes]
+        names = (f"{label}{suffix}" for suffix in self.suffixes)
+        return [name for name in names if name not in self.config.domains]

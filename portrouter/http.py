@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from portrouter.model import Project, Service
 from portrouter.interfaces import IConnection, IReactor
+from portrouter.proxyheader import address_pair, header
 from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
@@ -148,6 +149,7 @@ class Upstream(Protocol):
 
     transport: IConnection  # set by makeConnection, before any other event
     tunnel: StreamSide | None = None  # after a 101: bytes go to the relay
+    owner: Channel | None = None  # with send_proxy: the client connection whose header it carries
 
     def __init__(self, pool: Pool):
         self.pool = pool
@@ -396,6 +398,14 @@ class Pool:
         return d.addCallback(opened)
 
     def release(self, upstream: Upstream) -> None:
+        owner = upstream.owner
+        if owner is not None:
+            # Its client's own (send_proxy): kept for that client's next request, if it is still there.
+            if owner.closing or owner.kept is not None or upstream.transport is None:
+                upstream.transport.loseConnection()
+            else:
+                owner.kept = upstream
+            return
         if len(self.idle) >= POOL_MAX_IDLE or upstream.transport is None:
             upstream.transport.loseConnection()
             return
@@ -453,7 +463,19 @@ class ProxyExchange:
         self.supervisor = pool.supervisor
         if self.supervisor is not None:
             self.supervisor.acquire()
-        upstream = None if request.upgrade else pool.take()
+        # With send_proxy, a backend connection starts with one client's
+        # header, so it is only ever reused by that same client connection:
+        # kept on its channel between requests, never in the shared pool.
+        self.owner = channel if project.send_proxy is not None else None
+        if request.upgrade:
+            upstream = None
+        elif self.owner is not None:
+            upstream, channel.kept = channel.kept, None
+            if upstream is not None and (upstream.transport is None or not upstream.transport.connected
+                                         or upstream.transport.disconnecting):
+                upstream = None
+        else:
+            upstream = pool.take()
         if upstream is not None:
             self.reused = True
             self._send(upstream)
@@ -539,6 +561,11 @@ class ProxyExchange:
         self.upstream = upstream
         upstream.exchange = self
         transport = upstream.transport
+        if self.owner is not None and not self.reused:
+            upstream.owner = self.owner
+            pair = address_pair(self.channel.transport)
+            if pair is not None:
+                write_now(transport, header(self.project.send_proxy, *pair))  # type: ignore[arg-type]
         if self.wants_continue:
             self.channel.interim(100, [])
             self.channel.flush()

@@ -8,6 +8,7 @@ may import it without a circle.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -37,6 +38,24 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ProxyProtocol:
+    """
+    Receiving the PROXY protocol (section 12): connections from C{trusted}
+    networks must start with a v1 or v2 header, within C{header_timeout}.
+    """
+
+    trusted: tuple[Any, ...]  # ipaddress.IPv4Network / IPv6Network
+    header_timeout: float
+
+    def trusts(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False  # a UNIX socket's peer: no address to trust
+        return any(address in network for network in self.trusted)
+
+
+@dataclass(frozen=True)
 class Listen:
     """
     Where a project is bound of its own.
@@ -52,6 +71,7 @@ class Listen:
     interface: str | None
     endpoint: str
     tls: bool = False  # terminated with the certificate store (section 9)
+    proxy_protocol: ProxyProtocol | None = None
 
     @property
     def namespace(self) -> str:
@@ -77,6 +97,7 @@ class Service:
     port: int
     command: Command | None
     limits: Limits
+    send_proxy: str | None = None  # "v1" or "v2": a PROXY header to the service (section 12)
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,7 @@ class Project:
     manifest: Mapping[str, Any] = field(default_factory=dict, compare=False)
     static: bool = True
     preserve_host: bool = True
+    send_proxy: str | None = None  # "v1" or "v2": a PROXY header to the backend (section 12)
 
     @property
     def path_routed(self) -> bool:
@@ -182,3 +204,4 @@ class Config:
     projects: tuple[Project, ...] = ()
     tls: TLS | None = None
     hostnames: Hostnames | None = None
+    proxy_protocol: ProxyProtocol | None = None  # for the ingress and the TLS front

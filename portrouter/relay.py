@@ -24,6 +24,7 @@ same pieces: L{couple}, L{Holds} and L{HoldWhileFull}.
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import os
@@ -33,7 +34,9 @@ import termios
 from typing import TYPE_CHECKING, Any, Callable, Literal, TypeGuard
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
+    IAddress,
     IHalfCloseableProtocol,
     IPushProducer,
     IReadDescriptor,
@@ -45,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.sessions import Session
+from portrouter.sessions import Session, peer_of
 
 log = Logger(namespace="portrouter")
 
@@ -267,7 +270,7 @@ class SpliceRelay:
     """Relay two connected stream sockets until both directions reach EOF."""
 
     __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed", "connecting",
-                 "on_connect_failure")
+                 "on_connect_failure", "early")
 
     def __init__(
         self,
@@ -280,6 +283,7 @@ class SpliceRelay:
         self.session = session
         self.connecting: Any = None  # the connect timeout, while the backend connects
         self.on_connect_failure: Callable[[str], None] | None = None
+        self.early = b""  # for the backend before anything of the client's (a PROXY header), once connected
         self.client = _End(self, client)
         self.backend = _End(self, backend)
         self.up = _Direction(self, self.client, self.backend, True)
@@ -289,14 +293,16 @@ class SpliceRelay:
         self.closed = False
         session._closer = self.close
 
-    def start(self, early: bytes = b"") -> None:
+    def start(self, early: bytes = b"", counted: int | None = None) -> None:
         """
-        Relay from now on; C{early}, bytes of the client's read before the
-        backend was chosen (a ClientHello), go to the backend first.
+        Relay from now on; C{early} goes to the backend first: bytes of the
+        client's read before the backend was chosen (a ClientHello), after a
+        PROXY header of ours. C{counted} of them are the client's (all of them
+        unless said).
         """
         self.reactor.addReader(self.backend)
         if early:
-            self.count(self.up, len(early))
+            self.count(self.up, len(early) if counted is None else counted)
             self.up.held = early
             self.up._blocked()  # the client is read once the backend has taken them
         else:
@@ -309,7 +315,7 @@ class SpliceRelay:
         """
         err = self.backend.sock.connect_ex(address)
         if err == 0:
-            self.start()
+            self.start(self.early, 0)
         elif err in (errno.EINPROGRESS, errno.EAGAIN):
             self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)
             self.reactor.addWriter(self.backend)
@@ -326,7 +332,7 @@ class SpliceRelay:
         if err:
             self._connect_failed(err)
         else:
-            self.start()
+            self.start(self.early, 0)
 
     def _connect_timed_out(self, timeout: float) -> None:
         self.connecting = None
@@ -620,16 +626,99 @@ def half_close(transport: Any) -> None:
         transport.loseConnection()
 
 
-def hand_over(transport: Any, protocol: Any, data: bytes = b"") -> None:
+def hand_over(transport: Any, protocol: Any, data: bytes = b"", peer: tuple[str, int] | None = None) -> None:
     """
     Give an accepted connection to C{protocol}, as if it had been built for
-    it; C{data}, read before the choice was made, is delivered first.
+    it; C{data}, read before the choice was made, is delivered first. With
+    C{peer} (a PROXY header's source), the connection says it came from there.
     """
+    if peer is not None:
+        # Twisted's tcp.Server answers getPeer() from .client, in its address type.
+        transport.client = peer
+        transport._addressType = IPv6Address if ":" in peer[0] else IPv4Address
     # Twisted's tcp.Connection delivers every event to its .protocol.
     transport.protocol = protocol
     protocol.makeConnection(transport)
     if data and transport.connected:
         protocol.dataReceived(data)
+
+
+class Phase(enum.Enum):
+    READING = "reading its first bytes"
+    HANDED = "handed over"
+    CLOSED = "closed"
+
+
+class FirstBytes(Protocol):
+    """
+    An accepted connection read until its first bytes say where it goes (a
+    ClientHello, a PROXY header), then handed over (L{hand_over}); closed,
+    with a line in the log, when they are refused or are not whole within
+    C{timeout}. Subclasses say what they wait for (C{what}) and L{examine}.
+    """
+
+    transport: IConnection  # set by makeConnection, before any other event
+    what = "first bytes"  # "ClientHello", "PROXY header": for the log
+    where = "portrouter"  # the log line's first word(s): "tls front", "proxy protocol"
+
+    def __init__(self, reading: set[FirstBytes], reactor: IReactor, timeout: float, addr: IAddress):
+        self.reading = reading  # the listener's: closed at shutdown
+        self.reactor = reactor
+        self.timeout = timeout
+        self.addr = addr
+        self.peer = peer_of(addr)
+        self.phase = Phase.READING
+        self.buffer = b""
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.reading.add(self)
+        self.timer = self.reactor.callLater(self.timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase is Phase.READING:
+            self.buffer += data
+            self.examine(data)
+
+    def examine(self, data: bytes) -> None:
+        """C{data} came (C{buffer} holds all so far): hand over (L{handed}), L{refuse}, or wait."""
+        raise NotImplementedError
+
+    def handed(self) -> None:
+        """The first bytes decided: from here on the connection is someone else's."""
+        self._done(Phase.HANDED)
+
+    def _done(self, phase: Phase) -> None:
+        self.phase = phase
+        self.reading.discard(self)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.refuse(f"no whole {self.what} within {self.timeout:g} s ({len(self.buffer)} bytes came)", abort=True)
+
+    def refused(self) -> None:
+        """Count a refusal, where the subclass counts them."""
+
+    def refuse(self, why: str, alert: bytes = b"", abort: bool = False) -> None:
+        """Close without handing over, after C{alert} if any: a line in the log says why."""
+        self._done(Phase.CLOSED)
+        self.refused()
+        log.info("{where} {peer}: {why}; closed", where=self.where, peer=self.peer, why=why)
+        if alert:
+            self.transport.write(alert)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.phase is Phase.READING:
+            self._done(Phase.CLOSED)
+            log.info("{where} {peer}: closed by the client before its {what} was whole ({count} bytes came)",
+                     where=self.where, peer=self.peer, what=self.what, count=len(self.buffer))
 
 
 def couple(one: IConnection, other: IConnection) -> None:

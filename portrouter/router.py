@@ -25,7 +25,8 @@ from twisted.logger import Logger
 
 from portrouter.certs import CertificateError, StoreTLS, TLSFactory, strport_tls
 from portrouter.config import ConfigError, needs_tls
-from portrouter.model import Config, Project
+from portrouter.model import Config, Project, ProxyProtocol
+from portrouter.proxyproto import ProxyGate
 from portrouter.state import State, StateError
 from portrouter.table import PortConflict, Route, RoutingTable
 from portrouter.http import HTTPRoute, HTTPRoutes
@@ -100,6 +101,11 @@ def _os_reason(failure: Any) -> str:
     return str(exc)
 
 
+def gated(factory: Any, proxy: ProxyProtocol | None, reactor: IReactor) -> Any:
+    """C{factory} behind a L{ProxyGate} when the listener receives the PROXY protocol."""
+    return factory if proxy is None else ProxyGate(factory, proxy, reactor)
+
+
 class Listener(Service):
     """
     One bound port and what answers on it.
@@ -117,7 +123,8 @@ class Listener(Service):
         self.port = port
         self.taken_from = taken_from
         # An ssl: strport's TLS stays with its port whatever route answers there.
-        creator = getattr(getattr(port, "factory", None), "creator", None)
+        outer = getattr(port, "factory", None)
+        creator = getattr(outer.inner if isinstance(outer, ProxyGate) else outer, "creator", None)
         self.strport_tls = None if isinstance(creator, StoreTLS) else creator
         self.given_away = False
         self.setName(route.project or "ingress")  # type: ignore[no-untyped-call]
@@ -129,11 +136,12 @@ class Listener(Service):
         # Twisted's maybeDeferred overloads take no callable returning "a Deferred or None".
         return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
 
-    def answer_with(self, factory: Any, store_tls: StoreTLS) -> None:
+    def answer_with(self, factory: Any, store_tls: StoreTLS, reactor: IReactor) -> None:
         """
         New connections or datagrams on this port go to C{factory}, over TLS
         if the port's strport or the route (C{tls: true}, with C{store_tls})
-        says so; open ones go on.
+        says so, behind a PROXY header if the route receives them; open ones
+        go on.
         """
         if self.route.namespace == "udp":
             # The old route's sessions end here: their clients' next datagrams
@@ -141,14 +149,18 @@ class Listener(Service):
             self.port.protocol.doStop()  # type: ignore[attr-defined]
             self.port.protocol = factory  # type: ignore[attr-defined]
             factory.makeConnection(self.port)
-        elif (tls := store_tls if self.route.tls else self.strport_tls) is not None:
-            current = self.port.factory  # type: ignore[attr-defined]
-            if isinstance(current, TLSFactory) and current.creator is tls:
-                current.wrappedFactory = factory
-            else:
-                self.port.factory = TLSFactory(tls, False, factory)  # type: ignore[attr-defined]
         else:
-            self.port.factory = factory  # type: ignore[attr-defined]
+            current = self.port.factory  # type: ignore[attr-defined]
+            if isinstance(current, ProxyGate):
+                current = current.inner
+            inner: Any = factory
+            if (tls := store_tls if self.route.tls else self.strport_tls) is not None:
+                if isinstance(current, TLSFactory) and current.creator is tls:
+                    current.wrappedFactory = factory
+                    inner = current
+                else:
+                    inner = TLSFactory(tls, False, factory)
+            self.port.factory = gated(inner, self.route.proxy, reactor)  # type: ignore[attr-defined]
         self.factory = factory
 
 
@@ -228,7 +240,7 @@ class RouterService(MultiService):
         super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     async def _bind_all(self) -> None:
-        ingress_route = self.table.routes[0]
+        ingress_route = replace(self.table.routes[0], proxy=self.config.proxy_protocol)
         factory = self.front.ingress()
         port = await self._listen(ingress_route, factory)
         self.ingress = Listener(ingress_route, factory, port)
@@ -240,7 +252,8 @@ class RouterService(MultiService):
                 self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
             hostnames, front = self.config.hostnames, self.front.tls_front()
             if hostnames is not None and hostnames.listen is not None and front is not None:
-                route = Route(None, "sni", None, "hostname routing", hostnames.listen)
+                route = Route(None, "sni", None, "hostname routing", hostnames.listen,
+                              proxy=self.config.proxy_protocol)
                 self.tls_front = Listener(route, front, await self._listen(route, front))
                 self.tls_front.setName("tls-front")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
@@ -282,9 +295,9 @@ class RouterService(MultiService):
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
                 tls = self._tls_for(route, endpoint)
-                port = self._listen_tcp(endpoint, factory, tls)
+                port = self._listen_tcp(endpoint, factory, tls, route.proxy)
                 if port is None:
-                    port = await endpoint.listen(factory)
+                    port = await endpoint.listen(gated(factory, route.proxy, self.reactor))
         except CertificateError as e:
             raise BindError(route, str(e)) from None
         except Exception as e:
@@ -303,7 +316,8 @@ class RouterService(MultiService):
             return self.store_tls
         return strport_tls(endpoint)
 
-    def _listen_tcp(self, endpoint: Any, factory: Any, tls: Any = None) -> IListeningPort | None:
+    def _listen_tcp(self, endpoint: Any, factory: Any, tls: Any = None,
+                    proxy: ProxyProtocol | None = None) -> IListeningPort | None:
         """
         Bind a plain TCP or ``ssl:`` strport ourselves: TCP routes accept
         directly (plain TCP only), TLS uses our own contexts (L{certs}), and
@@ -313,13 +327,12 @@ class RouterService(MultiService):
         if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
             return None
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
-        if tls is not None:
-            # Not accept_directly: TLS is Twisted's to do, in user space.
-            # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
-            return self.reactor.listenTCP(endpoint._port, TLSFactory(tls, False, factory),  # type: ignore[arg-type]
-                                          backlog, endpoint._interface)
-        port = self.reactor.listenTCP(endpoint._port, factory, backlog, endpoint._interface)
+        outer = gated(factory if tls is None else TLSFactory(tls, False, factory), proxy, self.reactor)
+        # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
+        port = self.reactor.listenTCP(endpoint._port, outer, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
+            # Plain TCP only: TLS is Twisted's to do, in user space, and a
+            # gated port reads headers first (its doRead hands those to Twisted).
             accept_directly(port)
         return port
 
@@ -391,21 +404,23 @@ class RouterService(MultiService):
                 continue
             listener = kept[name] = current[name]
             project = table.projects[name]
-            if listener.route.protocol == route.protocol and listener.route.tls == route.tls:
+            old = listener.route
+            if (old.protocol, old.tls, old.proxy) == (route.protocol, route.tls, route.proxy):
                 listener.factory.update(project)  # open connections go on untouched
                 listener.route = route
             else:
-                # Same port, another kind of route (or TLS on or off): new
-                # connections get the new kind; the socket stays bound throughout.
+                # Same port, another kind of route (or TLS, or the PROXY
+                # protocol, on or off): new connections get the new kind;
+                # the socket stays bound throughout.
                 listener.route = route
-                listener.answer_with(self._factory_for(project), self.store_tls)
+                listener.answer_with(self._factory_for(project), self.store_tls, self.reactor)
         kept.update(bound)
         self.listeners = kept
         for listener in bound.values():
             giver = listener.taken_from
             if giver is not None:
                 giver.given_away = True
-                listener.answer_with(listener.factory, self.store_tls)  # the port still answers with the giver's
+                listener.answer_with(listener.factory, self.store_tls, self.reactor)  # the port still answers with the giver's
                 listener.taken_from = None
                 log.info("{protocol} route {project} takes over {address} from project {giver}",
                          protocol=listener.route.protocol, project=listener.route.project,
@@ -437,7 +452,14 @@ class RouterService(MultiService):
         timeout = self.config.drain_timeout
 
         def channels() -> list[Any]:
-            return [c for l in released for c in getattr(l.factory, "channels", ())]
+            # The removed projects' own ports, and requests for them on the
+            # shared ports (path and hostname routes): looked at again when
+            # the timer fires, so a kept-alive client that moved on to
+            # another project is left alone.
+            shared = [l for l in (self.ingress, self.tls_front) if l is not None]
+            return [c for l in released for c in getattr(l.factory, "channels", ())] + [
+                c for l in shared for c in l.factory.channels
+                if c.busy and (c.project or "").split("/")[0] in projects]
 
         def close() -> None:
             left = [s for s in self.sessions.live if s.project.split("/")[0] in projects]
@@ -562,6 +584,10 @@ class RouterService(MultiService):
         self.commands.stop_starting()
         if self.tls_front is not None:
             self.tls_front.factory.close_reading()
+        for listener in [self.ingress, self.tls_front, *self.listeners.values()]:
+            gate = getattr(getattr(listener, "port", None), "factory", None)
+            if isinstance(gate, ProxyGate):
+                gate.close_reading()
         for channel in self._channels():
             channel.drain()
         timeout = self.config.drain_timeout

@@ -20,6 +20,9 @@ _ALPN = 0x0010
 # What the front reads at most before it must choose: TLS caps a record at
 # 16 KiB, and real ClientHellos (post-quantum key shares included) fit one.
 MAX_HELLO = 16384
+# Real clients send their hello in one record, or a few; the front reads its
+# buffer again whenever bytes come, so a hello in thousands is refused.
+MAX_RECORDS = 32
 
 # A fatal unrecognized_name alert (RFC 6066 3, RFC 8446 6), sent as TLS 1.0
 # records are for the first flight: any client version reads it.
@@ -62,7 +65,10 @@ class _Reader:
         return int.from_bytes(self.take(n), "big")
 
     def vector(self, length_size: int, what: str) -> _Reader:
-        return _Reader(self.take(self.number(length_size)), what)
+        size = self.number(length_size)
+        if size > self.left:
+            raise BadHello(f"a malformed ClientHello: {what} is cut short")
+        return _Reader(self.take(size), what)
 
     @property
     def left(self) -> int:
@@ -80,7 +86,11 @@ def _records(data: bytes, limit: int) -> tuple[bytes, int] | None:
         raise BadHello(f"not a TLS handshake: the connection began with {_quote(data)}")
     payload = b""
     at = 0
+    records = 0
     while len(data) - at >= 5:
+        records += 1
+        if records > MAX_RECORDS:
+            raise BadHello(f"a ClientHello split over more than {MAX_RECORDS} records")
         kind, major, length = data[at], data[at + 1], int.from_bytes(data[at + 3:at + 5], "big")
         if kind != HANDSHAKE:
             raise BadHello(f"a record of type {kind} inside the ClientHello (only handshake records may carry it)")

@@ -123,8 +123,10 @@ class StreamEndpoint:
         peer = channel.transport.getPeer()
         if udp:
             host = project.host or "127.0.0.1"
-            target = Target(project.name, service.name, None, service.limits, supervisor, (host, service.port))
+            target = Target(project.name, service.name, None, service.limits, supervisor, (host, service.port),
+                            service.send_proxy)
             return _Takeover(channel, request, self.datagrams.bridge(target, peer))
         endpoint = clientFromString(self.router.reactor, project.service_endpoint(service))
-        target = Target(project.name, service.name, endpoint, service.limits, supervisor)
+        target = Target(project.name, service.name, endpoint, service.limits, supervisor,
+                        send_proxy=service.send_proxy)
         return _Takeover(channel, request, self.factory.bridge(target, peer))

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 from twisted.internet.endpoints import serverFromString
 
-from portrouter.model import Hostnames, Manhole, Project
+from portrouter.model import Hostnames, Manhole, Project, ProxyProtocol
 
 
 class PortConflict(Exception):
@@ -55,6 +55,7 @@ class Route:
     path: str | None = None
     interface: str | None = None
     tls: bool = False  # terminated with the certificate store
+    proxy: ProxyProtocol | None = None  # receives the PROXY protocol
 
     @property
     def namespace(self) -> str:
@@ -141,7 +142,7 @@ class RoutingTable:
             assert project.backend is not None
             own.append(Route(
                 listen.port, listen.protocol, project.name, project.backend,
-                listen.endpoint, interface=listen.interface, tls=listen.tls,
+                listen.endpoint, interface=listen.interface, tls=listen.tls, proxy=listen.proxy_protocol,
             ))
 
         ingress_route = Route(

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
+from portrouter.proxyheader import address_pair, header, looks_like_header
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
@@ -103,19 +104,26 @@ class _Inbound(StreamSide):
             return
         backend: _Backend = result
         early, self.early = self.early, b""
-        if splicable(self.transport) and splicable(backend.transport):
+        prefix = b""
+        if self.route.send_proxy is not None:
+            pair = address_pair(self.transport)
+            if pair is not None:
+                prefix = header(self.route.send_proxy, *pair)
+        if self.splice and splicable(self.transport) and splicable(backend.transport):
             relay = SpliceRelay(
                 self.route.reactor, session, detach(self.transport), detach(backend.transport)
             )
             # The Twisted transports are let go of: from here on the relay
             # owns both sockets.
             self.transport = backend.transport = None  # type: ignore[assignment]  # no event comes after
-            relay.start(early)
+            relay.start(prefix + early, len(early))
         else:
-            if early:
+            if prefix or early:
                 session.bytes_in += len(early)
-                backend.transport.write(early)
+                backend.transport.write(prefix + early)
             pair_streams(session, self, backend, self.route.reactor.seconds)
+
+    splice = True  # the relay may splice the two sockets (no one needs to see the bytes)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if self.pending is not None:
@@ -125,6 +133,29 @@ class _Inbound(StreamSide):
             self.session.ended(self.session.reason)  # type: ignore[union-attr]
             return
         super().connectionLost(reason)
+
+
+class _Guarded(_Inbound):
+    """
+    A client of a route that receives the PROXY protocol, from an address it
+    does not trust: served, but a PROXY header in its first bytes is a
+    forgery and closes the connection. Not spliced: its bytes are looked at.
+    """
+
+    splice = False
+    looked = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.looked:
+            self.looked = True
+            if looks_like_header(data):
+                log.info("tcp {project} {peer}: a PROXY header from an untrusted address; closed",
+                         project=self.route.name, peer=peer_of(self.addr))
+                if self.session is not None:
+                    self.session.reason = "a PROXY header from an untrusted address"
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
 
 
 def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
@@ -190,7 +221,7 @@ class TCPRoute(Factory):
         """Take a changed manifest; new connections use it, open ones go on."""
         assert project.backend is not None
         self._aim(project, project.name, project.backend, project.limits,
-                  self.services.get(project) if self.services is not None else None)
+                  self.services.get(project) if self.services is not None else None, project.send_proxy)
 
     @classmethod
     def to_service(cls, reactor: IReactor, project: Project, service: Service, sessions: Sessions,
@@ -202,11 +233,13 @@ class TCPRoute(Factory):
         route = cls.__new__(cls)
         route.reactor, route.sessions, route.services = reactor, sessions, services
         route._aim(project, f"{project.name}/{service.name}", project.service_endpoint(service), service.limits,
-                   services.get(project, service))
+                   services.get(project, service), service.send_proxy)
         return route
 
-    def _aim(self, project: Project, name: str, backend: str, limits: Limits, supervisor: Supervisor | None) -> None:
+    def _aim(self, project: Project, name: str, backend: str, limits: Limits, supervisor: Supervisor | None,
+             send_proxy: str | None) -> None:
         self.project = project
+        self.send_proxy = send_proxy  # "v1", "v2": a PROXY header starts each backend connection
         self.name = name  # as sessions, logs and metrics name it
         self.limits = limits
         self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, backend)
@@ -236,6 +269,8 @@ class TCPRoute(Factory):
         relay = SpliceRelay(self.reactor, session, sock, backend)
         stats = self.sessions.stats
         relay.on_connect_failure = lambda why: stats.connect_failed(name, why)
+        if self.send_proxy is not None:
+            relay.early = header(self.send_proxy, (host, port), sock.getsockname()[:2])
         relay.connect(target, limits.connect_timeout)
 
     # A listening port always passes the peer's address.
@@ -245,3 +280,7 @@ class TCPRoute(Factory):
     def inbound(self, addr: IAddress, early: bytes) -> Protocol:
         """A connection whose first bytes (C{early}) were read to choose this route."""
         return _Inbound(self, addr, early)
+
+    def guarded(self, addr: IAddress) -> Protocol:
+        """An untrusted client of a listener that receives the PROXY protocol (L{_Guarded})."""
+        return _Guarded(self, addr)

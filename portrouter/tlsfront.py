@@ -26,24 +26,20 @@ certificate (what a browser can show), except a passthrough name
 
 from __future__ import annotations
 
-import enum
 import re
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.certs import TLSFactory, tls_handle
 from portrouter.hostnames import Target, resolve
 from portrouter.hosts import HostRouting
-from portrouter.interfaces import IConnection
 from portrouter.model import Project
-from portrouter.relay import hand_over
+from portrouter.relay import FirstBytes, hand_over
 from portrouter.router import RouterService
-from portrouter.sessions import peer_of
 from portrouter.sni import UNRECOGNIZED_NAME, BadHello, Hello, read_hello
 from portrouter.tcp import TCPRoute
 from portrouter.web import Channel, ChannelFactory, Fixed, Request
@@ -53,72 +49,28 @@ log = Logger(namespace="portrouter.hostnames")
 _PASSTHROUGH = re.compile(r"-[0-9]+s\Z")
 
 
-class Phase(enum.Enum):
-    READING = "reading the ClientHello"
-    HANDED = "handed to its route"
-    CLOSED = "closed"
-
-
-class HelloReader(Protocol):
+class HelloReader(FirstBytes):
     """A connection to the TLS front until its ClientHello has been read."""
 
-    transport: IConnection  # set by makeConnection, before any other event
+    what = "ClientHello"
+    where = "tls front"
 
     def __init__(self, front: TLSFront, addr: IAddress):
+        super().__init__(front.reading, front.router.reactor, front.timeout, addr)
         self.front = front
-        self.addr = addr
-        self.peer = peer_of(addr)
-        self.phase = Phase.READING
-        self.buffer = b""
-        self.timer: Any = None
 
-    def connectionMade(self) -> None:
-        front = self.front
-        front.reading.add(self)
-        self.timer = front.router.reactor.callLater(front.timeout, self._timed_out)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.phase is not Phase.READING:
-            return
-        self.buffer += data
+    def examine(self, data: bytes) -> None:
         try:
             hello = read_hello(self.buffer)
         except BadHello as e:
             self.refuse(str(e))
             return
         if hello is not None:
-            self._done(Phase.HANDED)
+            self.handed()
             self.front.choose(self, hello)
 
-    def _done(self, phase: Phase) -> None:
-        self.phase = phase
-        self.front.reading.discard(self)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        self.refuse(f"no whole ClientHello within {self.front.timeout:g} s "
-                    f"({len(self.buffer)} bytes of one came)", abort=True)
-
-    def refuse(self, why: str, alert: bool = False, abort: bool = False) -> None:
-        """Close without choosing a route: a line in the log says why."""
-        self._done(Phase.CLOSED)
+    def refused(self) -> None:
         self.front.stats.hostnames["refused"] += 1
-        log.info("tls front {peer}: {why}; closed", peer=self.peer, why=why)
-        if alert:
-            self.transport.write(UNRECOGNIZED_NAME)
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        if self.phase is Phase.READING:
-            self._done(Phase.CLOSED)
-            log.info("tls front {peer}: closed by the client before its ClientHello was whole "
-                     "({count} bytes of one came)", peer=self.peer, count=len(self.buffer))
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -174,7 +126,7 @@ class TLSFront(Factory):
         self.stats = router.sessions.stats
         self.timeout = router.config.defaults.header_timeout
         self.http = ChannelFactory(FrontSite(router, hosts), router.reactor)
-        self.reading: set[HelloReader] = set()  # closed at shutdown, as idle channels are
+        self.reading: set[FirstBytes] = set()  # closed at shutdown, as idle channels are
         self.relays: dict[tuple[str, str], tuple[Project, TCPRoute]] = {}
 
     @property
@@ -190,15 +142,16 @@ class TLSFront(Factory):
         label = self.names.label(name) if name else None
         if label is None:
             why = "no server name (SNI)" if name is None else f"the server name {name!r} is under no base domain"
-            reader.refuse(f"{why}; alert unrecognized_name", alert=True)
+            reader.refuse(f"{why}; alert unrecognized_name", UNRECOGNIZED_NAME)
             return
         if self.router.store_tls.store is None:
-            reader.refuse("no certificate store (tls:) since the last reload; alert unrecognized_name", alert=True)
+            reader.refuse("no certificate store (tls:) since the last reload; alert unrecognized_name",
+                          UNRECOGNIZED_NAME)
             return
         target = resolve(label, self.router.table.projects)
         if target is None:
             if _PASSTHROUGH.search(label):
-                reader.refuse(f"no project or port for {name!r}; alert unrecognized_name", alert=True)
+                reader.refuse(f"no project or port for {name!r}; alert unrecognized_name", UNRECOGNIZED_NAME)
                 return
             self.stats.hostnames["unknown"] += 1
             self._terminate(reader, self.http)  # the site's 404 names the host

@@ -29,13 +29,19 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReadDescriptor, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+# Twisted's parser (the package exports only proxyEndpoint, for streams).
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v2parser import V2Parser
+
 from portrouter.config import split_hostport
-from portrouter.model import Project
+from portrouter.proxyheader import V2_SIGNATURE, header
+from portrouter.model import Project, ProxyProtocol
 from portrouter.interfaces import IReactor
 
 log = Logger(namespace="portrouter.udp")
@@ -113,18 +119,21 @@ class _Session:
 
     __slots__ = (
         "route", "client", "started", "last", "datagrams_in", "datagrams_out",
-        "bytes_in", "bytes_out", "sock", "fd",
+        "bytes_in", "bytes_out", "sock", "fd", "prefix", "reply_to",
     )
 
-    def __init__(self, route: UDPRoute, client: tuple[str, int], started: float, sock: socket.socket):
+    def __init__(self, route: UDPRoute, client: tuple[Any, ...], started: float, sock: socket.socket,
+                 reply_to: tuple[str, int]):
         self.route = route
-        self.client = client
+        self.client = client  # the session's key: (host, port), and the sender's after a PROXY header
+        self.reply_to = reply_to  # where replies go: the client, or the proxy that sent its datagrams
         self.started = started
         self.last = started
         self.datagrams_in = self.datagrams_out = 0
         self.bytes_in = self.bytes_out = 0
         self.sock = sock
         self.fd = sock.fileno()
+        self.prefix = b""  # send_proxy: the v2 header each datagram to the backend starts with
 
     def fileno(self) -> int:
         return self.fd
@@ -154,7 +163,7 @@ class _Session:
         self.last = now = route.reactor.seconds()
         if route.sessions.get(self.client) is self:
             route.sessions.move_to_end(self.client)
-        route.reply(data, self.client)
+        route.reply(data, self.reply_to)
         route.keep_polling(now)
 
     def connectionLost(self, reason: Any) -> None:
@@ -177,7 +186,7 @@ class _Session:
         self.datagrams_in += 1
         self.bytes_in += len(data)
         try:
-            self.sock.send(data)
+            self.sock.send(self.prefix + data if self.prefix else data)
         except OSError:
             # A full buffer or an ICMP error reported late: UDP may drop.
             self.route.send_errors += 1
@@ -199,7 +208,9 @@ class UDPRoute(DatagramProtocol):
         self._last_report = -DROP_REPORT
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
-        self._waiting: list[tuple[bytes, tuple[str, int]]] = []
+        self._waiting: list[tuple[bytes, tuple[Any, ...], tuple[str, int]]] = []
+        self.proxy_refused = 0  # datagrams refused for their PROXY header (or its absence)
+        self._proxy_reported = -DROP_REPORT
         self._last_datagram = float("-inf")
         self._window = 0.0
         self._awake = awake(reactor)
@@ -208,6 +219,7 @@ class UDPRoute(DatagramProtocol):
 
     def update(self, project: Project) -> None:
         self.project = project
+        self._proxy = project.listen.proxy_protocol if project.listen is not None else None
         self._poll_limit = project.limits.udp_busy_poll
         self._window = min(self._window, self._poll_limit)
         assert project.backend is not None
@@ -226,8 +238,8 @@ class UDPRoute(DatagramProtocol):
         def resolved(address: str) -> None:
             self.backend = (address, port)
             waiting, self._waiting = self._waiting, []
-            for data, client in waiting:
-                self.datagramReceived(data, client)
+            for data, client, reply_to in waiting:
+                self.datagramReceived(data, client, reply_to)
 
         def failed(reason: Any) -> None:
             log.warn("udp {project}: cannot resolve {host}: {why}", project=self.project.name,
@@ -254,15 +266,20 @@ class UDPRoute(DatagramProtocol):
     def _sweep_interval(self) -> float:
         return min(SWEEP, self.project.limits.udp_timeout / 4)
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def datagramReceived(self, data: bytes, addr: Any, reply_to: tuple[str, int] | None = None) -> None:
+        if reply_to is None:
+            if self._proxy is not None:
+                self._unwrap(data, addr, self._proxy)
+                return
+            reply_to = addr
         client = addr  # (host, port): Twisted gives IPv4 and trimmed IPv6 addresses alike
         session = self.sessions.get(client)
         if session is None:
             if self.backend is None:
                 if len(self._waiting) < 1000:
-                    self._waiting.append((data, client))
+                    self._waiting.append((data, client, reply_to))
                 return
-            session = self._open(client)
+            session = self._open(client, reply_to)
             if session is None:
                 return
             now = session.started
@@ -271,6 +288,46 @@ class UDPRoute(DatagramProtocol):
             self.sessions.move_to_end(client)
         session.send(data)
         self.keep_polling(now)
+
+    def _unwrap(self, data: bytes, addr: tuple[str, int], proxy: ProxyProtocol) -> None:
+        """
+        A route that receives the PROXY protocol: a trusted sender's datagram
+        starts with a v2 header (HAProxy's per-datagram form), whose source is
+        the session's client, replies going back to the sender; any other
+        sender is a client of its own, and a header from it is refused.
+        """
+        header = data.startswith(V2_SIGNATURE) and len(data) >= 16
+        if not proxy.trusts(addr[0]):
+            if header:
+                self._refuse_header(addr, "a PROXY header from an untrusted address")
+                return
+            self.datagramReceived(data, addr, addr)
+            return
+        if not header:
+            self._refuse_header(addr, "a datagram without a PROXY v2 header from a trusted address")
+            return
+        size = 16 + int.from_bytes(data[14:16], "big")
+        try:
+            info = V2Parser.parse(data[:size]) if len(data) >= size else None
+        except InvalidProxyHeader:
+            info = None
+        if info is None:
+            self._refuse_header(addr, "a PROXY v2 header Twisted's parser refuses")
+            return
+        source = info.source
+        if isinstance(source, (IPv4Address, IPv6Address)):
+            client: tuple[Any, ...] = (ipaddress.ip_address(source.host).compressed, source.port, *addr)
+        else:
+            client = addr  # LOCAL: the proxy speaks for itself
+        self.datagramReceived(data[size:], client, addr)
+
+    def _refuse_header(self, addr: tuple[str, int], why: str) -> None:
+        self.proxy_refused += 1
+        now = self.reactor.seconds()
+        if now - self._proxy_reported >= DROP_REPORT:
+            self._proxy_reported = now
+            log.info("udp {project} {client}: {why}; dropped ({count} so far)", project=self.project.name,
+                     client=f"{addr[0]}:{addr[1]}", why=why, count=self.proxy_refused)
 
     def keep_polling(self, now: float) -> None:
         """
@@ -296,7 +353,7 @@ class UDPRoute(DatagramProtocol):
         """When this route's polling window closes."""
         return self._last_datagram + self._window
 
-    def _open(self, client: tuple[str, int]) -> _Session | None:
+    def _open(self, client: tuple[Any, ...], reply_to: tuple[str, int]) -> _Session | None:
         limit = self.project.limits.udp_max_sessions
         now = self.reactor.seconds()
         if len(self.sessions) >= limit:
@@ -320,7 +377,10 @@ class UDPRoute(DatagramProtocol):
             log.warn("udp {project}: cannot open a socket to the backend: {why}",
                      project=self.project.name, why=e)
             return None
-        session = _Session(self, client, now, sock)
+        session = _Session(self, client, now, sock, reply_to)
+        if self.project.send_proxy is not None:
+            host = self.transport.getHost()
+            session.prefix = header("v2", client[:2], (host.host, host.port), "udp")
         self.sessions[client] = session
         self.reactor.addReader(session)
         return session

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
+from portrouter.proxyheader import looks_like_header
 
 log = Logger(namespace="portrouter.http")
 
@@ -185,6 +186,7 @@ class Channel(Protocol):
         self.timer: Any = None
         self.closing = False
         self.taken_over = False
+        self.kept: Any = None  # a backend connection only this client may reuse (send_proxy: its header)
         self.client = ""
         self.current: Request
         self.request_done = False
@@ -271,7 +273,11 @@ class Channel(Protocol):
             raise
         except httptools.HttpParserError as e:
             self.flush()
-            self._malformed(f"malformed request: {e}")
+            if looks_like_header(data):
+                # Refused, never believed: only proxy_protocol.trusted addresses may send one.
+                self._malformed("a PROXY protocol header from an address not trusted to send one")
+            else:
+                self._malformed(f"malformed request: {e}")
         else:
             if self.request is not None and self.head_bytes > self.site.max_header_size:
                 self.error(431, "the request head is too large")
@@ -301,6 +307,9 @@ class Channel(Protocol):
             return
         self.closing = True  # nothing held or queued is answered now
         self.held = None
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            kept.transport.loseConnection()
         self._stop_timer()
         handler, self.handler = self.handler, None
         if handler is not None and not self.taken_over:

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
+from portrouter.proxyheader import address_pair, header
 from portrouter.relay import HoldWhileFull, Holds, close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Session, Sessions, connect_failure, peer_of
@@ -142,11 +143,12 @@ class Target:
     C{address}), for whom, with which limits.
     """
 
-    __slots__ = ("project", "service", "endpoint", "limits", "supervisor", "address")
+    __slots__ = ("project", "service", "endpoint", "limits", "supervisor", "address", "send_proxy")
 
     def __init__(
         self, project: str, service: str | None, endpoint: IStreamClientEndpoint | None, limits: Limits,
         supervisor: Supervisor | None = None, address: tuple[str, int] | None = None,
+        send_proxy: str | None = None,
     ):
         self.project = project
         self.service = service
@@ -154,6 +156,7 @@ class Target:
         self.limits = limits
         self.supervisor = supervisor  # starts the service on demand, if it has a command
         self.address = address
+        self.send_proxy = send_proxy  # "v1", "v2": a PROXY header to the service first
 
 
 class Bridge(WebSocketServerProtocol):
@@ -230,6 +233,10 @@ class Bridge(WebSocketServerProtocol):
             return
         self.service = service
         service.bridge = self
+        if target.send_proxy is not None:
+            pair = address_pair(self.transport)
+            if pair is not None:
+                service.transport.write(header(target.send_proxy, *pair))
         for data in self.early or ():
             service.transport.write(data)
         self.early = None
@@ -516,5 +523,5 @@ class WSRoute(BridgeFactory):
         self.project = project
         self.target = Target(
             project.name, None, clientFromString(self.reactor, project.backend), project.limits,
-            self.services.get(project) if self.services is not None else None,
+            self.services.get(project) if self.services is not None else None, send_proxy=project.send_proxy,
         )

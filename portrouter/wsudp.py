@@ -24,12 +24,14 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet import defer
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from portrouter.interfaces import IReactor
+from portrouter.proxyheader import address_pair, header
 from portrouter.sessions import Sessions, peer_of
 from portrouter.web import write_now
 from portrouter.ws import NORMAL, TRY_AGAIN, Bridge, BridgeFactory, Target, frame_header
@@ -86,6 +88,7 @@ class DatagramBridge(Bridge):
     early_datagrams: list[bytes] | None = None
     dropped = 0
     refusals = 0
+    prefix = b""
     to_client: _Full
 
     # Whole messages, as Autobahn assembles them (the TCP bridge streams frame data instead).
@@ -132,6 +135,10 @@ class DatagramBridge(Bridge):
             self._close(TRY_AGAIN, f"cannot open a UDP socket to the service: {e}")
             return
         self.socket = socket
+        if target.send_proxy is not None:
+            pair = address_pair(self.transport)
+            if pair is not None:
+                self.prefix = header("v2", *pair, "udp")
         for datagram in self.early_datagrams or ():
             self._to_service(datagram)
         self.early_datagrams = None
@@ -151,8 +158,9 @@ class DatagramBridge(Bridge):
 
     def _to_service(self, datagram: bytes) -> None:
         try:
-            self.socket.transport.write(datagram, None)  # type: ignore[union-attr]  # connected: to the service
-        except OSError:
+            # Connected: to the service. With send_proxy, each datagram after its v2 header.
+            self.socket.transport.write(self.prefix + datagram if self.prefix else datagram, None)  # type: ignore[union-attr]
+        except (OSError, MessageLengthError):
             self.dropped += 1  # the kernel's buffer is full (EAGAIN, ENOBUFS): a link would drop it too
 
     def from_service(self, datagram: bytes) -> None:

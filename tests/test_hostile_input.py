@@ -386,7 +386,7 @@ CONFIG_VALUES = [
     ("projects:\n  - {name: no, backend: 'tcp:127.0.0.1:1'}\n", "projects[0].name: expected a string, got false"),
     ("projects:\n  - {name: 12, backend: 'tcp:127.0.0.1:1'}\n", "projects[0].name: expected a string, got 12"),
     ("projects:\n  - {name: k1, services: [{name: s, port: 22, protocol: 5}]}\n",
-     "projects[0].services[0].protocol: 5 is not a service protocol (http, tcp)"),
+     "projects[0].services[0].protocol: 5 is not a service protocol (http, tcp, udp)"),
 ]
 
 

@@ -333,7 +333,7 @@ async def test_a_slow_clienthello_is_closed_after_the_header_timeout(
             clock.advance(1)
             sock.settimeout(30)
             assert await in_thread(read_to_the_end, sock) == b""
-        await log_line(logged, r"no whole ClientHello within 30 s \(40 bytes of one came\); closed")
+        await log_line(logged, r"no whole ClientHello within 30 s \(40 bytes came\); closed")
         assert not router.tls_front.factory.reading  # type: ignore[union-attr]
     finally:
         await stop_clocked(router, clock)

@@ -28,10 +28,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("the router: table, listeners, changes under one lock", frozenset({"router"})),
     ("UDP service ports, on the WebSocket bridge", frozenset({"wsudp"})),
     ("routes", frozenset({"http", "tcp", "udp", "ws"})),
-    ("credentials and the state file", frozenset({"auth", "state"})),
+    ("credentials and the state file", frozenset({"auth", "state", "proxyproto"})),
     ("parsing, the HTTP server, the relay", frozenset({"config", "web", "relay"})),
     ("table, sessions, supervised commands, log format", frozenset({"table", "sessions", "services", "logs", "hostnames"})),
-    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "__init__"})),
+    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "proxyheader", "__init__"})),
 ]
 
 

@@ -1,0 +1,48 @@
+"""
+PROXY protocol headers as bytes (HAProxy's proxy-protocol.txt): telling a
+first chunk that begins with one, and building the one a backend connection
+(or, v2, each datagram) starts with. Reading them is Twisted's
+(L{portrouter.proxyproto}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # Twisted's V2Parser.PREFIX
+_V2_PROXY = 0x21  # version 2, command PROXY
+_FAMILY = {("tcp", 4): 0x11, ("tcp", 6): 0x21, ("udp", 4): 0x12, ("udp", 6): 0x22}
+
+
+def looks_like_header(data: bytes) -> bool:
+    """Whether C{data}, a connection's first bytes, begins with a PROXY header (either version)."""
+    return data.startswith(b"PROXY ") or data.startswith(V2_SIGNATURE)
+
+
+def header(version: str, source: tuple[str, int], destination: tuple[str, int], transport: str = "tcp") -> bytes:
+    """
+    The PROXY header saying that C{source} connected to C{destination}. An
+    address family mix (an IPv4 client on an IPv6 listener) maps the IPv4
+    address into IPv6, as the kernel shows it on a dual-stack socket.
+    """
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    texts = [str(src), str(dst)]
+    if src.version != dst.version:
+        texts = [f"::ffff:{a}" if a.version == 4 else str(a) for a in (src, dst)]  # as HAProxy writes them
+        src, dst = (ipaddress.IPv6Address(t) for t in texts)
+    if version == "v1":
+        return b"PROXY TCP%d %s %s %d %d\r\n" % (src.version, texts[0].encode(), texts[1].encode(),
+                                                   source[1], destination[1])
+    addresses = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
+    return V2_SIGNATURE + bytes((_V2_PROXY, _FAMILY[(transport, src.version)])) + struct.pack(
+        "!H", len(addresses)) + addresses
+
+
+def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """(client, listener) of an accepted connection, for a header; L{None} when not IP (UNIX)."""
+    peer, host = transport.getPeer(), transport.getHost()
+    if not (hasattr(peer, "port") and hasattr(host, "port")):
+        return None
+    return (peer.host, peer.port), (host.host, host.port)

@@ -1,0 +1,396 @@
+"""
+The PROXY protocol (SPEC section 12, issue 17) over loopback: headers
+received from trusted addresses on the ingress and on TCP routes (v1 and
+v2, written as HAProxy writes them, parsed back with Twisted's parsers),
+refused from others, timed out when slow; headers sent to TCP, HTTP and UDP
+backends. The tests with haproxy and nginx as the peers are in
+C{tests/test_proxy_peers.py}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+
+from portrouter.config import ConfigError, parse
+from portrouter.proxyheader import header
+from tests.httpbackend import Backend
+from tests.support import (
+    LOOPBACK, ClockedReactor, ThreadServer, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for,
+)
+from tests.test_hostnames import read_to_the_end
+from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
+
+CLIENT_V4 = ("203.0.113.7", 40001)
+CLIENT_V6 = ("2001:db8::7", 40002)
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    server = Backend()
+    yield server
+    server.close()
+
+
+def ingress_config(tmp_path: Path, trusted: list[str], projects: list[dict[str, Any]], **top: Any) -> Any:
+    return parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": trusted}, "projects": projects, **top,
+    })
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} on a fresh connection, half-close, read until the server
+    closes (a reset too: a refusal that leaves bytes unread makes one).
+    """
+    got = b""
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
+
+
+def get(path: str, host: str = "x") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+
+def seen_headers(reply: bytes) -> dict[str, str]:
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    return dict(json.loads(reply.partition(b"\r\n\r\n")[2])["headers"])
+
+
+# -- receiving ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, client", [("v1", CLIENT_V4), ("v2", CLIENT_V4), ("v2", CLIENT_V6)])
+@pytest_twisted.ensureDeferred
+async def test_the_ingress_believes_a_trusted_header(tmp_path: Path, backend: Backend, logged: list[str],
+                                                     version: str, client: tuple[str, int]) -> None:
+    router = await start_router(config=ingress_config(tmp_path, ["127.0.0.1"], [
+        {"name": "k1", "backend": backend.address}]))
+    port = router.port_of()
+    try:
+        proxy_header = header(version, client, (LOOPBACK, port))
+        seen = seen_headers(await in_thread(exchange, port, proxy_header + get("/k1/headers")))
+        assert seen["X-Forwarded-For"] == client[0]
+        assert seen["X-Real-IP"] == client[0]
+        await log_line(logged, rf"^{client[0].replace('.', '[.]')} GET /k1/headers 200 ")
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_address_without_a_header_is_closed(tmp_path: Path, backend: Backend,
+                                                            logged: list[str]) -> None:
+    router = await start_router(config=ingress_config(tmp_path, ["127.0.0.0/8"], [
+        {"name": "k1", "backend": backend.address}]))
+    try:
+        assert await in_thread(exchange, router.port_of(), get("/k1/headers")) == b""
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: no PROXY header from a trusted address: "
+                               r"the connection began with b'GET /k1/headers HTTP/1\.1'; closed")
+        bad = b"PROXY TCP4 1.2.3.4 nonsense\r\n" + get("/k1/")
+        assert await in_thread(exchange, router.port_of(), bad) == b""
+        await log_line(logged, r"a PROXY header Twisted's parser refuses \(\w+\): b'PROXY TCP4 1\.2\.3\.4 nonsense")
+        assert not backend.stats.seen
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_untrusted_address_is_a_direct_client_and_its_header_is_refused(
+        tmp_path: Path, backend: Backend) -> None:
+    router = await start_router(config=ingress_config(tmp_path, ["10.0.0.0/8"], [
+        {"name": "k1", "backend": backend.address}]))
+    port = router.port_of()
+    try:
+        assert seen_headers(await in_thread(exchange, port, get("/k1/headers")))["X-Real-IP"] == LOOPBACK
+        forged = header("v1", CLIENT_V4, (LOOPBACK, port)) + get("/k1/headers")
+        reply = await in_thread(exchange, port, forged)
+        assert reply.startswith(b"HTTP/1.1 400 "), reply
+        assert b"a PROXY protocol header from an address not trusted to send one" in reply
+        assert len(backend.stats.seen) == 1
+    finally:
+        await router.stopService()
+
+
+def first_bytes(conn: socket.socket) -> bytes:
+    """A TCP backend that reports everything it got, then closes."""
+    got = b""
+    while chunk := conn.recv(65536):
+        got += chunk
+    conn.sendall(b"got:" + got)
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_route_receives_and_sends_headers(tmp_path: Path, logged: list[str]) -> None:
+    """
+    A trusted header's source goes on in the header sent to the backend;
+    an untrusted client's forged header closes its connection.
+    """
+    server = ThreadServer(first_bytes)
+    trusted, untrusted = free_port(), free_port()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [
+            {"name": "ssh", "backend": server.address, "send_proxy": "v2",
+             "listen": {"port": trusted, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"]}}},
+            {"name": "git", "backend": server.address, "send_proxy": "v1",
+             "listen": {"port": untrusted, "protocol": "tcp", "proxy_protocol": {"trusted": ["10.0.0.0/8"]}}},
+        ]}))
+    try:
+        reply = await in_thread(exchange, trusted, header("v1", CLIENT_V4, (LOOPBACK, trusted)) + b"hello")
+        info, rest = V2Parser().feed(reply[len(b"got:"):])
+        assert info is not None and (info.source.host, info.source.port) == CLIENT_V4  # type: ignore[union-attr]
+        assert rest == b"hello"
+        await log_line(logged, r"tcp ssh 203\.0\.113\.7:40001: client closed; 5 bytes in, \d+ bytes out")
+
+        reply = await in_thread(exchange, untrusted, b"direct")
+        info, rest = V1Parser().feed(reply[len(b"got:"):])
+        assert info is not None and info.source.host == LOOPBACK and rest == b"direct"  # type: ignore[union-attr]
+        assert await in_thread(exchange, untrusted, header("v1", CLIENT_V4, (LOOPBACK, untrusted)) + b"x") == b""
+        await log_line(logged, r"tcp git 127\.0\.0\.1:\d+: a PROXY header from an untrusted address; closed")
+        await wait_for(lambda: len(server.results) == 3, 15, "the backend to see three connections")
+        assert server.results[2].startswith(b"PROXY TCP4 127.0.0.1 ")  # ours; nothing of the forgery
+    finally:
+        await router.stopService()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_header_is_closed_after_header_timeout(tmp_path: Path, logged: list[str]) -> None:
+    clock = Clock()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": ["127.0.0.1"], "header_timeout": 5},
+    }), using=ClockedReactor(clock))
+    try:
+        with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
+            sock.sendall(b"PROXY TCP4 203.0")
+            gate = router.ingress.port.factory  # type: ignore[union-attr,attr-defined]
+            await wait_for(lambda: len(gate.reading) == 1, 15, "the gate to read the start")
+            clock.advance(4.9)
+            assert gate.reading
+            clock.advance(0.1)
+            assert not gate.reading
+            assert await in_thread(read_to_the_end, sock) == b""  # aborted: a reset
+        await log_line(logged, r"no whole PROXY header within 5 s \(16 bytes came\); closed")
+    finally:
+        await stop_clocked(router, clock)
+
+
+# -- sending -----------------------------------------------------------------------------------
+
+
+class ProxyHTTPBackend:
+    """An HTTP backend behind send_proxy: each connection's header, and its requests answered."""
+
+    def __init__(self) -> None:
+        self.headers: list[bytes] = []
+        self.server = ThreadServer(self.serve)
+
+    def serve(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n" not in data:
+            data += conn.recv(65536)
+        line, _, data = data.partition(b"\r\n")
+        self.headers.append(line)
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            _, _, data = data.partition(b"\r\n\r\n")
+            body = line
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path) -> None:
+    """Two requests on one client connection share one backend connection; another client gets its own."""
+    backend = ProxyHTTPBackend()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": ["127.0.0.1"]},
+        "projects": [{"name": "k1", "backend": backend.server.address, "send_proxy": "v1"}],
+    }))
+    port = router.port_of()
+    try:
+        def two_requests(client: tuple[str, int]) -> list[bytes]:
+            with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+                sock.sendall(header("v2", client, (LOOPBACK, port)))
+                bodies = []
+                for _ in range(2):
+                    sock.sendall(b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                    reply = b""
+                    while True:
+                        head, _, body = reply.partition(b"\r\n\r\n")
+                        if _ and len(body) == int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]):
+                            break
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise EOFError(f"closed after {reply!r}")
+                        reply += chunk
+                    bodies.append(body)
+                return bodies
+
+        first = await in_thread(two_requests, CLIENT_V4)
+        second = await in_thread(two_requests, CLIENT_V6)
+        assert first == [first[0]] * 2
+        assert first[0].startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 ")
+        assert second[0].startswith(b"PROXY TCP6 2001:db8::7 ::ffff:127.0.0.1 40002 ")
+        assert second == [second[0]] * 2
+        assert len(backend.headers) == 2  # one backend connection per client connection
+    finally:
+        await router.stopService()
+        backend.server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    seen: list[tuple[str, int, bytes]] = []
+
+    def serve() -> None:
+        sock.settimeout(30)
+        for _ in range(3):
+            data, peer = sock.recvfrom(65535)
+            info, rest = V2Parser().feed(data)
+            assert info is not None
+            seen.append((info.source.host, info.source.port, rest))  # type: ignore[union-attr]
+            sock.sendto(b"re:" + rest, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    udp_port = free_port(socket.SOCK_DGRAM)
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "dns", "backend": f"{LOOPBACK}:{sock.getsockname()[1]}", "send_proxy": "v2",
+                      "listen": {"port": udp_port, "protocol": "udp", "interface": LOOPBACK}}],
+    }))
+    try:
+        def client() -> tuple[int, list[bytes]]:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(30)
+                replies = []
+                for payload in (b"a", b"", b"c" * 1000):
+                    c.sendto(payload, (LOOPBACK, udp_port))
+                    replies.append(c.recvfrom(65535)[0])
+                return c.getsockname()[1], replies
+
+        own_port, replies = await in_thread(client)
+        assert replies == [b"re:a", b"re:", b"re:" + b"c" * 1000]
+        assert seen == [(LOOPBACK, own_port, b"a"), (LOOPBACK, own_port, b""), (LOOPBACK, own_port, b"c" * 1000)]
+    finally:
+        await router.stopService()
+        sock.close()
+
+
+# -- configuration and the table -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("project, message", [
+    ({"name": "u", "backend": "127.0.0.1:53", "send_proxy": "v1", "listen": {"port": 5353, "protocol": "udp"}},
+     "projects[0].send_proxy: 'v1' cannot go with UDP (a text header has no datagram form): use 'v2'"),
+    ({"name": "t", "backend": "tcp:127.0.0.1:1", "send_proxy": "v3"},
+     "projects[0].send_proxy: 'v3' is not a PROXY protocol version (v1 or v2)"),
+    ({"name": "t", "backend": "tcp:127.0.0.1:1",
+      "listen": {"port": 7000, "protocol": "tcp", "proxy_protocol": {"trusted": ["10.0.0.0/33"]}}},
+     "projects[0].listen.proxy_protocol.trusted[0]: '10.0.0.0/33' is not an IP address or network (10.0.0.0/8)"),
+    ({"name": "t", "services": [{"name": "dns", "protocol": "udp", "port": 53, "send_proxy": "v1"}]},
+     "projects[0].services[0].send_proxy: 'v1' cannot go with UDP"),
+])
+def test_config_errors(project: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse({"projects": [project]})
+    assert message in str(caught.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_table_shows_both_settings(tmp_path: Path, backend: Backend) -> None:
+    tcp_port = free_port()
+    router = await start_router(config=ingress_config(tmp_path, ["127.0.0.1", "10.0.0.0/8"], [
+        {"name": "k1", "backend": backend.address, "send_proxy": "v2"},
+        {"name": "db", "backend": backend.address,
+         "listen": {"port": tcp_port, "protocol": "tcp", "proxy_protocol": {"trusted": ["192.0.2.0/24"]}}},
+    ]))
+    port = router.port_of()
+    try:
+        reply = await in_thread(exchange, port, header("v1", CLIENT_V4, (LOOPBACK, port)) + get("/_api/routes"))
+        assert reply.startswith(b"HTTP/1.1 403"), reply[:100]  # the API sees the proxied client: not loopback
+        reply = await in_thread(exchange, port, header("v1", ("127.0.0.1", 9), (LOOPBACK, port)) + get("/_api/routes"))
+        rows = {r["project"]: r for r in json.loads(reply.partition(b"\r\n\r\n")[2])["routes"]}
+        assert rows[None]["proxy_protocol"] == {"trusted": ["127.0.0.1/32", "10.0.0.0/8"], "header_timeout": 30.0}
+        assert rows["k1"]["send_proxy"] == "v2"
+        assert rows["db"]["proxy_protocol"]["trusted"] == ["192.0.2.0/24"]
+        text = await in_thread(exchange, port, header("v1", ("127.0.0.1", 9), (LOOPBACK, port))
+                               + get("/_api/routes?format=text"))
+        assert b"(send PROXY v2)" in text and b"(PROXY from 192.0.2.0/24)" in text
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_udp_route_receives_v2_headers_from_trusted_senders(tmp_path: Path, logged: list[str]) -> None:
+    """
+    Each datagram of a trusted sender starts with a v2 header, whose source
+    is the session's client; replies go back to the sender. A datagram
+    without one from it, or with one from anyone else, is dropped.
+    """
+    echo = UDPEcho()
+    trusted_port, untrusted_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [
+            {"name": "game", "backend": echo.address, "listen": {
+                "port": trusted_port, "protocol": "udp", "interface": LOOPBACK,
+                "proxy_protocol": {"trusted": ["127.0.0.1"]}}},
+            {"name": "open", "backend": echo.address, "listen": {
+                "port": untrusted_port, "protocol": "udp", "interface": LOOPBACK,
+                "proxy_protocol": {"trusted": ["10.0.0.0/8"]}}},
+        ]}))
+    routes = {name: router.listeners[name].factory for name in ("game", "open")}
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(30)
+    try:
+        def exchange_udp(port: int, datagram: bytes) -> bytes:
+            c.sendto(datagram, (LOOPBACK, port))
+            return c.recvfrom(65535)[0]
+
+        async def dropped(route: str, port: int, datagram: bytes) -> None:
+            before = routes[route].proxy_refused
+            c.sendto(datagram, (LOOPBACK, port))
+            await wait_for(lambda: routes[route].proxy_refused == before + 1, 15, f"{route} to drop {datagram!r}")
+
+        to_game = (LOOPBACK, trusted_port)
+        assert await in_thread(exchange_udp, trusted_port, header("v2", CLIENT_V4, to_game, "udp") + b"one") == b"one"
+        assert await in_thread(exchange_udp, trusted_port, header("v2", CLIENT_V6, to_game, "udp") + b"two") == b"two"
+        await dropped("game", trusted_port, b"no header")
+        assert await in_thread(exchange_udp, untrusted_port, b"plain") == b"plain"
+        await dropped("open", untrusted_port, header("v2", CLIENT_V4, (LOOPBACK, untrusted_port), "udp") + b"forged")
+        assert echo.received == 3  # nothing dropped reached the backend
+        assert {s[:2] for s in routes["game"].sessions} == {CLIENT_V4, CLIENT_V6}
+        await log_line(logged, r"udp game 127\.0\.0\.1:\d+: a datagram without a PROXY v2 header from a trusted "
+                               r"address; dropped \(1 so far\)")
+        await log_line(logged, r"udp open 127\.0\.0\.1:\d+: a PROXY header from an untrusted address; dropped")
+    finally:
+        c.close()
+        await router.stopService()
+        echo.close()
