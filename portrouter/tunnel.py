@@ -269,6 +269,11 @@ EARLY_DATAGRAMS = 64
 EARLY_BYTES = 256 * 1024
 # Up to this size a frame is masked in Python; past it, by Autobahn's native masker.
 SMALL_FRAME = 1024
+# Seconds a closing handshake may take. Autobahn's timers (txaio's batched
+# timer) round the moment due down to a whole second, so its default of 1 s
+# fires anywhere from at once to 1 s later: a server slow by a few
+# milliseconds then sees its client abort, and logs 1006 instead of 1000.
+CLOSE_TIMEOUT = 5.0
 
 
 def client_frame(payload: bytes) -> bytes:
@@ -577,7 +582,9 @@ class UDPTunnel(DatagramProtocol):
 
     async def _open(self, session: UDPSession) -> None:
         try:
-            ws = await self.service_port.connect(_Datagrams, maxMessagePayloadSize=MAX_DATAGRAM, failByDrop=False)
+            ws = await self.service_port.connect(_Datagrams, maxMessagePayloadSize=MAX_DATAGRAM, failByDrop=False,
+                                                 closeHandshakeTimeout=CLOSE_TIMEOUT,
+                                                 serverConnectionDropTimeout=CLOSE_TIMEOUT)
         except Exception as e:
             session.end(f"cannot reach {self.service_port.url}: {e or type(e).__name__}", trouble=True)
             return

@@ -470,7 +470,7 @@ async def test_a_session_expires_after_udp_timeout_and_a_datagram_either_way_pos
         assert session.phase is Phase.ENDED and not udp.sessions
         await wait_for(lambda: not router.sessions.live, what="the router's session to end")
         line = await log_line(logged, r"udp k1/svc 127\.0\.0\.1:\d+: ")
-        assert "client closed (1000)" in line, logged
+        assert "client closed (1000)" in line, "\n".join(logged)
         await log_line(logged, rf"udp tunnel 127\.0\.0\.1:{client.getsockname()[1]}: idle for 10 s; 2 datagrams "
                                r"\(15 bytes\) sent, 1 datagrams \(9 bytes\) received, 0 dropped")
         # The next datagram from that client opens a new session.
@@ -899,7 +899,8 @@ class _Pending:
         self.asked: list[defer.Deferred[Any]] = []
 
     def connect(self, protocol: type[Any], **settings: Any) -> defer.Deferred[Any]:
-        assert settings == {"maxMessagePayloadSize": MAX_DATAGRAM, "failByDrop": False}
+        assert settings == {"maxMessagePayloadSize": MAX_DATAGRAM, "failByDrop": False,
+                            "closeHandshakeTimeout": 5.0, "serverConnectionDropTimeout": 5.0}
         d: defer.Deferred[Any] = defer.Deferred()
         self.asked.append(d)
         return d
