@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from portrouter.model import Project, Service
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.proxyheader import address_pair, header
+from portrouter.proxyheader import header_for
 from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
@@ -401,12 +401,12 @@ class Pool:
         owner = upstream.owner
         if owner is not None:
             # Its client's own (send_proxy): kept for that client's next request, if it is still there.
-            if owner.closing or owner.kept is not None or upstream.transport is None:
+            if owner.closing or owner.kept is not None:
                 upstream.transport.loseConnection()
             else:
                 owner.kept = upstream
             return
-        if len(self.idle) >= POOL_MAX_IDLE or upstream.transport is None:
+        if len(self.idle) >= POOL_MAX_IDLE:
             upstream.transport.loseConnection()
             return
         upstream.idle_since = self.reactor.seconds()
@@ -471,8 +471,11 @@ class ProxyExchange:
             upstream = None
         elif self.owner is not None:
             upstream, channel.kept = channel.kept, None
-            if upstream is not None and (upstream.transport is None or not upstream.transport.connected
-                                         or upstream.transport.disconnecting):
+            if upstream is not None and (upstream.pool is not pool or upstream.transport is None
+                                         or not upstream.transport.connected or upstream.transport.disconnecting):
+                # Another project's backend (the client moved on), or gone: never reused.
+                if upstream.transport is not None:
+                    upstream.transport.loseConnection()
                 upstream = None
         else:
             upstream = pool.take()
@@ -563,9 +566,7 @@ class ProxyExchange:
         transport = upstream.transport
         if self.owner is not None and not self.reused:
             upstream.owner = self.owner
-            pair = address_pair(self.channel.transport)
-            if pair is not None:
-                write_now(transport, header(self.project.send_proxy, *pair))  # type: ignore[arg-type]
+            write_now(transport, header_for(self.project.send_proxy, self.channel.transport))  # type: ignore[arg-type]
         if self.wants_continue:
             self.channel.interim(100, [])
             self.channel.flush()
@@ -863,7 +864,7 @@ class HTTPRoutes:
         if cached is not None and cached[0] is project:
             return cached[1]
         view = replace(project, name=name, backend=project.service_endpoint(service), listen=None,
-                       services=(), command=service.command, limits=service.limits)
+                       services=(), command=service.command, limits=service.limits, send_proxy=service.send_proxy)
         self.views[name] = (project, view)
         return view
 

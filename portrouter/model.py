@@ -52,6 +52,8 @@ class ProxyProtocol:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False  # a UNIX socket's peer: no address to trust
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 peer on a dual-stack listener
         return any(address in network for network in self.trusted)
 
 

@@ -21,6 +21,16 @@ def looks_like_header(data: bytes) -> bool:
     return data.startswith(b"PROXY ") or data.startswith(V2_SIGNATURE)
 
 
+def might_be_header(data: bytes) -> bool:
+    """C{data} is too short to tell: it is the start of a header's signature."""
+    return len(data) < len(V2_SIGNATURE) and (V2_SIGNATURE.startswith(data) or b"PROXY ".startswith(data))
+
+
+def local_header(version: str) -> bytes:
+    """The header for a client with no address to name (a UNIX socket's): UNKNOWN (v1), LOCAL (v2)."""
+    return b"PROXY UNKNOWN\r\n" if version == "v1" else V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
 def header(version: str, source: tuple[str, int], destination: tuple[str, int], transport: str = "tcp") -> bytes:
     """
     The PROXY header saying that C{source} connected to C{destination}. An
@@ -46,3 +56,9 @@ def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | No
     if not (hasattr(peer, "port") and hasattr(host, "port")):
         return None
     return (peer.host, peer.port), (host.host, host.port)
+
+
+def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:
+    """The header for a client connected over C{transport}: its address, or none to name (L{local_header})."""
+    pair = address_pair(transport)
+    return header(version, *pair, kind) if pair is not None else local_header(version)

@@ -74,15 +74,17 @@ class HeaderReader(FirstBytes):
             return
         if info is None:
             return
-        self.handed()
         # LOCAL (v2) and UNKNOWN (v1): the proxy speaks for itself, and is the peer.
         source = info.source if isinstance(info.source, (IPv4Address, IPv6Address)) else None
         peer = None
         if source is not None:
-            # Twisted's v2 parser writes IPv6 addresses long (2001:db8:0:0:0:0:0:7): as everyone else does.
-            host = ipaddress.ip_address(source.host).compressed
-            peer = (host, source.port)
-            source = type(source)("TCP", host, source.port)
+            checked = _checked(source.host, source.port)
+            if checked is None:
+                self.refuse(f"a PROXY header whose source is no address and port: {info.header[:64]!r}")
+                return
+            peer = checked
+            source = type(source)("TCP", *checked)
+        self.handed()
         inner = self.gate.inner
         rest = rest or b""
         if hasattr(inner, "inbound"):
@@ -97,6 +99,43 @@ class HeaderReader(FirstBytes):
 
     def refused(self) -> None:
         self.gate.refused += 1
+
+
+def _checked(host: str, port: int) -> tuple[str, int] | None:
+    """
+    A header's source as everyone writes it (Twisted's v2 parser writes
+    IPv6 long: 2001:db8:0:0:0:0:0:7), or L{None} when it is none: Twisted's
+    v1 parser checks neither the address nor the port's range.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not 0 <= port <= 65535:
+        return None
+    return address.compressed, port
+
+
+def datagram_source(data: bytes) -> tuple[tuple[str, int] | None, int] | None:
+    """
+    The v2 header at the start of a datagram: the source it names (L{None}
+    for LOCAL: the sender speaks for itself) and its size; L{None} when the
+    datagram starts with no valid one.
+    """
+    if len(data) < 16 or not data.startswith(V2_SIGNATURE):
+        return None
+    size = 16 + int.from_bytes(data[14:16], "big")
+    if len(data) < size:
+        return None
+    try:
+        info = V2Parser.parse(data[:size])
+    except InvalidProxyHeader:
+        return None
+    source = info.source
+    if not isinstance(source, (IPv4Address, IPv6Address)):
+        return None, size
+    checked = _checked(source.host, source.port)
+    return None if checked is None else (checked, size)
 
 
 class ProxyGate(Factory):

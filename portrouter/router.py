@@ -557,8 +557,17 @@ class RouterService(MultiService):
         else:
             log.info("tls: {count} certificates from {directory}", count=len(config.tls.store.certificates),
                      directory=config.tls.certificates)
+        if config.proxy_protocol != self.config.proxy_protocol:
+            # Who may send PROXY headers to the ingress and the TLS front: new
+            # connections follow the file at once (a revoked address is not
+            # believed one connection longer); open ones go on.
+            for own in (self.ingress, self.tls_front):
+                if own is not None:
+                    own.route = replace(own.route, proxy=config.proxy_protocol)
+                    own.answer_with(own.factory, self.store_tls, self.reactor)
         self.config = replace(self.config, auth=config.auth, defaults=config.defaults,
-                              drain_timeout=config.drain_timeout, projects=config.projects, tls=config.tls)
+                              drain_timeout=config.drain_timeout, projects=config.projects, tls=config.tls,
+                              proxy_protocol=config.proxy_protocol)
         self.credentials = Credentials(config.auth)
         log.info("reloaded {source}: {added} added, {removed} removed, {changed} changed",
                  source=config.source, **{k: len(v) for k, v in changed.items()})

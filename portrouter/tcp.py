@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
-from portrouter.proxyheader import address_pair, header, looks_like_header
+from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
@@ -104,11 +104,8 @@ class _Inbound(StreamSide):
             return
         backend: _Backend = result
         early, self.early = self.early, b""
-        prefix = b""
-        if self.route.send_proxy is not None:
-            pair = address_pair(self.transport)
-            if pair is not None:
-                prefix = header(self.route.send_proxy, *pair)
+        send_proxy = self.route.send_proxy
+        prefix = header_for(send_proxy, self.transport) if send_proxy is not None else b""
         if self.splice and splicable(self.transport) and splicable(backend.transport):
             relay = SpliceRelay(
                 self.route.reactor, session, detach(self.transport), detach(backend.transport)
@@ -143,18 +140,23 @@ class _Guarded(_Inbound):
     """
 
     splice = False
-    looked = False
+    head: bytes | None = b""  # the first bytes while they may still begin a header; None once decided
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.looked:
-            self.looked = True
-            if looks_like_header(data):
+        if self.head is not None:
+            head = self.head + data
+            if might_be_header(head):
+                self.head = head  # "PRO", say: held until the next bytes decide (at most 12)
+                return
+            self.head = None
+            if looks_like_header(head):
                 log.info("tcp {project} {peer}: a PROXY header from an untrusted address; closed",
                          project=self.route.name, peer=peer_of(self.addr))
                 if self.session is not None:
                     self.session.reason = "a PROXY header from an untrusted address"
                 self.transport.loseConnection()
                 return
+            data = head
         super().dataReceived(data)
 
 

@@ -144,11 +144,12 @@ class TLSFront(Factory):
             why = "no server name (SNI)" if name is None else f"the server name {name!r} is under no base domain"
             reader.refuse(f"{why}; alert unrecognized_name", UNRECOGNIZED_NAME)
             return
-        if self.router.store_tls.store is None:
+        target = resolve(label, self.router.table.projects)
+        if self.router.store_tls.store is None and (target is None or target.mode != "s"):
+            # Passthrough needs no certificate of ours; the rest does.
             reader.refuse("no certificate store (tls:) since the last reload; alert unrecognized_name",
                           UNRECOGNIZED_NAME)
             return
-        target = resolve(label, self.router.table.projects)
         if target is None:
             if _PASSTHROUGH.search(label):
                 reader.refuse(f"no project or port for {name!r}; alert unrecognized_name", UNRECOGNIZED_NAME)

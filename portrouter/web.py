@@ -302,14 +302,14 @@ class Channel(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if self.factory is not None:
             self.factory.channels.discard(self)
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            kept.transport.loseConnection()
         if self.tunnel is not None:
             self.tunnel.connectionLost(reason)
             return
         self.closing = True  # nothing held or queued is answered now
         self.held = None
-        kept, self.kept = self.kept, None
-        if kept is not None:
-            kept.transport.loseConnection()
         self._stop_timer()
         handler, self.handler = self.handler, None
         if handler is not None and not self.taken_over:

@@ -32,7 +32,7 @@ from zope.interface import implementer
 from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
-from portrouter.proxyheader import address_pair, header
+from portrouter.proxyheader import header_for
 from portrouter.relay import HoldWhileFull, Holds, close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Session, Sessions, connect_failure, peer_of
@@ -234,9 +234,7 @@ class Bridge(WebSocketServerProtocol):
         self.service = service
         service.bridge = self
         if target.send_proxy is not None:
-            pair = address_pair(self.transport)
-            if pair is not None:
-                service.transport.write(header(target.send_proxy, *pair))
+            service.transport.write(header_for(target.send_proxy, self.transport))
         for data in self.early or ():
             service.transport.write(data)
         self.early = None

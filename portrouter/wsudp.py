@@ -13,7 +13,7 @@ A datagram relay cannot block, so it drops, as a UDP link does, and
 counts: datagrams from the service while more than the client transport's
 buffer (64 KiB) waits for a client that does not read; datagrams to the
 service the kernel will not take; and, while the service starts, past
-L{EARLY_DATAGRAMS}. So a session holds at most about 130 KiB however
+L{EARLY_BYTES} held. So a session holds at most about 200 KiB however
 either side behaves.
 """
 
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from portrouter.interfaces import IReactor
-from portrouter.proxyheader import address_pair, header
+from portrouter.proxyheader import header_for
 from portrouter.sessions import Sessions, peer_of
 from portrouter.web import write_now
 from portrouter.ws import NORMAL, TRY_AGAIN, Bridge, BridgeFactory, Target, frame_header
@@ -39,7 +39,7 @@ from portrouter.ws import NORMAL, TRY_AGAIN, Bridge, BridgeFactory, Target, fram
 log = Logger(namespace="portrouter.ws")
 
 MAX_PAYLOAD = 65507
-EARLY_DATAGRAMS = 64  # held for the service while it starts; past that, dropped
+EARLY_BYTES = 65536  # held for the service while it starts; past that, datagrams are dropped
 
 
 class _ServiceSocket(DatagramProtocol):
@@ -136,9 +136,7 @@ class DatagramBridge(Bridge):
             return
         self.socket = socket
         if target.send_proxy is not None:
-            pair = address_pair(self.transport)
-            if pair is not None:
-                self.prefix = header("v2", *pair, "udp")
+            self.prefix = header_for("v2", self.transport, "udp")
         for datagram in self.early_datagrams or ():
             self._to_service(datagram)
         self.early_datagrams = None
@@ -151,8 +149,9 @@ class DatagramBridge(Bridge):
         session.last = self.factory.reactor.seconds()
         if self.socket is not None:
             self._to_service(payload)
-        elif self.early_datagrams is not None and len(self.early_datagrams) < EARLY_DATAGRAMS:
+        elif self.early_datagrams is not None and self.early_size + len(payload) <= EARLY_BYTES:
             self.early_datagrams.append(payload)
+            self.early_size += len(payload)
         else:
             self.dropped += 1
 

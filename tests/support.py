@@ -72,6 +72,7 @@ class Socket(NamedTuple):
     remote_port: int
     state: str  # hex: 01 ESTABLISHED, 08 CLOSE_WAIT, 0A LISTEN
     inode: str
+    rx_queue: int = 0  # bytes received that its owner has not read yet
 
 
 def kernel_sockets(ns: str = "tcp") -> Iterator[Socket]:
@@ -79,7 +80,7 @@ def kernel_sockets(ns: str = "tcp") -> Iterator[Socket]:
     for line in Path(f"/proc/net/{ns}").read_text().splitlines()[1:]:
         fields = line.split()
         (ip, port), remote = fields[1].split(":"), fields[2].split(":")[1]
-        yield Socket(ip, int(port, 16), int(remote, 16), fields[3], fields[9])
+        yield Socket(ip, int(port, 16), int(remote, 16), fields[3], fields[9], int(fields[4].split(":")[1], 16))
 
 
 def our_sockets(ports: list[int]) -> Counter[tuple[str, int]]:

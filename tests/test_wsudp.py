@@ -164,21 +164,31 @@ async def test_apps_protocols_and_credentials(tmp_path: Path, udp_echo: UDPEcho)
 
 
 @pytest_twisted.ensureDeferred
-async def test_udp_timeout_counts_from_the_last_datagram_either_way(tmp_path: Path, udp_echo: UDPEcho) -> None:
+async def test_udp_timeout_counts_from_the_last_datagram_either_way(tmp_path: Path) -> None:
+    """A datagram from the client, then one from the service alone: each postpones the end."""
     clock = Clock()
-    config = udp_config(tmp_path, [{"name": "dns", "protocol": "udp", "port": udp_echo.port, "udp_timeout": 10}])
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.bind((LOOPBACK, 0))
+    service.settimeout(30)
+    config = udp_config(tmp_path, [{"name": "dns", "protocol": "udp", "port": service.getsockname()[1],
+                                    "udp_timeout": 10}])
     router = await start_router(config=config, using=ClockedReactor(clock))
     try:
         ws = await in_thread(opened, router.port_of())
         await wait_for(lambda: router.sessions.live, 15, "the session")
         clock.advance(9)
-        assert await in_thread(ws.echo, b"ping") == b"ping"  # a datagram each way: 10 s from now
+        ws.send(b"ping")  # from the client: 10 s from now
+        _, session_socket = await in_thread(service.recvfrom, 100)
+        clock.advance(9)
+        service.sendto(b"unasked", session_socket)  # from the service alone: 10 s from now
+        assert await in_thread(ws.frame) == (BINARY, b"unasked")
         clock.advance(9)
         assert router.sessions.live
         clock.advance(1.5)
         assert await in_thread(ws.closed) == (1000, "idle for 10 s")
         ws.close()
     finally:
+        service.close()
         await stop_clocked(router, clock)
 
 
