@@ -170,16 +170,16 @@ def dns_answer(data: bytes) -> tuple[int, str, str | None]:
     return ident, ".".join(labels), None
 
 
-def ask_at_once(port: int, names: dict[str, str]) -> dict[str, tuple[int, str, str | None]]:
+def ask_at_once(port: int, names: dict[str, str], sockets: list[socket.socket]) -> dict[str, tuple[int, str, str | None]]:
     """
-    Every name asked from a socket of its own, all sent before any answer is
-    read: one tunnel session each, all open together. Each socket's answer, by name.
+    Every name asked from a socket of its own (C{sockets}, bound), all sent
+    before any answer is read: one tunnel session each, all open together.
+    Each socket's answer, by name.
     """
     sel = selectors.DefaultSelector()
     asked: dict[socket.socket, tuple[int, str]] = {}
     try:
-        for ident, name in enumerate(names, 1):
-            sock = udp_socket()
+        for ident, (name, sock) in enumerate(zip(names, sockets), 1):
             sock.setblocking(False)
             asked[sock] = (ident, name)
             sel.register(sock, selectors.EVENT_READ)
@@ -195,8 +195,6 @@ def ask_at_once(port: int, names: dict[str, str]) -> dict[str, tuple[int, str, s
         return answers
     finally:
         sel.close()
-        for sock in asked:
-            sock.close()
 
 
 def free_port_both() -> int:
@@ -224,16 +222,26 @@ async def test_dig_and_200_concurrent_clients_to_dnsmasq_started_on_demand(
     ]))
     local = free_port(socket.SOCK_DGRAM)
     tunnel = udp_tunnel(udpproxy(router.port_of(), "dns"), local, tmp_path, *TOKEN)
+    clients: list[socket.socket] = []
     try:
         await bound(tunnel, local)
         assert not await log_line_now(logged, r"k1/dns is ready"), "dnsmasq ran before anyone asked"
+        # 203 client addresses, each its own session: the 200 sockets are bound
+        # now, and each dig is told a port of its own that none of them holds.
+        clients.extend(udp_socket() for _ in names)
+        held = {sock.getsockname()[1] for sock in clients}
+        digs: list[int] = []
+        while len(digs) < 3:
+            if (candidate := free_port(socket.SOCK_DGRAM)) not in held | set(digs):
+                digs.append(candidate)
         # dig's one query (no retry) waits in the tunnel and the router while dnsmasq starts.
-        for name in ("n7.test", "n199.test", "n0.test"):
+        for name, source in zip(("n7.test", "n199.test", "n0.test"), digs):
             result = await in_thread(subprocess.run, [
-                tool("dig"), f"@{LOOPBACK}", "-p", str(local), "+time=30", "+tries=1", "+short", name,
+                tool("dig"), f"@{LOOPBACK}", "-p", str(local), "-b", f"{LOOPBACK}#{source}",
+                "+time=30", "+tries=1", "+short", name,
             ], capture_output=True, text=True, timeout=60)
             assert (result.returncode, result.stdout) == (0, names[name] + "\n"), (result, tunnel.output())
-        answers = await in_thread(ask_at_once, local, names)
+        answers = await in_thread(ask_at_once, local, names, clients)
         assert len(answers) == 200, f"{200 - len(answers)} clients got no answer"
         for ident, name in enumerate(names, 1):
             assert answers[name] == (ident, name, names[name]), name
@@ -244,8 +252,11 @@ async def test_dig_and_200_concurrent_clients_to_dnsmasq_started_on_demand(
         assert len(lines) == 203, output
         assert all((line["sent"], line["received"], line["dropped"]) == ("1", "1", "0") for line in lines), lines
         assert all(line["why"] == "the tunnel stopped" for line in lines)
+        assert {line["peer"] for line in lines} == {f"{LOOPBACK}:{p}" for p in [*digs, *held]}
         no_tracebacks(output)
     finally:
+        for sock in clients:
+            sock.close()
         tunnel.stop()
         await router.stopService()
 
