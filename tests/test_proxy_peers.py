@@ -370,3 +370,96 @@ async def test_haproxy_without_send_proxy_is_closed_where_it_is_trusted(
         assert not backend.stats.seen
     finally:
         await router.stopService()
+
+
+# -- the real twistd -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_twistd_behind_haproxy(tmp_path: Path, peers: list[Peer], backend: Backend) -> None:
+    """
+    ``twistd -n portrouter --config`` with proxy_protocol on its ingress:
+    behind HAProxy's send-proxy-v2 the backend and the access log name
+    curl; a header that does not come whole within its header_timeout (1 s,
+    from the file, on the daemon's own clock) is closed.
+    """
+    config = tmp_path / "portrouter.yaml"
+    config.write_text(json.dumps({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": ["127.0.0.1"], "header_timeout": 1},
+        "projects": [{"name": "k1", "backend": backend.address}],
+    }))
+    daemon = Twistd("--config", str(config))
+    try:
+        ingress = await daemon.ingress_port()
+        front = await haproxy_in_front(peers, tmp_path, "http", ingress, "send-proxy-v2")
+        body, _ = await in_thread(curl, f"http://{LOOPBACK}:{front}/k1/headers")
+        assert seen_headers(body)["X-Forwarded-For"] == CLIENT
+        await daemon.wait_line(r" 127\.0\.0\.2 GET /k1/headers 200 ")
+
+        def slow_header() -> bytes:
+            with socket.create_connection((LOOPBACK, ingress), timeout=30) as sock:
+                sock.sendall(b"PROXY TCP4 127.0")
+                return read_to_the_end(sock)
+
+        assert await in_thread(slow_header) == b""
+        await daemon.wait_line(r"proxy protocol 127\.0\.0\.1:\d+: no whole PROXY header within 1 s "
+                               r"\(16 bytes came\); closed")
+        daemon.proc.terminate()
+        assert await daemon.wait_exit() == 0, "\n".join(daemon.output + daemon.errors)
+    finally:
+        daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_twistd_sends_a_v2_header_with_each_datagram(tmp_path: Path) -> None:
+    """
+    A UDP route with send_proxy v2: each datagram reaches the backend behind
+    a header that says UDP over IPv4 (0x12), from the client's own address
+    and port to the route's, read by hand; the reply goes back without one.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    sock.settimeout(30)
+    seen: list[tuple[int, int, tuple[str, int], tuple[str, int], bytes]] = []
+
+    def serve() -> None:
+        try:
+            while True:
+                data, peer = sock.recvfrom(65535)
+                seen.append(parse_v2(data))
+                sock.sendto(b"re:" + seen[-1][4], peer)
+        except OSError:
+            return  # closed at the end of the test
+
+    threading.Thread(target=serve, daemon=True).start()
+    route = free_port(socket.SOCK_DGRAM)
+    config = tmp_path / "portrouter.yaml"
+    config.write_text(json.dumps({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "dns", "backend": f"{LOOPBACK}:{sock.getsockname()[1]}", "send_proxy": "v2",
+                      "listen": {"port": route, "protocol": "udp", "interface": LOOPBACK}}],
+    }))
+    daemon = Twistd("--config", str(config))
+    try:
+        assert await daemon.port_of("dns") == route
+
+        def client() -> tuple[int, list[bytes]]:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(30)
+                c.bind((CLIENT, 0))
+                replies = []
+                for payload in (b"one", b"two" * 500):
+                    c.sendto(payload, (LOOPBACK, route))
+                    replies.append(c.recvfrom(65535)[0])
+                return c.getsockname()[1], replies
+
+        client_port, replies = await in_thread(client)
+        assert replies == [b"re:one", b"re:" + b"two" * 500]
+        told = (0x21, 0x12, (CLIENT, client_port), (LOOPBACK, route))
+        assert seen == [(*told, b"one"), (*told, b"two" * 500)]
+        daemon.proc.terminate()
+        assert await daemon.wait_exit() == 0, "\n".join(daemon.output + daemon.errors)
+    finally:
+        daemon.stop()
+        sock.close()
