@@ -27,7 +27,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import pytest_twisted
