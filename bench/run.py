@@ -20,6 +20,7 @@ from types import FrameType
 
 import harness
 import http_bench
+import proxy_bench
 import tcp_bench
 import tls_bench
 import udp_bench
@@ -33,6 +34,7 @@ SECTIONS: dict[str, type[Section]] = {
     "udp": udp_bench.Bench,
     "ws": ws_bench.Bench,
     "tls": tls_bench.Bench,
+    "proxy": proxy_bench.Bench,
     "udptunnel": udp_tunnel_bench.Bench,
 }
 

@@ -303,10 +303,19 @@ class SpliceRelay:
         self.reactor.addReader(self.backend)
         if early:
             self.count(self.up, len(early) if counted is None else counted)
-            self.up.held = early
-            self.up._blocked()  # the client is read once the backend has taken them
-        else:
-            self.reactor.addReader(self.client)
+            # A socket just connected takes a few bytes at once: no turn spent waiting for writable.
+            try:
+                sent = self.backend.sock.send(early)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self.fail(e, self.backend)
+                return
+            if sent < len(early):
+                self.up.held = early[sent:]
+                self.up._blocked()  # the client is read once the backend has taken them
+                return
+        self.reactor.addReader(self.client)
 
     def connect(self, address: Any, timeout: float) -> None:
         """
