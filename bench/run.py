@@ -19,6 +19,7 @@ import sys
 from types import FrameType
 
 import harness
+import hostnames_bench
 import http_bench
 import proxy_bench
 import tcp_bench
@@ -34,6 +35,7 @@ SECTIONS: dict[str, type[Section]] = {
     "udp": udp_bench.Bench,
     "ws": ws_bench.Bench,
     "tls": tls_bench.Bench,
+    "hostnames": hostnames_bench.Bench,
     "proxy": proxy_bench.Bench,
     "udptunnel": udp_tunnel_bench.Bench,
 }
