@@ -19,11 +19,13 @@ either side behaves.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+from socket import SO_ERROR, SOL_SOCKET
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from twisted.internet import defer
+from twisted.internet import defer, udp
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
@@ -59,6 +61,31 @@ class _ServiceSocket(DatagramProtocol):
         bridge = self.bridge
         if bridge is not None:
             bridge.refusals += 1
+
+
+class _ServicePort(udp.Port):
+    """
+    The session's connected UDP socket. The epoll reactor reports an ICMP
+    error (port unreachable: the service closed its socket, as iperf3 does
+    between tests) as a lost connection, and Twisted's port would stop for
+    good; on a UDP link it is one lost datagram, so the error is cleared
+    (and counted) and reading goes on. A stop asked for (no reason) stops.
+    """
+
+    def connectionLost(self, reason: Any = None) -> None:
+        protocol = self.protocol
+        if reason is not None and isinstance(protocol, _ServiceSocket) and protocol.bridge is not None:
+            try:
+                # Not required to be non-zero: a send in the same turn may have taken the error.
+                error = self.socket.getsockopt(SOL_SOCKET, SO_ERROR)
+            except OSError:
+                pass
+            else:
+                if error == errno.ECONNREFUSED:
+                    protocol.connectionRefused()
+                self.startReading()  # type: ignore[no-untyped-call]
+                return
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 @implementer(IPushProducer)
@@ -128,9 +155,10 @@ class DatagramBridge(Bridge):
             return
         socket = _ServiceSocket(self)
         try:
-            self.port = reactor.listenUDP(0, socket, interface="::" if ip.version == 6 else "",
-                                          maxPacketSize=MAX_PAYLOAD + 1)
-            socket.transport.connect(str(ip), port)  # type: ignore[union-attr]  # set by listenUDP
+            self.port = _ServicePort(0, socket, interface="::" if ip.version == 6 else "",
+                                     maxPacketSize=MAX_PAYLOAD + 1, reactor=reactor)  # type: ignore[no-untyped-call]
+            self.port.startListening()
+            self.port.connect(str(ip), port)
         except Exception as e:
             self._close(TRY_AGAIN, f"cannot open a UDP socket to the service: {e}")
             return
@@ -158,7 +186,7 @@ class DatagramBridge(Bridge):
     def _to_service(self, datagram: bytes) -> None:
         try:
             # Connected: to the service. With send_proxy, each datagram after its v2 header.
-            self.socket.transport.write(self.prefix + datagram if self.prefix else datagram, None)  # type: ignore[union-attr]
+            self.port.write(self.prefix + datagram if self.prefix else datagram, None)
         except (OSError, MessageLengthError):
             self.dropped += 1  # the kernel's buffer is full (EAGAIN, ENOBUFS): a link would drop it too
 

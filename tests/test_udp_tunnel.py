@@ -416,11 +416,7 @@ async def test_iperf3_udp_through_the_tunnel_reports_loss_and_memory_stays_bound
         gentle = (await in_thread(iperf3_udp, local, "10M", 1))["end"]["sum"]
         assert gentle["packets"] > gentle["lost_packets"], gentle
         no_tracebacks(await stopped(udp), control.output())
-        router_log = "\n".join(daemon.output + daemon.errors)
-        if KNOWN_SERVER_BUG in router_log and router_log.count("Traceback") == router_log.count(KNOWN_SERVER_BUG):
-            pytest.xfail("the router logged the known wsudp bug: see "
-                         "test_a_service_that_stops_listening_and_comes_back_keeps_its_session")
-        no_tracebacks(router_log)
+        no_tracebacks("\n".join(daemon.output + daemon.errors))
     finally:
         if sampler is not None and sampler.running:
             sampler.stop()
@@ -503,10 +499,6 @@ def bridge_of(router: Any) -> Any:
     return next((c.tunnel for c in router.ingress.factory.channels if getattr(c, "tunnel", None) is not None), None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server side: the epoll reactor reports the ICMP error on wsudp's connected UDP port as a lost "
-    "connection, twisted's udp.Port stops (its protocol's transport becomes None), and the next message "
-    "raises AttributeError in DatagramBridge._to_service (the WebSocket dies with 1006)"))
 @pytest_twisted.ensureDeferred
 async def test_a_service_that_stops_listening_and_comes_back_keeps_its_session(tmp_path: Path) -> None:
     """
