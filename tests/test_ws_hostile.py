@@ -169,6 +169,12 @@ class Bridges:
 KINDS = pytest.mark.parametrize("kind", ["ws-route", "service-port"])
 
 
+# What a client pushes at an echo it never reads from: past every buffer on
+# the way (the sockets' autotuned 4-6 MiB each, the relay's pipe, the echo's
+# own), so only the router holding back can stop it.
+UPLOAD = 64 * MiB
+
+
 async def until_stalled(progress: Callable[[], int], done: Callable[[], bool], what: str) -> int:
     """
     Wait until C{progress} stops moving (25 polls unchanged) or C{done}; the
@@ -279,10 +285,12 @@ async def test_client_gone_with_an_echo_backed_up_ends_the_service_connection(ki
     try:
         raw = bridges.track(await in_thread(bridges.open, kind))
         await wait_for(lambda: service.connections() == 1, what="the service connection")
-        upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(320))
+        # More than loopback's autotuned buffers can hold on the way (each
+        # socket's up to 4-6 MiB, a pipe, the echo's own): 20 MiB sometimes fit.
+        upload = b"".join(client_frame(BINARY, bytes(64 * 1024)) for _ in range(UPLOAD // (64 * 1024)))
         uploading = Sending(raw.sock, upload)
         got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
-        assert got < 20 * MiB, "the echo service took everything though its echo was never read"
+        assert got < UPLOAD, "the echo service took everything though its echo was never read"
         await stops_reading("portrouter to stop reading the stalled upload", peer=raw.sock.getsockname()[1])
         await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the service connection to end")
@@ -300,10 +308,10 @@ async def test_tcp_client_gone_with_an_echo_backed_up_ends_the_backend_connectio
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.connect((LOOPBACK, router.port_of("tcp-0")))
-        uploading = Sending(client, bytes(20 * MiB))
+        uploading = Sending(client, bytes(UPLOAD))  # more than the buffers on the way hold
         await wait_for(lambda: service.connections() == 1, what="the backend connection")
         got = await until_stalled(lambda: service.got(0), lambda: uploading.done, "the upload to stall")
-        assert got < 20 * MiB, "the echo backend took everything though its echo was never read"
+        assert got < UPLOAD, "the echo backend took everything though its echo was never read"
         await stops_reading("portrouter to stop reading the stalled upload", peer=client.getsockname()[1])
         await in_thread(uploading.stop)
         await wait_for(lambda: service.ended() == 1, 30, "the backend connection to end")
