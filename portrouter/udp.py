@@ -170,8 +170,10 @@ class _Session:
         try:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
-            error = 0
-        if error and self.route.sessions.get(self.client) is self:
+            self.route._close(self, "socket error")
+            return
+        # Not required to be non-zero: a send in the same turn may have taken the error.
+        if self.route.sessions.get(self.client) is self:
             if error == errno.ECONNREFUSED:
                 self.route.refused += 1
             self.route.reactor.addReader(self)
