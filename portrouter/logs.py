@@ -4,8 +4,10 @@ Logs for machines: one JSON object per line, for log shippers.
     twistd --logger portrouter.logs.json -n portrouter --config routes.yaml
 
 writes to standard output, or to the file named by ``PORTROUTER_JSON_LOG``.
-Under ``twistd -n`` with no log option, portrouter uses L{text}: twistd's
-own line format, flushed once per reactor turn (see L{BufferedText}).
+With no ``--logger``, portrouter writes twistd's own line format itself:
+to stdout under ``twistd -n`` (L{text}), else to ``--logfile`` or a
+daemon's ``twistd.log`` (L{text_file}). Every destination is written once
+per reactor turn (L{_Buffered}), not once per line.
 Each line has ``time`` (ISO 8601, UTC), ``level``, ``namespace``, ``message``
 (the text twistd would print) and every structured field of the event (a
 finished connection carries ``protocol``, ``project``, ``peer``, ``bytes_in``,
@@ -15,26 +17,71 @@ finished connection carries ``protocol``, ``project``, ``peer``, ``bytes_in``,
 
 from __future__ import annotations
 
+import atexit
 import json as _json
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
 from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from portrouter.interfaces import IReactor
 
 
-@implementer(ILogObserver)
-class JSONLines:
-    def __init__(self, out: IO[str]):
+class _Buffered:
+    """
+    Lines written once per reactor turn, in one write, rather than a write
+    (and, for Twisted's log file, a system call) per line. Before the reactor
+    runs and after it stops, at once; and whatever is pending at exit.
+    """
+
+    def __init__(self, out: IO[str] | Any):
         self.out = out
+        self.pending: list[str] = []
+        self._flush_scheduled = False
+        atexit.register(self.flush)
+
+    def line(self, event: dict[str, Any]) -> str | None:
+        raise NotImplementedError
 
     def __call__(self, event: dict[str, Any]) -> None:
+        text = self.line(event)
+        if text is None:
+            return
+        self.pending.append(text)
+        if self._flush_scheduled:
+            return
+        from twisted.internet import reactor
+
+        if not getattr(reactor, "running", False):
+            self.flush()  # start-up, shutdown: nobody would flush later
+            return
+        self._flush_scheduled = True
+        if isInIOThread():
+            reactor.callLater(0, self.flush)
+        else:
+            cast(IReactor, reactor).callFromThread(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self.pending = self.pending, []
+        try:
+            if pending:
+                self.out.write("".join(pending))
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # the destination went away; nothing better to do with a log line
+
+
+@implementer(ILogObserver)
+class JSONLines(_Buffered):
+    def line(self, event: dict[str, Any]) -> str | None:
         record: dict[str, Any] = {
             "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(),
             "level": getattr(event.get("log_level"), "name", "info"),
@@ -47,24 +94,22 @@ class JSONLines:
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        self.out.write(_json.dumps(record, default=repr) + "\n")
-        self.out.flush()
+        return _json.dumps(record, default=repr) + "\n"
 
 
 @implementer(ILogObserver)
-class BufferedText:
+class BufferedText(_Buffered):
     """
     twistd's classic text lines (``TIME [namespace#level] message``), written
     without what makes them cost under load: the timestamp is formatted once
-    per second rather than once per line, and the stream is flushed once per
-    reactor turn rather than once per line.
+    per second rather than once per line, and the lines go out once per
+    reactor turn (L{_Buffered}).
     """
 
-    def __init__(self, out: IO[str]):
-        self.out = out
+    def __init__(self, out: IO[str] | Any):
+        super().__init__(out)
         self._second = -1
         self._stamp = ""
-        self._flush_scheduled = False
 
     def _time(self, when: float | None) -> str:
         if when is None:
@@ -75,21 +120,11 @@ class BufferedText:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
         return self._stamp
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def line(self, event: dict[str, Any]) -> str | None:
         text = self._fast(event)
         if text is None:
             text = formatEventAsClassicLogText(event, formatTime=self._time)
-            if text is None:
-                return
-        self.out.write(text)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            from twisted.internet import reactor
-
-            if isInIOThread():
-                reactor.callLater(0, self._flush)
-            else:
-                cast(IReactor, reactor).callFromThread(self._flush)
+        return text
 
     def _fast(self, event: dict[str, Any]) -> str | None:
         """
@@ -110,17 +145,39 @@ class BufferedText:
             system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
         return f"{self._time(event.get('log_time'))} [{system}] {message}\n"
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        try:
-            self.out.flush()
-        except (OSError, ValueError):
-            pass  # stdout went away; nothing better to do with a log line
+
+# Set by portrouter.tap from twistd's --logfile (a daemon's default: twistd.log),
+# for text_file, which twistd calls with no arguments.
+FILE: str | None = None
 
 
 def text() -> BufferedText:
     """The observer portrouter uses under ``twistd -n`` when no log option is given."""
     return BufferedText(sys.stdout)
+
+
+def text_file() -> BufferedText:
+    """
+    The observer for twistd's ``--logfile`` (and a daemon's ``twistd.log``):
+    Twisted's own L{LogFile}, so it still rotates by size (1 MB) and on
+    SIGUSR1 as twistd's does, written once per reactor turn.
+    """
+    assert FILE is not None, "portrouter.tap names the file before twistd asks for the observer"
+    log_file = LogFile.fromFullPath(FILE)
+    observer = BufferedText(log_file)
+    if not signal.getsignal(signal.SIGUSR1):  # as twistd: unless someone else handles it
+
+        def rotate() -> None:
+            observer.flush()
+            log_file.rotate()
+
+        def on_usr1(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            cast(IReactor, reactor).callFromThread(rotate)
+
+        signal.signal(signal.SIGUSR1, on_usr1)
+    return observer
 
 
 def json() -> JSONLines:

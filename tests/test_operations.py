@@ -842,3 +842,98 @@ async def test_twistd_logfile_still_gets_the_text_log(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         backend.close()
+
+
+# -- every log destination: every line, in order, through a SIGTERM drain (issue 20) ---------------
+
+
+@pytest.mark.parametrize("destination", ["stdout", "file", "json"])
+@pytest_twisted.ensureDeferred
+async def test_every_log_destination_gets_every_line_in_order_through_a_drain(
+        tmp_path: Path, destination: str) -> None:
+    """
+    Each destination is written once per reactor turn; the lines of a
+    SIGTERM drain, and those twistd writes after the reactor stopped, all
+    arrive, in the order they were logged.
+    """
+    backend = Backend()
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"ingress: tcp:0:interface={LOOPBACK}\nstate: {tmp_path / 'state'}\ndrain_timeout: 2\n"
+                      f"projects:\n  - {{name: web, backend: '{backend.address}'}}\n")
+    log_file = tmp_path / ("portrouter.jsonl" if destination == "json" else "twistd.log")
+    twistd_args = {"stdout": [], "file": ["--logfile", str(log_file)],
+                   "json": ["--logger", "portrouter.logs.json"]}[destination]
+    env = {"PORTROUTER_JSON_LOG": str(log_file)} if destination == "json" else {}
+    daemon = Daemon(twistd_args, ["--config", str(config)], env=env)
+
+    def messages() -> list[str]:
+        lines = list(daemon.output) if destination == "stdout" else (
+            log_file.read_text().split("\n")[:-1] if log_file.exists() else [])
+        if destination == "json":
+            return [json.loads(line)["message"] for line in lines]
+        return lines
+
+    async def seen(regex: str) -> re.Match[str]:
+        def find() -> Any:
+            if daemon.proc.poll() is not None and not any(re.search(regex, m) for m in messages()):
+                raise AssertionError(f"twistd exited:\n{everything(daemon)}")
+            return next((m for line in messages() if (m := re.search(regex, line))), None)
+
+        return await wait_for(find, 30, f"{regex!r} in the {destination} log")
+
+    slow: socket.socket | None = None
+    try:
+        ingress = int((await seen(r"ingress listening on [\d.]+:(\d+)")).group(1))
+        for i in range(50):
+            status, _, _ = await in_thread(get, ingress, f"/web/n{i}")
+            assert status == 200
+        slow = await in_thread(connect, ingress)
+        slow.sendall(b"GET /web/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: any("/slow" in line for conn in backend.stats.lines for line in conn), 30,
+                       "the slow request to reach the backend")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0, everything(daemon)
+        order = [r"GET /web/n0 200", r"GET /web/n49 200", r"Received SIGTERM, shutting down",
+                 r"draining 1 open connections", r"Main loop terminated", r"Server Shut Down"]
+        lines = messages()
+        found = [next((i for i, line in enumerate(lines) if re.search(regex, line)), None) for regex in order]
+        assert None not in found and found == sorted(found), (found, lines)
+        assert sum(bool(re.search(r"GET /web/n\d+ 200", line)) for line in lines) == 50
+    finally:
+        if slow is not None:
+            slow.close()
+        daemon.stop()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_log_file_rotates_on_sigusr1_as_twistds_does(tmp_path: Path) -> None:
+    backend = ThreadServer(echo)
+    logfile = tmp_path / "twistd.log"
+    daemon = Daemon(["--logfile", str(logfile)],
+                    ["--ingress", f"tcp:0:interface={LOOPBACK}", "--state", str(tmp_path / "state"),
+                     "--tcp", route(backend.address)])
+    rotated = tmp_path / "twistd.log.1"
+    try:
+        def in_file(path: Path, regex: str) -> re.Match[str] | None:
+            return re.search(regex, path.read_text()) if path.exists() else None
+
+        match = await wait_for(lambda: in_file(logfile, r"tcp route tcp-0 listening on [\d.]+:(\d+)"), 30,
+                               "the route's line")
+        port = int(match.group(1))
+        daemon.proc.send_signal(signal.SIGUSR1)
+        await wait_for(rotated.exists, 30, "twistd.log.1")
+
+        def one_connection() -> None:
+            with connect(port) as sock:
+                assert roundtrip(sock, b"hello") == b"hello"
+
+        await in_thread(one_connection)
+        await wait_for(lambda: in_file(logfile, r"tcp tcp-0 127\.0\.0\.1:\d+: client closed"), 30,
+                       "the session line in the new file")
+        assert in_file(rotated, r"listening on") and not in_file(rotated, r"client closed")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0, everything(daemon)
+    finally:
+        daemon.stop()
+        backend.close()
