@@ -159,8 +159,8 @@ def text() -> BufferedText:
 def text_file() -> BufferedText:
     """
     The observer for twistd's ``--logfile`` (and a daemon's ``twistd.log``):
-    Twisted's own L{LogFile}, so it still rotates by size (1 MB) and on
-    SIGUSR1 as twistd's does, written once per reactor turn.
+    Twisted's own L{LogFile} (its rotation by size included), rotated on
+    SIGUSR1 as twistd's is, written once per reactor turn.
     """
     assert FILE is not None, "portrouter.tap names the file before twistd asks for the observer"
     log_file = LogFile.fromFullPath(FILE)
