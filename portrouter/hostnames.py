@@ -49,11 +49,6 @@ class Target:
         listen = self.project.listen
         return listen is None or listen.protocol == "http"
 
-    @property
-    def name(self) -> str:
-        """The project, or ``project/service``, as sessions and logs name it."""
-        return self.project.name if self.service is None else f"{self.project.name}/{self.service.name}"
-
 
 def _route_ports(project: Project) -> Iterator[tuple[int, Service | None]]:
     """The ports a label may name, the project's own route first (it wins a tie)."""

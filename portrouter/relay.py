@@ -787,6 +787,29 @@ class HoldWhileFull:
         pass  # the transport is gone: its protocol tells whoever needs to know
 
 
+@implementer(IPushProducer)
+class Backlog:
+    """
+    A transport's producer that only notes whether Twisted paused it (more
+    than its buffer, 64 KiB, waits behind a full kernel buffer), for relays
+    that cannot wait and drop instead: datagrams.
+    """
+
+    __slots__ = ("full",)
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+
+    def resumeProducing(self) -> None:
+        self.full = False
+
+    def stopProducing(self) -> None:
+        pass  # the connection is gone: its protocol ends what it carried
+
+
 @implementer(IHalfCloseableProtocol)
 class StreamSide(Protocol):
     """

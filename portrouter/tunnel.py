@@ -29,7 +29,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IUDPTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
@@ -40,7 +40,7 @@ from portrouter.auth import sign_request
 from portrouter.config import ConfigError, _udp_listen, check_server_strport
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.model import Listen
-from portrouter.relay import close_soon, couple
+from portrouter.relay import Backlog, close_soon, couple
 from portrouter.sessions import peer_of
 from portrouter.udp import DROP_REPORT, LISTEN_BUFFER, SWEEP
 from portrouter.web import write_now
@@ -310,29 +310,6 @@ class Phase(enum.Enum):
 _NEXT = {Phase.CONNECTING: {Phase.OPEN, Phase.ENDED}, Phase.OPEN: {Phase.ENDED}, Phase.ENDED: set()}
 
 
-@implementer(IPushProducer)
-class _Backlog:
-    """
-    The WebSocket transport's producer: Twisted pauses it while more than
-    its buffer size (64 KiB) waits behind a full kernel buffer, and resumes
-    it once all of that is written. While it is paused, datagrams are dropped.
-    """
-
-    __slots__ = ("full",)
-
-    def __init__(self) -> None:
-        self.full = False
-
-    def pauseProducing(self) -> None:
-        self.full = True
-
-    def resumeProducing(self) -> None:
-        self.full = False
-
-    def stopProducing(self) -> None:
-        pass  # the connection is gone: _Datagrams.onClose ends the session
-
-
 def show_address(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -352,7 +329,7 @@ class UDPSession:
         self.started = self.last = now
         self.phase = Phase.CONNECTING
         self.ws: _Datagrams | None = None
-        self.backlog = _Backlog()
+        self.backlog = Backlog()
         self.early: list[bytes] = []
         self.early_size = 0
         self.sent = self.bytes_sent = 0  # towards the service

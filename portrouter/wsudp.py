@@ -27,13 +27,12 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet import defer, udp
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header_for
+from portrouter.relay import Backlog
 from portrouter.sessions import Sessions, peer_of
 from portrouter.web import write_now
 from portrouter.ws import NORMAL, TRY_AGAIN, Bridge, BridgeFactory, Target, frame_header
@@ -88,25 +87,6 @@ class _ServicePort(udp.Port):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
-@implementer(IPushProducer)
-class _Full:
-    """Twisted pauses it while more than its buffer size is queued for the client."""
-
-    __slots__ = ("full",)
-
-    def __init__(self) -> None:
-        self.full = False
-
-    def pauseProducing(self) -> None:
-        self.full = True
-
-    def resumeProducing(self) -> None:
-        self.full = False
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class DatagramBridge(Bridge):
     """One WebSocket bridged to one UDP session; Autobahn assembles each message."""
 
@@ -116,7 +96,7 @@ class DatagramBridge(Bridge):
     dropped = 0
     refusals = 0
     prefix = b""
-    to_client: _Full
+    to_client: Backlog
 
     # Whole messages, as Autobahn assembles them (the TCP bridge streams frame data instead).
     onMessageFrameData = WebSocketServerProtocol.onMessageFrameData
@@ -134,7 +114,7 @@ class DatagramBridge(Bridge):
         # udp_timeout is the session's idle timer: one per session, moved when it fires.
         self.session = self.sessions.open("udp", name, peer, target.limits.udp_timeout, self.transport)
         self.session._closer = lambda: self._close(NORMAL, self.session.reason or "closed by portrouter")
-        self.to_client = _Full()
+        self.to_client = Backlog()
         self.transport.registerProducer(self.to_client, True)
         self.early_datagrams = []
         d = defer.Deferred.fromCoroutine(self._open_socket())

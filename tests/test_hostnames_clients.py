@@ -15,7 +15,6 @@ import getpass
 import os
 import signal
 import socket
-import shutil
 import ssl
 import subprocess
 from concurrent import futures
@@ -40,7 +39,7 @@ from tests.test_hostnames import (  # noqa: F401 (fixtures: backend, ca, store)
 )
 from tests.test_http_clients import WebSocketEcho
 from tests.test_operations import Shell, everything, manhole_files, ssh_argv
-from tests.test_service_ports import Process, stream_url, tool, websocat_tunnel
+from tests.test_service_ports import Process, Sshd, stream_url, tool, websocat_tunnel
 from tests.test_services import (  # noqa: F401 (fixtures: logged; no_child_left is autouse here too)
     Service, let_go, log_line, logged, no_child_left, stop_router,
 )
@@ -48,38 +47,6 @@ from tests.test_tls import say_through
 
 
 # -- OpenSSH through openssl s_client ------------------------------------------------------------
-
-
-class Sshd:
-    """A real OpenSSH server on 127.0.0.1 (a port of its own), with a user key that may log in."""
-
-    def __init__(self, tmp_path: Path):
-        sshd_path = "/usr/sbin/sshd"
-        assert os.path.exists(sshd_path), "OpenSSH sshd is not installed (.ci/run installs openssh-server)"
-        for key in ("host_key", "user_key"):
-            subprocess.run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / key)],
-                           check=True, timeout=30)
-        shutil.copy(tmp_path / "user_key.pub", tmp_path / "authorized_keys")
-        self.user_key = tmp_path / "user_key"
-        self.port = free_port()
-        (tmp_path / "sshd_config").write_text(
-            f"ListenAddress {LOOPBACK}\n"
-            f"Port {self.port}\n"
-            f"HostKey {tmp_path / 'host_key'}\n"
-            f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
-            "PasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n"
-            "PermitRootLogin prohibit-password\n"
-            "UsePAM no\n"
-            "StrictModes no\n"
-            f"PidFile {tmp_path / 'sshd.pid'}\n"
-        )
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        self.process = Process([sshd_path, "-D", "-e", "-f", str(tmp_path / "sshd_config")], tmp_path / "sshd.log")
-
-    @property
-    def address(self) -> str:
-        return f"tcp:{LOOPBACK}:{self.port}"
 
 
 @pytest.fixture

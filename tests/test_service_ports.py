@@ -119,6 +119,39 @@ def portrouter_tunnel(url: str, port: int, tmp_path: Path, *credentials: str) ->
     return Process(argv, tmp_path / f"tunnel-{port}.log", cwd=tmp_path)
 
 
+class Sshd:
+    """A real OpenSSH server on 127.0.0.1 (a port of its own), with a user key that may log in."""
+
+    def __init__(self, tmp_path: Path):
+        sshd_path = "/usr/sbin/sshd"
+        assert os.path.exists(sshd_path), "OpenSSH sshd is not installed (.ci/run installs openssh-server)"
+        for key in ("host_key", "user_key"):
+            subprocess.run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / key)],
+                           check=True, timeout=30)
+        shutil.copy(tmp_path / "user_key.pub", tmp_path / "authorized_keys")
+        self.user_key = tmp_path / "user_key"
+        self.port = free_port()
+        (tmp_path / "sshd_config").write_text(
+            f"ListenAddress {LOOPBACK}\n"
+            f"Port {self.port}\n"
+            f"HostKey {tmp_path / 'host_key'}\n"
+            f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\n"
+            "UsePAM no\n"
+            "StrictModes no\n"
+            f"PidFile {tmp_path / 'sshd.pid'}\n"
+        )
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        self.process = Process([sshd_path, "-D", "-e", "-f", str(tmp_path / "sshd_config")], tmp_path / "sshd.log")
+
+    @property
+    def address(self) -> str:
+        return f"tcp:{LOOPBACK}:{self.port}"
+
+
+
 # -- configuration ------------------------------------------------------------------------
 
 
@@ -305,28 +338,9 @@ async def test_ws_route_64_mib_each_way(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_ssh_session_through_portrouter_tunnel(tmp_path: Path) -> None:
-    sshd_path = "/usr/sbin/sshd"
-    assert os.path.exists(sshd_path), "OpenSSH sshd is not installed (.ci/run installs openssh-server)"
-    keygen, ssh = tool("ssh-keygen"), tool("ssh")
-    for key in ("host_key", "user_key"):
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / key)],
-                       check=True, timeout=30)
-    shutil.copy(tmp_path / "user_key.pub", tmp_path / "authorized_keys")
-    sshd_port = free_port()
-    (tmp_path / "sshd_config").write_text(
-        f"ListenAddress {LOOPBACK}\n"
-        f"Port {sshd_port}\n"
-        f"HostKey {tmp_path / 'host_key'}\n"
-        f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
-        "PasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\n"
-        "PermitRootLogin prohibit-password\n"
-        "UsePAM no\n"
-        "StrictModes no\n"
-        f"PidFile {tmp_path / 'sshd.pid'}\n"
-    )
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    sshd = Process([sshd_path, "-D", "-e", "-f", str(tmp_path / "sshd_config")], tmp_path / "sshd.log")
+    ssh = tool("ssh")
+    server = Sshd(tmp_path)
+    sshd, sshd_port = server.process, server.port
     router = tunnel = None
     try:
         await sshd.listening_on(sshd_port)
