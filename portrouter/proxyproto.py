@@ -21,11 +21,11 @@ backend connection (or, v2, each datagram) starts with.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import protocol
 from twisted.logger import Logger
 
 # Twisted's parsers: the package exports only proxyEndpoint, which requires
@@ -36,66 +36,108 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 
 from portrouter.interfaces import IReactor
 from portrouter.model import ProxyProtocol
-from portrouter.proxyheader import V2_SIGNATURE
+from portrouter.proxyheader import V2_SIGNATURE, might_be_header
 from portrouter.relay import FirstBytes, hand_over
 
 log = Logger(namespace="portrouter.proxy")
 
+V1_MAX = 107  # a v1 header's longest line, CRLF included (proxy-protocol.txt)
+
+class Reading(Protocol):
+    """A connection still reading its PROXY header (L{HeaderReader}, or the direct TCP path's)."""
+
+    def refuse(self, why: str, *, abort: bool = ...) -> None: ...
+
+
+class HeaderRefused(Exception):
+    """A trusted connection's first bytes are no PROXY header to believe; the message says why, quoting them."""
+
+
+class Found(NamedTuple):
+    """A whole PROXY header at the start of a connection's first bytes."""
+
+    source: tuple[str, int] | None  # None: LOCAL (v2) or UNKNOWN (v1), the proxy speaks for itself
+    size: int  # the header's bytes; what follows is the client's
+
+
+def read_header(buffer: bytes) -> Found | None:
+    """
+    The PROXY header C{buffer} (a trusted connection's first bytes) starts
+    with, or L{None} while more bytes are needed to tell; L{HeaderRefused}
+    when it is none. Framing only (v1: a line of at most 107 bytes; v2: its
+    length field): the header itself is parsed by Twisted. Every reader of
+    headers on a stream (Twisted's transports, the direct TCP path) asks
+    here, so both refuse the same bytes with the same words.
+    """
+    parse: Any
+    if buffer.startswith(V2_SIGNATURE):
+        if len(buffer) < 16:
+            return None  # the fixed part says how long the rest is
+        size = 16 + int.from_bytes(buffer[14:16], "big")
+        if len(buffer) < size:
+            return None
+        parse, whole = V2Parser.parse, buffer[:size]
+    elif buffer.startswith(b"PROXY "):
+        end = buffer.find(b"\r\n", 0, V1_MAX)
+        if end < 0:
+            if len(buffer) < V1_MAX:
+                return None
+            raise HeaderRefused(f"a PROXY header Twisted's parser refuses (InvalidProxyHeader): {buffer[:64]!r}")
+        parse, whole, size = V1Parser.parse, buffer[:end], end + 2
+    elif might_be_header(buffer):
+        return None
+    else:
+        raise HeaderRefused(f"no PROXY header from a trusted address: the connection began with {buffer[:24]!r}")
+    try:
+        info = parse(whole)
+    except InvalidProxyHeader as e:
+        raise HeaderRefused(f"a PROXY header Twisted's parser refuses ({type(e).__name__}): {buffer[:64]!r}") from None
+    source = info.source
+    if not isinstance(source, (IPv4Address, IPv6Address)):
+        return Found(None, size)
+    checked = _checked(source.host, source.port)
+    if checked is None:
+        raise HeaderRefused(f"a PROXY header whose source is no address and port: {whole[:64]!r}")
+    return Found(checked, size)
+
+
+def address_of(peer: tuple[str, int]) -> IPv4Address | IPv6Address:
+    """A header's source as Twisted's transports name a peer."""
+    return IPv6Address("TCP", *peer) if ":" in peer[0] else IPv4Address("TCP", *peer)
+
+
 class HeaderReader(FirstBytes):
-    """A connection from a trusted address, until its PROXY header has been read."""
+    """A connection from a trusted address, through Twisted's transport, until its PROXY header has been read."""
 
     what = "PROXY header"
     where = "proxy protocol"
 
     def __init__(self, gate: ProxyGate, addr: IAddress):
-        super().__init__(gate.reading, gate.reactor, gate.setting.header_timeout, addr)
+        super().__init__(gate.reading, gate.reactor, gate.setting.header_timeout, addr)  # type: ignore[arg-type]
         self.gate = gate
-        self.parser: V1Parser | V2Parser | None = None
 
     def examine(self, data: bytes) -> None:
-        if self.parser is None:
-            data = self.buffer
-            if data.startswith(V2_SIGNATURE[:len(data)]) and len(data) < 16:
-                return  # v2 maybe: its parser wants the fixed 16 bytes at once
-            if data.startswith(V2_SIGNATURE):
-                self.parser = V2Parser()
-            elif data.startswith(b"PROXY "[:len(data)]) and len(data) < 6:
-                return
-            elif data.startswith(b"PROXY "):
-                self.parser = V1Parser()
-            else:
-                self.refuse(f"no PROXY header from a trusted address: the connection began with {data[:24]!r}")
-                return
         try:
-            info, rest = self.parser.feed(data)
-        except InvalidProxyHeader as e:
-            kind = type(e).__name__
-            self.refuse(f"a PROXY header Twisted's parser refuses ({kind}): {self.buffer[:64]!r}")
+            found = read_header(self.buffer)
+        except HeaderRefused as e:
+            self.refuse(str(e))
             return
-        if info is None:
+        if found is None:
             return
-        # LOCAL (v2) and UNKNOWN (v1): the proxy speaks for itself, and is the peer.
-        source = info.source if isinstance(info.source, (IPv4Address, IPv6Address)) else None
-        peer = None
-        if source is not None:
-            checked = _checked(source.host, source.port)
-            if checked is None:
-                self.refuse(f"a PROXY header whose source is no address and port: {info.header[:64]!r}")
-                return
-            peer = checked
-            source = type(source)("TCP", *checked)
         self.handed()
+        peer = found.source
+        source = self.addr if peer is None else address_of(peer)
+        rest = self.buffer[found.size:]
         inner = self.gate.inner
-        rest = rest or b""
         if hasattr(inner, "inbound"):
             # A TCP route: what followed the header is its backend's first bytes.
-            protocol, rest = inner.inbound(source or self.addr, rest), b""
+            answer, rest = inner.inbound(source, rest), b""
         else:
-            protocol = inner.buildProtocol(source or self.addr)
-        if protocol is None:
+            answer = inner.buildProtocol(source)
+        if answer is None:
             self.transport.loseConnection()
             return
-        hand_over(self.transport, protocol, rest, peer=peer)
+        hand_over(self.transport, answer, rest, peer=peer)
 
     def refused(self) -> None:
         self.gate.refused += 1
@@ -120,25 +162,18 @@ def datagram_source(data: bytes) -> tuple[tuple[str, int] | None, int] | None:
     """
     The v2 header at the start of a datagram: the source it names (L{None}
     for LOCAL: the sender speaks for itself) and its size; L{None} when the
-    datagram starts with no valid one.
+    datagram starts with no valid one (v1 is for streams only).
     """
-    if len(data) < 16 or not data.startswith(V2_SIGNATURE):
-        return None
-    size = 16 + int.from_bytes(data[14:16], "big")
-    if len(data) < size:
+    if not data.startswith(V2_SIGNATURE):
         return None
     try:
-        info = V2Parser.parse(data[:size])
-    except InvalidProxyHeader:
+        found = read_header(data)
+    except HeaderRefused:
         return None
-    source = info.source
-    if not isinstance(source, (IPv4Address, IPv6Address)):
-        return None, size
-    checked = _checked(source.host, source.port)
-    return None if checked is None else (checked, size)
+    return None if found is None else (found.source, found.size)
 
 
-class ProxyGate(Factory):
+class ProxyGate(protocol.Factory):
     """
     What a listener with ``proxy_protocol`` answers with: C{inner} (its
     route, under TLS if it has it) for every connection, behind a PROXY
@@ -151,10 +186,10 @@ class ProxyGate(Factory):
         self.inner = inner
         self.setting = setting
         self.reactor = reactor
-        self.reading: set[FirstBytes] = set()
+        self.reading: set[Reading] = set()  # closed at shutdown
         self.refused = 0
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> protocol.Protocol | None:  # type: ignore[override]
         host = getattr(addr, "host", None)
         if host is not None and self.setting.trusts(host):
             return HeaderReader(self, addr)

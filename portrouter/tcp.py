@@ -11,18 +11,21 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 from typing import Any
 
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReadDescriptor, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
+from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
@@ -30,6 +33,8 @@ from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
 log = Logger(namespace="portrouter.tcp")
 
 _ACCEPTS = 64  # accepts per readiness event, so a flood cannot starve the rest
+READ_AHEAD = 65536  # one read of a PROXY header's connection (a v2 header is at most 65,551 bytes)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, as abortConnection does
 
 
 class _Backend(StreamSide):
@@ -181,14 +186,19 @@ def accept_directly(port: tcp.Port) -> None:
     """
     Give a listening TCP port a C{doRead} that hands accepted sockets
     straight to its route's relay when the route can take them
-    (L{TCPRoute.direct}), and otherwise does what Twisted's port does.
+    (L{TCPRoute.direct}), and otherwise does what Twisted's port does. A
+    route behind a L{ProxyGate} takes its trusted clients the same way, once
+    their header is read (L{_HeaderWait}); the others get Twisted's transport,
+    whose first bytes are watched for a forged header.
     """
     twisted_read = port.doRead
 
     def doRead() -> None:
         factory = port.factory
+        gate = factory if isinstance(factory, ProxyGate) else None
+        route = factory if gate is None else gate.inner
         # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
-        if not isinstance(factory, TCPRoute) or factory.direct is None:
+        if not isinstance(route, TCPRoute) or route.direct is None:
             twisted_read()  # type: ignore[no-untyped-call]
             return
         for _ in range(_ACCEPTS):
@@ -201,11 +211,118 @@ def accept_directly(port: tcp.Port) -> None:
                     continue  # that client gave up; go on with the next
                 # Out of descriptors or memory: try again at the next event
                 # rather than spin; the kernel keeps the queue.
-                log.warn("tcp {project}: cannot accept: {why}", project=factory.name, why=e.strerror)
+                log.warn("tcp {project}: cannot accept: {why}", project=route.name, why=e.strerror)
                 return
-            factory.accept_socket(sock, address)
+            if gate is None:
+                route.accept_socket(sock, address)
+            elif gate.setting.trusts(address[0]):
+                _HeaderWait(route, gate, sock, address).start()
+            else:
+                _twisted_accept(port, gate, sock, address)
 
     port.doRead = doRead  # type: ignore[method-assign]
+
+
+def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    """What Twisted's port does with an accepted socket: a transport for C{factory}'s protocol."""
+    protocol = factory.buildProtocol(port._buildAddr(address))
+    if protocol is None:
+        sock.close()
+        return
+    session, port.sessionno = port.sessionno, port.sessionno + 1
+    protocol.makeConnection(port.transport(sock, protocol, address, port, session, port.reactor))
+
+
+@implementer(IReadDescriptor)
+class _HeaderWait:
+    """
+    A trusted client of a direct TCP route until its PROXY header is whole:
+    L{portrouter.proxyproto.HeaderReader} without a Twisted transport, so the
+    connection goes on to the relay as a plain client's does. The header
+    usually comes with the connection: it is looked for at once, and only
+    waited for (a reader, a timer) when it has not.
+    """
+
+    __slots__ = ("route", "gate", "sock", "fd", "address", "buffer", "timer")
+
+    def __init__(self, route: TCPRoute, gate: ProxyGate, sock: socket.socket, address: tuple[Any, ...]):
+        self.route = route
+        self.gate = gate
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.buffer = b""
+        self.timer: Any = None
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.gate.reading.add(self)
+        self.doRead()
+        if self.fd >= 0 and self in self.gate.reading:
+            reactor = self.route.reactor
+            self.timer = reactor.callLater(self.gate.setting.header_timeout, self._timed_out)
+            reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "portrouter"
+
+    def doRead(self) -> None:
+        try:
+            data = self.sock.recv(READ_AHEAD)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._closed(f"{e.strerror} before its PROXY header was whole ({len(self.buffer)} bytes came)")
+            return
+        if not data:
+            self._closed(f"closed by the client before its PROXY header was whole ({len(self.buffer)} bytes came)")
+            return
+        self.buffer += data
+        try:
+            found = read_header(self.buffer)
+        except HeaderRefused as e:
+            self.refuse(str(e))
+            return
+        if found is not None:
+            self._done()
+            host, port = self.address[0], self.address[1]
+            self.route.accept_socket(self.sock, (host, port), found.source, self.buffer[found.size:])
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.refuse(f"no whole PROXY header within {self.gate.setting.header_timeout:g} s "
+                    f"({len(self.buffer)} bytes came)", abort=True)
+
+    def refuse(self, why: str, abort: bool = False) -> None:
+        """As L{FirstBytes.refuse}: one line in the log, and closed (C{abort}: with a reset)."""
+        self.gate.refused += 1
+        if abort:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self._closed(why)
+
+    def _closed(self, why: str) -> None:
+        log.info("proxy protocol {peer}: {why}; closed", peer=_peer(self.address[0], self.address[1]), why=why)
+        self._done()
+        self.sock.close()
+
+    def _done(self) -> None:
+        self.gate.reading.discard(self)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.fd >= 0:
+            self.route.reactor.removeReader(self)
+            self.fd = -1
+
+
+def _peer(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class TCPRoute(Factory):
@@ -248,16 +365,20 @@ class TCPRoute(Factory):
         self.supervisor = supervisor
         self.direct = None if supervisor is not None else direct_address(self.endpoint)
 
-    def accept_socket(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def accept_socket(self, sock: socket.socket, address: tuple[Any, ...],
+                      source: tuple[str, int] | None = None, early: bytes = b"") -> None:
         """
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
         backend given by IP address. No Twisted transport is made for
-        either side; the relay connects the backend and splices.
+        either side; the relay connects the backend and splices. Behind a
+        PROXY header (L{_HeaderWait}), C{source} is the client's address it
+        names (L{None}: the proxy's own) and C{early} what the client sent
+        after it.
         """
         name = self.name
         limits = self.limits
-        host, port = address[0], address[1]
-        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        host, port = source or (address[0], address[1])
+        peer = _peer(host, port)
         if self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return
@@ -271,8 +392,10 @@ class TCPRoute(Factory):
         relay = SpliceRelay(self.reactor, session, sock, backend)
         stats = self.sessions.stats
         relay.on_connect_failure = lambda why: stats.connect_failed(name, why)
+        session.bytes_in += len(early)  # the client's, after its header
         if self.send_proxy is not None:
-            relay.early = header(self.send_proxy, (host, port), sock.getsockname()[:2])
+            early = header(self.send_proxy, (host, port), sock.getsockname()[:2]) + early
+        relay.early = early
         relay.connect(target, limits.connect_timeout)
 
     # A listening port always passes the peer's address.

@@ -9,6 +9,7 @@ C{tests/test_proxy_peers.py}.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
@@ -18,6 +19,8 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -25,7 +28,8 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 
 from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
-from portrouter.proxyheader import header
+from portrouter.proxyheader import V2_SIGNATURE, header
+from portrouter.proxyproto import HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import (
@@ -608,3 +612,160 @@ async def test_an_http_service_port_by_hostname_sends_the_services_own_header(tm
     finally:
         await router.stopService()
         backend.server.close()
+
+
+# -- the direct TCP path: trusted clients read without a Twisted transport ----------------------
+
+
+def direct_route(tmp_path: Path, server: ThreadServer, port: int, **setting: Any) -> Any:
+    return parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "ssh", "backend": server.address, "send_proxy": "v1", "listen": {
+            "port": port, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"], **setting}}}]})
+
+
+def is_direct(router: RouterService) -> bool:
+    """The route's trusted clients take the direct path (the backend is an IP address)."""
+    return router.listeners["ssh"].factory.direct is not None  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_in_single_bytes_reaches_the_direct_path(tmp_path: Path, logged: list[str]) -> None:
+    """
+    The header waited for byte by byte (a reader and a timer of its own),
+    then the client's bytes after it: counted as the client's, the header not.
+    """
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port))
+    assert is_direct(router)
+    try:
+        def in_single_bytes(data: bytes) -> bytes:
+            with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+                for i in range(len(data)):
+                    sock.sendall(data[i:i + 1])
+                    read_by_the_router(port, sock.getsockname()[1], 1)
+                sock.sendall(b"after")
+                sock.shutdown(socket.SHUT_WR)
+                return read_to_the_end(sock)
+
+        reply = await in_thread(in_single_bytes, header("v2", CLIENT_V6, (LOOPBACK, port)))
+        info, rest = V1Parser().feed(reply[len(b"got:"):])
+        assert info is not None and (info.source.host, info.source.port) == CLIENT_V6  # type: ignore[union-attr]
+        assert rest == b"after"
+        await log_line(logged, r"tcp ssh \[2001:db8::7\]:40002: client closed; 5 bytes in, \d+ bytes out")
+    finally:
+        await router.stopService()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_header_on_the_direct_path_is_reset_at_header_timeout(tmp_path: Path,
+                                                                           logged: list[str]) -> None:
+    clock = Clock()
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port, header_timeout=5),
+                                using=ClockedReactor(clock))
+    assert is_direct(router)
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+            sock.sendall(b"PROXY TCP4 203.0")
+            gate = router.listeners["ssh"].port.factory  # type: ignore[attr-defined]
+            await wait_for(lambda: len(gate.reading) == 1, 15, "the route to read the start")
+            clock.advance(4.9)
+            assert gate.reading
+            clock.advance(0.1)
+            assert not gate.reading
+            assert await in_thread(read_to_the_end, sock) == b""  # a reset
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: no whole PROXY header within 5 s "
+                               r"\(16 bytes came\); closed")
+        assert not server.results and not router.sessions.live
+    finally:
+        await stop_clocked(router, clock)
+        server.close()
+
+
+@pytest.mark.parametrize("start, message", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", r"no PROXY header from a trusted address: the connection began with b'SSH-2\.0"),
+    (b"PROXY TCP4 " + b"1" * 120, r"a PROXY header Twisted's parser refuses \(InvalidProxyHeader\): b'PROXY TCP4 111"),
+    (b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
+     r"a PROXY header Twisted's parser refuses \(InvalidNetworkProtocol\): b'PROXY TCP9"),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 2\r\n", r"a PROXY header whose source is no address and port"),
+])
+@pytest_twisted.ensureDeferred
+async def test_the_direct_path_refuses_what_the_transport_path_refuses(
+        tmp_path: Path, logged: list[str], start: bytes, message: str) -> None:
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port))
+    assert is_direct(router)
+    gate = router.listeners["ssh"].port.factory  # type: ignore[attr-defined]
+    try:
+        assert await in_thread(exchange, port, start) == b""
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: " + message)
+        assert gate.refused == 1 and not gate.reading and not server.results and not router.sessions.live
+    finally:
+        await router.stopService()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_gone_before_its_header_and_one_reading_at_stop(tmp_path: Path,
+                                                                       logged: list[str]) -> None:
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port))
+    gate = router.listeners["ssh"].port.factory  # type: ignore[attr-defined]
+    try:
+        assert await in_thread(exchange, port, b"PROXY TCP4 1.2") == b""
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: closed by the client before its PROXY header "
+                               r"was whole \(14 bytes came\); closed")
+        assert not gate.reading
+        sock = socket.create_connection((LOOPBACK, port), timeout=30)
+        sock.sendall(b"PROXY ")
+        await wait_for(lambda: len(gate.reading) == 1, 15, "the route to read the start")
+    finally:
+        await router.stopService()
+        server.close()
+    assert not gate.reading
+    await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
+    assert await in_thread(read_to_the_end, sock) == b""
+    sock.close()
+    assert not server.results
+
+
+# -- framing: one state machine for every stream reader ------------------------------------------
+
+addresses = st.one_of(
+    st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(lambda a: a.compressed))
+
+
+@given(version=st.sampled_from(["v1", "v2"]), source=addresses, port=st.integers(0, 65535),
+       after=st.binary(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_read_header_frames_what_haproxy_writes(version: str, source: str, port: int, after: bytes) -> None:
+    """
+    Every prefix of a header needs more; the whole one names its source (as
+    Twisted's own incremental parser reads it) and leaves what follows.
+    """
+    sent = header(version, (source, port), ("127.0.0.1" if ":" not in source else "::1", 443))
+    for cut in range(len(sent)):
+        assert read_header(sent[:cut]) is None
+    found = read_header(sent + after)
+    assert found is not None and found.size == len(sent)
+    info, rest = (V1Parser() if version == "v1" else V2Parser()).feed(sent + after)
+    assert info is not None and rest == after
+    assert found.source == (ipaddress.ip_address(info.source.host).compressed, port)  # type: ignore[union-attr]
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=500, deadline=None)
+def test_read_header_answers_anything_with_more_found_or_refused(data: bytes) -> None:
+    for start in (data, b"PROXY " + data, V2_SIGNATURE + data):
+        try:
+            found = read_header(start)
+        except HeaderRefused as e:
+            assert str(e)
+        else:
+            assert found is None or 0 < found.size <= len(start)
