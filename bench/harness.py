@@ -868,7 +868,7 @@ def check(what: str, value: float | None, op: str, target: float, unit: str = "x
 
 
 def print_checks(checks: Sequence[dict[str, Any]]) -> None:
-    width = max(40, *(len(c["what"]) + 1 for c in checks))
+    width = max([40, *(len(c["what"]) + 1 for c in checks)])
     for c in checks:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         value = c.get("ratio", c.get("value"))

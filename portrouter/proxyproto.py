@@ -41,6 +41,7 @@ from portrouter.relay import FirstBytes, hand_over
 
 log = Logger(namespace="portrouter.proxy")
 
+TRUST_CACHE = 1024  # answers of ProxyGate.trusts kept
 V1_MAX = 107  # a v1 header's longest line, CRLF included (proxy-protocol.txt)
 
 class Reading(Protocol):
@@ -70,6 +71,7 @@ def read_header(buffer: bytes) -> Found | None:
     here, so both refuse the same bytes with the same words.
     """
     parse: Any
+    end = -2  # v1: where its line ends
     if buffer.startswith(V2_SIGNATURE):
         if len(buffer) < 16:
             return None  # the fixed part says how long the rest is
@@ -95,6 +97,10 @@ def read_header(buffer: bytes) -> Found | None:
     source = info.source
     if not isinstance(source, (IPv4Address, IPv6Address)):
         return Found(None, size)
+    if size != end + 2 and isinstance(source, IPv4Address):
+        # v2 (the usual case): Twisted's parser wrote four octets and an
+        # unsigned short, nothing to check (v1 text may be anything).
+        return Found((source.host, source.port), size)
     checked = _checked(source.host, source.port)
     if checked is None:
         raise HeaderRefused(f"a PROXY header whose source is no address and port: {whole[:64]!r}")
@@ -187,11 +193,26 @@ class ProxyGate(protocol.Factory):
         self.setting = setting
         self.reactor = reactor
         self.reading: set[Reading] = set()  # closed at shutdown
+        self.trusted: dict[str, bool] = {}  # by host: setting.trusts(host)
         self.refused = 0
+
+    def trusts(self, host: str) -> bool:
+        """
+        Whether a connection from C{host} must start with a header. Asked per
+        connection, of the few addresses of a listener's balancers, so the
+        answers are kept (a bounded few: a flood of untrusted clients only
+        empties the cache).
+        """
+        known = self.trusted.get(host)
+        if known is None:
+            if len(self.trusted) >= TRUST_CACHE:
+                self.trusted.clear()
+            known = self.trusted[host] = self.setting.trusts(host)
+        return known
 
     def buildProtocol(self, addr: IAddress) -> protocol.Protocol | None:  # type: ignore[override]
         host = getattr(addr, "host", None)
-        if host is not None and self.setting.trusts(host):
+        if host is not None and self.trusts(host):
             return HeaderReader(self, addr)
         guarded = getattr(self.inner, "guarded", None)  # a TCP route watches for forged headers
         if guarded is not None:

@@ -215,7 +215,7 @@ def accept_directly(port: tcp.Port) -> None:
                 return
             if gate is None:
                 route.accept_socket(sock, address)
-            elif gate.setting.trusts(address[0]):
+            elif gate.trusts(address[0]):
                 _HeaderWait(route, gate, sock, address).start()
             else:
                 _twisted_accept(port, gate, sock, address)
