@@ -539,6 +539,7 @@ def listen_from(protocol: str, port: int, interface: str | None, tls: bool = Fal
 _COMMAND_KEYS = ("command", "env", "cwd", "idle_stop")
 _PROJECT_KEYS = (
     "name", "backend", "listen", "runtime", "entry", "host", "services", "preserve_host", "send_proxy",
+    "access_log",
 ) + _COMMAND_KEYS + LIMIT_KEYS
 _SERVICE_KEYS = ("name", "protocol", "port", "send_proxy") + _COMMAND_KEYS + LIMIT_KEYS
 _LISTEN_KEYS = ("port", "protocol", "interface", "tls", "proxy_protocol")
@@ -576,6 +577,22 @@ def _send_proxy(data: Mapping[str, Any], path: str, udp: bool) -> str | None:
     if udp and value == "v1":
         raise ConfigError(where, "'v1' cannot go with UDP (a text header has no datagram form): use 'v2'")
     return str(value)
+
+
+def _access_log(value: object, path: str) -> float:
+    """``true`` (every line), ``false`` (none) or ``{sample: 0.1}``: the share of lines written."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected true, false or {{sample: 0.1}}, got {_got(value)}")
+    _check_keys(value, ("sample",), path)
+    where = _join(path, "sample")
+    if "sample" not in value:
+        raise ConfigError(where, "is required (the share of lines written, 0 to 1: 0.1 writes every tenth)")
+    share = _finite(value["sample"], where, "a share from 0 to 1")
+    if not 0 <= share <= 1:
+        raise ConfigError(where, f"{_show(value['sample'])} is not a share from 0 to 1 (0.1 writes every tenth line)")
+    return share
 
 
 def _name(value: object, path: str) -> str:
@@ -756,6 +773,7 @@ def parse_project(
         manifest=dict(data),
         static=static,
         send_proxy=_send_proxy(data, path, listen is not None and listen.protocol == "udp"),
+        access_log=_access_log(data.get("access_log", True), _join(path, "access_log")),
     )
 
 

@@ -31,7 +31,7 @@ from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import header_for
 from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
-from portrouter.sessions import Sessions, connect_failure, timed_out, tls_problem
+from portrouter.sessions import Sample, Sessions, connect_failure, timed_out, tls_problem
 from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
@@ -455,6 +455,7 @@ class ProxyExchange:
         self.body_splice: BodySplice | None = None
         self.chunked = request.header(b"transfer-encoding") is not None
         channel.project = project.name
+        channel.sample = routes.sample(project)
         self.head = self._head(path, prefix)
         self.wants_continue = request.expects_continue()
         self.routes = routes
@@ -813,6 +814,7 @@ class ProxyExchange:
         channel._log()
         session = self.sessions.open("upgrade", self.project.name, self.request.client,
                                      self.project.limits.idle_timeout, channel.transport)
+        session.quiet = channel.quiet  # the tunnel's line goes with its request's
         session.supervisor, self.supervisor = self.supervisor, None  # in use until the tunnel ends
         client = StreamSide()
         client.makeConnection(channel.transport)  # type: ignore[no-untyped-call]
@@ -836,6 +838,14 @@ class HTTPRoutes:
         self.pools: dict[str, Pool] = {}
         self.inflight: Counter[str] = Counter()  # requests in progress per project, for max_connections
         self.views: dict[str, tuple[Project, Project]] = {}  # service_view's, by name: (project, view)
+        self.samples: dict[str, Sample] = {}  # by project: which requests get a line in the log
+
+    def sample(self, project: Project) -> Sample:
+        """C{project}'s access log sample, kept across its requests (and anew when its share changes)."""
+        sample = self.samples.get(project.name)
+        if sample is None or sample.share != project.access_log:
+            sample = self.samples[project.name] = Sample(project.access_log)
+        return sample
 
     def pool(self, project: Project, service: Service | None = None) -> Pool:
         """The pool of C{project}'s backend, or of its service port C{service} (then C{project} is its view)."""
@@ -887,6 +897,8 @@ class HTTPRoutes:
             self.pools.pop(key).close()
         for key in [k for k in self.views if k.startswith(name + "/")]:
             del self.views[key]
+        for key in [k for k in self.samples if k == name or k.startswith(name + "/")]:
+            del self.samples[key]
 
 
 class ProjectSite:

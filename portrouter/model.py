@@ -124,6 +124,7 @@ class Project:
     static: bool = True
     preserve_host: bool = True
     send_proxy: str | None = None  # "v1" or "v2": a PROXY header to the backend (section 12)
+    access_log: float = 1.0  # the share of its request and connection lines written (1: all, 0: none)
 
     @property
     def path_routed(self) -> bool:

@@ -57,6 +57,31 @@ class Stats:
         self.connect_failures[(project, reason)] += 1
 
 
+class Sample:
+    """
+    Which lines of a route's access log are written: all (share 1), none
+    (0), or an even share: 0.1 writes exactly every tenth, not a tenth at
+    random, so what an operator counts in the log is what they asked for.
+    """
+
+    __slots__ = ("share", "owed")
+
+    def __init__(self, share: float = 1.0):
+        self.share = share
+        self.owed = 0.0
+
+    def due(self) -> bool:
+        share = self.share
+        if share >= 1.0:
+            return True
+        owed = self.owed + share
+        if owed >= 1.0 - 1e-9:  # ten tenths make a whole, whatever the float sum says
+            self.owed = owed - 1.0
+            return True
+        self.owed = owed
+        return False
+
+
 class Session:
     """
     One relayed connection as an operator sees it: who, where, how much, how
@@ -65,7 +90,7 @@ class Session:
 
     __slots__ = (
         "protocol", "project", "peer", "started", "bytes_in", "bytes_out",
-        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer", "tls",
+        "reason", "_closer", "_on_end", "supervisor", "last", "idle_timer", "tls", "quiet",
     )
 
     def __init__(
@@ -85,6 +110,7 @@ class Session:
         self.last = started  # last byte either way, for idle_timeout
         self.idle_timer: Any = None
         self.tls: Any = None  # the client's OpenSSL connection, behind TLS (for the log)
+        self.quiet = False  # its line is not written (the route's access_log sample left it out)
 
     def close(self) -> None:
         """Close both sides now (drain timeout, idle timeout, shutdown)."""
@@ -171,9 +197,11 @@ class Sessions:
         self._limit_reported: dict[str, float] = {}
 
     def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None,
-             transport: Any = None) -> Session:
+             transport: Any = None, sample: Sample | None = None) -> Session:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
         session.tls = tls_handle(transport)
+        if sample is not None and not sample.due():
+            session.quiet = True
         self.live.add(session)
         self.active[project] += 1
         self.stats.connections[(protocol, project)] += 1
@@ -219,6 +247,8 @@ class Sessions:
         self.stats.bytes_out[key] += session.bytes_out
         if session.supervisor is not None:
             session.supervisor.release()
+        if session.quiet:
+            return
         log.info(
             "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
             "{bytes_out} bytes out, {duration:.3f} s{tls}",

@@ -28,7 +28,7 @@ from portrouter.proxyheader import header, header_for, looks_like_header, might_
 from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
-from portrouter.sessions import Sessions, connect_failure, peer_of, tls_problem
+from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, tls_problem
 
 log = Logger(namespace="portrouter.tcp")
 
@@ -68,7 +68,7 @@ class _Inbound(StreamSide):
             self.transport.loseConnection()  # accepted and closed at once: clients never hang
             return
         self.transport.pauseProducing()
-        self.session = route.sessions.open("tcp", route.name, peer, limits.idle_timeout, self.transport)
+        self.session = route.sessions.open("tcp", route.name, peer, limits.idle_timeout, self.transport, route.sample)
         supervisor = route.supervisor
         if supervisor is None:
             self._connect()
@@ -364,6 +364,7 @@ class TCPRoute(Factory):
         self.endpoint: IStreamClientEndpoint = clientFromString(self.reactor, backend)
         self.supervisor = supervisor
         self.direct = None if supervisor is not None else direct_address(self.endpoint)
+        self.sample = Sample(project.access_log)  # which connections get a line in the log
 
     def accept_socket(self, sock: socket.socket, address: tuple[Any, ...],
                       source: tuple[str, int] | None = None, early: bytes = b"") -> None:
@@ -388,7 +389,7 @@ class TCPRoute(Factory):
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = self.sessions.open("tcp", name, peer, limits.idle_timeout)
+        session = self.sessions.open("tcp", name, peer, limits.idle_timeout, sample=self.sample)
         relay = SpliceRelay(self.reactor, session, sock, backend)
         stats = self.sessions.stats
         relay.on_connect_failure = lambda why: stats.connect_failed(name, why)

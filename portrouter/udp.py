@@ -39,6 +39,7 @@ from portrouter.proxyheader import V2_SIGNATURE, header
 from portrouter.proxyproto import datagram_source
 from portrouter.model import Project, ProxyProtocol
 from portrouter.interfaces import IReactor
+from portrouter.sessions import Sample
 
 log = Logger(namespace="portrouter.udp")
 
@@ -219,6 +220,7 @@ class UDPRoute(DatagramProtocol):
 
     def update(self, project: Project) -> None:
         self.project = project
+        self.sample = Sample(project.access_log)  # which sessions get a line in the log
         self._proxy = project.listen.proxy_protocol if project.listen is not None else None
         self._trusted, self._seen = {}, {}
         self._poll_limit = project.limits.udp_busy_poll
@@ -414,6 +416,8 @@ class UDPRoute(DatagramProtocol):
         del self.sessions[session.client]
         self.reactor.removeReader(session)
         session.sock.close()
+        if not self.sample.due():
+            return
         log.info(
             "udp {project} {client}: {reason}; {datagrams_in} datagrams ({bytes_in} bytes) in, "
             "{datagrams_out} datagrams ({bytes_out} bytes) out, {duration:.3f} s",

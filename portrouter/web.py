@@ -29,6 +29,7 @@ from zope.interface import implementer
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import looks_like_header
+from portrouter.sessions import Sample
 
 log = Logger(namespace="portrouter.http")
 
@@ -197,6 +198,8 @@ class Channel(Protocol):
         self.status = 0
         self.sent = 0
         self.project: str | None = None
+        self.sample: Sample | None = None  # the project's access_log: is this request's line written?
+        self.quiet = False  # the last request's line was left out (by the sample)
         self.out: list[bytes] = []  # written this turn, sent by flush()
         # After an upgrade request the parser stops; what follows is held
         # (and reading paused) until that request's answer: a 101 makes the
@@ -399,6 +402,7 @@ class Channel(Protocol):
         self.sent = 0
         self.status = 0
         self.project = None
+        self.sample = None
         # The common request has one Host and no repeated header (the index
         # is built once for the handler anyway): nothing to look at closer.
         suspect = (request.header(b"host") is None or len(request._index) < len(request.headers)  # type: ignore[arg-type]
@@ -702,6 +706,9 @@ class Channel(Protocol):
         if self.tls_suffix is None:
             self.tls_suffix = describe(self.tls)
         self.site.stats.http_request(self.project, self.status)
+        self.quiet = self.sample is not None and not self.sample.due()
+        if self.quiet:
+            return
         log.info(
             "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
             client=request.client,

@@ -35,7 +35,7 @@ from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import header_for
 from portrouter.relay import HoldWhileFull, Holds, close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
-from portrouter.sessions import Session, Sessions, connect_failure, peer_of
+from portrouter.sessions import Sample, Session, Sessions, connect_failure, peer_of
 from portrouter.web import reason_for, write_now
 
 log = Logger(namespace="portrouter.ws")
@@ -143,12 +143,12 @@ class Target:
     C{address}), for whom, with which limits.
     """
 
-    __slots__ = ("project", "service", "endpoint", "limits", "supervisor", "address", "send_proxy")
+    __slots__ = ("project", "service", "endpoint", "limits", "supervisor", "address", "send_proxy", "sample")
 
     def __init__(
         self, project: str, service: str | None, endpoint: IStreamClientEndpoint | None, limits: Limits,
         supervisor: Supervisor | None = None, address: tuple[str, int] | None = None,
-        send_proxy: str | None = None,
+        send_proxy: str | None = None, sample: Sample | None = None,
     ):
         self.project = project
         self.service = service
@@ -157,6 +157,7 @@ class Target:
         self.supervisor = supervisor  # starts the service on demand, if it has a command
         self.address = address
         self.send_proxy = send_proxy  # "v1", "v2": a PROXY header to the service first
+        self.sample = sample  # which bridges get a line in the log (the route's access_log)
 
 
 class Bridge(WebSocketServerProtocol):
@@ -193,7 +194,7 @@ class Bridge(WebSocketServerProtocol):
             self.ended = True
             self.sendCloseFrame(TRY_AGAIN, b"too many connections (max_connections)", isReply=False)
             return
-        self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout, self.transport)
+        self.session = self.sessions.open("ws", name, peer, target.limits.idle_timeout, self.transport, target.sample)
         self.session._closer = lambda: self._close(NORMAL, "closed by portrouter")
         self.output = _ToClient(self)
         self.transport.registerProducer(self.output, True)
@@ -522,4 +523,5 @@ class WSRoute(BridgeFactory):
         self.target = Target(
             project.name, None, clientFromString(self.reactor, project.backend), project.limits,
             self.services.get(project) if self.services is not None else None, send_proxy=project.send_proxy,
+            sample=Sample(project.access_log),
         )
