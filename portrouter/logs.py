@@ -50,8 +50,18 @@ class _Buffered:
     def line(self, event: dict[str, Any]) -> str | None:
         raise NotImplementedError
 
+    def unwritable(self, event: dict[str, Any], why: str) -> str:
+        """The line in place of an event L{line} failed on."""
+        return f"portrouter: {why}\n"
+
     def __call__(self, event: dict[str, Any]) -> None:
-        text = self.line(event)
+        try:
+            text = self.line(event)
+        except Exception as e:
+            # An event no line can be made of (a field whose repr raises, say)
+            # still leaves a trace, in its place, and the next lines go on.
+            text = self.unwritable(event, f"a log event could not be written ({type(e).__name__}: {e}); "
+                                          f"its format: {event.get('log_format')!r}")
         if text is None:
             return
         self.pending.append(text)
@@ -75,19 +85,16 @@ class _Buffered:
             if pending:
                 self.out.write("".join(pending))
             self.out.flush()
-        except (OSError, ValueError):
-            pass  # the destination went away; nothing better to do with a log line
+        except Exception:
+            # The destination went away (or its writer broke): a router that
+            # stopped serving over a log line would be worse than a lost line.
+            pass
 
 
 @implementer(ILogObserver)
 class JSONLines(_Buffered):
     def line(self, event: dict[str, Any]) -> str | None:
-        record: dict[str, Any] = {
-            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(),
-            "level": getattr(event.get("log_level"), "name", "info"),
-            "namespace": event.get("log_namespace", "-"),
-            "message": formatEvent(event),
-        }
+        record = self._record(event, formatEvent(event))
         for key, value in event.items():
             if not key.startswith("log_") and key not in record and not key.startswith("_"):
                 record[key] = value
@@ -95,6 +102,18 @@ class JSONLines(_Buffered):
         if failure is not None:
             record["traceback"] = failure.getTraceback()
         return _json.dumps(record, default=repr) + "\n"
+
+    @staticmethod
+    def _record(event: dict[str, Any], message: str) -> dict[str, Any]:
+        return {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(),
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", "-"),
+            "message": message,
+        }
+
+    def unwritable(self, event: dict[str, Any], why: str) -> str:
+        return _json.dumps(self._record(event, why), default=str) + "\n"  # still one JSON object a line
 
 
 @implementer(ILogObserver)

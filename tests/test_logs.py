@@ -1,0 +1,105 @@
+"""
+A log observer that fails does not stop the router (issue 20): an event no
+line can be made of leaves a line in its place and the next lines go on; a
+destination whose writes fail, or another observer that raises on every
+event, loses lines at most, never a request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.logger import globalLogPublisher
+
+from portrouter.config import parse
+from portrouter.logs import BufferedText, JSONLines
+from tests.httpbackend import Backend
+from tests.support import LOOPBACK, in_thread, start_router, wait_for
+
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("no format")
+
+
+def event(fmt: str, **fields: Any) -> dict[str, Any]:
+    return {"log_format": fmt, "log_time": 1.0, "log_namespace": "portrouter.test", **fields}
+
+
+@pytest.mark.parametrize("kind", [BufferedText, JSONLines])
+def test_an_event_no_line_can_be_made_of_leaves_one_in_its_place(kind: type[Any]) -> None:
+    out = io.StringIO()
+    observer = kind(out)
+    observer(event("first {n}", n=1))
+    observer(event("bad {thing}", thing=Unprintable()))
+    observer(event("last {n}", n=3))
+    observer.flush()
+    lines = out.getvalue().splitlines()
+    if kind is JSONLines:
+        records = [json.loads(line) for line in lines]  # every line still one JSON object
+        assert [r["message"] for r in records][::2] == ["first 1", "last 3"]
+        assert "a log event could not be written (RuntimeError: no repr); its format: 'bad {thing}'" \
+            == records[1]["message"]
+    else:
+        assert lines[0].endswith("first 1") and lines[-1].endswith("last 3")
+        assert any("no format" in line for line in lines[1:-1])
+
+
+class BrokenFile:
+    """A destination every write to fails (a full disk, a closed pipe, a bug in a writer)."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def write(self, text: str) -> None:
+        self.tries += 1
+        raise RuntimeError("the disk is on fire")
+
+    def flush(self) -> None:
+        raise RuntimeError("the disk is on fire")
+
+
+def curl(url: str) -> str:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", "-o", "/dev/null", "-w", "%{http_code}", url],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_observers_do_not_stop_the_router(tmp_path: Path, no_tracebacks: list[Any]) -> None:
+    backend = Backend()
+    broken = BrokenFile()
+    failing = BufferedText(broken)
+    good_out = io.StringIO()
+    good = BufferedText(good_out)
+
+    def raising(event: dict[str, Any]) -> None:
+        raise ValueError("an observer with a bug")
+
+    for observer in (failing, raising, good):
+        globalLogPublisher.addObserver(observer)
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "web", "backend": f"tcp:{LOOPBACK}:{backend.port}"}]}))
+    try:
+        for i in range(3):
+            assert await in_thread(curl, f"http://{LOOPBACK}:{router.port_of()}/web/{i}") == "200"
+        await wait_for(lambda: " GET /web/2 200 " in good_out.getvalue(), 15, "the good observer's line")
+        assert broken.tries > 0  # it was tried, failed, and nothing stopped
+    finally:
+        await router.stopService()
+        for observer in (failing, raising, good):
+            globalLogPublisher.removeObserver(observer)
+        backend.close()
+    assert [n for n in range(3) if f" GET /web/{n} 200 " in good_out.getvalue()] == [0, 1, 2]
+    # Twisted reports the raising observer to the others, as it should: expected here.
+    assert no_tracebacks and all("disabling observer" in e.get("log_format", "") for e in no_tracebacks)
+    no_tracebacks.clear()
