@@ -24,14 +24,36 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
-from typing import IO, Any, cast
+from typing import IO, Any, Callable, cast
 
-from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from portrouter.interfaces import IReactor
+
+
+def emitter(logger: Logger, level: LogLevel, format: str) -> Callable[..., None]:
+    """
+    C{logger.emit(level, format, **fields)} for a line written per request
+    or per connection: the same event to the same observer, without what
+    Twisted's C{emit} does on every call that such a line need not (it
+    checks the level against a freshly sorted list of every level: a third
+    of the call's cost).
+    """
+    namespace, source, observer = logger.namespace, logger.source, logger.observer
+
+    def emit(**event: Any) -> None:
+        event["log_logger"] = logger
+        event["log_level"] = level
+        event["log_namespace"] = namespace
+        event["log_source"] = source
+        event["log_format"] = format
+        event["log_time"] = time.time()
+        observer(event)
+
+    return emit
 
 
 class _Buffered:

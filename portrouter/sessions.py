@@ -17,14 +17,19 @@ from OpenSSL.SSL import Error
 from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from portrouter.certs import describe, tls_handle
+from portrouter.logs import emitter
 
 # The session lines keep the namespace they were logged under when Sessions
 # lived in tcp.py: JSON log lines carry it (README, "Logs") for filtering.
 log = Logger(namespace="portrouter.tcp")
+
+# One line per connection: emitted without Logger.emit's per-call level check.
+_session_line = emitter(log, LogLevel.info, "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
+                        "{bytes_out} bytes out, {duration:.3f} s{tls}")
 
 LIMIT_REPORT = 10.0  # seconds between "refused at max_connections" log lines per project
 
@@ -249,9 +254,7 @@ class Sessions:
             session.supervisor.release()
         if session.quiet:
             return
-        log.info(
-            "{protocol} {project} {peer}: {reason}; {bytes_in} bytes in, "
-            "{bytes_out} bytes out, {duration:.3f} s{tls}",
+        _session_line(
             protocol=session.protocol,
             project=session.project,
             peer=session.peer,

@@ -22,16 +22,20 @@ import httptools
 from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocolNegotiationFactory, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
+from portrouter.logs import emitter
 from portrouter.proxyheader import looks_like_header
 from portrouter.sessions import Sample
 
 log = Logger(namespace="portrouter.http")
+# One line per request: emitted without Logger.emit's per-call level check.
+_access_line = emitter(log, LogLevel.info,
+                       "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}")
 
 _PLAIN = (tcp.Server, tcp.Client)  # transports whose socket we may write to directly
 
@@ -709,8 +713,7 @@ class Channel(Protocol):
         self.quiet = self.sample is not None and not self.sample.due()
         if self.quiet:
             return
-        log.info(
-            "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
+        _access_line(
             client=request.client,
             method=request.method.decode("latin-1"),
             target=redact_target(request.target).decode("latin-1"),

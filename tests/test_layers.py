@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("routes", frozenset({"http", "tcp", "udp", "ws"})),
     ("credentials and the state file", frozenset({"auth", "state", "proxyproto"})),
     ("parsing, the HTTP server, the relay", frozenset({"config", "web", "relay"})),
-    ("table, sessions, supervised commands, log format", frozenset({"table", "sessions", "services", "logs", "hostnames"})),
+    ("table, sessions, supervised commands, hostnames", frozenset({"table", "sessions", "services", "hostnames"})),
+    ("log format and destinations", frozenset({"logs"})),
     ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "proxyheader", "__init__"})),
 ]
 
