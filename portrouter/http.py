@@ -450,7 +450,6 @@ class ProxyExchange:
         self.reused = False
         self.answered = False  # something of the response (an interim one) came
         self.upload_mark = 0  # body_sent when the upload's progress was last looked at
-        self.timer: Any = None
         self.connecting: defer.Deferred[Any] | None = None
         self.body_splice: BodySplice | None = None
         self.chunked = request.header(b"transfer-encoding") is not None
@@ -601,10 +600,9 @@ class ProxyExchange:
         (408), or the backend stopped reading (504).
         """
         self.upload_mark = self.body_sent
-        self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._upload_check)
+        self.channel.deadline.set(self.project.limits.response_timeout, self._upload_check, self)
 
     def _upload_check(self) -> None:
-        self.timer = None
         if self.done or self.request_ended:
             return
         if self.body_sent != self.upload_mark:
@@ -624,7 +622,7 @@ class ProxyExchange:
         before: an upload takes as long as it takes (a 1 GiB body at the
         client's pace), with backpressure against a backend that stops reading.
         """
-        self.timer = self.channel.reactor.callLater(self.project.limits.response_timeout, self._timed_out)
+        self.channel.deadline.set(self.project.limits.response_timeout, self._timed_out, self)
 
     def _write_body(self, data: bytes) -> None:
         self.body_sent += len(data)
@@ -684,12 +682,9 @@ class ProxyExchange:
     # -- the response ------------------------------------------------------------
 
     def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.channel.deadline.clear(self)
 
     def _timed_out(self) -> None:
-        self.timer = None
         timeout = self.project.limits.response_timeout
         self._fail(504, f"backend did not answer within {timeout:g} s", close=True)
 

@@ -112,6 +112,66 @@ class Site(TypingProtocol):
     def handler(self, channel: Channel, request: Request) -> Handler: ...
 
 
+class Deadline:
+    """
+    A timeout that moves on every request and rarely fires: a request head's,
+    then a backend's answer's, on one client connection. Setting or clearing
+    it writes a time; the one reactor timer behind it, firing before the
+    time, sleeps again until then. A keep-alive connection thus schedules a
+    timer every C{header_timeout}, not two and two cancellations a request.
+    C{owner} (the channel, an exchange) says whose it is: clearing another's
+    does nothing.
+    """
+
+    __slots__ = ("reactor", "when", "action", "owner", "timer")
+
+    def __init__(self, reactor: IReactor):
+        self.reactor = reactor
+        self.when: float | None = None
+        self.action: Callable[[], None] | None = None
+        self.owner: object = None
+        self.timer: Any = None
+
+    def set(self, delay: float, action: Callable[[], None], owner: object) -> None:
+        when = self.reactor.seconds() + delay
+        self.when, self.action, self.owner = when, action, owner
+        timer = self.timer
+        if timer is None:
+            self.timer = self.reactor.callLater(delay, self._fired)
+        elif timer.getTime() > when:
+            timer.reset(delay)  # sooner than the timer would look: rare (a shorter timeout)
+
+    def clear(self, owner: object) -> None:
+        """No more timeout for C{owner}; the timer, if any, finds nothing when it fires."""
+        if self.owner is owner:
+            self.when = self.action = self.owner = None
+
+    def stop(self) -> None:
+        """The connection is gone: the timer too."""
+        self.when = self.action = self.owner = None
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    @property
+    def pending(self) -> bool:
+        return self.when is not None
+
+    def _fired(self) -> None:
+        self.timer = None
+        when = self.when
+        if when is None:
+            return  # cleared: the next set() schedules anew
+        now = self.reactor.seconds()
+        if now < when:
+            self.timer = self.reactor.callLater(when - now, self._fired)
+            return
+        action = self.action
+        self.when = self.action = self.owner = None
+        assert action is not None
+        action()
+
+
 def no_delay(transport: Any) -> None:
     """
     A proxy writes what it has when it has it; Nagle's algorithm would hold a
@@ -188,7 +248,7 @@ class Channel(Protocol):
         self.queue: list[tuple[Request, list[bytes]]] = []  # pipelined, waiting
         self.head_bytes = 0  # raw bytes while a head is incomplete
         self.head_size = 0  # the head as parsed
-        self.timer: Any = None
+        self.deadline = Deadline(reactor)  # the head's timeout, then the handler's (an exchange's)
         self.closing = False
         self.taken_over = False
         self.kept: Any = None  # a backend connection only this client may reuse (send_proxy: its header)
@@ -239,19 +299,12 @@ class Channel(Protocol):
         self._wait_for_head()
 
     def _wait_for_head(self) -> None:
-        timeout = self.site.header_timeout
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(timeout)
-        else:
-            self.timer = self.reactor.callLater(timeout, self._head_timed_out)
+        self.deadline.set(self.site.header_timeout, self._head_timed_out, self)
 
     def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.deadline.clear(self)
 
     def _head_timed_out(self) -> None:
-        self.timer = None
         if self.request is not None and not self.responding:
             log.info("{client}: no complete request head within {timeout:g} s; closing",
                      client=self.client, timeout=self.site.header_timeout)
@@ -317,7 +370,7 @@ class Channel(Protocol):
             return
         self.closing = True  # nothing held or queued is answered now
         self.held = None
-        self._stop_timer()
+        self.deadline.stop()
         handler, self.handler = self.handler, None
         if handler is not None and not self.taken_over:
             handler.lost()

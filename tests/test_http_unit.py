@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -9,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from portrouter.config import parse_project
 from portrouter.http import HTTPRoutes, ProjectSite, normalize
 from portrouter.sessions import Sessions
-from portrouter.web import Channel
+from portrouter.web import Channel, Deadline, Fixed
 from tests.support import closes_when_idle
 
 
@@ -124,3 +126,82 @@ def test_an_upgraded_tunnel_is_closed_when_idle_by_the_reactors_clock() -> None:
     backend.clear()
     closes_when_idle(reactor, channel.dataReceived, backend.protocol.dataReceived,  # type: ignore[attr-defined]
                      transport, backend, session)
+
+
+# -- Deadline: one timer a connection, moved by writing a time --------------------------------------
+
+
+def test_a_deadline_moved_later_schedules_no_new_timer_and_fires_at_the_last_time() -> None:
+    clock = MemoryReactorClock()
+    deadline = Deadline(clock)  # type: ignore[arg-type]
+    fired: list[str] = []
+    deadline.set(5, lambda: fired.append("first"), "channel")
+    clock.advance(1)
+    deadline.set(5, lambda: fired.append("second"), "channel")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(4)  # the timer's time, not the deadline's: it sleeps again
+    assert fired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0.999)
+    assert fired == []
+    clock.advance(0.001)
+    assert fired == ["second"] and not clock.getDelayedCalls()
+
+
+def test_a_sooner_deadline_moves_the_timer() -> None:
+    clock = MemoryReactorClock()
+    deadline = Deadline(clock)  # type: ignore[arg-type]
+    fired: list[str] = []
+    deadline.set(10, lambda: fired.append("head"), "channel")
+    deadline.set(2, lambda: fired.append("answer"), "exchange")
+    clock.advance(2)
+    assert fired == ["answer"]
+
+
+def test_only_the_owner_clears_and_stop_cancels() -> None:
+    clock = MemoryReactorClock()
+    deadline = Deadline(clock)  # type: ignore[arg-type]
+    fired: list[str] = []
+    deadline.set(3, lambda: fired.append("head"), "channel")
+    deadline.clear("exchange")
+    assert deadline.pending
+    deadline.clear("channel")
+    clock.advance(3)
+    assert fired == [] and not clock.getDelayedCalls()  # found nothing, and did not re-arm
+    deadline.set(3, lambda: fired.append("again"), "channel")
+    deadline.stop()
+    assert not clock.getDelayedCalls() and not deadline.pending
+    clock.advance(10)
+    assert fired == []
+
+
+def test_keep_alive_requests_schedule_no_timer_each() -> None:
+    """A hundred requests on one connection: one timer scheduled in all (the connection's), none cancelled."""
+    clock = MemoryReactorClock()
+    scheduled: list[float] = []
+    call_later = clock.callLater
+
+    def counted(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduled.append(delay)
+        return call_later(delay, f, *args, **kwargs)
+
+    clock.callLater = counted  # type: ignore[method-assign]
+    channel = Channel(_NoBackend(Sessions(clock).stats), clock)  # type: ignore[arg-type]
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(transport)
+    for _ in range(100):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 204 ") == 100
+    assert scheduled == [10.0]
+
+
+class _NoBackend:
+    """A site answering every request itself, at once: only the channel's own timers are left to count."""
+
+    header_timeout = 10.0
+    max_header_size = 65536
+
+    def __init__(self, stats: object):
+        self.stats = stats
+
+    def handler(self, channel: Channel, request: object) -> Fixed:
+        return Fixed(lambda: (channel.respond(204, [], length=0), channel.finish()))
