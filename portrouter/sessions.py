@@ -204,7 +204,8 @@ class Sessions:
     def open(self, protocol: str, project: str, peer: str, idle_timeout: float | None = None,
              transport: Any = None, sample: Sample | None = None) -> Session:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
-        session.tls = tls_handle(transport)
+        if transport is not None:  # the direct path has none, and no TLS
+            session.tls = tls_handle(transport)
         if sample is not None and not sample.due():
             session.quiet = True
         self.live.add(session)
