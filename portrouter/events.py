@@ -286,6 +286,13 @@ class Hub(Service):
     def _tick(self) -> None:
         self.timer = self.reactor.callLater(TICK, self._tick)
         self.ticks += 1
+        for stream in list(self.streams):
+            if stream.channel.closing:
+                # The reader closed its side (an EventSource never half-closes):
+                # it is gone, and its channel closes once the response ends.
+                stream.finish()
+        if not self.streams:
+            return
         if self.router.table is not self._table:
             self._table = self.router.table
             self.publish(sse("routes", {"routes": self.routes()}))
