@@ -97,10 +97,12 @@ class LogRing:
 
 def format_line(event: dict[str, Any], secrets: Iterable[str]) -> dict[str, Any]:
     """A log event as the dashboard shows it, with every secret it could carry hidden."""
+    fmt = event.get("log_format")
     try:
-        text = formatEvent(event)
-    except Exception:  # a broken format string must not break the stream
-        text = repr(event.get("log_format"))
+        # str.format_map (in C) for plain formats, as logs.BufferedText does; Twisted's for the rest.
+        text = fmt.format_map(event) if fmt is not None and "()" not in fmt else formatEvent(event)
+    except Exception:
+        text = formatEvent(event)  # which never raises: it says what went wrong instead
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}: {failure.getErrorMessage()}"

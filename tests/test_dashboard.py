@@ -35,6 +35,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from tests.httpbackend import Backend
 from tests.support import LOOPBACK, ThreadServer, Twistd, free_port
 from tests.test_api import ECHO_SERVICE, echo
 
@@ -103,7 +104,12 @@ def number(page: Page, selector: str) -> int:
 
 
 def wait_js(page: Page, expression: str, arg: Any = None, timeout: int = DEADLINE_MS) -> None:
-    page.wait_for_function(expression, arg=arg, timeout=timeout)
+    try:
+        page.wait_for_function(expression, arg=arg, timeout=timeout)
+    except Exception:
+        # What the page showed instead, for the failure's message.
+        shown = page.evaluate("() => [...document.querySelectorAll('#traffic tr')].map(r => r.innerText)")
+        raise AssertionError(f"the page never showed {expression}; it showed {shown}") from None
 
 
 def cell(key: str, name: str) -> str:
@@ -145,13 +151,28 @@ def test_dashboard_follows_deploys_traffic_and_services(tmp_path: Path, browser:
         # A deploy through the API shows without a reload.
         reloads: list[Any] = []
         page.on("load", lambda p: reloads.append(p))
-        web = ThreadServer(echo)
+        web = Backend()
         status, _, _ = call(port, "PUT", "/_api/projects/web", {"backend": web.address})
         assert status == 201
         page.wait_for_selector('#routes tr[data-key="web"]', timeout=PROMISE_MS)
         assert page.inner_text('#routes tr[data-key="web"]').split() == [
             str(port), "http", "web", web.address, "(path", "/web/)", "-", "no", "-"]
         assert reloads == []
+
+        # HTTP requests count, with the bytes sent back; a refused backend is a 502 and a refusal.
+        status, _, body = call(port, "GET", "/web/blob?size=3000")
+        assert (status, len(body)) == (200, 3000)
+        assert call(port, "PUT", "/_api/projects/gone", {"backend": f"tcp:{LOOPBACK}:{free_port()}"})[0] == 201
+        assert call(port, "GET", "/gone/")[0] == 502
+        wait_js(page, """() => {
+            const web = document.querySelector('#traffic tr[data-key="web"]');
+            const gone = document.querySelector('#traffic tr[data-key="gone"]');
+            return web && gone && +web.querySelector('td.requests').dataset.value === 1
+                && +web.querySelector('td.bytes_out').dataset.value === 3000
+                && +gone.querySelector('td.err-502').dataset.value === 1
+                && +gone.querySelector('td.err-refused').dataset.value === 1;
+        }""")
+        assert number(page, cell("web", "err-502")) == 0
 
         # Traffic through a TCP route moves its counters: open, bytes, rate.
         client = socket.create_connection((LOOPBACK, tcp))
@@ -195,7 +216,10 @@ def test_dashboard_follows_deploys_traffic_and_services(tmp_path: Path, browser:
 
         if os.environ.get("DASHBOARD_SCREENSHOT"):
             # The picture in README.rst (docs/dashboard.png), made by this run.
-            page.screenshot(path=os.environ["DASHBOARD_SCREENSHOT"], full_page=True)
+            picture = os.environ["DASHBOARD_SCREENSHOT"]
+            page.screenshot(path=picture, full_page=True)
+            if shutil.which("pngquant"):  # a palette keeps it small enough for the repository
+                subprocess.run(["pngquant", "--quality", "70-95", "--force", "--output", picture, picture], check=True)
 
         # Every request of the page went to the router itself.
         origin = f"http://{LOOPBACK}:{port}/"
@@ -242,6 +266,34 @@ def test_a_phone_sees_every_section(tmp_path: Path, browser: Browser) -> None:
         backend.close()
 
 
+def test_cluster_nodes_show_what_the_api_says(tmp_path: Path, browser: Browser) -> None:
+    """
+    Without a cluster /_api/nodes is a 404 and the section stays hidden (the
+    phone test); with one, the page draws the API's shape. The router here
+    has none, so the browser is handed a cluster's answer for that one URL.
+    """
+    router, port = start(tmp_path, {})
+    try:
+        context = browser.new_context()
+        now = time.time()
+        nodes = {"nodes": [
+            {"node": "edge-a", "version": "0.1.0", "table_version": 7, "last_seen": now - 3, "failed": []},
+            {"node": "edge-b", "version": "0.1.0", "table_version": 6, "last_seen": now - 125,
+             "failed": [{"project": "web", "reason": "port 3000/tcp is in use"}]},
+        ]}
+        context.route(f"http://{LOOPBACK}:{port}/_api/nodes",
+                      lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(nodes)))
+        page = context.new_page()
+        page.goto(f"http://{LOOPBACK}:{port}/_dashboard/")
+        page.wait_for_selector('#nodes tr[data-node="edge-b"]', timeout=DEADLINE_MS)
+        assert page.locator("#nodes").is_visible()
+        rows = [page.inner_text(f'#nodes tr[data-node="{n}"]').split("\t") for n in ("edge-a", "edge-b")]
+        assert rows == [["edge-a", "0.1.0", "7", "3 s ago", "-"],
+                        ["edge-b", "0.1.0", "6", "2 min ago", "web: port 3000/tcp is in use"]]
+    finally:
+        router.stop()
+
+
 def test_only_an_admin_token_opens_it_and_the_cookie_is_not_the_token(tmp_path: Path, browser: Browser) -> None:
     router, port = start(tmp_path, {"auth": {"tokens": [
         {"token": ADMIN, "admin": True}, {"token": USER, "projects": ["*"]}]}})
@@ -269,6 +321,11 @@ def test_only_an_admin_token_opens_it_and_the_cookie_is_not_the_token(tmp_path: 
         cookie = {"Cookie": f"portrouter_dashboard={cookies[0]['value']}"}
         status, headers, _ = call(port, "GET", "/_dashboard/dashboard.css", headers=cookie)
         assert (status, headers["content-type"]) == (200, "text/css; charset=utf-8")
+        # The browser itself holds the page to the router: nothing else may be loaded or connected to.
+        status, headers, _ = call(port, "GET", "/_dashboard/", headers=cookie)
+        policy = dict(p.strip().split(" ", 1) for p in headers["content-security-policy"].split(";"))
+        assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+        assert {policy[k] for k in ("script-src", "style-src", "img-src")} == {"'self'"}
         # It opens reading, never a change; and a forged one opens nothing.
         assert call(port, "PUT", "/_api/projects/p", {"backend": "tcp:127.0.0.1:1"}, headers=cookie)[0] == 401
         assert call(port, "GET", "/_api/events", headers={"Cookie": "portrouter_dashboard=" + "0" * 64})[0] == 401

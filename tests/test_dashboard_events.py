@@ -18,11 +18,12 @@ import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, LogPublisher
 
+from portrouter.auth import Credentials
 from portrouter.events import QUEUE_BYTES, TICK, LogRing, format_line, sse
-from portrouter.model import Auth, Config, Token
+from portrouter.model import Auth, Config, Limits, Token
 from portrouter.router import RouterService
 from portrouter.front import Front
-from tests.support import LOOPBACK, ClockedReactor, in_thread, start_router, stop_clocked, wait_for
+from tests.support import LOOPBACK, ClockedReactor, UDPEcho, in_thread, start_router, stop_clocked, wait_for
 from tests.test_api import Answer, api_request
 
 ADMIN = "admin-token-0123456789"
@@ -141,9 +142,44 @@ async def test_a_tick_sends_only_what_changed(tmp_path: Path) -> None:
         assert kind == "traffic" and list(traffic["routes"]) == ["tcp-0-2"]
         assert traffic["routes"]["tcp-0-2"]["bytes_in"] == 1000
         assert traffic["routes"]["tcp-0-2"]["rate_in"] == 500  # 1000 bytes over the 2 s seen so far
+        # Backend refusals (any reason) and refusals at max_connections, by route.
+        stats = router.sessions.stats
+        stats.connect_failures[("tcp-0", "refused")] += 2
+        stats.connect_failures[("tcp-0", "timeout")] += 1
+        stats.refused_at_limit[("tcp", "tcp-0")] += 4
+        recorder.sent.clear()
+        clock.advance(TICK)
+        (kind, traffic), = recorder.sent
+        assert traffic["routes"]["tcp-0"]["errors"] == {"502": 0, "504": 0, "refused": 3, "limit": 4}
+        # The sparkline's minute: bytes moved in each second since the first stream.
+        assert hub.snapshot()["history"]["tcp-0-2"] == [0, 1000, 0]
     finally:
         hub.unsubscribe(recorder)  # type: ignore[arg-type]
         await stop_clocked(router, clock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_sessions_count_both_ways(tmp_path: Path) -> None:
+    echo = UDPEcho()
+    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"),
+                    defaults=Limits(udp_timeout=0.5))
+    router = await start_router(("udp", f"udp:0:interface={LOOPBACK} -> {echo.address}"), config=config)
+    hub = router.front.hub
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(30)
+    try:
+        client.sendto(b"x" * 100, (LOOPBACK, router.port_of("udp-0")))
+        assert (await in_thread(client.recv, 1000)) == b"x" * 100
+        row = hub._traffic_rows()["udp-0"]
+        assert (row["udp_sessions"], row["bytes_in"], row["bytes_out"]) == (1, 100, 100)
+        # The session ends (udp_timeout): its bytes still count, from its log line.
+        await wait_for(lambda: hub._traffic_rows()["udp-0"]["udp_sessions"] == 0, what="the session to end")
+        row = hub._traffic_rows()["udp-0"]
+        assert (row["bytes_in"], row["bytes_out"]) == (100, 100)
+    finally:
+        client.close()
+        await router.stopService()
+        echo.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -268,6 +304,10 @@ def test_a_forged_or_stale_cookie_opens_nothing(tmp_path: Path) -> None:
                                         [(b"Cookie", f"a=b; portrouter_dashboard={good}".encode())]))
     for cookie in (f"portrouter_dashboard={ADMIN}", "portrouter_dashboard=", f"other={good}"):
         assert not dashboard.admits(api_request(b"GET", b"/_api/events", "127.0.0.1", [(b"Cookie", cookie.encode())]))
+    # A token taken out of the config (a reload) takes its cookie with it.
+    router.credentials = Credentials(Auth(tokens=(Token(secret="another-admin-token", admin=True, projects=("*",)),)))
+    assert not dashboard.admits(api_request(b"GET", b"/_api/events", "127.0.0.1",
+                                            [(b"Cookie", f"portrouter_dashboard={good}".encode())]))
     # Another run of portrouter (another key) does not take it.
     again = RouterService(config, None, Front)  # type: ignore[arg-type]
     assert not again.front.dashboard.admits(api_request(b"GET", b"/_api/events", "127.0.0.1",

@@ -120,6 +120,12 @@ function spark(canvas, values) {
   const w = canvas.width, h = canvas.height;
   ctx.clearRect(0, 0, w, h);
   const max = Math.max(1, ...values);
+  ctx.strokeStyle = "#d9dde5";  // the minute's baseline, so a short history reads as recent
+  ctx.lineWidth = 1;
+  ctx.beginPath();
+  ctx.moveTo(1, h - 1.5);
+  ctx.lineTo(w - 1, h - 1.5);
+  ctx.stroke();
   ctx.strokeStyle = "#2f6fde";
   ctx.lineWidth = 1.5;
   ctx.beginPath();
