@@ -28,6 +28,8 @@ class Front:
         self.router = router
         self.hub = Hub(router)
         # A child of the router: stopped with it, so open streams end before it drains.
+        # Named as no project can be (names are slugs), beside the listeners named after projects.
+        self.hub.setName("_events")  # type: ignore[no-untyped-call]
         self.hub.setServiceParent(router)  # type: ignore[no-untyped-call]
         self.dashboard = Dashboard(router, self.hub)
         self.api = API(router, self.dashboard)
