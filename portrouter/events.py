@@ -12,8 +12,8 @@ Nothing runs while nobody is connected: the one-second ticker starts with the
 first stream and stops with the last. What is kept always is cheap: the last
 100 log events as they were emitted (formatted only when a stream needs
 them), and a few counters bumped from the events the router logs anyway
-(HTTP answers by project and status, bytes of finished UDP sessions), since
-L{portrouter.sessions.Stats} counts neither 502 and 504 apart nor UDP bytes.
+(the bytes of HTTP answers and their 502s and 504s by project, the bytes of
+finished UDP sessions), which L{portrouter.sessions.Stats} does not count.
 
 A reader that stops reading costs a bounded queue: past L{QUEUE_BYTES} the
 events are dropped, and when it reads again it is told how many (a
@@ -59,33 +59,33 @@ class LogRing:
     """
     The last L{LOG_LINES} log events, kept as emitted: storing one is a
     deque append; they are formatted only when a stream sends them. Also
-    counts, by project, the HTTP answers (and their 502s and 504s) and the
-    bytes of finished UDP sessions, which only the log lines carry.
+    counts, by project, the bytes of HTTP answers, their 502s and 504s, and
+    the bytes of finished UDP sessions, which only the log lines carry.
     """
 
     def __init__(self, size: int = LOG_LINES):
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=size)
         self.seq = 0
-        self.requests: Counter[str] = Counter()
         self.http_out: Counter[str] = Counter()  # response bytes, by project
         self.http_errors: Counter[tuple[str, int]] = Counter()  # (project, 502 or 504)
         self.udp_in: Counter[str] = Counter()
         self.udp_out: Counter[str] = Counter()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        if level is not None and level < LogLevel.info:
+        # Called for every log event, every HTTP request's included: a few
+        # dict look-ups (LogLevel's ordering is Python code; identity is not).
+        if event.get("log_level") is LogLevel.debug:
             return
         self.seq += 1
         self.events.append((self.seq, event))
-        namespace = event.get("log_namespace")
-        if namespace == "portrouter.http" and "status" in event and "bytes" in event:
-            project = event.get("project") or "-"
-            self.requests[project] += 1
-            self.http_out[project] += event["bytes"]
-            if event["status"] in (502, 504):
-                self.http_errors[(project, event["status"])] += 1
-        elif namespace == "portrouter.udp" and "datagrams_in" in event:
+        if "status" in event:
+            if "bytes" in event and event.get("log_namespace") == "portrouter.http":
+                project = event.get("project") or "-"
+                self.http_out[project] += event["bytes"]
+                status = event["status"]
+                if status == 502 or status == 504:
+                    self.http_errors[(project, status)] += 1
+        elif "datagrams_in" in event and event.get("log_namespace") == "portrouter.udp":
             project = event.get("project", "-")
             self.udp_in[project] += event.get("bytes_in", 0)
             self.udp_out[project] += event.get("bytes_out", 0)
@@ -384,6 +384,9 @@ class Hub(Service):
                 for s in sessions.values():
                     moved_in[name] += s.bytes_in
                     moved_out[name] += s.bytes_out
+        requests: Counter[str] = Counter()
+        for (key, _), n in stats.http.items():
+            requests[key] += n
         refused: Counter[str] = Counter()
         for (key, reason), n in stats.connect_failures.items():
             refused[key] += n
@@ -406,7 +409,7 @@ class Hub(Service):
             then = next((h for h in history if now - h[0] <= RATE_WINDOW + 1e-6), history[-1])
             span = now - then[0]
             rows[key] = {
-                "open": open_[key], "requests": ring.requests[key],
+                "open": open_[key], "requests": requests[key],
                 "bytes_in": total_in, "bytes_out": total_out,
                 "rate_in": round((total_in - then[1]) / span) if span > 0 else 0,
                 "rate_out": round((total_out - then[2]) / span) if span > 0 else 0,
