@@ -22,7 +22,19 @@ from statistics import mean, median
 from typing import Any
 
 import http_bench
-from harness import LOOPBACK, BenchError, Proc, Procs, blame, check, fmt, ratio, wait_until
+from harness import (
+    LOOPBACK,
+    BenchError,
+    Proc,
+    Procs,
+    attempt_profile,
+    blame,
+    check,
+    fmt,
+    py_spy_record,
+    ratio,
+    wait_until,
+)
 from section import busy_cells, cell, compare, print_ratios, print_tables
 
 TARGETS = ("none", "ten")
@@ -102,6 +114,7 @@ class Bench(http_bench.Bench):
                  portrouter_env: dict[str, str] | None):
         super().__init__(procs, tools, args, portrouter_env)
         self.rounds = max(1, args.dashboard_rounds)
+        self.log_from = 0
 
     def parameters(self) -> dict[str, Any]:
         return {**super().parameters(), "sizes": {"100b": 100}, "rounds": self.rounds, "streams": STREAMS}
@@ -157,15 +170,17 @@ class Bench(http_bench.Bench):
 
     def proxy(self, target: str, backend: int) -> tuple[Proc, int, str]:
         # The HTTP section's portrouter, its ingress on a port of its own (no auth: loopback may read events).
+        # Its log is appended to from one start to the next: this start's lines begin here.
+        log = self.work / "portrouter.log"
+        self.log_from = log.stat().st_size if log.exists() else 0
         return super().proxy("portrouter", backend)
 
-    @staticmethod
-    def _ingress_port(proxy: Proc) -> int:
+    def _ingress_port(self, proxy: Proc) -> int:
         """The ingress portrouter bound (tcp:0), from its log."""
         found: list[int] = []
 
         def said() -> bool:
-            text = proxy.log.read_text(errors="replace") if proxy.log is not None else ""
+            text = proxy.log.read_bytes()[self.log_from:].decode(errors="replace") if proxy.log is not None else ""
             m = re.search(r"ingress listening on [\d.]+:(\d+)", text)
             if m:
                 found.append(int(m.group(1)))
@@ -212,7 +227,51 @@ class Bench(http_bench.Bench):
         print_ratios(checks, references)
 
     def profile(self, py_spy: str) -> dict[str, Any]:
-        return {"error": "no profile for this section"}
+        """
+        The cost read off the samples instead of the rates, which other
+        programs on the machine move: under the 100 B load with ten streams
+        open, the share of portrouter's samples in the dashboard's code (the
+        ticker and the streams, and the log observer that runs for every
+        request whether or not a dashboard is open).
+        """
+
+        def record() -> dict[str, Any]:
+            backend, backend_port = self.backend("profile")
+            proxy, port, _ = self.proxy("portrouter", backend_port)
+            raw = self.work / "portrouter-dashboard-profile.txt"
+            try:
+                url = f"http://{LOOPBACK}:{port}/100b.bin"
+                readers = Readers(self._ingress_port(proxy), STREAMS["ten"])
+                try:
+                    self.wrk(url, http_bench.WARMUP)
+                    with blame(proxy):
+                        load = py_spy_record(py_spy, proxy.pid, raw, 4, lambda: self.wrk(url, 5))
+                finally:
+                    readers.close()
+            finally:
+                self.procs.stop(proxy)
+                self.procs.stop(backend)
+            total = observer = hub = 0
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                n = int(count)
+                total += n
+                if "portrouter/events.py" in stack:
+                    if "(portrouter/events.py" in stack and "Hub." not in stack and "EventStream." not in stack:
+                        observer += n
+                    else:
+                        hub += n
+            return {"req_per_s_under_profiler": load["req_per_s"], "samples": total,
+                    "hub_and_streams_percent": round(100 * hub / max(total, 1), 2),
+                    "log_observer_percent": round(100 * observer / max(total, 1), 2)}
+
+        return attempt_profile("dashboard", "profile", record)
 
     def print_profile(self, profile: dict[str, Any]) -> None:
-        pass
+        if "error" in profile:
+            return  # reported as it failed
+        print()
+        print(f"portrouter under 100 B wrk load with ten streams open, py-spy -r 500, {profile['samples']} samples "
+              f"({profile['req_per_s_under_profiler']:,} req/s while sampled)")
+        print(f"  the ticker and the streams (what ten dashboards add): {profile['hub_and_streams_percent']:.2f}%")
+        print(f"  the log observer (always on, every request):          {profile['log_observer_percent']:.2f}%")
