@@ -158,13 +158,15 @@ def route_text(rows: list[dict[str, Any]]) -> bytes:
 
 
 class API:
-    def __init__(self, router: RouterService):
+    def __init__(self, router: RouterService, dashboard: Any = None):
         self.router = router
         self.registry = registry_for(router)
+        self.dashboard = dashboard  # portrouter.dashboard.Dashboard: its cookie reads, its events stream
 
     def handler(self, channel: Channel, request: Request, rest: bytes) -> Any:
         try:
-            self.router.credentials.check(request, None, admin=True)
+            if self.dashboard is None or not self.dashboard.admits(request):
+                self.router.credentials.check(request, None, admin=True)
         except Refused as e:
             # A 401 carries its challenge (RFC 9110), as Refused provides it.
             refusal = APIError(e.status, "unauthorized" if e.status == 401 else "forbidden", e.detail,
@@ -193,6 +195,8 @@ class API:
             if parts == [b"reload"] and method == b"POST":
                 # reload() takes the router's lock itself (SIGHUP comes there too).
                 return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._reload())))
+            if parts == [b"events"] and method == b"GET" and self.dashboard is not None:
+                return self.dashboard.hub.handler(channel, request)
             if parts == [b"metrics"] and method == b"GET":
                 return Fixed(lambda: channel.send(200, render(self.registry), CONTENT_TYPE))
             raise APIError(404, "not_found", "no such API endpoint")

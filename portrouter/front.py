@@ -10,6 +10,8 @@ from __future__ import annotations
 from twisted.internet.protocol import Factory
 
 from portrouter.api import API, route_rows, route_text
+from portrouter.dashboard import Dashboard
+from portrouter.events import Hub
 from portrouter.hostnames import Names
 from portrouter.hosts import HostRouting
 from portrouter.ingress import make_ingress
@@ -24,13 +26,19 @@ class Front:
 
     def __init__(self, router: RouterService):
         self.router = router
-        self.api = API(router)
+        self.hub = Hub(router)
+        # A child of the router: stopped with it, so open streams end before it drains.
+        # Named as no project can be (names are slugs), beside the listeners named after projects.
+        self.hub.setName("_events")  # type: ignore[no-untyped-call]
+        self.hub.setServiceParent(router)  # type: ignore[no-untyped-call]
+        self.dashboard = Dashboard(router, self.hub)
+        self.api = API(router, self.dashboard)
         self.stream = StreamEndpoint(router)
         hostnames = router.config.hostnames
         self.hosts = HostRouting(router, Names(hostnames)) if hostnames is not None else None
 
     def ingress(self) -> Factory:
-        return make_ingress(self.router, self.api.handler, self.stream.handler, self.hosts)
+        return make_ingress(self.router, self.api.handler, self.stream.handler, self.hosts, self.dashboard.handler)
 
     def tls_front(self) -> TLSFront | None:
         if self.hosts is None or self.hosts.names.config.listen is None:

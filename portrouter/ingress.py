@@ -22,6 +22,8 @@ from portrouter.web import Channel, ChannelFactory, Fixed, Request
 # request (with the path past /_api/), and the service ports' (/stream/...).
 APIHandler = Callable[[Channel, Request, bytes], Any]
 StreamHandler = Callable[[Channel, Request], Any]
+# /_dashboard/...: the path past it (None for /_dashboard itself).
+DashboardHandler = Callable[[Channel, Request, "bytes | None"], Any]
 
 # What the Backend.AI SDK needs from GET /: an API version it can speak
 # (v7.20230615 is what 23.09 clients use at most).
@@ -30,8 +32,9 @@ VERSION = b'{"version": "v7.20230615", "manager": "portrouter"}\n'
 
 class IngressSite:
     def __init__(self, router: RouterService, api: APIHandler, stream: StreamHandler,
-                 hosts: HostRouting | None = None):
+                 hosts: HostRouting | None = None, dashboard: DashboardHandler | None = None):
         self.router = router
+        self.dashboard = dashboard
         self.api = api
         self.stream = stream
         self.hosts = hosts
@@ -57,6 +60,8 @@ class IngressSite:
             return Fixed(lambda: channel.send(200, b'{"enabled": false, "message": ""}\n', b"application/json"))
         if segment == b"_api" and slash:
             return self._api(channel, request, rest)
+        if segment == b"_dashboard" and self.dashboard is not None:
+            return self.dashboard(channel, request, rest if slash else None)
         if segment == b"stream":
             return self.stream(channel, request)
         project = self.router.table.projects.get(segment.decode("latin-1")) if NAME.match(segment) else None
@@ -79,5 +84,5 @@ class IngressSite:
 
 
 def make_ingress(router: RouterService, api: APIHandler, stream: StreamHandler,
-                 hosts: HostRouting | None = None) -> ChannelFactory:
-    return ChannelFactory(IngressSite(router, api, stream, hosts), router.reactor)
+                 hosts: HostRouting | None = None, dashboard: DashboardHandler | None = None) -> ChannelFactory:
+    return ChannelFactory(IngressSite(router, api, stream, hosts, dashboard), router.reactor)

@@ -115,6 +115,11 @@ class Supervisor:
         self.idle_timer: Any = None
         self.starts = 0
         self.stop_requested = False
+        # What the dashboard shows: when the last start began, how long it
+        # took to open the port, and why the last start failed (None once one succeeds).
+        self.start_began: float | None = None
+        self.start_took: float | None = None
+        self.last_failure: str | None = None
 
     @property
     def waits_for(self) -> str:
@@ -154,6 +159,8 @@ class Supervisor:
         if isinstance(result, Failure) and not result.check(StartFailed):
             log.failure("starting {service}", result, service=self.name)
             result = Failure(StartFailed(f"{self.name} could not be started"))
+        if isinstance(result, Failure):
+            self.last_failure = str(result.value)
         for waiter in waiters:
             if waiter.called:
                 continue
@@ -177,6 +184,7 @@ class Supervisor:
         env = dict(os.environ)
         env.update(self.command.env or {})
         protocol = _Output(self)
+        self.start_began, self.start_took = self.clock.seconds(), None
         log.info("starting {service}: {argv}", service=self.name, argv=" ".join(argv))
         try:
             self.process = self.reactor.spawnProcess(
@@ -209,6 +217,7 @@ class Supervisor:
                 raise StartFailed(why)
             await _sleep(self.clock, POLL)
         self.ready = True
+        self.start_took, self.last_failure = self.clock.seconds() - self.start_began, None
         log.info("{service} is ready (pid {pid})", service=self.name, pid=self.pid)
 
     async def _probe(self) -> None:

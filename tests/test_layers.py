@@ -23,6 +23,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portrouter"
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("the daemons: composition roots", frozenset({"tap", "tunnel"})),
     ("the front, put together", frozenset({"front"})),
+    ("the dashboard's page and cookie", frozenset({"dashboard"})),
+    ("the dashboard's event stream, from the API's rows", frozenset({"events"})),
     ("the front: what the router's own ports answer", frozenset({"api", "ingress", "stream", "tlsfront"})),
     ("the front's parts", frozenset({"metrics", "manhole", "hosts"})),
     ("the router: table, listeners, changes under one lock", frozenset({"router"})),
