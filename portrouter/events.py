@@ -11,9 +11,9 @@ events is right again with the next one.
 Nothing runs while nobody is connected: the one-second ticker starts with the
 first stream and stops with the last. What is kept always is cheap: the last
 100 log events as they were emitted (formatted only when a stream needs
-them), and a few counters bumped from the events the router logs anyway
-(the bytes of HTTP answers and their 502s and 504s by project, the bytes of
-finished UDP sessions), which L{portrouter.sessions.Stats} does not count.
+them). The counters are the router's own (L{portrouter.sessions.Stats}, a
+UDP route's totals), never read off log lines, which a project's
+C{access_log} may sample or turn off.
 
 A reader that stops reading costs a bounded queue: past L{QUEUE_BYTES} the
 events are dropped, and when it reads again it is told how many (a
@@ -58,37 +58,20 @@ def sse(kind: str, data: Any) -> bytes:
 class LogRing:
     """
     The last L{LOG_LINES} log events, kept as emitted: storing one is a
-    deque append; they are formatted only when a stream sends them. Also
-    counts, by project, the bytes of HTTP answers, their 502s and 504s, and
-    the bytes of finished UDP sessions, which only the log lines carry.
+    deque append; they are formatted only when a stream sends them.
     """
 
     def __init__(self, size: int = LOG_LINES):
         self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=size)
         self.seq = 0
-        self.http_out: Counter[str] = Counter()  # response bytes, by project
-        self.http_errors: Counter[tuple[str, int]] = Counter()  # (project, 502 or 504)
-        self.udp_in: Counter[str] = Counter()
-        self.udp_out: Counter[str] = Counter()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        # Called for every log event, every HTTP request's included: a few
-        # dict look-ups (LogLevel's ordering is Python code; identity is not).
+        # Called for every log event, every HTTP request's included
+        # (LogLevel's ordering is Python code; identity is not).
         if event.get("log_level") is LogLevel.debug:
             return
         self.seq += 1
         self.events.append((self.seq, event))
-        if "status" in event:
-            if "bytes" in event and event.get("log_namespace") == "portrouter.http":
-                project = event.get("project") or "-"
-                self.http_out[project] += event["bytes"]
-                status = event["status"]
-                if status == 502 or status == 504:
-                    self.http_errors[(project, status)] += 1
-        elif "datagrams_in" in event and event.get("log_namespace") == "portrouter.udp":
-            project = event.get("project", "-")
-            self.udp_in[project] += event.get("bytes_in", 0)
-            self.udp_out[project] += event.get("bytes_out", 0)
 
     def since(self, seq: int) -> list[tuple[int, dict[str, Any]]]:
         """The events kept that came after C{seq}."""
@@ -357,7 +340,6 @@ class Hub(Service):
         """Per route key: open connections, UDP sessions, totals, rates over RATE_WINDOW s, errors."""
         router = self.router
         stats = router.sessions.stats
-        ring = self.ring
         keys: set[str] = set()
         for project in router.table.projects.values():
             keys.add(project.name)
@@ -381,6 +363,8 @@ class Hub(Service):
             sessions = getattr(factory, "sessions", None)
             if sessions is not None and hasattr(factory, "dropped"):  # a UDP route
                 udp[name] = len(sessions)
+                moved_in[name] += factory.ended_in
+                moved_out[name] += factory.ended_out
                 for s in sessions.values():
                     moved_in[name] += s.bytes_in
                     moved_out[name] += s.bytes_out
@@ -400,8 +384,8 @@ class Hub(Service):
         now = self.reactor.seconds()
         rows = {}
         for key in sorted(keys):
-            total_in = moved_in[key] + ring.udp_in[key]
-            total_out = moved_out[key] + ring.udp_out[key] + ring.http_out[key]
+            total_in = moved_in[key]
+            total_out = moved_out[key] + stats.http_out[key]
             history = self._totals.setdefault(key, deque(maxlen=HISTORY + 1))
             if not history or history[-1][0] != now:
                 history.append((now, total_in, total_out))
@@ -413,7 +397,7 @@ class Hub(Service):
                 "bytes_in": total_in, "bytes_out": total_out,
                 "rate_in": round((total_in - then[1]) / span) if span > 0 else 0,
                 "rate_out": round((total_out - then[2]) / span) if span > 0 else 0,
-                "errors": {"502": ring.http_errors[(key, 502)], "504": ring.http_errors[(key, 504)],
+                "errors": {"502": stats.http_errors[(key, 502)], "504": stats.http_errors[(key, 504)],
                            "refused": refused[key], "limit": limit[key]},
             }
             if key in udp:

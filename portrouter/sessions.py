@@ -42,6 +42,8 @@ class Stats:
         self.bytes_in: Counter[tuple[str, str]] = Counter()
         self.bytes_out: Counter[tuple[str, str]] = Counter()
         self.http: Counter[tuple[str, str]] = Counter()  # (project, "2xx")
+        self.http_out: Counter[str] = Counter()  # response bytes, by project
+        self.http_errors: Counter[tuple[str, int]] = Counter()  # (project, 502 or 504): the backend's failures
         self.connect_failures: Counter[tuple[str, str]] = Counter()  # (project, reason)
         self.refused_at_limit: Counter[tuple[str, str]] = Counter()  # (protocol, project)
         # Requests by Host, connections by SNI: "host", "tls", "passthrough",
@@ -49,8 +51,12 @@ class Stats:
         self.hostnames: Counter[str] = Counter()
         self.datagrams_dropped: Counter[str] = Counter()  # by UDP service port ("project/service")
 
-    def http_request(self, project: str | None, status: int) -> None:
-        self.http[(project or "-", f"{status // 100}xx")] += 1
+    def http_request(self, project: str | None, status: int, sent: int = 0) -> None:
+        name = project or "-"
+        self.http[(name, f"{status // 100}xx")] += 1
+        self.http_out[name] += sent
+        if status == 502 or status == 504:
+            self.http_errors[(name, status)] += 1
 
     def connect_failed(self, project: str, why: str) -> None:
         if "did not answer" in why:

@@ -203,6 +203,7 @@ class UDPRoute(DatagramProtocol):
         self.dropped = 0
         self.refused = 0
         self.send_errors = 0
+        self.ended_in = self.ended_out = 0  # bytes of the sessions that ended, each way
         self._dropped_reported = 0
         self._last_report = -DROP_REPORT
         self._sweeper: Any = None
@@ -416,6 +417,8 @@ class UDPRoute(DatagramProtocol):
         del self.sessions[session.client]
         self.reactor.removeReader(session)
         session.sock.close()
+        self.ended_in += session.bytes_in
+        self.ended_out += session.bytes_out
         if not self.sample.due():
             return
         log.info(

@@ -762,7 +762,7 @@ class Channel(Protocol):
         request = self.current
         if self.tls_suffix is None:
             self.tls_suffix = describe(self.tls)
-        self.site.stats.http_request(self.project, self.status)
+        self.site.stats.http_request(self.project, self.status, self.sent)
         self.quiet = self.sample is not None and not self.sample.due()
         if self.quiet:
             return

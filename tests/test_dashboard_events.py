@@ -19,11 +19,14 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, LogPublisher
 
 from portrouter.auth import Credentials
+from portrouter.config import parse
 from portrouter.events import QUEUE_BYTES, TICK, LogRing, format_line, sse
 from portrouter.model import Auth, Config, Limits, Token
 from portrouter.router import RouterService
 from portrouter.front import Front
-from tests.support import LOOPBACK, ClockedReactor, UDPEcho, in_thread, start_router, stop_clocked, wait_for
+from tests.support import (
+    LOOPBACK, ClockedReactor, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for,
+)
 from tests.test_api import Answer, api_request
 
 ADMIN = "admin-token-0123456789"
@@ -268,14 +271,32 @@ def test_the_log_ring_is_bounded_lazy_and_hides_secrets() -> None:
     assert format_line({"log_format": "key {k}", "k": f"<{ADMIN}>"}, [ADMIN])["text"] == "key <***>"
 
 
-def test_the_ring_counts_what_only_log_lines_carry() -> None:
-    ring = LogRing()
-    for status in (200, 502, 504, 502):
-        ring({"log_namespace": "portrouter.http", "status": status, "bytes": 10, "project": "web"})
-    ring({"log_namespace": "portrouter.udp", "project": "dns", "datagrams_in": 1, "bytes_in": 40, "bytes_out": 90})
-    assert ring.http_out["web"] == 40
-    assert (ring.http_errors[("web", 502)], ring.http_errors[("web", 504)]) == (2, 1)
-    assert (ring.udp_in["dns"], ring.udp_out["dns"]) == (40, 90)
+@pytest_twisted.ensureDeferred
+async def test_counts_come_from_the_router_not_its_log_lines(tmp_path: Path) -> None:
+    """
+    A project with access_log: false writes no request or session line, and
+    the dashboard still counts its answers' bytes, its 502s and 504s, and its
+    finished UDP sessions' bytes: they are the router's counters.
+    """
+    clock = Clock()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "web", "backend": f"tcp:{LOOPBACK}:9", "access_log": False},
+                     {"name": "dns", "backend": f"{LOOPBACK}:9", "access_log": False,
+                      "listen": {"port": free_port(socket.SOCK_DGRAM), "protocol": "udp", "interface": LOOPBACK}}]}),
+        using=ClockedReactor(clock))
+    hub = router.front.hub
+    try:
+        for status in (200, 502, 504, 502):
+            router.sessions.stats.http_request("web", status, 10)
+        udp = router.listeners["dns"].factory
+        udp.ended_in, udp.ended_out = 40, 90  # as _close leaves them
+        row = hub._traffic_rows()
+        assert row["web"]["bytes_out"] == 40 and row["web"]["requests"] == 4
+        assert (row["web"]["errors"]["502"], row["web"]["errors"]["504"]) == (2, 1)
+        assert (row["dns"]["bytes_in"], row["dns"]["bytes_out"]) == (40, 90)
+    finally:
+        await stop_clocked(router, clock)
 
 
 @pytest.mark.parametrize("client", ["192.0.2.1", "2001:db8::1"])
