@@ -331,8 +331,8 @@ class RouterService(MultiService):
         # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
         port = self.reactor.listenTCP(endpoint._port, outer, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
-            # Plain TCP only: TLS is Twisted's to do, in user space, and a
-            # gated port reads headers first (its doRead hands those to Twisted).
+            # Plain TCP only: TLS is Twisted's to do, in user space. Behind a
+            # gate, trusted clients come direct once their header is read.
             accept_directly(port)
         return port
 

@@ -192,6 +192,12 @@ def accept_directly(port: tcp.Port) -> None:
     whose first bytes are watched for a forged header.
     """
     twisted_read = port.doRead
+    # Accepted sockets inherit TCP_NODELAY from the listening one (Linux):
+    # set once here, not once per connection.
+    try:
+        port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP after all (a UNIX socket): nothing to inherit
 
     def doRead() -> None:
         factory = port.factory
@@ -213,6 +219,7 @@ def accept_directly(port: tcp.Port) -> None:
                 # rather than spin; the kernel keeps the queue.
                 log.warn("tcp {project}: cannot accept: {why}", project=route.name, why=e.strerror)
                 return
+            sock.setblocking(False)
             if gate is None:
                 route.accept_socket(sock, address)
             elif gate.trusts(address[0]):
@@ -255,7 +262,6 @@ class _HeaderWait:
         self.timer: Any = None
 
     def start(self) -> None:
-        self.sock.setblocking(False)
         self.gate.reading.add(self)
         self.doRead()
         if self.fd >= 0 and self in self.gate.reading:
@@ -387,8 +393,6 @@ class TCPRoute(Factory):
         backend = socket.socket(family, socket.SOCK_STREAM)
         backend.setblocking(False)
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.sessions.open("tcp", name, peer, limits.idle_timeout, sample=self.sample)
         relay = SpliceRelay(self.reactor, session, sock, backend)
         stats = self.sessions.stats

@@ -215,3 +215,21 @@ async def test_many_concurrent_connections(relay_mode: str) -> None:
 
 async def _gather(ds: list[Any]) -> list[Any]:
     return [await d for d in ds]
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayed_connections_are_accepted_with_nodelay() -> None:
+    """
+    TCP_NODELAY is set once, on the listening socket of a direct route, for
+    every accepted socket to inherit (Linux does): a relayed small write is
+    sent at once, not held for the client's delayed ACK.
+    """
+    server = ThreadServer(lambda conn: conn.recv(1))
+    router = await start_router(("tcp", f"tcp:0:interface={LOOPBACK} -> {server.address}"))
+    try:
+        (listener,) = router.listeners.values()
+        assert listener.factory.direct is not None
+        assert listener.port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # type: ignore[attr-defined]
+    finally:
+        await router.stopService()
+        server.close()
