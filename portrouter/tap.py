@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from portrouter import logs
+from portrouter.cluster import cluster_store
 from portrouter.config import ConfigError, load, with_cli
 from portrouter.model import Config
 from portrouter.front import Front
@@ -156,8 +157,10 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     _raise_fd_limit()
     try:
+        cluster = options["parsed"].cluster
         return _Daemon(options["parsed"], reactor, Front,
-                       reload_config=options.read_config if options["config"] else None)
+                       reload_config=options.read_config if options["config"] else None,
+                       store=cluster_store(cluster) if cluster is not None else None)
     except StateError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(1) from None

@@ -1,0 +1,377 @@
+"""
+Several routers, one table (SPEC 13): a real redis-server on a loopback port
+of its own, routers in this process and real ``twistd -n portrouter``
+processes sharing it; SO_REUSEPORT (``reuse_port: true``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
+
+from portrouter.cluster import ClusterStore, cluster_store
+from portrouter.config import ConfigError, parse, with_cli
+from portrouter.front import Front
+from portrouter.model import Cluster, Config
+from portrouter.router import RouterService
+from tests.httpbackend import Backend
+from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
+from tests.test_api import api, connect, distinct_ports, echo, http_get, listen, refuses, say
+
+# -- a redis-server of the test's own ------------------------------------------------------------
+
+
+class Redis:
+    """
+    redis-server on a free loopback port, writing nothing to disk unless a
+    test asks it to SAVE: a restart then comes back with what was saved, as
+    a Redis with persistence does.
+    """
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:{LOOPBACK}:{self.port}"
+
+    async def start(self) -> Redis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), "--dbfilename", "dump.rdb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def answers() -> bool:
+            try:
+                return bool(self.command("PING") == "PONG")
+            except OSError:
+                return False
+
+        await wait_for(answers, what=f"redis-server on port {self.port} to answer PING")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: Redis gone at once, as a crash takes it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def command(self, *args: str) -> Any:
+        """One command over a socket of the test's own (RESP), its reply decoded."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=10) as sock:
+            sock.sendall(b"".join([f"*{len(args)}\r\n".encode(), *(
+                f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)]))
+            return _reply(sock.makefile("rb"))
+
+
+def _reply(reader: Any) -> Any:
+    line = reader.readline()
+    if not line:
+        raise OSError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise AssertionError(f"redis error: {rest}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        return None if int(rest) < 0 else reader.read(int(rest) + 2)[:-2].decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [_reply(reader) for _ in range(int(rest))]
+    raise AssertionError(f"unexpected reply {line!r}")
+
+
+@pytest.fixture
+def redis_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    yield directory
+
+
+def cluster_config(redis: Redis, node: str, prefix: str = "portrouter", **config: Any) -> Config:
+    config.setdefault("ingress", f"tcp:0:interface={LOOPBACK}")
+    config.setdefault("drain_timeout", 5.0)
+    config.setdefault("reuse_port", True)
+    return Config(cluster=Cluster(redis.endpoint, prefix, node), **config)
+
+
+def start_member(config: Config, routes: tuple[tuple[str, str], ...] = ()) -> RouterService:
+    """A started router of the cluster in this process, on the real reactor."""
+    assert config.cluster is not None
+    router = RouterService(with_cli(config, routes=routes), reactor, Front, store=cluster_store(config.cluster))
+    router.privilegedStartService()
+    router.startService()
+    return router
+
+
+def store_of(router: RouterService) -> ClusterStore:
+    assert isinstance(router.store, ClusterStore)
+    return router.store
+
+
+def tcp_manifest(port: int, backend: int) -> dict[str, Any]:
+    return {"backend": f"tcp:{LOOPBACK}:{backend}", "listen": listen(port, "tcp")}
+
+
+def echoes(port: int, message: bytes) -> bool:
+    with connect(port) as sock:
+        return say(sock, message) == message
+
+
+def metric_values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            values[(s.name, frozenset(s.labels.items()))] = s.value
+    return values
+
+
+async def metric(ingress: int, name: str, **labels: str) -> float:
+    status, text = await in_thread(http_get, ingress, "/_api/metrics")
+    assert status == 200
+    return metric_values(text.decode()).get((name, frozenset(labels.items())), 0.0)
+
+
+async def eventually(condition: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
+    """L{wait_for} for a condition that has to ask over the network: every 20 ms until true, or fail."""
+    deadline = time.monotonic() + timeout
+    while not (value := await condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return value
+
+
+def listening(port: int, pid: int | None = None) -> int:
+    """How many listening TCP sockets on 127.0.0.1:C{port} (those of process C{pid} only, if given)."""
+    inodes = None
+    if pid is not None:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        ip, hexport = fields[1].split(":")
+        if ip == "0100007F" and int(hexport, 16) == port and fields[3] == "0A":
+            if inodes is None or fields[9] in inodes:
+                count += 1
+    return count
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_the_cluster_section_is_parsed_with_defaults() -> None:
+    config = parse({"cluster": {"redis": "tcp:127.0.0.1:6379"}, "reuse_port": True})
+    assert config.cluster == Cluster("tcp:127.0.0.1:6379", "portrouter", socket.gethostname())
+    assert config.reuse_port is True
+    tls = parse({"cluster": {"redis": "tls:redis.example:6380", "prefix": "edge:eu", "node": "edge-1"}})
+    assert tls.cluster == Cluster("tls:redis.example:6380", "edge:eu", "edge-1")
+    assert parse({}).cluster is None and parse({}).reuse_port is False
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"cluster": {}}, "cluster.redis: is required (a client endpoint, e.g. tcp:127.0.0.1:6379)"),
+    ({"cluster": {"redis": "redis://h:6379"}}, "cluster.redis: 'redis://h:6379' is not a client endpoint: "
+                                               "Unknown endpoint type: 'redis'"),
+    ({"cluster": {"redis": "tcp:h:1", "prefix": "my prefix"}},
+     "cluster.prefix: 'my prefix' is not a key prefix (1 to 64 letters, digits, '_', '.', ':' or '-')"),
+    ({"cluster": {"redis": "tcp:h:1", "node": 7}}, "cluster.node: expected a string, got 7"),
+    ({"cluster": {"redis": "tcp:h:1", "nodes": "a"}}, "cluster.nodes: unknown key (did you mean 'node'?)"),
+    ({"cluster": "tcp:h:1"}, "cluster: expected a mapping"),
+    ({"reuse_port": "yes"}, "reuse_port: expected true or false, got 'yes'"),
+])
+def test_a_bad_cluster_section_is_refused_quoting_the_value(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(data)
+    assert str(info.value).startswith(message)
+
+
+# -- routers in this process ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_cluster_nodes_is_404_no_cluster(tmp_path: Path) -> None:
+    router = await start_router(config=Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path)))
+    try:
+        status, body = await api(router.port_of(), "GET", "/_api/nodes")
+        assert status == 404 and body["error"]["code"] == "no_cluster"
+    finally:
+        await router.stopService()
+
+
+def change_from_elsewhere(redis: Redis, name: str, manifest: dict[str, Any]) -> int:
+    """A deploy as a router on another host makes it: the project, a new version, published."""
+    script = ("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); local v = redis.call('INCR', KEYS[2]); "
+              "redis.call('PUBLISH', KEYS[3], v); return v")
+    return int(redis.command("EVAL", script, "3", "portrouter:projects", "portrouter:version", "portrouter:changes",
+                             name, json.dumps({"name": name, **manifest})))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
+        tmp_path: Path, redis_dir: Path) -> None:
+    redis = await Redis(redis_dir).start()
+    backend = ThreadServer(echo)
+    taken, mine, other = distinct_ports(3)
+    # Another program on this host holds `taken`.
+    holder = socket.socket()
+    holder.bind((LOOPBACK, taken))
+    holder.listen()
+    a = start_member(cluster_config(redis, "a"))
+    # b's own config file has a project on `mine` (on 127.0.0.2: the OS lets
+    # a bind 127.0.0.1, the table does not let b serve both).
+    b = start_member(cluster_config(redis, "b"),
+                     routes=(("tcp", f"tcp:{mine}:interface=127.0.0.2 -> tcp:{LOOPBACK}:{backend.port}"),))
+    try:
+        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table")
+        # Through this host's router a, `taken` is refused at once: a binds before it answers.
+        status, body = await api(a.port_of(), "PUT", "/_api/projects/blocked", tcp_manifest(taken, backend.port))
+        assert (status, body["error"]["code"]) == (409, "port_unavailable")
+        # A router on another host deploys it there.
+        assert change_from_elsewhere(redis, "blocked", tcp_manifest(taken, backend.port)) == 1
+        for name, port in (("clash", mine), ("fine", other)):
+            status, body = await api(a.port_of(), "PUT", f"/_api/projects/{name}", tcp_manifest(port, backend.port))
+            assert status == 201, body
+        await wait_for(lambda: "fine" in b.listeners and "fine" in a.listeners, what="both to serve 'fine'")
+        assert set(b.listeners) == {"fine", f"tcp-{mine}"} and set(a.listeners) == {"clash", "fine"}
+        assert b.table.projects[f"tcp-{mine}"].static
+        assert await in_thread(echoes, other, b"still served")
+
+        async def reported() -> Any:
+            status, body = await api(b.port_of(), "GET", "/_api/nodes")
+            assert status == 200
+            nodes = {n["node"]: n for n in body["nodes"]}
+            settled = set(nodes) == {"a", "b"} and all(n["table_version"] == 3 for n in nodes.values())
+            return nodes if settled else None
+
+        nodes = await eventually(reported, "both nodes to report table version 3")
+        assert nodes["a"]["failed"] == [
+            {"project": "blocked", "reason": f"cannot bind port {taken}/tcp for project 'blocked': "
+                                             "Address already in use"}]
+        assert nodes["b"]["failed"] == [
+            {"project": "blocked", "reason": f"cannot bind port {taken}/tcp for project 'blocked': "
+                                             "Address already in use"},
+            {"project": "clash", "reason": f"port {mine}/tcp is already bound by project 'tcp-{mine}'; "
+                                           "project 'clash' cannot bind it"},
+        ]
+        for node in nodes.values():
+            assert node["version"] == "0.1.0" and 0 <= node["last_seen"] <= 10
+        assert await metric(b.port_of(), "portrouter_cluster_failed_changes", node="b") == 2
+        assert await metric(b.port_of(), "portrouter_cluster_table_version", node="a") == 3
+        # The program goes away: the next change of the table tries again.
+        holder.close()
+        assert (await api(a.port_of(), "DELETE", "/_api/projects/fine"))[0] == 204
+        await wait_for(lambda: "blocked" in b.listeners and "fine" not in b.listeners, what="b to retry")
+        await wait_for(lambda: "blocked" in a.listeners, what="a to retry")
+        assert set(store_of(b).failed) == {"clash"} and store_of(a).failed == {}
+    finally:
+        holder.close()
+        await a.stopService()
+        await b.stopService()
+        redis.kill()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_message_is_caught_by_the_version_check(tmp_path: Path, redis_dir: Path) -> None:
+    redis = await Redis(redis_dir).start()
+    backend = ThreadServer(echo)
+    a = start_member(cluster_config(redis, "a"))
+    b = start_member(cluster_config(redis, "b"))
+    try:
+        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table")
+        # b's subscription delivers nothing from now on, as if every message were lost.
+        dropped: list[Any] = []
+        store_of(b).published = dropped.append  # type: ignore[method-assign]
+        port = free_port()
+        assert (await api(a.port_of(), "PUT", "/_api/projects/late", tcp_manifest(port, backend.port)))[0] == 201
+        await wait_for(lambda: "late" in b.listeners, what="b's heartbeat to notice the new version")
+        assert dropped == ["1"]  # the message came, and was not what b acted on
+        assert store_of(b).version == 1
+    finally:
+        await a.stopService()
+        await b.stopService()
+        redis.kill()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_router_started_while_redis_is_down_serves_its_own_and_joins_later(
+        tmp_path: Path, redis_dir: Path) -> None:
+    redis = Redis(redis_dir)  # not started
+    backend = ThreadServer(echo)
+    own, remote = distinct_ports(2)
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "portrouter.cluster" and "log_format" in event:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    router = start_member(cluster_config(redis, "lone"),
+                          routes=(("tcp", f"tcp:{own}:interface={LOOPBACK} -> tcp:{LOOPBACK}:{backend.port}"),))
+    try:
+        await wait_for(lambda: any("unreachable" in line for line in lines), what="the router to say so")
+        assert [line for line in lines if "unreachable" in line] == [
+            f"cluster: redis at {redis.endpoint} is unreachable; serving the 1 projects of this router's own "
+            "config until it is back"]
+        assert await in_thread(echoes, own, b"own")
+        status, body = await api(router.port_of(), "PUT", "/_api/projects/x", tcp_manifest(remote, backend.port))
+        assert status == 503 and body["error"]["code"] == "store_unavailable"
+        assert body["error"]["message"] == (f"the cluster's store (redis at {redis.endpoint}) is unavailable "
+                                            "(not connected); nothing was changed")
+        status, body = await api(router.port_of(), "GET", "/_api/nodes")
+        assert status == 503 and body["error"]["code"] == "store_unavailable"
+        await redis.start()
+        # Another router deployed x meanwhile.
+        change_from_elsewhere(redis, "x", tcp_manifest(remote, backend.port))
+        await wait_for(lambda: "x" in router.listeners, what="the router to read the table once redis is up")
+        assert router.table.projects["x"].static is False
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await router.stopService()
+        redis.kill()
+        backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_routers_with_reuse_port_share_a_udp_port(tmp_path: Path, redis_dir: Path) -> None:
+    redis = await Redis(redis_dir).start()
+    port = free_port(socket.SOCK_DGRAM)
+    route = (("udp", f"udp:{port}:interface={LOOPBACK} -> {LOOPBACK}:9"),)
+    a = start_member(cluster_config(redis, "a"), routes=route)
+    b = start_member(cluster_config(redis, "b"), routes=route)
+    try:
+        assert a.listeners[f"udp-{port}"].port.getHost().port == b.listeners[f"udp-{port}"].port.getHost().port == port
+        # Without reuse_port the same second bind is refused: the option is what shares it.
+        with pytest.raises(Exception, match="Address already in use"):
+            start_member(cluster_config(redis, "c", reuse_port=False), routes=route)
+    finally:
+        await a.stopService()
+        await b.stopService()
+        redis.kill()
