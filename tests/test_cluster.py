@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -29,7 +28,7 @@ from portrouter.model import Cluster, Config
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
-from tests.test_api import api, connect, distinct_ports, echo, http_get, listen, refuses, say
+from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say
 
 # -- a redis-server of the test's own ------------------------------------------------------------
 
@@ -104,6 +103,22 @@ def redis_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "redis"
     directory.mkdir()
     yield directory
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(redis_dir: Path) -> Any:
+    """A started redis-server, killed after the test."""
+    server = await Redis(redis_dir).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def backend() -> Iterator[ThreadServer]:
+    """A TCP echo server."""
+    server = ThreadServer(echo)
+    yield server
+    server.close()
 
 
 def cluster_config(redis: Redis, node: str, prefix: str = "portrouter", **config: Any) -> Config:
@@ -234,9 +249,7 @@ def change_from_elsewhere(redis: Redis, name: str, manifest: dict[str, Any]) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
-        tmp_path: Path, redis_dir: Path) -> None:
-    redis = await Redis(redis_dir).start()
-    backend = ThreadServer(echo)
+        tmp_path: Path, redis: Redis, backend: ThreadServer) -> None:
     taken, mine, other = distinct_ports(3)
     # Another program on this host holds `taken`.
     holder = socket.socket()
@@ -293,14 +306,10 @@ async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
         holder.close()
         await a.stopService()
         await b.stopService()
-        redis.kill()
-        backend.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lost_message_is_caught_by_the_version_check(tmp_path: Path, redis_dir: Path) -> None:
-    redis = await Redis(redis_dir).start()
-    backend = ThreadServer(echo)
+async def test_a_lost_message_is_caught_by_the_version_check(redis: Redis, backend: ThreadServer) -> None:
     a = start_member(cluster_config(redis, "a"))
     b = start_member(cluster_config(redis, "b"))
     try:
@@ -316,15 +325,12 @@ async def test_a_lost_message_is_caught_by_the_version_check(tmp_path: Path, red
     finally:
         await a.stopService()
         await b.stopService()
-        redis.kill()
-        backend.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_router_started_while_redis_is_down_serves_its_own_and_joins_later(
-        tmp_path: Path, redis_dir: Path) -> None:
+        redis_dir: Path, backend: ThreadServer) -> None:
     redis = Redis(redis_dir)  # not started
-    backend = ThreadServer(echo)
     own, remote = distinct_ports(2)
     lines: list[str] = []
 
@@ -356,12 +362,10 @@ async def test_a_router_started_while_redis_is_down_serves_its_own_and_joins_lat
         globalLogPublisher.removeObserver(observe)
         await router.stopService()
         redis.kill()
-        backend.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_routers_with_reuse_port_share_a_udp_port(tmp_path: Path, redis_dir: Path) -> None:
-    redis = await Redis(redis_dir).start()
+async def test_two_routers_with_reuse_port_share_a_udp_port(redis: Redis) -> None:
     port = free_port(socket.SOCK_DGRAM)
     route = (("udp", f"udp:{port}:interface={LOOPBACK} -> {LOOPBACK}:9"),)
     a = start_member(cluster_config(redis, "a"), routes=route)
@@ -374,4 +378,201 @@ async def test_two_routers_with_reuse_port_share_a_udp_port(tmp_path: Path, redi
     finally:
         await a.stopService()
         await b.stopService()
+
+
+# -- three real twistd processes -----------------------------------------------------------------
+
+
+class Member:
+    """A real ``twistd -n portrouter`` of the cluster, with its ingress port."""
+
+    def __init__(self, daemon: Twistd, node: str):
+        self.daemon = daemon
+        self.node = node
+        self.ingress = 0
+
+    @property
+    def pid(self) -> int:
+        return self.daemon.proc.pid
+
+
+async def start_members(tmp_path: Path, redis: Redis, nodes: list[str], **extra: Any) -> list[Member]:
+    members = []
+    for node in nodes:
+        config = tmp_path / f"{node}.yaml"
+        lines = [f"ingress: tcp:{extra.get('ingress', 0)}:interface={LOOPBACK}", f"state: {tmp_path / node}",
+                 "drain_timeout: 30", "reuse_port: true",
+                 f"cluster: {{redis: 'tcp:{LOOPBACK}:{redis.port}', node: {node}}}"]
+        lines += extra.get("lines", [])
+        config.write_text("\n".join(lines) + "\n")
+        members.append(Member(Twistd("--config", str(config)), node))
+    for member in members:
+        member.ingress = await member.daemon.ingress_port()
+        await member.daemon.wait_line(r"cluster: table version \d+ applied")
+    return members
+
+
+def stop_members(members: list[Member]) -> None:
+    for member in members:
+        member.daemon.stop()
+
+
+async def projects_of(member: Member) -> dict[str, Any]:
+    status, body = await api(member.ingress, "GET", "/_api/projects")
+    assert status == 200
+    return {p["name"]: p for p in body["projects"] if p["source"] == "api"}
+
+
+async def tables_equal(members: list[Member]) -> Any:
+    tables = [await projects_of(m) for m in members]
+    return tables[0] if all(t == tables[0] for t in tables) else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_routers_one_table_through_changes_outages_and_lost_messages(
+        tmp_path: Path, redis: Redis, backend: ThreadServer) -> None:
+    web = Backend()
+    web_port, echo_port, late_port, later_port = distinct_ports(4)
+    members = await start_members(tmp_path, redis, ["a", "b", "c"])
+    a, b, c = members
+    held: list[socket.socket] = []
+    try:
+        # Deployed on a ...
+        for name, manifest in (("web", {"backend": web.address, "listen": listen(web_port, "http")}),
+                               ("app", {"backend": web.address}),
+                               ("echo", tcp_manifest(echo_port, backend.port))):
+            status, body = await api(a.ingress, "PUT", f"/_api/projects/{name}", manifest)
+            assert status == 201, body
+        # ... served by b and c by path, on their own ingress ports,
+        for member in (b, c):
+            status, text = await eventually(lambda m=member: in_thread(http_get, m.ingress, "/app/x"),  # type: ignore[misc]
+                                            "the path route", timeout=5)
+            await wait_for(lambda m=member: listening(web_port, m.pid) == 1 and listening(echo_port, m.pid) == 1,
+                           what=f"{member.node} to bind the projects' ports")
+        for member in (b, c):
+            status, text = await in_thread(http_get, member.ingress, "/app/x")
+            assert status == 200 and text.startswith(b"backend saw GET /"), text
+        # ... and by port: all three share it, and each answers some of the requests.
+        assert listening(web_port) == 3
+
+        async def each_served_web() -> bool:
+            for _ in range(10):
+                assert (await in_thread(http_get, web_port, "/"))[0] == 200
+            return all([await metric(m.ingress, "portrouter_http_requests_total", project="web", code="2xx") > 0
+                        for m in members])
+
+        await eventually(each_served_web, "every router to answer on the shared port")
+
+        # Connections on echo's port, until each router holds some.
+        async def each_holds_one() -> bool:
+            for _ in range(6):
+                sock = await in_thread(connect, echo_port)
+                held.append(sock)
+                assert await in_thread(say, sock, b"hi") == b"hi"
+            return all([await metric(m.ingress, "portrouter_connections_active", project="echo", protocol="tcp") > 0
+                        for m in members])
+
+        await eventually(each_holds_one, "every router to hold a connection on echo's port")
+
+        # Deleted on c: released on all three, the open connections drain (they go on).
+        assert (await api(c.ingress, "DELETE", "/_api/projects/echo"))[0] == 204
+        assert (await api(c.ingress, "DELETE", "/_api/projects/app"))[0] == 204
+        await wait_for(lambda: listening(echo_port) == 0, what="every router to release echo's port")
+        assert await in_thread(refuses, echo_port)
+        for sock in held:
+            assert await in_thread(say, sock, b"still here") == b"still here"
+        for member in members:
+            assert (await in_thread(http_get, member.ingress, "/app/x"))[0] == 404
+        assert set(await eventually(lambda: tables_equal(members), "the tables to agree")) == {"web"}
+
+        # Redis dies: everyone keeps serving, changes are refused with 503.
+        assert redis.command("SAVE") == "OK"
         redis.kill()
+        for member in members:
+            status, body = await api(member.ingress, "PUT", "/_api/projects/late", tcp_manifest(late_port, backend.port))
+            assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+            assert (await in_thread(http_get, web_port, "/"))[0] == 200
+        # Back (with what it had saved): the routers reconnect, changes go through and reach all.
+        await redis.start()
+
+        async def deployed() -> bool:
+            status, _ = await api(b.ingress, "PUT", "/_api/projects/late", tcp_manifest(late_port, backend.port))
+            assert status in (201, 503)
+            return status == 201
+
+        await eventually(deployed, "b to accept changes again")
+        await wait_for(lambda: listening(late_port) == 3, what="every router to bind late's port")
+        assert set(await eventually(lambda: tables_equal(members), "the tables to agree")) == {"web", "late"}
+
+        # Every subscription killed: the next change still reaches every router.
+        assert redis.command("CLIENT", "KILL", "TYPE", "pubsub") == 3
+        status, _ = await api(a.ingress, "PUT", "/_api/projects/later", tcp_manifest(later_port, backend.port))
+        assert status == 201
+        await wait_for(lambda: listening(later_port) == 3, what="every router to bind later's port")
+        assert set(await eventually(lambda: tables_equal(members), "the tables to agree")) == {"web", "late", "later"}
+    finally:
+        for sock in held:
+            sock.close()
+        stop_members(members)
+        web.close()
+
+
+ROUNDS = 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_conflicting_deploys_at_once_exactly_one_wins_every_round(
+        tmp_path: Path, redis: Redis, backend: ThreadServer) -> None:
+    members = await start_members(tmp_path, redis, ["a", "b", "c"])
+    a, b, _ = members
+    ports = distinct_ports(ROUNDS)
+    try:
+        for round, port in enumerate(ports):
+            start = threading.Barrier(2)
+
+            def deploy(member: Member, name: str) -> tuple[int, Any]:
+                start.wait(10)  # both requests leave at the same instant
+                status, _, raw = call(member.ingress, "PUT", f"/_api/projects/{name}",
+                                      tcp_manifest(port, backend.port))
+                return status, json.loads(raw)
+
+            results = await defer.gatherResults([in_thread(deploy, a, f"r{round}-a"),
+                                                 in_thread(deploy, b, f"r{round}-b")])
+            statuses = sorted(status for status, _ in results)
+            assert statuses == [201, 409], (round, results)
+            winner = next(body["name"] for status, body in results if status == 201)
+            loser = next(body for status, body in results if status == 409)
+            assert loser["error"] == {
+                "code": "port_conflict", "field": "listen.port",
+                "message": f"port {port}/tcp is already bound by project {winner!r}"}, (round, results)
+        tables = await eventually(lambda: tables_equal(members), "the three tables to agree")
+        assert len(tables) == ROUNDS
+        assert sorted(p["listen"]["port"] for p in tables.values()) == sorted(ports)
+    finally:
+        stop_members(members)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_routers_with_reuse_port_on_one_port_both_accept(
+        tmp_path: Path, redis: Redis, backend: ThreadServer) -> None:
+    shared, own = distinct_ports(2)
+    # The same ingress port for both, and a project of their own config on another.
+    project = [f"projects: [{{name: echo, backend: 'tcp:{LOOPBACK}:{backend.port}', "
+               f"listen: {{port: {own}, protocol: tcp, interface: {LOOPBACK}}}}}]"]
+    members = await start_members(tmp_path, redis, ["a", "b"], ingress=shared, lines=project)
+    try:
+        assert [m.ingress for m in members] == [shared, shared]
+        for port in (shared, own):
+            assert [listening(port, m.pid) for m in members] == [1, 1]
+
+        # Each logs the connections it accepted: new connections, until both have.
+        async def both_accepted() -> bool:
+            for _ in range(10):
+                assert await in_thread(echoes, own, b"x")
+                assert (await in_thread(http_get, shared, "/_api/projects"))[0] == 200
+            return all(m.daemon.find(r"tcp echo 127\.0\.0\.1:\d+: client closed")
+                       and m.daemon.find(r"GET /_api/projects 200") for m in members)
+
+        await eventually(both_accepted, "both routers to accept connections on both ports")
+    finally:
+        stop_members(members)
