@@ -445,8 +445,6 @@ async def test_three_routers_one_table_through_changes_outages_and_lost_messages
             assert status == 201, body
         # ... served by b and c by path, on their own ingress ports,
         for member in (b, c):
-            status, text = await eventually(lambda m=member: in_thread(http_get, m.ingress, "/app/x"),  # type: ignore[misc]
-                                            "the path route", timeout=5)
             await wait_for(lambda m=member: listening(web_port, m.pid) == 1 and listening(echo_port, m.pid) == 1,
                            what=f"{member.node} to bind the projects' ports")
         for member in (b, c):
