@@ -238,6 +238,7 @@ class ClusterStore(Service):
             self._tick()  # listed in /_api/nodes at once, not a heartbeat later
 
     def lost(self, factory: _Factory) -> None:
+        self._seen = []  # no longer known: metrics show no nodes rather than old ones
         if self.down_since is None and self.running:
             self.down_since = self.reactor.seconds()
             log.warn("cluster: lost redis at {redis}; serving the last table (version {version}) until it is back",
@@ -258,8 +259,10 @@ class ClusterStore(Service):
             raise self._unavailable()
         try:
             return await getattr(self.commands.handler, method)(*args)
-        except (txredisapi.ConnectionError, ConnectionError) as e:
-            raise self._unavailable(str(e)) from None
+        except (txredisapi.RedisError, ConnectionError) as e:
+            # Gone, silent past REPLY_TIMEOUT, or refusing (a read-only
+            # replica, out of memory): in every case nothing was changed.
+            raise self._unavailable(str(e) or type(e).__name__) from None
 
     def _unavailable(self, why: str = "not connected") -> ChangeRefused:
         return ChangeRefused("unavailable", "store_unavailable",
@@ -296,11 +299,16 @@ class ClusterStore(Service):
         projects: dict[str, Project] = {}
         static = {p.name: p for p in router.table.projects.values() if p.static}
         for name, text in sorted(manifests.items()):
-            try:
-                project = parse_project(read_json(text.encode("utf-8")), router.config.defaults, "", static=False)
-            except (ConfigError, ValueError) as e:
-                failed[name] = f"its manifest in redis is not valid: {e}"
-                continue
+            known = self.projects.get(name)
+            if known is not None and _manifest(known) == text:
+                project = known  # unchanged: not parsed again (a change costs its own manifests only)
+            else:
+                try:
+                    project = parse_project(read_json(text.encode("utf-8")), router.config.defaults, "",
+                                            static=False)
+                except (ConfigError, ValueError) as e:
+                    failed[name] = f"its manifest in redis is not valid: {e}"
+                    continue
             projects[name] = project
             try:
                 needs_tls(project, router.config.tls, "")
