@@ -18,6 +18,7 @@ import signal
 import sys
 from types import FrameType
 
+import cluster_bench
 import harness
 import hostnames_bench
 import http_bench
@@ -38,6 +39,7 @@ SECTIONS: dict[str, type[Section]] = {
     "hostnames": hostnames_bench.Bench,
     "proxy": proxy_bench.Bench,
     "udptunnel": udp_tunnel_bench.Bench,
+    "cluster": cluster_bench.Bench,
 }
 
 
