@@ -26,6 +26,7 @@ from portrouter.config import ConfigError, parse, with_cli
 from portrouter.front import Front
 from portrouter.model import Cluster, Config
 from portrouter.router import RouterService
+from portrouter.tap import Options
 from tests.httpbackend import Backend
 from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
 from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say
@@ -200,6 +201,19 @@ def listening(port: int, pid: int | None = None) -> int:
 # -- config ------------------------------------------------------------------------------------
 
 
+def test_node_on_the_command_line_names_the_router(tmp_path: Path) -> None:
+    config = tmp_path / "routes.yaml"
+    config.write_text("cluster: {redis: 'tcp:127.0.0.1:6379', node: from-file}\n")
+    options = Options()
+    options.parseOptions(["--config", str(config), "--node", "edge-2"])
+    assert options["parsed"].cluster.node == "edge-2"
+    bare = Options()
+    with pytest.raises(ConfigError, match="^--node: 'edge-2' names a router of a cluster, and the config has no "
+                                          "cluster section$"):
+        bare["node"] = "edge-2"
+        bare.read_config()
+
+
 def test_the_cluster_section_is_parsed_with_defaults() -> None:
     config = parse({"cluster": {"redis": "tcp:127.0.0.1:6379"}, "reuse_port": True})
     assert config.cluster == Cluster("tcp:127.0.0.1:6379", "portrouter", socket.gethostname())
@@ -309,6 +323,26 @@ async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_node_not_heard_of_for_10_s_is_not_listed(redis: Redis) -> None:
+    router = start_member(cluster_config(redis, "alive"))
+    try:
+        await wait_for(lambda: store_of(router).synced, what="the router to read the table")
+        now = float(redis.command("TIME")[0])
+        for node, ago in (("quiet", 9), ("gone", 11)):
+            beat = {"node": node, "version": "0.1.0", "table_version": 0, "failed": []}
+            redis.command("HSET", "portrouter:nodes", node, json.dumps(beat))
+            redis.command("HSET", "portrouter:seen", node, str(now - ago))
+        status, body = await api(router.port_of(), "GET", "/_api/nodes")
+        assert status == 200
+        assert [n["node"] for n in body["nodes"]] == ["alive", "quiet"]
+        quiet = body["nodes"][1]
+        assert 9 <= quiet["last_seen"] < 10 and quiet["failed"] == [] and quiet["table_version"] == 0
+        assert await metric(router.port_of(), "portrouter_cluster_last_seen_seconds", node="quiet") >= 9
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lost_message_is_caught_by_the_version_check(redis: Redis, backend: ThreadServer) -> None:
     a = start_member(cluster_config(redis, "a"))
     b = start_member(cluster_config(redis, "b"))
@@ -396,16 +430,21 @@ class Member:
         return self.daemon.proc.pid
 
 
-async def start_members(tmp_path: Path, redis: Redis, nodes: list[str], **extra: Any) -> list[Member]:
+async def start_members(tmp_path: Path, redis: Redis, nodes: list[str], *, ingress: int = 0,
+                        lines: tuple[str, ...] = (), shared: bool = False) -> list[Member]:
+    """
+    Routers of one cluster, a config file each; with C{shared}, one file for
+    all, each told its node name by C{--node} (as the README's systemd
+    template unit runs them).
+    """
     members = []
     for node in nodes:
-        config = tmp_path / f"{node}.yaml"
-        lines = [f"ingress: tcp:{extra.get('ingress', 0)}:interface={LOOPBACK}", f"state: {tmp_path / node}",
-                 "drain_timeout: 30", "reuse_port: true",
-                 f"cluster: {{redis: 'tcp:{LOOPBACK}:{redis.port}', node: {node}}}"]
-        lines += extra.get("lines", [])
-        config.write_text("\n".join(lines) + "\n")
-        members.append(Member(Twistd("--config", str(config)), node))
+        config = tmp_path / ("shared.yaml" if shared else f"{node}.yaml")
+        text = [f"ingress: tcp:{ingress}:interface={LOOPBACK}", f"state: {tmp_path / node}",
+                "drain_timeout: 30", "reuse_port: true",
+                f"cluster: {{redis: 'tcp:{LOOPBACK}:{redis.port}'{'' if shared else f', node: {node}'}}}", *lines]
+        config.write_text("\n".join(text) + "\n")
+        members.append(Member(Twistd("--config", str(config), *(["--node", node] if shared else [])), node))
     for member in members:
         member.ingress = await member.daemon.ingress_port()
         await member.daemon.wait_line(r"cluster: table version \d+ applied")
@@ -555,9 +594,9 @@ async def test_two_routers_with_reuse_port_on_one_port_both_accept(
         tmp_path: Path, redis: Redis, backend: ThreadServer) -> None:
     shared, own = distinct_ports(2)
     # The same ingress port for both, and a project of their own config on another.
-    project = [f"projects: [{{name: echo, backend: 'tcp:{LOOPBACK}:{backend.port}', "
-               f"listen: {{port: {own}, protocol: tcp, interface: {LOOPBACK}}}}}]"]
-    members = await start_members(tmp_path, redis, ["a", "b"], ingress=shared, lines=project)
+    project = (f"projects: [{{name: echo, backend: 'tcp:{LOOPBACK}:{backend.port}', "
+               f"listen: {{port: {own}, protocol: tcp, interface: {LOOPBACK}}}}}]",)
+    members = await start_members(tmp_path, redis, ["host-1", "host-2"], ingress=shared, lines=project, shared=True)
     try:
         assert [m.ingress for m in members] == [shared, shared]
         for port in (shared, own):
@@ -572,5 +611,12 @@ async def test_two_routers_with_reuse_port_on_one_port_both_accept(
                        and m.daemon.find(r"GET /_api/projects 200") for m in members)
 
         await eventually(both_accepted, "both routers to accept connections on both ports")
+
+        # One config file, two nodes: --node names each.
+        async def both_listed() -> bool:
+            status, body = await api(shared, "GET", "/_api/nodes")
+            return status == 200 and [n["node"] for n in body["nodes"]] == ["host-1", "host-2"]
+
+        await eventually(both_listed, "both nodes to be listed")
     finally:
         stop_members(members)
