@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -28,6 +29,7 @@ from portrouter.model import Cluster, Config
 from portrouter.router import RouterService
 from portrouter.tap import Options
 from tests.httpbackend import Backend
+from tests.pki import CA
 from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
 from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say
 
@@ -41,18 +43,26 @@ class Redis:
     a Redis with persistence does.
     """
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, tls: CA | None = None):
         self.directory = directory
         self.port = port or free_port()
+        self.tls = tls  # TLS only, with a certificate for localhost from this CA
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
+        if self.tls is not None:
+            return f"tls:localhost:{self.port}:trustRoots={self.tls.roots}"
         return f"tcp:{LOOPBACK}:{self.port}"
 
     async def start(self) -> Redis:
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key = self.tls.issue_pair("localhost")
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", self.tls.path, "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+            ["redis-server", *ports, "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
              "--dir", str(self.directory), "--dbfilename", "dump.rdb"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -75,7 +85,10 @@ class Redis:
 
     def command(self, *args: str) -> Any:
         """One command over a socket of the test's own (RESP), its reply decoded."""
-        with socket.create_connection((LOOPBACK, self.port), timeout=10) as sock:
+        with socket.create_connection((LOOPBACK, self.port), timeout=10) as plain:
+            sock = plain
+            if self.tls is not None:
+                sock = ssl.create_default_context(cafile=self.tls.path).wrap_socket(plain, server_hostname="localhost")
             sock.sendall(b"".join([f"*{len(args)}\r\n".encode(), *(
                 f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)]))
             return _reply(sock.makefile("rb"))
@@ -320,6 +333,24 @@ async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
         holder.close()
         await a.stopService()
         await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_over_tls(tmp_path: Path, redis_dir: Path, backend: ThreadServer) -> None:
+    redis = await Redis(redis_dir, tls=CA(tmp_path / "ca")).start()
+    a = start_member(cluster_config(redis, "a"))
+    b = start_member(cluster_config(redis, "b"))
+    try:
+        assert redis.endpoint.startswith("tls:localhost:")
+        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table over TLS")
+        port = free_port()
+        assert (await api(a.port_of(), "PUT", "/_api/projects/x", tcp_manifest(port, backend.port)))[0] == 201
+        await wait_for(lambda: "x" in b.listeners, what="b to apply the change")
+        assert await in_thread(echoes, port, b"over tls")
+    finally:
+        await a.stopService()
+        await b.stopService()
+        redis.kill()
 
 
 @pytest_twisted.ensureDeferred
