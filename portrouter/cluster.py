@@ -152,7 +152,8 @@ class ClusterStore(Service):
         self.subscriber = _Factory(self, _Subscriber)
         self.heartbeat = task.LoopingCall(self._tick)
         self.heartbeat.clock = self.reactor
-        self.setName("cluster")  # type: ignore[no-untyped-call]
+        # Listeners are named after their projects: '_' is in no project's name.
+        self.setName("_cluster")  # type: ignore[no-untyped-call]
         self.setServiceParent(router)  # type: ignore[no-untyped-call]
 
     # -- the Store the router and the API call ------------------------------

@@ -383,8 +383,8 @@ async def test_a_lost_message_is_caught_by_the_version_check(redis: Redis, backe
         dropped: list[Any] = []
         store_of(b).published = dropped.append  # type: ignore[method-assign]
         port = free_port()
-        assert (await api(a.port_of(), "PUT", "/_api/projects/late", tcp_manifest(port, backend.port)))[0] == 201
-        await wait_for(lambda: "late" in b.listeners, what="b's heartbeat to notice the new version")
+        assert (await api(a.port_of(), "PUT", "/_api/projects/cluster", tcp_manifest(port, backend.port)))[0] == 201
+        await wait_for(lambda: "cluster" in b.listeners, what="b's heartbeat to notice the new version")
         assert dropped == ["1"]  # the message came, and was not what b acted on
         assert store_of(b).version == 1
     finally:
