@@ -31,7 +31,7 @@ from portrouter.tap import Options
 from tests.httpbackend import Backend
 from tests.pki import CA
 from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
-from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say
+from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say, until_refused
 
 # -- a redis-server of the test's own ------------------------------------------------------------
 
@@ -427,6 +427,27 @@ async def test_a_router_started_while_redis_is_down_serves_its_own_and_joins_lat
         globalLogPublisher.removeObserver(observe)
         await router.stopService()
         redis.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_restarted_empty_is_followed(redis: Redis, backend: ThreadServer) -> None:
+    # Redis is the table: one restarted without persistence comes back
+    # empty, and the routers re-read it whole on reconnection.
+    a = start_member(cluster_config(redis, "a"))
+    b = start_member(cluster_config(redis, "b"))
+    try:
+        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table")
+        port = free_port()
+        assert (await api(a.port_of(), "PUT", "/_api/projects/x", tcp_manifest(port, backend.port)))[0] == 201
+        await wait_for(lambda: "x" in b.listeners, what="b to serve x")
+        redis.kill()
+        await redis.start()  # nothing saved: empty
+        await wait_for(lambda: not a.listeners and not b.listeners, what="both to follow the empty table")
+        assert store_of(a).version == store_of(b).version == 0
+        await until_refused(port)
+    finally:
+        await a.stopService()
+        await b.stopService()
 
 
 @pytest_twisted.ensureDeferred
