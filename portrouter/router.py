@@ -630,6 +630,8 @@ class RouterService(MultiService):
         if (config.ingress, config.manhole, config.hostnames) != (self.config.ingress, self.config.manhole,
                                                                    self.config.hostnames):
             log.warn("reload: the ingress, the manhole and the hostnames section stay as they are until a restart")
+        if (config.cluster, config.reuse_port) != (self.config.cluster, self.config.reuse_port):
+            log.warn("reload: the cluster section and reuse_port stay as they are until a restart")
         old = self.table.projects
         changed = {
             "added": sorted(n for n in table.projects if n not in old),

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -448,6 +449,29 @@ async def test_a_redis_restarted_empty_is_followed(redis: Redis, backend: Thread
     finally:
         await a.stopService()
         await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_keeps_the_cluster_section_and_says_so(redis: Redis) -> None:
+    config = cluster_config(redis, "a")
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    router = RouterService(config, reactor, Front, lambda: replace(config, reuse_port=False,
+                                                                   cluster=Cluster(redis.endpoint, "other", "b")),
+                           store=cluster_store(config.cluster))  # type: ignore[arg-type]
+    router.privilegedStartService()
+    router.startService()
+    globalLogPublisher.addObserver(observe)
+    try:
+        await router.reload()
+        assert "reload: the cluster section and reuse_port stay as they are until a restart" in lines
+        assert store_of(router).cluster.node == "a" and router.config.reuse_port is True
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await router.stopService()
 
 
 @pytest_twisted.ensureDeferred
