@@ -27,6 +27,7 @@ is served by all of them, and what several routers on one port
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -34,7 +35,6 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import http_bench
@@ -45,6 +45,7 @@ from harness import (
     BenchError,
     Proc,
     Procs,
+    _tcp_table,
     assert_loopback_only,
     attempt,
     blame,
@@ -77,29 +78,19 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _inodes(pid: int) -> set[str]:
+def _inodes(pid: int) -> set[int]:
+    """The inodes of process C{pid}'s sockets."""
     found = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            found.add(link[8:-1])
+    for entry in os.scandir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if (link := os.readlink(entry.path)).startswith("socket:["):
+                found.add(int(link[8:-1]))
     return found
 
 
-def _sockets(port: int, state: str) -> list[str]:
+def _sockets(port: int, state: str) -> list[int]:
     """The inodes of the IPv4 TCP sockets on 127.0.0.1:C{port} in C{state} (0A listening, 01 established)."""
-    inodes = []
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local = fields[1]
-            if local == f"0100007F:{port:04X}" and fields[3] == state:
-                inodes.append(fields[9])
-    return inodes
+    return [inode for addr, p, st, inode in _tcp_table() if addr == "0100007F" and p == port and st == state]
 
 
 def _put(ingress: int, name: str, manifest: dict[str, Any]) -> int:

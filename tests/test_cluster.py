@@ -152,6 +152,22 @@ def start_member(config: Config, routes: tuple[tuple[str, str], ...] = ()) -> Ro
     return router
 
 
+async def synced(redis: Redis, *nodes: str) -> list[RouterService]:
+    """Started routers of the cluster, once each has read the table."""
+    routers = [start_member(cluster_config(redis, node)) for node in nodes]
+    await wait_for(lambda: all(store_of(r).synced for r in routers), what="every router to read the table")
+    return routers
+
+
+@pytest_twisted.async_yield_fixture
+async def pair(redis: Redis) -> Any:
+    """Routers a and b of one cluster, synced; stopped after the test."""
+    routers = await synced(redis, "a", "b")
+    yield routers
+    for router in routers:
+        await router.stopService()
+
+
 def store_of(router: RouterService) -> ClusterStore:
     assert isinstance(router.store, ClusterStore)
     return router.store
@@ -339,11 +355,9 @@ async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
 @pytest_twisted.ensureDeferred
 async def test_redis_over_tls(tmp_path: Path, redis_dir: Path, backend: ThreadServer) -> None:
     redis = await Redis(redis_dir, tls=CA(tmp_path / "ca")).start()
-    a = start_member(cluster_config(redis, "a"))
-    b = start_member(cluster_config(redis, "b"))
+    a, b = await synced(redis, "a", "b")
     try:
         assert redis.endpoint.startswith("tls:localhost:")
-        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table over TLS")
         port = free_port()
         assert (await api(a.port_of(), "PUT", "/_api/projects/x", tcp_manifest(port, backend.port)))[0] == 201
         await wait_for(lambda: "x" in b.listeners, what="b to apply the change")
@@ -375,22 +389,17 @@ async def test_a_node_not_heard_of_for_10_s_is_not_listed(redis: Redis) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lost_message_is_caught_by_the_version_check(redis: Redis, backend: ThreadServer) -> None:
-    a = start_member(cluster_config(redis, "a"))
-    b = start_member(cluster_config(redis, "b"))
-    try:
-        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table")
-        # b's subscription delivers nothing from now on, as if every message were lost.
-        dropped: list[Any] = []
-        store_of(b).published = dropped.append  # type: ignore[method-assign]
-        port = free_port()
-        assert (await api(a.port_of(), "PUT", "/_api/projects/cluster", tcp_manifest(port, backend.port)))[0] == 201
-        await wait_for(lambda: "cluster" in b.listeners, what="b's heartbeat to notice the new version")
-        assert dropped == ["1"]  # the message came, and was not what b acted on
-        assert store_of(b).version == 1
-    finally:
-        await a.stopService()
-        await b.stopService()
+async def test_a_lost_message_is_caught_by_the_version_check(pair: list[RouterService],
+                                                             backend: ThreadServer) -> None:
+    a, b = pair
+    # b's subscription delivers nothing from now on, as if every message were lost.
+    dropped: list[Any] = []
+    store_of(b).published = dropped.append  # type: ignore[method-assign]
+    port = free_port()
+    assert (await api(a.port_of(), "PUT", "/_api/projects/cluster", tcp_manifest(port, backend.port)))[0] == 201
+    await wait_for(lambda: "cluster" in b.listeners, what="b's heartbeat to notice the new version")
+    assert dropped == ["1"]  # the message came, and was not what b acted on
+    assert store_of(b).version == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -431,24 +440,19 @@ async def test_a_router_started_while_redis_is_down_serves_its_own_and_joins_lat
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_redis_restarted_empty_is_followed(redis: Redis, backend: ThreadServer) -> None:
+async def test_a_redis_restarted_empty_is_followed(redis: Redis, pair: list[RouterService],
+                                                   backend: ThreadServer) -> None:
     # Redis is the table: one restarted without persistence comes back
     # empty, and the routers re-read it whole on reconnection.
-    a = start_member(cluster_config(redis, "a"))
-    b = start_member(cluster_config(redis, "b"))
-    try:
-        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both to read the table")
-        port = free_port()
-        assert (await api(a.port_of(), "PUT", "/_api/projects/x", tcp_manifest(port, backend.port)))[0] == 201
-        await wait_for(lambda: "x" in b.listeners, what="b to serve x")
-        redis.kill()
-        await redis.start()  # nothing saved: empty
-        await wait_for(lambda: not a.listeners and not b.listeners, what="both to follow the empty table")
-        assert store_of(a).version == store_of(b).version == 0
-        await until_refused(port)
-    finally:
-        await a.stopService()
-        await b.stopService()
+    a, b = pair
+    port = free_port()
+    assert (await api(a.port_of(), "PUT", "/_api/projects/x", tcp_manifest(port, backend.port)))[0] == 201
+    await wait_for(lambda: "x" in b.listeners, what="b to serve x")
+    redis.kill()
+    await redis.start()  # nothing saved: empty
+    await wait_for(lambda: not a.listeners and not b.listeners, what="both to follow the empty table")
+    assert store_of(a).version == store_of(b).version == 0
+    await until_refused(port)
 
 
 @pytest_twisted.ensureDeferred
