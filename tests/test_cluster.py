@@ -627,6 +627,9 @@ async def test_three_routers_one_table_through_changes_outages_and_lost_messages
         assert status == 201
         await wait_for(lambda: listening(later_port) == 3, what="every router to bind later's port")
         assert set(await eventually(lambda: tables_equal(members), "the tables to agree")) == {"web", "late", "later"}
+        # ... and each router subscribes again.
+        await wait_for(lambda: redis.command("PUBSUB", "NUMSUB", "portrouter:changes") == ["portrouter:changes", 3],
+                       what="the three subscriptions to come back")
     finally:
         for sock in held:
             sock.close()
