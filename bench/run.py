@@ -19,6 +19,7 @@ import sys
 from types import FrameType
 
 import dashboard_bench
+import cluster_bench
 import harness
 import hostnames_bench
 import http_bench
@@ -40,6 +41,7 @@ SECTIONS: dict[str, type[Section]] = {
     "proxy": proxy_bench.Bench,
     "udptunnel": udp_tunnel_bench.Bench,
     "dashboard": dashboard_bench.Bench,
+    "cluster": cluster_bench.Bench,
 }
 
 

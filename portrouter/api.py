@@ -23,7 +23,7 @@ from portrouter.config import ConfigError, JSONProblem, kind_of, needs_tls, pars
 from portrouter.metrics import CONTENT_TYPE, registry_for, render
 from portrouter.router import ChangeRefused, Listener, RouterService
 from portrouter.hostnames import Names, reaching
-from portrouter.table import PortConflict
+from portrouter.table import PortConflict, RoutingTable
 from portrouter.web import Buffered, Channel, Fixed, Request
 
 log = Logger(namespace="portrouter.api")
@@ -56,7 +56,7 @@ class APIError(Exception):
 
 
 # Whose fault a refused change is, as an HTTP status.
-_STATUS = {"invalid": 400, "conflict": 409, "failed": 500}
+_STATUS = {"invalid": 400, "conflict": 409, "failed": 500, "unavailable": 503}
 
 
 def _json(data: Any) -> bytes:
@@ -197,6 +197,8 @@ class API:
                 return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._reload())))
             if parts == [b"events"] and method == b"GET" and self.dashboard is not None:
                 return self.dashboard.hub.handler(channel, request)
+            if parts == [b"nodes"] and method == b"GET":
+                return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._nodes())))
             if parts == [b"metrics"] and method == b"GET":
                 return Fixed(lambda: channel.send(200, render(self.registry), CONTENT_TYPE))
             raise APIError(404, "not_found", "no such API endpoint")
@@ -272,29 +274,45 @@ class API:
             needs_tls(project, router.config.tls, "")
         except ConfigError as e:
             raise APIError(400, "invalid", e.problem, e.field or None) from None
-        existing = router.table.projects.get(name)
-        if existing is not None and existing.static:
-            raise APIError(409, "static_project",
-                           f"project {name!r} is defined in the config file; edit the file and reload")
-        try:
-            table = router.table.with_project(project)
-        except PortConflict as e:
-            raise APIError(409, "port_conflict", f"port {e.port}/{e.namespace} is "
-                           f"{'reserved for' if e.holder.startswith('the ') else 'already bound by'} "
-                           f"{e.bound_by}", "listen.port") from None
-        await router.change(table, persist=True)
+        existing = None
+
+        def compute(current: RoutingTable) -> RoutingTable:
+            nonlocal existing
+            existing = current.projects.get(name)
+            if existing is not None and existing.static:
+                raise APIError(409, "static_project",
+                               f"project {name!r} is defined in the config file; edit the file and reload")
+            try:
+                router.store.check(project)  # the other routers' projects too, in a cluster
+                return current.with_project(project)
+            except PortConflict as e:
+                raise APIError(409, "port_conflict", f"port {e.port}/{e.namespace} is "
+                               f"{'reserved for' if e.holder.startswith('the ') else 'already bound by'} "
+                               f"{e.bound_by}", "listen.port") from None
+
+        await router.change_from(compute)
         log.info("deployed project {project}{how}", project=name, how=" (replaced)" if existing else "")
         return (200 if existing is not None else 201), _json(self._shown(project))
 
     async def _delete(self, name: str) -> tuple[int, None]:
         router = self.router
-        project = self._existing(name)
-        if project.static:
-            raise APIError(409, "static_project",
-                           f"project {name!r} is defined in the config file; edit the file and reload")
-        await router.change(router.table.without(name), persist=True)
+
+        def compute(current: RoutingTable) -> RoutingTable:
+            project = self._existing(name)
+            if project.static:
+                raise APIError(409, "static_project",
+                               f"project {name!r} is defined in the config file; edit the file and reload")
+            return current.without(name)
+
+        await router.change_from(compute)
         log.info("removed project {project}", project=name)
         return 204, None
+
+    async def _nodes(self) -> tuple[int, bytes]:
+        nodes = await self.router.store.nodes()
+        if nodes is None:
+            raise APIError(404, "no_cluster", "this router is not in a cluster (no cluster section in its config)")
+        return 200, _json({"nodes": nodes})
 
     async def _reload(self) -> tuple[int, bytes]:
         changed = await self.router.reload()

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import reprlib
+import socket
 from dataclasses import fields, replace
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, overload
 
@@ -28,6 +29,7 @@ from portrouter.certs import CertificateError, CertificateStore
 from portrouter.model import (
     TLS,
     Auth,
+    Cluster,
     Command,
     Hostnames,
     ProxyProtocol,
@@ -892,7 +894,9 @@ def _hostnames(value: object, path: str, tls: TLS | None) -> Hostnames:
 _DOMAIN_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 _TOP_KEYS = ("ingress", "state", "drain_timeout", "defaults", "auth", "manhole", "projects", "tls", "hostnames",
-             "proxy_protocol")
+             "proxy_protocol", "cluster", "reuse_port")
+# Redis keys are built from the prefix: keep it to what reads well in redis-cli.
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 
 
 def _inline_secret(value: object, path: str) -> str:
@@ -993,6 +997,24 @@ def _manhole(value: object, path: str) -> Manhole:
     )
 
 
+def _cluster(value: object, path: str) -> Cluster:
+    data = _expect_mapping(value, path)
+    _check_keys(data, ("redis", "prefix", "node"), path)
+    if "redis" not in data:
+        raise ConfigError(_join(path, "redis"), "is required (a client endpoint, e.g. tcp:127.0.0.1:6379)")
+    redis = check_client_endpoint(data["redis"], _join(path, "redis"))
+    prefix = "portrouter"
+    if data.get("prefix") is not None:
+        prefix = _expect_str(data["prefix"], _join(path, "prefix"))
+        if not _PREFIX.match(prefix):
+            raise ConfigError(_join(path, "prefix"), f"{_show(prefix)} is not a key prefix "
+                              "(1 to 64 letters, digits, '_', '.', ':' or '-')")
+    node = socket.gethostname()
+    if data.get("node") is not None:
+        node = _expect_str(data["node"], _join(path, "node"))
+    return Cluster(redis, prefix, node)
+
+
 def parse(data: object, source: str | None = None) -> Config:
     """Validate a whole config document (already loaded from YAML)."""
     try:
@@ -1051,6 +1073,11 @@ def _parse(data: object, source: str | None) -> Config:
     if data.get("proxy_protocol") is not None:
         config = replace(config, proxy_protocol=proxy_protocol(data["proxy_protocol"], "proxy_protocol",
                                                                config.defaults))
+
+    if data.get("cluster") is not None:
+        config = replace(config, cluster=_cluster(data["cluster"], "cluster"))
+    if data.get("reuse_port") is not None:
+        config = replace(config, reuse_port=_expect_bool(data["reuse_port"], "reuse_port"))
 
     tls = config.tls
     items = _expect_list(_or_empty(data.get("projects")), "projects")

@@ -100,6 +100,23 @@ class _Collector:
             starts.add_metric([project, service or ""], supervisor.starts)
         yield starts
 
+        nodes = router.store.seen_nodes()
+        if nodes is not None:
+            # The cluster's routers as this one last heard of them (section 13).
+            version = GaugeMetricFamily("portrouter_cluster_table_version", "The table version a node has applied",
+                                        labels=["node"])
+            failed = GaugeMetricFamily("portrouter_cluster_failed_changes",
+                                       "Projects of the cluster a node could not serve", labels=["node"])
+            seen = GaugeMetricFamily("portrouter_cluster_last_seen_seconds", "Seconds since a node's heartbeat",
+                                     labels=["node"])
+            for node in nodes:
+                version.add_metric([node["node"]], node["table_version"])
+                failed.add_metric([node["node"]], len(node["failed"]))
+                seen.add_metric([node["node"]], node["last_seen"])
+            yield version
+            yield failed
+            yield seen
+
 
 def registry_for(router: RouterService) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)

@@ -194,6 +194,19 @@ class Hostnames:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """
+    Several routers, one table (section 13): API-deployed projects kept in
+    the Redis at C{redis} (a Twisted client endpoint), under C{prefix}; this
+    router heartbeats as C{node}.
+    """
+
+    redis: str
+    prefix: str = "portrouter"
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything portrouter is told at start-up, file and CLI together."""
 
@@ -208,3 +221,5 @@ class Config:
     tls: TLS | None = None
     hostnames: Hostnames | None = None
     proxy_protocol: ProxyProtocol | None = None  # for the ingress and the TLS front
+    cluster: Cluster | None = None
+    reuse_port: bool = False  # SO_REUSEPORT on every listener: several routers per host on one port

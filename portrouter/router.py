@@ -8,11 +8,12 @@ the same change are released again and the old state stays in place.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from typing import Any, Callable, Coroutine, Literal, Protocol, TypeVar
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, tcp
+from twisted.internet import defer, tcp, udp
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ServerEndpoint,
@@ -45,6 +46,7 @@ T = TypeVar("T")
 _OWN = {"http": "the ingress", "ssh": "the manhole", "sni": "the TLS front"}
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
+STALE_RETRIES = 20  # an API change recomputed at most this often when other routers keep changing the table
 
 
 class ChangeRefused(Exception):
@@ -54,7 +56,7 @@ class ChangeRefused(Exception):
     router's own); C{code} and C{field} name it for the API's answer.
     """
 
-    def __init__(self, kind: Literal["invalid", "conflict", "failed"], code: str, message: str,
+    def __init__(self, kind: Literal["invalid", "conflict", "failed", "unavailable"], code: str, message: str,
                  field: str | None = None):
         super().__init__(message)
         self.kind = kind
@@ -77,6 +79,68 @@ class Front(Protocol):
 
     def tls_front(self) -> Any:
         """The factory for the TLS front (``hostnames.listen``), if one is configured."""
+
+
+class Store(Protocol):
+    """
+    Where API-deployed projects are kept: the state file (L{FileStore}), or
+    a cluster's Redis (L{portrouter.cluster}). The router and the API call
+    only these; each raises L{ChangeRefused} for what it cannot do.
+    """
+
+    def load(self, config: Config) -> list[Project]:
+        """The deployed projects to start with."""
+
+    async def sync(self) -> None:
+        """Bring the router's table up to date with the store (under the lock)."""
+
+    def check(self, project: Project) -> None:
+        """Raise L{PortConflict} if C{project} clashes with a project kept elsewhere (other routers')."""
+
+    async def save(self, projects: list[Project]) -> None:
+        """
+        Keep C{projects} (the table's deployed ones); raise L{StaleTable}
+        if the store changed since L{sync}: the caller syncs and tries again.
+        """
+
+    async def nodes(self) -> list[dict[str, Any]] | None:
+        """The cluster's live routers, read now; L{None} without a cluster."""
+
+    def seen_nodes(self) -> list[dict[str, Any]] | None:
+        """The same as last read (for metrics, which cannot wait); L{None} without a cluster."""
+
+
+class StaleTable(Exception):
+    """Another router changed the store between this one's sync and save: nothing was changed."""
+
+
+class FileStore:
+    """The state file: the store of a router on its own."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def load(self, config: Config) -> list[Project]:
+        return self.state.load(config.defaults)
+
+    async def sync(self) -> None:
+        return None
+
+    def check(self, project: Project) -> None:
+        return None
+
+    async def save(self, projects: list[Project]) -> None:
+        try:
+            self.state.save(projects)
+        except OSError as e:
+            raise ChangeRefused("failed", "state_unwritable",
+                                f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
+
+    async def nodes(self) -> list[dict[str, Any]] | None:
+        return None
+
+    def seen_nodes(self) -> list[dict[str, Any]] | None:
+        return None
 
 
 class BindError(Exception):
@@ -176,6 +240,7 @@ class RouterService(MultiService):
         reactor: IReactor,
         front: Callable[[RouterService], Front],
         reload_config: Callable[[], Config] | None = None,
+        store: Callable[[RouterService], Store] | None = None,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -193,7 +258,8 @@ class RouterService(MultiService):
         # this lock, from reading the current table to closing what it released:
         # two changes interleaved would hand one port over twice.
         self.lock = defer.DeferredLock()
-        deployed = self.state.load(config.defaults)
+        self.store: Store = FileStore(self.state) if store is None else store(self)
+        deployed = self.store.load(config)
         clash = {p.name for p in deployed} & {p.name for p in config.projects}
         if clash:
             raise StateError(f"{self.state.path}: project {sorted(clash)[0]!r} is also in the config file; "
@@ -288,10 +354,16 @@ class RouterService(MultiService):
         try:
             if route.protocol == "udp":
                 # Twisted has no UDP strports: bind directly.
-                port = self.reactor.listenUDP(
-                    route.port, factory,  # type: ignore[arg-type]  # a UDP route always has its port
-                    interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
-                )
+                if self.config.reuse_port:
+                    reused = _ReusePortUDP(route.port, factory, route.interface or "",  # type: ignore[no-untyped-call]
+                                           MAX_DATAGRAM, self.reactor)
+                    reused.startListening()  # type: ignore[no-untyped-call]
+                    port = reused
+                else:
+                    port = self.reactor.listenUDP(
+                        route.port, factory,  # type: ignore[arg-type]  # a UDP route always has its port
+                        interface=route.interface or "", maxPacketSize=MAX_DATAGRAM
+                    )
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
                 tls = self._tls_for(route, endpoint)
@@ -329,7 +401,13 @@ class RouterService(MultiService):
         backlog = endpoint._backlog if endpoint._backlog != 50 else BACKLOG
         outer = gated(factory if tls is None else TLSFactory(tls, False, factory), proxy, self.reactor)
         # Twisted's annotation asks a ServerFactory; the port takes any IProtocolFactory.
-        port = self.reactor.listenTCP(endpoint._port, outer, backlog, endpoint._interface)
+        port: IListeningPort
+        if self.config.reuse_port:
+            reused = _ReusePortTCP(endpoint._port, outer, backlog, endpoint._interface, self.reactor)
+            reused.startListening()
+            port = reused
+        else:
+            port = self.reactor.listenTCP(endpoint._port, outer, backlog, endpoint._interface)
         if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
             # Plain TCP only: TLS is Twisted's to do, in user space. Behind a
             # gate, trusted clients come direct once their header is read.
@@ -493,12 +571,28 @@ class RouterService(MultiService):
             raise ChangeRefused("conflict", "port_unavailable", str(e), "listen.port") from None
         if persist:
             try:
-                self.state.save(p for p in table.projects.values() if not p.static)
-            except OSError as e:
+                await self.store.save([p for p in table.projects.values() if not p.static])
+            except BaseException:
                 self._abandon(bound)
-                raise ChangeRefused("failed", "state_unwritable",
-                                    f"cannot write {self.state.path}: {e.strerror}; nothing was changed") from None
+                raise
         await self._commit(table, bound)
+
+    async def change_from(self, compute: Callable[[RoutingTable], RoutingTable]) -> RoutingTable:
+        """
+        An API change: C{compute} the new table from the current one, brought
+        up to date with the store first, and L{change} to it; computed again
+        if another router changed the store meanwhile. Only under the lock.
+        """
+        for _ in range(STALE_RETRIES):
+            await self.store.sync()
+            table = compute(self.table)
+            try:
+                await self.change(table, persist=True)
+            except StaleTable:
+                continue
+            return table
+        raise ChangeRefused("unavailable", "store_busy",
+                            f"the table changed under this change {STALE_RETRIES} times; nothing was changed, try again")
 
     async def reload(self) -> dict[str, list[str]]:
         """
@@ -536,6 +630,8 @@ class RouterService(MultiService):
         if (config.ingress, config.manhole, config.hostnames) != (self.config.ingress, self.config.manhole,
                                                                    self.config.hostnames):
             log.warn("reload: the ingress, the manhole and the hostnames section stay as they are until a restart")
+        if (config.cluster, config.reuse_port) != (self.config.cluster, self.config.reuse_port):
+            log.warn("reload: the cluster section and reuse_port stay as they are until a restart")
         old = self.table.projects
         changed = {
             "added": sorted(n for n in table.projects if n not in old),
@@ -634,6 +730,28 @@ class RouterService(MultiService):
         listener = self.ingress if project is None else self.listeners[project]
         assert listener is not None
         return int(listener.port.getHost().port)  # type: ignore[attr-defined]
+
+
+class _ReusePortTCP(tcp.Port):
+    """
+    A TCP port with SO_REUSEPORT (C{reuse_port: true}): several routers on one
+    host each bind it, and the kernel spreads new connections between them.
+    Twisted's listenTCP has no such option; the socket is made here, before bind.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        s: socket.socket = super().createInternetSocket()  # type: ignore[no-untyped-call]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
+
+class _ReusePortUDP(udp.Port):
+    """The same for UDP: the kernel spreads datagrams by their source between the routers."""
+
+    def createInternetSocket(self) -> socket.socket:
+        s: socket.socket = super().createInternetSocket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
 
 
 def _release(port: IListeningPort) -> None:

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import sys
+from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application.service import IService
@@ -19,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from portrouter import logs
+from portrouter.cluster import cluster_store
 from portrouter.config import ConfigError, load, with_cli
 from portrouter.model import Config
 from portrouter.front import Front
@@ -43,6 +45,8 @@ class Options(usage.Options):
         ["ingress", None, None, "Where the ingress listens (default tcp:8080)."],
         ["manhole", None, None, "Where the SSH admin shell listens."],
         ["state", None, None, "Where API-deployed projects are kept (default ./portrouter-state)."],
+        ["node", None, None, "This router's name in its cluster, over cluster.node (several routers on one host "
+                             "share a config file and differ by this)."],
     ]
 
     def __init__(self) -> None:
@@ -65,13 +69,21 @@ class Options(usage.Options):
     def read_config(self) -> Config:
         """The file (if any) and the CLI, joined; again on every reload."""
         config = load(self["config"]) if self["config"] else Config()
-        return with_cli(
+        config = with_cli(
             config,
             ingress=self["ingress"],
             state=self["state"],
             manhole=self["manhole"],
             routes=self["routes"],
         )
+        if self["node"] is not None:
+            if not self["node"]:
+                raise ConfigError("--node", "must not be empty")
+            if config.cluster is None:
+                raise ConfigError("--node", f"{self['node']!r} names a router of a cluster, and the config has "
+                                            "no cluster section")
+            config = replace(config, cluster=replace(config.cluster, node=self["node"]))
+        return config
 
     def postOptions(self) -> None:
         twistd = getattr(self, "parent", None)
@@ -156,8 +168,10 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
     _raise_fd_limit()
     try:
+        cluster = options["parsed"].cluster
         return _Daemon(options["parsed"], reactor, Front,
-                       reload_config=options.read_config if options["config"] else None)
+                       reload_config=options.read_config if options["config"] else None,
+                       store=cluster_store(cluster) if cluster is not None else None)
     except StateError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(1) from None

@@ -1103,7 +1103,7 @@ async def test_auth_section_needs_an_admin_token_except_for_health(tmp_path: Pat
         for method, path, body in [
             ("GET", "/_api/routes", None), ("GET", "/_api/projects", None), ("GET", "/_api/metrics", None),
             ("PUT", "/_api/projects/p", manifest), ("DELETE", "/_api/projects/p", None),
-            ("POST", "/_api/reload", None), ("GET", "/_api/nosuch", None),
+            ("POST", "/_api/reload", None), ("GET", "/_api/nodes", None), ("GET", "/_api/nosuch", None),
         ]:
             status, headers, raw = await in_thread(call, ingress, method, path, body)
             assert (status, json.loads(raw)["error"]["code"]) == (401, "unauthorized"), (method, path)

@@ -229,8 +229,8 @@ BROKEN = [
         ingres: tcp:8080
         """, "ingres: unknown key (did you mean 'ingress'?)"),
     Broken("unknown-top-key-no-hint", """
-        listeners: []
-        """, "listeners: unknown key"),
+        upstreams: []
+        """, "upstreams: unknown key"),
     Broken("unknown-project-key", """
         projects:
           - {name: web, backend: "tcp:127.0.0.1:4000"}

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("the dashboard's event stream, from the API's rows", frozenset({"events"})),
     ("the front: what the router's own ports answer", frozenset({"api", "ingress", "stream", "tlsfront"})),
     ("the front's parts", frozenset({"metrics", "manhole", "hosts"})),
+    ("the cluster: the table kept in Redis, applied through the router", frozenset({"cluster"})),
     ("the router: table, listeners, changes under one lock", frozenset({"router"})),
     ("UDP service ports, on the WebSocket bridge", frozenset({"wsudp"})),
     ("routes", frozenset({"http", "tcp", "udp", "ws"})),
