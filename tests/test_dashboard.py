@@ -275,11 +275,10 @@ def test_cluster_nodes_show_what_the_api_says(tmp_path: Path, browser: Browser) 
     router, port = start(tmp_path, {})
     try:
         context = browser.new_context()
-        now = time.time()
         nodes = {"nodes": [
-            # Ages far from where "ago" rounds differently: the page may load a second or two later.
-            {"node": "edge-a", "version": "0.1.0", "table_version": 7, "last_seen": now - 7300, "failed": []},
-            {"node": "edge-b", "version": "0.1.0", "table_version": 6, "last_seen": now - 125,
+            # last_seen is seconds ago, as portrouter.cluster answers it.
+            {"node": "edge-a", "version": "0.1.0", "table_version": 7, "last_seen": 7300.0, "failed": []},
+            {"node": "edge-b", "version": "0.1.0", "table_version": 6, "last_seen": 125.0,
              "failed": [{"project": "web", "reason": "port 3000/tcp is in use"}]},
         ]}
         context.route(f"http://{LOOPBACK}:{port}/_api/nodes",
@@ -293,6 +292,28 @@ def test_cluster_nodes_show_what_the_api_says(tmp_path: Path, browser: Browser) 
                         ["edge-b", "0.1.0", "6", "2 min ago", "web: port 3000/tcp is in use"]]
     finally:
         router.stop()
+
+
+def test_a_real_clusters_nodes_are_shown(tmp_path: Path, browser: Browser) -> None:
+    """The nodes section from a real cluster: a redis-server and the router's own /_api/nodes."""
+    redis_port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", LOOPBACK, "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = None
+    try:
+        router, port = start(tmp_path, {"cluster": {"redis": f"tcp:{LOOPBACK}:{redis_port}", "node": "edge-a"}})
+        page = browser.new_page()
+        page.goto(f"http://{LOOPBACK}:{port}/_dashboard/")
+        page.wait_for_selector('#nodes tr[data-node="edge-a"]', timeout=DEADLINE_MS)
+        cells = page.inner_text('#nodes tr[data-node="edge-a"]').split("\t")
+        assert cells[0] == "edge-a" and re.fullmatch(r"\d+ s ago", cells[3]) and cells[4] == "-", cells
+        page.close()
+    finally:
+        if router is not None:
+            router.stop()
+        redis.kill()
+        redis.wait(10)
 
 
 def test_only_an_admin_token_opens_it_and_the_cookie_is_not_the_token(tmp_path: Path, browser: Browser) -> None:

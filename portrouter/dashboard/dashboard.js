@@ -203,13 +203,13 @@ async function loadNodes() {
     return;
   }
   const data = await answer.json();
-  const now = Date.now() / 1000;
   section.hidden = false;
   replaceRows("nodes", (data.nodes || []).map((n) => el("tr", {"data-node": n.node},
     cell("Node", n.node),
     cell("Version", n.version),
     cell("Table version", n.table_version, {className: "num"}),
-    cell("Last seen", typeof n.last_seen === "number" ? ago(Math.max(0, now - n.last_seen)) : n.last_seen),
+    // Seconds since the node's last heartbeat, as the router that answers saw it (not a clock time).
+    cell("Last seen", typeof n.last_seen === "number" ? ago(Math.max(0, n.last_seen)) : n.last_seen),
     cell("Failed", (n.failed || []).map((f) => `${f.project}: ${f.reason}`).join("; ") || "-"))));
   if (nodesTimer === null) nodesTimer = setInterval(loadNodes, 5000);
 }
