@@ -191,7 +191,9 @@ class Listener(Service):
         creator = getattr(outer.inner if isinstance(outer, ProxyGate) else outer, "creator", None)
         self.strport_tls = None if isinstance(creator, StoreTLS) else creator
         self.given_away = False
-        self.setName(route.project or "ingress")  # type: ignore[no-untyped-call]
+        # The router's own ports are named as no project can be (names are slugs):
+        # a project called "ingress" is a project like any other.
+        self.setName(route.project or "_ingress")  # type: ignore[no-untyped-call]
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -315,13 +317,13 @@ class RouterService(MultiService):
             if manhole is not None and shell is not None:
                 route = Route(None, "ssh", None, "manhole", manhole.listen)
                 self.manhole = Listener(route, shell, await self._listen(route, shell))
-                self.manhole.setName("manhole")  # type: ignore[no-untyped-call]
+                self.manhole.setName("_manhole")  # type: ignore[no-untyped-call]
             hostnames, front = self.config.hostnames, self.front.tls_front()
             if hostnames is not None and hostnames.listen is not None and front is not None:
                 route = Route(None, "sni", None, "hostname routing", hostnames.listen,
                               proxy=self.config.proxy_protocol)
                 self.tls_front = Listener(route, front, await self._listen(route, front))
-                self.tls_front.setName("tls-front")  # type: ignore[no-untyped-call]
+                self.tls_front.setName("_tls-front")  # type: ignore[no-untyped-call]
             await self.apply(self.table, first=True)
         except BaseException:
             for own in (self.ingress, self.manhole, self.tls_front):

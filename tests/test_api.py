@@ -1299,3 +1299,29 @@ async def test_metrics_parse_and_count_the_traffic(tmp_path: Path) -> None:
         web.close()
         tcp_backend.close()
         udp_backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_projects_may_take_the_names_of_the_routers_own_ports(tmp_path: Path) -> None:
+    """
+    "ingress", "manhole", "tls-front" are project names like any other: the
+    router's own listeners are named so that no project can be (failed
+    before the fix: a 500, two services of one name).
+    """
+    backend = ThreadServer(echo)
+    router = await api_router(tmp_path)
+    ingress = router.port_of()
+    try:
+        for name in ("ingress", "manhole", "tls-front", "events"):
+            port = free_port()
+            status, body = await api(ingress, "PUT", f"/_api/projects/{name}",
+                                     {"backend": backend.address, "listen": listen(port, "tcp")})
+            assert status == 201, body
+            assert await in_thread(roundtrip, port, b"hello") == b"hello"
+        status, _ = await api(ingress, "GET", "/_api/routes")
+        assert status == 200  # the ingress itself still answers
+        for name in ("ingress", "manhole", "tls-front", "events"):
+            assert (await api(ingress, "DELETE", f"/_api/projects/{name}"))[0] == 204
+    finally:
+        await router.stopService()
+        backend.close()

@@ -235,7 +235,7 @@ def check(router: RouterService, model: Model, pool: list[int], state_file: Path
             assert isinstance(listener.port, twisted_udp.Port) and listener.port.protocol is listener.factory
         else:
             assert isinstance(listener.port, twisted_tcp.Port) and listener.port.factory is listener.factory
-    assert sorted(s.name for s in router) == sorted(["ingress", "_events", *model])  # _events: the dashboard's
+    assert sorted(s.name for s in router) == sorted(["_ingress", "_events", *model])  # _events: the dashboard's
     # The state file lists the same projects.
     if state_file.exists():
         saved = json.loads(state_file.read_text())["projects"]
