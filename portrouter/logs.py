@@ -113,22 +113,62 @@ class _Buffered:
             pass
 
 
+_NOT_FIELDS = ("log_", "_")  # Twisted's own keys, and private ones: not the event's fields
+# json.dumps(..., default=repr) would build an encoder for every line.
+_encode = _json.JSONEncoder(default=repr).encode
+
+
+def _message(event: dict[str, Any]) -> str | None:
+    """
+    An event's message through C{str.format_map} (in C) instead of Twisted's
+    pure-Python formatter, for plain events; L{None} for anything else
+    (Twisted's call syntax, tracebacks, a format that fails), which takes
+    Twisted's path: the same text either way, at a tenth of the cost.
+    """
+    fmt = event.get("log_format")
+    if fmt is None or "log_failure" in event or "()" in fmt:
+        return None
+    try:
+        return str(fmt.format_map(event))
+    except Exception:
+        return None
+
+
 @implementer(ILogObserver)
 class JSONLines(_Buffered):
+    """
+    One JSON object a line. Built for lines written per request: the message
+    formatted in C (L{_message}), the time's seconds once per second, and
+    json's C encoder.
+    """
+
+    def __init__(self, out: IO[str] | Any):
+        super().__init__(out)
+        self._second = -1
+        self._stamp = ""
+
     def line(self, event: dict[str, Any]) -> str | None:
-        record = self._record(event, formatEvent(event))
+        message = _message(event)
+        record = self._record(event, formatEvent(event) if message is None else message)
         for key, value in event.items():
-            if not key.startswith("log_") and key not in record and not key.startswith("_"):
+            if not key.startswith(_NOT_FIELDS) and key not in record:
                 record[key] = value
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        return _json.dumps(record, default=repr) + "\n"
+        return _encode(record) + "\n"
 
-    @staticmethod
-    def _record(event: dict[str, Any], message: str) -> dict[str, Any]:
+    def _time(self, when: float) -> str:
+        """ISO 8601 in UTC, to the microsecond: C{datetime.isoformat} for the second, once a second."""
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._stamp}.{int((when - second) * 1_000_000):06d}+00:00"
+
+    def _record(self, event: dict[str, Any], message: str) -> dict[str, Any]:
         return {
-            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(),
+            "time": self._time(event.get("log_time", 0)),
             "level": getattr(event.get("log_level"), "name", "info"),
             "namespace": event.get("log_namespace", "-"),
             "message": message,
@@ -168,17 +208,9 @@ class BufferedText(_Buffered):
         return text
 
     def _fast(self, event: dict[str, Any]) -> str | None:
-        """
-        The same line through C{str.format_map} (in C) instead of Twisted's
-        pure-Python formatter, for plain events; L{None} for anything else
-        (Twisted's call syntax, tracebacks), which takes the general path.
-        """
-        fmt = event.get("log_format")
-        if fmt is None or "log_failure" in event or "()" in fmt:
-            return None
-        try:
-            message = fmt.format_map(event)
-        except Exception:
+        """The same line as Twisted writes it, the message through L{_message}; L{None}: Twisted's path."""
+        message = _message(event)
+        if message is None:
             return None
         system = event.get("log_system")
         if system is None:

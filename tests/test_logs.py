@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.config import parse
 from portrouter.logs import BufferedText, JSONLines
@@ -103,3 +104,38 @@ async def test_failing_observers_do_not_stop_the_router(tmp_path: Path, no_trace
     # Twisted reports the raising observer to the others, as it should: expected here.
     assert no_tracebacks and all("disabling observer" in e.get("log_format", "") for e in no_tracebacks)
     no_tracebacks.clear()
+
+
+class Point:
+    x = 3
+
+    def who(self) -> str:
+        return "me"
+
+
+@pytest.mark.parametrize("fmt, fields", [
+    ("{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
+     {"client": "127.0.0.1", "method": "GET", "target": "/x", "status": 200, "bytes": 100,
+      "duration": 0.000123, "project": "web", "aborted": "", "tls": ""}),
+    ("{a[0]} and {p.x}", {"a": [7], "p": Point()}),
+    ("{p.who()} calls", {"p": Point()}),  # Twisted's call syntax: its own formatter
+    ("{missing} field", {}),  # Twisted says it cannot format it, and so do we
+    ("braces {{literal}} {n!r}", {"n": "x"}),
+])
+def test_json_and_text_lines_say_what_twisteds_formatter_says(fmt: str, fields: dict[str, Any]) -> None:
+    """The fast message (str.format_map) is Twisted's text, or Twisted's path is taken."""
+    when = 1_764_800_000.123456
+    one = event(fmt, **fields)
+    one["log_time"] = when
+    out = io.StringIO()
+    observer = JSONLines(out)
+    observer(one)
+    observer.flush()
+    record = json.loads(out.getvalue())
+    assert record["message"] == formatEvent(one)
+    assert abs(datetime.fromisoformat(record["time"]).timestamp() - when) < 1e-5
+    text = io.StringIO()
+    plain = BufferedText(text)
+    plain(one)
+    plain.flush()
+    assert text.getvalue().rstrip("\n").endswith(formatEvent(one))
