@@ -157,7 +157,8 @@ class Proc:
 
     name: str
     popen: subprocess.Popen[bytes]
-    log: Path | None
+    log: Path | None  # its stdout (unless piped) and stderr
+    daemon_log: Path | None = None  # where a twistd daemon writes its own log (L{daemon_logging})
     _buf: bytes = b""
 
     @property
@@ -168,10 +169,18 @@ class Proc:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 15) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("    " + line for line in text)
+        """
+        The last lines of its output and, for a daemon logging to a file, of
+        that file: a traceback may be in either, depending on when it came.
+        """
+        parts = []
+        for path in (self.log, self.daemon_log):
+            if path is None or not path.exists():
+                continue
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                parts.append(f"    ({path.name})\n" + "\n".join("    " + line for line in text))
+        return "\n".join(parts)
 
     def read_line(self, timeout: float) -> str:
         """One line of stdout (stdout must be a pipe), or L{BenchError} at the deadline."""
@@ -193,6 +202,57 @@ class Proc:
         return line.decode()
 
 
+# The twistd plugins that are portrouter's daemons, and where L{Procs.start} has them log.
+DAEMON_PLUGINS = ("portrouter", "portrouter-tunnel")
+LOG_DESTINATIONS = {
+    "file": "-l FILE: twistd's --logfile, a file of its own in the work directory (how a daemon runs)",
+    "stdout": "no log option: under twistd -n, lines to stdout (redirected to a file by the harness)",
+    "json": "--logger portrouter.logs.json with PORTROUTER_JSON_LOG=FILE: JSON lines to a file",
+}
+_LOG_OPTIONS = ("-l", "--logfile", "--logger")
+
+
+def daemon_logging(
+    argv: Sequence[str], workdir: Path, name: str, log_to: str, env: dict[str, str] | None,
+) -> tuple[list[str], dict[str, str] | None, Path | None]:
+    """
+    C{argv} and C{env} with the log destination C{log_to} (a key of
+    L{LOG_DESTINATIONS}) added, and the file the daemon then writes its log
+    to, if C{argv} is C{twistd [OPTIONS] PLUGIN ...} for one of
+    L{DAEMON_PLUGINS} and says nothing of logging itself; anything else as
+    it is. The file is C{NAME-twistd.log} (or C{NAME-json.log}) in
+    C{workdir}, one per process. Readiness never depends on it: the harness
+    sees a daemon listen in the kernel's socket tables (L{wait_listening}).
+    """
+    if log_to not in LOG_DESTINATIONS:
+        raise ValueError(f"log destination {log_to!r}: not one of {', '.join(LOG_DESTINATIONS)}")
+    argv = list(argv)
+    plugin = next((i for i, arg in enumerate(argv) if arg in DAEMON_PLUGINS), None)
+    if not argv or Path(argv[0]).name != "twistd" or plugin is None:
+        return argv, env, None
+    options = argv[1:plugin]
+    if any(opt in _LOG_OPTIONS or opt.startswith(("-l", "--logfile=", "--logger=")) for opt in options):
+        return argv, env, None  # the caller chose
+    if log_to == "stdout":
+        return argv, env, None
+    path = _unused(workdir, name, "twistd" if log_to == "file" else "json")
+    if log_to == "file":
+        return [argv[0], "-l", str(path), *argv[1:]], env, path
+    env = dict(os.environ if env is None else env)
+    env["PORTROUTER_JSON_LOG"] = str(path)
+    return [argv[0], "--logger", "portrouter.logs.json", *argv[1:]], env, path
+
+
+def _unused(workdir: Path, name: str, kind: str) -> Path:
+    """C{NAME-KIND.log} in C{workdir}, numbered if a process of that name logged there before."""
+    path = workdir / f"{name}-{kind}.log"
+    n = 1
+    while path.exists():
+        n += 1
+        path = workdir / f"{name}-{n}-{kind}.log"
+    return path
+
+
 @dataclass
 class Procs:
     """Every child the benchmark starts; L{stop_all} ends each process group."""
@@ -202,12 +262,15 @@ class Procs:
 
     def start(
         self, name: str, argv: Sequence[str], core: int, *, pipe: bool = False, stdin: bool = False,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, log_to: str = "file",
     ) -> Proc:
         """
         Start C{argv} pinned to C{core}. Output goes to a log file in the work
-        directory unless C{pipe}, when stdout is read by the harness.
+        directory unless C{pipe}, when stdout is read by the harness. A
+        portrouter daemon logs as C{log_to} says (L{daemon_logging}): by
+        default to a file of its own, as a daemon does.
         """
+        argv, env, daemon_log = daemon_logging(argv, self.workdir, name, log_to, env)
         log = self.workdir / f"{name}.log"
         logf = open(log, "ab")
         try:
@@ -224,7 +287,7 @@ class Procs:
             )
         finally:
             logf.close()
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, daemon_log)
         self.procs.append(proc)
         return proc
 
@@ -787,7 +850,10 @@ def require_portrouter(twistd: str, env: dict[str, str] | None) -> None:
 
 def portrouter_argv(twistd: str, routes: Sequence[tuple[str, str]], *, ingress: str | None = None,
                     config: Path | None = None) -> list[str]:
-    """C{twistd -n portrouter} with CLI routes (kind, 'LISTEN -> BACKEND') and no pid file."""
+    """
+    C{twistd -n portrouter} with CLI routes (kind, 'LISTEN -> BACKEND') and no
+    pid file; L{Procs.start} adds where it logs (L{daemon_logging}).
+    """
     argv = [twistd, "-n", "--pidfile=", "portrouter", "--ingress", ingress or f"tcp:0:interface={LOOPBACK}"]
     if config is not None:
         argv += ["--config", str(config)]

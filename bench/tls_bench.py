@@ -194,8 +194,6 @@ class Bench(http_bench.Bench):
                 ("tcp", f"tcp:{ports['tcp']}:interface={LOOPBACK} -> tcp:{LOOPBACK}:{bulk}"),
                 ("tcp", f"ssl:{ports['tls']}:interface={LOOPBACK}:{tls} -> tcp:{LOOPBACK}:{bulk}"),
             ])
-            # Logging to a file, as a daemon does (twistd's own observer, not the console's).
-            argv[1:1] = ["-l", str(self.work / "portrouter-tls-twistd.log")]
             env = self.portrouter_env
         elif target == "haproxy":
             cfg = self.work / "tls-haproxy.cfg"
