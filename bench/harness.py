@@ -521,13 +521,20 @@ class CpuWatch:
     number taken while they ran is not comparable.
     """
 
-    def __init__(self, procs: Procs):
+    def __init__(self, procs: Procs, proxy: Proc | None = None):
         self.ours = {p.pid for p in procs.procs}
+        self.proxy = proxy
         self.t0 = time.monotonic()
         self.cpu0 = cpu_times()
         self.foreign0 = _foreign_jiffies(self.ours)
+        self.proxy0 = 0.0 if proxy is None else cpu_seconds(proxy)
 
     def stop(self) -> dict[str, float]:
+        """
+        Busy percent of each core, other programs' share, and with a
+        C{proxy}, the CPU seconds its process group used (C{proxy_cpu_s}).
+        """
+        proxy_cpu = None if self.proxy is None else round(cpu_seconds(self.proxy) - self.proxy0, 3)
         busy = busy_percent(self.cpu0, cpu_times())
         elapsed = max(time.monotonic() - self.t0, 1e-3)
         foreign = sum(
@@ -541,7 +548,30 @@ class CpuWatch:
             "busy_proxy_core": busy.get(PROXY_CORE, 0.0),
             # Percent of one core taken by other programs, on any core.
             "foreign_cpu": round(foreign_pct, 1),
+            **({} if proxy_cpu is None else {"proxy_cpu_s": proxy_cpu}),
         }
+
+
+def cpu_seconds(proc: Proc) -> float:
+    """
+    The CPU time (user and system) C{proc}'s process group has used: what
+    the work costs the proxy (nginx's workers included), whatever else the
+    shared machine runs meanwhile.
+    """
+    jiffies = 0
+    for pid in _group_pids(proc.pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        jiffies += int(fields[11]) + int(fields[12])  # utime stime
+    return jiffies / _CLK_TCK
+
+
+def per_op_us(cpu_s: float | None, ops: int | float) -> float | None:
+    """Microseconds of CPU per operation (request, connection), or None with nothing to divide."""
+    return None if cpu_s is None or not ops else round(cpu_s / ops * 1e6, 1)
 
 
 def quiet_check(seconds: float = 0.5) -> dict[int, float]:
@@ -927,14 +957,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def check(what: str, value: float | None, op: str, target: float, unit: str = "x") -> dict[str, Any]:
-    """One of the comparisons a section is judged by: C{value op target}, met or not."""
-    met = None if value is None else (value >= target if op == ">=" else value <= target)
-    return {"what": what, "ratio" if unit == "x" else "value": value, "target": f"{op} {target:g}",
-            "unit": unit, "met": met}
+    """
+    One of the comparisons a section is judged by: C{value op target}, met or
+    not; with C{op} "within", a ratio less than C{target} away from 1 either way.
+    """
+    if op == "within":
+        met = None if value is None else abs(value - 1) < target
+        shown = f"1±{target:g}"
+    else:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        shown = f"{op} {target:g}"
+    return {"what": what, "ratio" if unit == "x" else "value": value, "target": shown, "unit": unit, "met": met}
 
 
-def print_checks(checks: Sequence[dict[str, Any]]) -> None:
-    width = max([40, *(len(c["what"]) + 1 for c in checks)])
+def print_checks(checks: Sequence[dict[str, Any]], width: int = 0) -> None:
+    width = max([40, width, *(len(c["what"]) + 1 for c in checks)])
     for c in checks:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         value = c.get("ratio", c.get("value"))
