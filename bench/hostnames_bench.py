@@ -195,6 +195,8 @@ class Bench(http_bench.Bench):
     the proxies are this section's.
     """
 
+    TURNS = frozenset()  # every row measured on its own, as Section does
+
     NAME = "hostnames"
     TARGETS = TARGETS
     SECONDS_HELP = "length of each h2load run (default 5)"

@@ -134,6 +134,8 @@ class Bench(http_bench.Bench):
     are this section's.
     """
 
+    TURNS = frozenset()  # every row measured on its own, as Section does
+
     NAME = "tls"
     TARGETS = TARGETS
     SECONDS_HELP = "length of each wrk run and each bulk read (default 5)"
