@@ -460,6 +460,11 @@ class Bench(Section[Row]):
         """Same-run comparisons with no target, to see how far off the best the numbers are."""
         return [
             ("100 B CPU per request: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "cpu_us", "100b")),
+            # The log destination's cost in CPU time, which other programs do not change.
+            ("100 B CPU per request: portrouter-stdout / portrouter",
+             compare(rows, "portrouter-stdout", "portrouter", "cpu_us", "100b")),
+            ("100 B CPU per request: portrouter-json / portrouter",
+             compare(rows, "portrouter-json", "portrouter", "cpu_us", "100b")),
             ("100 B req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "100b")),
             ("1 MiB req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "1m")),
             ("100 B req/s: ingress /web/ / own port",
