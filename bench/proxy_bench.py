@@ -20,6 +20,7 @@ import json
 import socket
 import statistics
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,9 @@ class Bench(Section[Row]):
         setup = self.start(targets, self.peers)
         per_round: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         try:
-            with blame(setup.proxies["portrouter"]), blame(setup.proxies.get("haproxy")):
+            with ExitStack() as watching:
+                for proc in setup.proxies.values():  # a proxy that dies is named, not its refusals
+                    watching.enter_context(blame(proc))
                 for target in targets:
                     for who in proxies:
                         errors = rows[target].errors
