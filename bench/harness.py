@@ -157,7 +157,8 @@ class Proc:
 
     name: str
     popen: subprocess.Popen[bytes]
-    log: Path | None
+    log: Path | None  # its stdout (unless piped) and stderr
+    daemon_log: Path | None = None  # where a twistd daemon writes its own log (L{daemon_logging})
     _buf: bytes = b""
 
     @property
@@ -168,10 +169,18 @@ class Proc:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 15) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("    " + line for line in text)
+        """
+        The last lines of its output and, for a daemon logging to a file, of
+        that file: a traceback may be in either, depending on when it came.
+        """
+        parts = []
+        for path in (self.log, self.daemon_log):
+            if path is None or not path.exists():
+                continue
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                parts.append(f"    ({path.name})\n" + "\n".join("    " + line for line in text))
+        return "\n".join(parts)
 
     def read_line(self, timeout: float) -> str:
         """One line of stdout (stdout must be a pipe), or L{BenchError} at the deadline."""
@@ -193,6 +202,57 @@ class Proc:
         return line.decode()
 
 
+# The twistd plugins that are portrouter's daemons, and where L{Procs.start} has them log.
+DAEMON_PLUGINS = ("portrouter", "portrouter-tunnel")
+LOG_DESTINATIONS = {
+    "file": "-l FILE: twistd's --logfile, a file of its own in the work directory (how a daemon runs)",
+    "stdout": "no log option: under twistd -n, lines to stdout (redirected to a file by the harness)",
+    "json": "--logger portrouter.logs.json with PORTROUTER_JSON_LOG=FILE: JSON lines to a file",
+}
+_LOG_OPTIONS = ("-l", "--logfile", "--logger")
+
+
+def daemon_logging(
+    argv: Sequence[str], workdir: Path, name: str, log_to: str, env: dict[str, str] | None,
+) -> tuple[list[str], dict[str, str] | None, Path | None]:
+    """
+    C{argv} and C{env} with the log destination C{log_to} (a key of
+    L{LOG_DESTINATIONS}) added, and the file the daemon then writes its log
+    to, if C{argv} is C{twistd [OPTIONS] PLUGIN ...} for one of
+    L{DAEMON_PLUGINS} and says nothing of logging itself; anything else as
+    it is. The file is C{NAME-twistd.log} (or C{NAME-json.log}) in
+    C{workdir}, one per process. Readiness never depends on it: the harness
+    sees a daemon listen in the kernel's socket tables (L{wait_listening}).
+    """
+    if log_to not in LOG_DESTINATIONS:
+        raise ValueError(f"log destination {log_to!r}: not one of {', '.join(LOG_DESTINATIONS)}")
+    argv = list(argv)
+    plugin = next((i for i, arg in enumerate(argv) if arg in DAEMON_PLUGINS), None)
+    if not argv or Path(argv[0]).name != "twistd" or plugin is None:
+        return argv, env, None
+    options = argv[1:plugin]
+    if any(opt in _LOG_OPTIONS or opt.startswith(("-l", "--logfile=", "--logger=")) for opt in options):
+        return argv, env, None  # the caller chose
+    if log_to == "stdout":
+        return argv, env, None
+    path = _unused(workdir, name, "twistd" if log_to == "file" else "json")
+    if log_to == "file":
+        return [argv[0], "-l", str(path), *argv[1:]], env, path
+    env = dict(os.environ if env is None else env)
+    env["PORTROUTER_JSON_LOG"] = str(path)
+    return [argv[0], "--logger", "portrouter.logs.json", *argv[1:]], env, path
+
+
+def _unused(workdir: Path, name: str, kind: str) -> Path:
+    """C{NAME-KIND.log} in C{workdir}, numbered if a process of that name logged there before."""
+    path = workdir / f"{name}-{kind}.log"
+    n = 1
+    while path.exists():
+        n += 1
+        path = workdir / f"{name}-{n}-{kind}.log"
+    return path
+
+
 @dataclass
 class Procs:
     """Every child the benchmark starts; L{stop_all} ends each process group."""
@@ -202,12 +262,15 @@ class Procs:
 
     def start(
         self, name: str, argv: Sequence[str], core: int, *, pipe: bool = False, stdin: bool = False,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, log_to: str = "file",
     ) -> Proc:
         """
         Start C{argv} pinned to C{core}. Output goes to a log file in the work
-        directory unless C{pipe}, when stdout is read by the harness.
+        directory unless C{pipe}, when stdout is read by the harness. A
+        portrouter daemon logs as C{log_to} says (L{daemon_logging}): by
+        default to a file of its own, as a daemon does.
         """
+        argv, env, daemon_log = daemon_logging(argv, self.workdir, name, log_to, env)
         log = self.workdir / f"{name}.log"
         logf = open(log, "ab")
         try:
@@ -224,7 +287,7 @@ class Procs:
             )
         finally:
             logf.close()
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, daemon_log)
         self.procs.append(proc)
         return proc
 
@@ -458,13 +521,20 @@ class CpuWatch:
     number taken while they ran is not comparable.
     """
 
-    def __init__(self, procs: Procs):
+    def __init__(self, procs: Procs, proxy: Proc | None = None):
         self.ours = {p.pid for p in procs.procs}
+        self.proxy = proxy
         self.t0 = time.monotonic()
         self.cpu0 = cpu_times()
         self.foreign0 = _foreign_jiffies(self.ours)
+        self.proxy0 = 0.0 if proxy is None else cpu_seconds(proxy)
 
     def stop(self) -> dict[str, float]:
+        """
+        Busy percent of each core, other programs' share, and with a
+        C{proxy}, the CPU seconds its process group used (C{proxy_cpu_s}).
+        """
+        proxy_cpu = None if self.proxy is None else round(cpu_seconds(self.proxy) - self.proxy0, 3)
         busy = busy_percent(self.cpu0, cpu_times())
         elapsed = max(time.monotonic() - self.t0, 1e-3)
         foreign = sum(
@@ -478,7 +548,30 @@ class CpuWatch:
             "busy_proxy_core": busy.get(PROXY_CORE, 0.0),
             # Percent of one core taken by other programs, on any core.
             "foreign_cpu": round(foreign_pct, 1),
+            **({} if proxy_cpu is None else {"proxy_cpu_s": proxy_cpu}),
         }
+
+
+def cpu_seconds(proc: Proc) -> float:
+    """
+    The CPU time (user and system) C{proc}'s process group has used: what
+    the work costs the proxy (nginx's workers included), whatever else the
+    shared machine runs meanwhile.
+    """
+    jiffies = 0
+    for pid in _group_pids(proc.pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        jiffies += int(fields[11]) + int(fields[12])  # utime stime
+    return jiffies / _CLK_TCK
+
+
+def per_op_us(cpu_s: float | None, ops: int | float) -> float | None:
+    """Microseconds of CPU per operation (request, connection), or None with nothing to divide."""
+    return None if cpu_s is None or not ops else round(cpu_s / ops * 1e6, 1)
 
 
 def quiet_check(seconds: float = 0.5) -> dict[int, float]:
@@ -787,7 +880,10 @@ def require_portrouter(twistd: str, env: dict[str, str] | None) -> None:
 
 def portrouter_argv(twistd: str, routes: Sequence[tuple[str, str]], *, ingress: str | None = None,
                     config: Path | None = None) -> list[str]:
-    """C{twistd -n portrouter} with CLI routes (kind, 'LISTEN -> BACKEND') and no pid file."""
+    """
+    C{twistd -n portrouter} with CLI routes (kind, 'LISTEN -> BACKEND') and no
+    pid file; L{Procs.start} adds where it logs (L{daemon_logging}).
+    """
     argv = [twistd, "-n", "--pidfile=", "portrouter", "--ingress", ingress or f"tcp:0:interface={LOOPBACK}"]
     if config is not None:
         argv += ["--config", str(config)]
@@ -861,14 +957,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def check(what: str, value: float | None, op: str, target: float, unit: str = "x") -> dict[str, Any]:
-    """One of the comparisons a section is judged by: C{value op target}, met or not."""
-    met = None if value is None else (value >= target if op == ">=" else value <= target)
-    return {"what": what, "ratio" if unit == "x" else "value": value, "target": f"{op} {target:g}",
-            "unit": unit, "met": met}
+    """
+    One of the comparisons a section is judged by: C{value op target}, met or
+    not; with C{op} "within", a ratio less than C{target} away from 1 either way.
+    """
+    if op == "within":
+        met = None if value is None else abs(value - 1) < target
+        shown = f"1±{target:g}"
+    else:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        shown = f"{op} {target:g}"
+    return {"what": what, "ratio" if unit == "x" else "value": value, "target": shown, "unit": unit, "met": met}
 
 
-def print_checks(checks: Sequence[dict[str, Any]]) -> None:
-    width = max([40, *(len(c["what"]) + 1 for c in checks)])
+def print_checks(checks: Sequence[dict[str, Any]], width: int = 0) -> None:
+    width = max([40, width, *(len(c["what"]) + 1 for c in checks)])
     for c in checks:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         value = c.get("ratio", c.get("value"))

@@ -195,6 +195,8 @@ class Bench(http_bench.Bench):
     the proxies are this section's.
     """
 
+    TURNS = frozenset()  # every row measured on its own, as Section does
+
     NAME = "hostnames"
     TARGETS = TARGETS
     SECONDS_HELP = "length of each h2load run (default 5)"
@@ -246,8 +248,6 @@ class Bench(http_bench.Bench):
             cfg.write_text(PORTROUTER_CONFIG.format(domain=DOMAIN, certs=self.certs, web=web, **ports))
             argv = portrouter_argv(self.tools["twistd"], [], ingress=f"tcp:{ports['host']}:interface={LOOPBACK}",
                                    config=cfg)
-            # Logging to a file, as a daemon does (twistd's own observer, not the console's).
-            argv[1:1] = ["-l", str(self.work / "portrouter-hostnames-twistd.log")]
             # One ingress answers by Host and by path.
             ports["path"] = ports["host"]
             env = self.portrouter_env

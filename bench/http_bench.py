@@ -3,6 +3,13 @@ The HTTP section (issue 3): portrouter's reverse proxy against stock
 Twisted (C{ReverseProxyResource}), HAProxy and nginx as proxies, and no
 proxy, under C{wrk -t1 -c50} keep-alive load on a 100-byte and a 1 MiB
 static file served by nginx. One run, so the ratios compare like with like.
+
+portrouter logs every request, so where it logs to is part of what is
+measured (issue 20): the ``portrouter`` row logs to a file as a daemon does,
+``portrouter-stdout`` and ``portrouter-json`` are the same route logging to
+stdout and as JSON lines. Those rows and HAProxy take turns at the 100 B load
+in rounds, all running at once, so their ratios are free of the machine's
+drift from minute to minute.
 """
 
 from __future__ import annotations
@@ -10,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import ssl
+import statistics
 import sys
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from harness import (
     BENCH_DIR,
@@ -33,6 +41,7 @@ from harness import (
     fmt,
     free_port,
     nginx_argv,
+    per_op_us,
     portrouter_argv,
     print_sampled,
     py_spy_record,
@@ -40,19 +49,27 @@ from harness import (
     summarize_profile,
     wait_listening,
 )
-from section import Section, busy_cells, cell, compare, print_ratios, print_tables
+from section import Section, busy_cells, cell, compare, paired, print_ratios, print_tables
 
-TARGETS = ("direct", "portrouter", "portrouter-ingress", "stock", "haproxy", "nginx")
+TARGETS = ("direct", "portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress", "stock", "haproxy",
+           "nginx")
 # What each row is, for the table's legend and the JSON.
 DESCRIPTION = {
     "direct": "no proxy: wrk to the nginx backend",
-    "portrouter": "portrouter, a project's own HTTP port (--http)",
+    "portrouter": "portrouter, a project's own HTTP port (--http), logging to a file (-l FILE) as a daemon does",
+    "portrouter-stdout": "the same, logging to stdout (twistd -n with no log option)",
+    "portrouter-json": "the same, logging JSON lines to a file (--logger portrouter.logs.json, PORTROUTER_JSON_LOG)",
     "portrouter-ingress": "portrouter, the ingress path route /web/ (prefix stripped)",
     "stock": "twisted.web.proxy.ReverseProxyResource on a Site (bench/stock_http_proxy.py)",
     "haproxy": "HAProxy, mode http, nbthread 1, keep-alive to the server",
     "nginx": "nginx proxy_pass, 1 worker, upstream keepalive 64, HTTP/1.1",
 }
 SIZES = {"100b": 100, "1m": 1 << 20}  # the two static files, by name
+# The rows that take turns at the 100 B load, running at once: portrouter by
+# log destination (Procs.start's log_to), and HAProxy, its target's peer.
+ROUNDS = {"portrouter": "file", "portrouter-stdout": "stdout", "portrouter-json": "json", "haproxy": None}
+# Of those, the rows measured at 1 MiB too (where the log is no part of the cost).
+ROUNDS_1M = ("portrouter", "haproxy")
 CONNECTIONS = 50
 WARMUP = 1.0  # seconds of the same load before each measurement (pools, allocations)
 
@@ -140,6 +157,7 @@ class Row:
 
     req_per_s: dict[str, float | None] = field(default_factory=dict)  # by size name
     mb_per_s: dict[str, float | None] = field(default_factory=dict)
+    cpu_us: dict[str, float | None] = field(default_factory=dict)  # the proxy's CPU time per request
     detail: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # measurements that failed, and why
 
@@ -149,24 +167,30 @@ class Bench(Section[Row]):
 
     NAME = "http"
     TARGETS = TARGETS
-    SECONDS_HELP = "length of each wrk run (default 5)"
-    PORTROUTER = frozenset({"portrouter", "portrouter-ingress"})
+    SECONDS_HELP = "length of each wrk run; at 100 B in the rounds, of all rounds together (default 5)"
+    OPTIONS = {"rounds": {"type": int, "default": 5,
+                          "help": "turns the rows of different log destinations and haproxy take at 100 B (default 5)"}}
+    PORTROUTER = frozenset({"portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress"})
     DESCRIPTION = DESCRIPTION
+    TURNS: ClassVar[frozenset[str]] = frozenset(ROUNDS)  # the rows measure_all has take turns (none in subclasses)
     TOOLS = ("taskset", "wrk", "nginx")
     TARGET_TOOLS = {
-        "portrouter": ("twistd",), "portrouter-ingress": ("twistd",), "stock": ("twistd",), "haproxy": ("haproxy",),
+        "portrouter": ("twistd",), "portrouter-stdout": ("twistd",), "portrouter-json": ("twistd",),
+        "portrouter-ingress": ("twistd",), "stock": ("twistd",), "haproxy": ("haproxy",),
     }
     VERSIONS = {"wrk": "-v", "nginx": "-v", "haproxy": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
         super().__init__(procs, tools, args, portrouter_env)
+        self.rounds: int = max(1, getattr(args, "http_rounds", 5))
         self.root = self.work / "www"
         self.report = self.work / "wrk-report.lua"
         self.files: dict[str, bytes] = {}
 
     def parameters(self) -> dict[str, Any]:
-        return {"connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES, "warmup_s": WARMUP}
+        return {"connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES, "warmup_s": WARMUP,
+                "rounds": self.rounds, "rounds_rows": list(ROUNDS)}
 
     def prepare(self) -> None:
         self.root.mkdir(exist_ok=True)
@@ -193,7 +217,7 @@ class Bench(Section[Row]):
         port = free_port()
         prefix = ""
         env = None
-        if target == "portrouter":
+        if target in ("portrouter", "portrouter-stdout", "portrouter-json"):
             argv = portrouter_argv(
                 self.tools["twistd"], [("http", f"tcp:{port}:interface={LOOPBACK} -> tcp:{LOOPBACK}:{backend}")]
             )
@@ -215,7 +239,7 @@ class Bench(Section[Row]):
             argv = nginx_argv(self.tools["nginx"], self.work, f"proxy-{target}", body)
         else:
             raise ValueError(target)
-        proc = self.procs.start(target, argv, PROXY_CORE, env=env)
+        proc = self.procs.start(target, argv, PROXY_CORE, env=env, log_to=ROUNDS.get(target) or "file")
         wait_listening(proc, port, timeout=20)
         assert_loopback_only([proc])
         return proc, port, prefix
@@ -236,13 +260,16 @@ class Bench(Section[Row]):
         if status != 200 or body != self.files[name]:
             raise BenchError(f"GET {url}: status {status}, {len(body)} bytes, not the {len(self.files[name])} served")
 
-    def wrk(self, url: str, seconds: float) -> dict[str, Any]:
-        """C{wrk -t1 -c50} on the load core; its summary plus how busy each core was."""
+    def wrk(self, url: str, seconds: float, proxy: Proc | None = None) -> dict[str, Any]:
+        """
+        C{wrk -t1 -c50} on the load core; its summary plus how busy each core
+        was and, with C{proxy}, the CPU time that proxy used.
+        """
         argv = [
             "taskset", "-c", str(LOAD_CORE), self.tools["wrk"], "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s",
             "--timeout", "10s", "-s", str(self.report), url,
         ]
-        watch = CpuWatch(self.procs)
+        watch = CpuWatch(self.procs, proxy)
         out = run_tool(argv, seconds + 30, "wrk")
         cpu = watch.stop()
         line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
@@ -258,6 +285,8 @@ class Bench(Section[Row]):
             **summary,
             **cpu,
         }
+        if "proxy_cpu_s" in cpu:
+            result["cpu_us_per_req"] = per_op_us(cpu["proxy_cpu_s"], summary["requests"])
         if summary["requests"] == 0:
             raise BenchError(f"wrk completed no request on {url}")
         if summary["status"] > 0.01 * summary["requests"]:
@@ -281,19 +310,112 @@ class Bench(Section[Row]):
                     with blame(proxy):
                         self.fetch_check(url, name)
                         self.wrk(url, WARMUP)
-                        return self.retry.quietly(f"{target} {name}", lambda: self.wrk(url, self.seconds),
+                        return self.retry.quietly(f"{target} {name}", lambda: self.wrk(url, self.seconds, proxy),
                                                   retry=target != "direct")
 
                 result = attempt("http", target, row.errors, name, one)
                 if result is not None:
                     row.req_per_s[name] = result["req_per_s"]
                     row.mb_per_s[name] = result["mb_per_s"]
+                    row.cpu_us[name] = result.get("cpu_us_per_req")
                     row.detail[name] = result
         finally:
             if proxy is not None:
                 self.procs.stop(proxy)
             self.procs.stop(backend)
         return row
+
+    def measure_all(self, targets: list[str]) -> dict[str, Row]:
+        """Every target in turn, but the rows of L{TURNS} together, taking turns, where the first of them comes."""
+        self.prepare()
+        together = [t for t in targets if t in self.TURNS]
+        rows: dict[str, Row] = {}
+        for target in targets:
+            if target not in together:
+                rows[target] = self.measure(target)
+            elif target == together[0]:
+                rows.update(self.measure_rounds(together))
+        return {target: rows[target] for target in targets}
+
+    def measure_rounds(self, targets: list[str]) -> dict[str, Row]:
+        """
+        C{targets} all started at once in front of one backend, idle but for
+        the one measured: the 100 B load in rounds, the order rotating (a
+        row's figure is the median of its rounds, its CPU per request that of
+        all its rounds), then 1 MiB for those in L{ROUNDS_1M}.
+        """
+        rows = {target: Row() for target in targets}
+        each = max(1, round(self.seconds / self.rounds))  # wrk takes whole seconds
+        print(f"[http] {', '.join(targets)}: 100 B in {self.rounds} rounds of {each:g} s each, taking turns",
+              flush=True)
+        backend, backend_port = self.backend("rounds")
+        proxies: dict[str, Proc] = {}
+        urls: dict[str, str] = {}
+        try:
+            for target in targets:
+                proxies[target], port, prefix = self.proxy(target, backend_port)
+                urls[target] = f"http://{LOOPBACK}:{port}{prefix}"
+            for target in targets:
+                def warm(target: str = target) -> None:
+                    with blame(proxies[target]):
+                        for name in SIZES:
+                            self.fetch_check(f"{urls[target]}/{name}.bin", name)
+                        self.wrk(f"{urls[target]}/100b.bin", WARMUP)
+
+                attempt("http", target, rows[target].errors, "100b", warm)
+            results: dict[str, list[dict[str, Any]]] = {}
+            for r in range(self.rounds):
+                order = targets[r % len(targets):] + targets[:r % len(targets)]
+                for target in order:
+                    if "100b" in rows[target].errors:
+                        continue
+                    url, proxy = f"{urls[target]}/100b.bin", proxies[target]
+
+                    def one(url: str = url, proxy: Proc = proxy) -> dict[str, Any]:
+                        with blame(proxy):
+                            return self.wrk(url, each, proxy)
+
+                    result = attempt("http", target, rows[target].errors, "100b",
+                                     lambda: self.retry.quietly(f"{target} 100b round {r + 1}", one))
+                    if result is not None:
+                        results.setdefault(target, []).append({**result, "round": r})
+            for target, done in results.items():
+                row = rows[target]
+                if "100b" in row.errors:
+                    continue
+                row.req_per_s["100b"] = round(statistics.median(d["req_per_s"] for d in done))
+                row.mb_per_s["100b"] = round(statistics.median(d["mb_per_s"] for d in done), 1)
+                row.cpu_us["100b"] = per_op_us(sum(d["proxy_cpu_s"] for d in done), sum(d["requests"] for d in done))
+                row.detail["100b"] = {
+                    "rounds": done,
+                    "rates": [d["req_per_s"] for d in done],
+                    "busy_load_core": round(statistics.mean(d["busy_load_core"] for d in done), 1),
+                    "busy_proxy_core": round(statistics.mean(d["busy_proxy_core"] for d in done), 1),
+                    "foreign_cpu": max(d["foreign_cpu"] for d in done),
+                    "errors": sum(d["errors"] for d in done),
+                    "latency_p99_us": round(statistics.median(d["latency_p99_us"] for d in done)),
+                }
+            for target in targets:
+                if target not in ROUNDS_1M:
+                    continue
+                url, proxy = f"{urls[target]}/1m.bin", proxies[target]
+
+                def big(url: str = url, proxy: Proc = proxy, target: str = target) -> dict[str, Any]:
+                    with blame(proxy):
+                        self.wrk(url, WARMUP)
+                        return self.retry.quietly(f"{target} 1m", lambda: self.wrk(url, self.seconds, proxy))
+
+                result = attempt("http", target, rows[target].errors, "1m", big)
+                if result is not None:
+                    rows[target].req_per_s["1m"] = result["req_per_s"]
+                    rows[target].mb_per_s["1m"] = result["mb_per_s"]
+                    rows[target].cpu_us["1m"] = result.get("cpu_us_per_req")
+                    rows[target].detail["1m"] = result
+        finally:
+            for proc in proxies.values():
+                self.procs.stop(proc)
+            self.procs.stop(backend)
+        return rows
 
     # -- profiling (optional) ----------------------------------------------------------
 
@@ -319,18 +441,30 @@ class Bench(Section[Row]):
     # -- the report ----------------------------------------------------------------------
 
     def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
-        """The comparisons issue 3 asks for, with their targets."""
+        """The comparisons issues 3 and 20 ask for, with their targets."""
+        vs_haproxy = same_round(rows, "portrouter", "haproxy")
         return [
             check("100 B req/s: portrouter / stock", compare(rows, "portrouter", "stock", "req_per_s", "100b"),
                   ">=", 3.0),
             check("1 MiB MB/s: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "mb_per_s", "1m"),
                   ">=", 1.0),
+            check("100 B req/s: portrouter / haproxy", vs_haproxy, ">=", 0.4),
+            check("100 B req/s: portrouter / haproxy (stretch)", vs_haproxy, ">=", 0.5),
+            check("100 B req/s: portrouter-stdout / portrouter", same_round(rows, "portrouter-stdout", "portrouter"),
+                  "within", 0.1),
+            check("100 B req/s: portrouter-json / portrouter", same_round(rows, "portrouter-json", "portrouter"),
+                  "within", 0.1),
         ]
 
     def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
         """Same-run comparisons with no target, to see how far off the best the numbers are."""
         return [
-            ("100 B req/s: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "req_per_s", "100b")),
+            ("100 B CPU per request: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "cpu_us", "100b")),
+            # The log destination's cost in CPU time, which other programs do not change.
+            ("100 B CPU per request: portrouter-stdout / portrouter",
+             compare(rows, "portrouter-stdout", "portrouter", "cpu_us", "100b")),
+            ("100 B CPU per request: portrouter-json / portrouter",
+             compare(rows, "portrouter-json", "portrouter", "cpu_us", "100b")),
             ("100 B req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "100b")),
             ("1 MiB req/s: portrouter / nginx", compare(rows, "portrouter", "nginx", "req_per_s", "1m")),
             ("100 B req/s: ingress /web/ / own port",
@@ -340,10 +474,11 @@ class Bench(Section[Row]):
     def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
                      references: list[tuple[str, float | None]] | None) -> None:
         print_tables(
-            rows, "HTTP (wrk -t1 -c50)", [("100 B req/s", 13), ("1 MiB req/s", 13), ("1 MiB MB/s", 12)],
+            rows, "HTTP (wrk -t1 -c50)",
+            [("100 B req/s", 13), ("CPU us/req", 12), ("1 MiB req/s", 13), ("1 MiB MB/s", 12)],
             lambda r: [
-                cell(r, r.req_per_s.get("100b"), "100b", 0), cell(r, r.req_per_s.get("1m"), "1m", 0),
-                cell(r, r.mb_per_s.get("1m"), "1m", 0),
+                cell(r, r.req_per_s.get("100b"), "100b", 0), fmt(r.cpu_us.get("100b"), 1) + " ",
+                cell(r, r.req_per_s.get("1m"), "1m", 0), cell(r, r.mb_per_s.get("1m"), "1m", 0),
             ],
             [("100 B", 16), ("1 MiB", 16), ("wrk errors", 12), ("p99 ms 100 B", 14)],
             lambda r: [
@@ -352,6 +487,15 @@ class Bench(Section[Row]):
                 fmt(r.detail["100b"]["latency_p99_us"] / 1000 if "100b" in r.detail else None, 1) + " ",
             ],
         )
+        turns = [name for name in rows if round_rates(rows, name)]
+        if turns:
+            print()
+            print("100 B req/s in each round (taking turns), and the ratio to portrouter (-l FILE) in the same round:")
+            for name in turns:
+                rates = round_rates(rows, name)
+                ratios = paired(rates, round_rates(rows, "portrouter"))[1] if name != "portrouter" else []
+                print(f"  {name:<18} " + " ".join(f"{v:>7,}" for v in rates.values())
+                      + ("   " + " ".join(f"{v:.2f}" for v in ratios) if ratios else ""))
         print_ratios(checks, references)
 
     def print_profile(self, profile: dict[str, Any]) -> None:
@@ -359,3 +503,22 @@ class Bench(Section[Row]):
             print_sampled("portrouter under 100 B wrk load", profile,
                           f"{profile['req_per_s_under_profiler']:,} req/s")
 
+
+
+def round_rates(rows: dict[str, Row], target: str) -> dict[int, float]:
+    """C{target}'s 100 B req/s by round, if it took turns in L{Bench.measure_rounds}."""
+    row = rows.get(target)
+    if row is None or "100b" in row.errors:
+        return {}
+    return {d["round"]: d["req_per_s"] for d in row.detail.get("100b", {}).get("rounds", [])}
+
+
+def same_round(rows: dict[str, Row], a: str, b: str) -> float | None:
+    """
+    C{a}'s 100 B req/s over C{b}'s: the median of the ratios within each
+    round if both took turns, else of their figures.
+    """
+    mine, other = round_rates(rows, a), round_rates(rows, b)
+    if mine and other:
+        return paired(mine, other)[0]
+    return compare(rows, a, b, "req_per_s", "100b")

@@ -5,20 +5,22 @@ in new connections per second, with them on against off, in one run.
 One portrouter serves eight routes side by side, a TCP route and an HTTP
 route for each row: no header (``plain``), a header received from a
 trusted client (``receive``), ``send_proxy: v2`` to the backend
-(``send``), and both. The rows take turns over several rounds, idle but for
-the one measured, and a ratio is the median of the ratios within each round:
-the cost asked about (under 10%) is smaller than this machine's drift from
-minute to minute.
+(``send``), and both. HAProxy, the peer, serves the same eight with
+``accept-proxy`` and ``send-proxy-v2``, so the report says what the headers
+cost it on the same machine. The rows take turns over several rounds, idle
+but for the one measured, and a ratio is the median of the ratios within
+each round: the cost asked about (under 10%) is smaller than this machine's
+drift from minute to minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +44,17 @@ from harness import (
     free_port,
     listen_drops,
     nginx_argv,
+    per_op_us,
     portrouter_argv,
     print_sampled,
     py_spy_record,
+    require,
     run_tool,
     summarize_profile,
     wait_listening,
     wait_until,
 )
-from section import Section, busy_cells, cell, compare, print_ratios, print_tables
+from section import Section, busy_cells, cell, compare, paired, print_ratios, print_tables
 from tcp_bench import backend_open
 
 TARGETS = ("plain", "receive", "send", "both")
@@ -63,6 +67,7 @@ DESCRIPTION = {
     "both": "a header received, and one sent on",
 }
 KINDS = {"tcp": "conn/s", "http": "req/s"}
+PEERS = ("haproxy",)  # measured beside portrouter unless --proxy-peers none
 CONCURRENCY = 16
 MESSAGE = 64  # bytes echoed per TCP connection
 WARMUP = 0.5
@@ -84,6 +89,34 @@ http {
 }
 """
 
+# HAProxy with the same eight routes: one frontend and backend per row and
+# kind (HAPROXY_ROUTE), headers received with accept-proxy and sent with
+# send-proxy(-v2). HTTP keeps server connections for any client ("http-reuse
+# always", as portrouter's shared pool does); a connection that sent a PROXY
+# header is reused only for a request with the same header, so a sending
+# row pays a backend connection per client connection, as portrouter's does.
+HAPROXY_GLOBAL = """\
+global
+    nbthread 1
+    maxconn 8000
+
+defaults
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+"""
+HAPROXY_ROUTE = """
+frontend {name}
+    mode {mode}
+    bind {listen}:{port}{accept}
+    default_backend {name}
+
+backend {name}
+    mode {mode}{reuse}
+    server backend {listen}:{backend}{send}
+"""
+
 
 @dataclass
 class Row:
@@ -93,7 +126,12 @@ class Row:
     tcp_cpu_us: float | None = None  # portrouter's own CPU time (user and system) per connection
     http_req_per_s: float | None = None
     http_cpu_us: float | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    # The same for HAProxy (its own CPU time), measured in the same rounds.
+    haproxy_tcp_conn_per_s: float | None = None
+    haproxy_tcp_cpu_us: float | None = None
+    haproxy_http_req_per_s: float | None = None
+    haproxy_http_cpu_us: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)  # by measurement: "tcp", "http", "haproxy-tcp", ...
     errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,9 +140,9 @@ class Setup:
     """What one run's rows share: portrouter, its backends, and each route's port."""
 
     procs: list[Proc]
-    portrouter: Proc
+    proxies: dict[str, Proc]  # "portrouter", and each peer measured
     status: dict[str, Path]  # each echo backend's status file: "plain" and "told"
-    ports: dict[tuple[str, str], int]  # (kind, row): the route's port
+    ports: dict[tuple[str, str, str], int]  # (proxy, kind, row): the route's port
 
 
 class Bench(Section[Row]):
@@ -117,22 +155,32 @@ class Bench(Section[Row]):
         "rounds": {"type": int, "default": 5, "help": "turns the rows take (default 5)"},
         "version": {"choices": ("v1", "v2"), "default": "v2",
                     "help": "the PROXY header version received and sent (default v2)"},
+        "peers": {"choices": ("haproxy", "none"), "default": "haproxy",
+                  "help": "measure HAProxy's same rows too, in the same rounds (default), or none"},
     }
     PORTROUTER = frozenset(TARGETS)
     DESCRIPTION = DESCRIPTION
     TOOLS = ("gcc", "taskset", "twistd", "nginx")
-    VERSIONS = {"nginx": "-v"}
+    VERSIONS = {"nginx": "-v", "haproxy": "-v"}
+
+    @classmethod
+    def require(cls, args: argparse.Namespace) -> dict[str, str]:
+        """The tools of the chosen rows, and HAProxy unless --proxy-peers none."""
+        names = cls.tool_names(set(cls.targets(args)), args.profile)
+        return require(*names, *([] if args.proxy_peers == "none" else PEERS))
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
         super().__init__(procs, tools, args, portrouter_env)
         self.rounds: int = max(1, args.proxy_rounds)
         self.version: str = args.proxy_version
+        self.peers: tuple[str, ...] = () if args.proxy_peers == "none" else PEERS
         self.connrate = ""
 
     def parameters(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "version": self.version, "concurrency": CONCURRENCY,
-                "message_bytes": MESSAGE, "http_body_bytes": len(BODY), "warmup_s": WARMUP}
+                "message_bytes": MESSAGE, "http_body_bytes": len(BODY), "warmup_s": WARMUP,
+                "proxies": ["portrouter", *self.peers]}
 
     def prepare(self) -> None:
         self.connrate = build_c(self.tools["gcc"], "connrate.c", self.work)
@@ -149,8 +197,11 @@ class Bench(Section[Row]):
             raise BenchError(f"echo server said {line!r}")
         return proc, int(line.split()[1]), status
 
-    def start(self, targets: list[str]) -> Setup:
-        """Both echo backends and nginx on the load core, then portrouter with every row's two routes."""
+    def start(self, targets: list[str], peers: tuple[str, ...] = ()) -> Setup:
+        """
+        Both echo backends and nginx on the load core, then portrouter with
+        every row's two routes, and each of C{peers} with the same routes.
+        """
         started: list[Proc] = []
         try:
             plain, plain_port, plain_status = self.echo_backend("plain", proxy=False)
@@ -166,40 +217,67 @@ class Bench(Section[Row]):
             for port in (web_plain, web_told):
                 wait_listening(web, port)
 
-            ports: dict[tuple[str, str], int] = {}
-            projects = []
+            # (kind, row): the backend port, whether it is sent a header, whether one is received
+            routes: dict[tuple[str, str], tuple[int, bool, bool]] = {}
             for target in targets:
                 sends, receives = target in ("send", "both"), target in ("receive", "both")
-                for kind, backend in (("tcp", told_port if sends else plain_port),
-                                      ("http", web_told if sends else web_plain)):
-                    ports[(kind, target)] = free_port()
-                    listen: dict[str, Any] = {"port": ports[(kind, target)], "protocol": kind, "interface": LOOPBACK}
-                    if receives:
-                        listen["proxy_protocol"] = {"trusted": [LOOPBACK]}
-                    project: dict[str, Any] = {"name": f"{kind}-{target}", "backend": f"tcp:{LOOPBACK}:{backend}",
-                                               "listen": listen}
-                    if sends:
-                        project["send_proxy"] = self.version
-                    projects.append(project)
-            config = self.work / "proxy-portrouter.yaml"
-            config.write_text(json.dumps({"state": str(self.work / "proxy-state"), "projects": projects}, indent=1))
-            portrouter = self.procs.start("proxy-portrouter", portrouter_argv(self.tools["twistd"], [], config=config),
-                                          PROXY_CORE, env=self.portrouter_env)
-            started.append(portrouter)
-            for port in ports.values():
-                wait_listening(portrouter, port, timeout=20)
+                routes[("tcp", target)] = (told_port if sends else plain_port, sends, receives)
+                routes[("http", target)] = (web_told if sends else web_plain, sends, receives)
+            ports = {(who, kind, target): free_port() for who in ("portrouter", *peers) for kind, target in routes}
+            proxies = {"portrouter": self.start_portrouter(routes, ports)}
+            started.append(proxies["portrouter"])
+            for peer in peers:
+                proxies[peer] = self.start_haproxy(routes, ports)
+                started.append(proxies[peer])
+            for (who, _kind, _target), port in ports.items():
+                wait_listening(proxies[who], port, timeout=20)
             assert_loopback_only(started)
         except BaseException:
             for proc in started:
                 self.procs.stop(proc)
             raise
-        return Setup(started, portrouter, {"plain": plain_status, "told": told_status}, ports)
+        return Setup(started, proxies, {"plain": plain_status, "told": told_status}, ports)
+
+    def start_portrouter(self, routes: dict[tuple[str, str], tuple[int, bool, bool]],
+                         ports: dict[tuple[str, str, str], int]) -> Proc:
+        """portrouter on the proxy core, a project with its own listen port for each route."""
+        projects = []
+        for (kind, target), (backend, sends, receives) in routes.items():
+            listen: dict[str, Any] = {"port": ports[("portrouter", kind, target)], "protocol": kind,
+                                      "interface": LOOPBACK}
+            if receives:
+                listen["proxy_protocol"] = {"trusted": [LOOPBACK]}
+            project: dict[str, Any] = {"name": f"{kind}-{target}", "backend": f"tcp:{LOOPBACK}:{backend}",
+                                       "listen": listen}
+            if sends:
+                project["send_proxy"] = self.version
+            projects.append(project)
+        config = self.work / "proxy-portrouter.yaml"
+        config.write_text(json.dumps({"state": str(self.work / "proxy-state"), "projects": projects}, indent=1))
+        return self.procs.start("proxy-portrouter", portrouter_argv(self.tools["twistd"], [], config=config),
+                                PROXY_CORE, env=self.portrouter_env)
+
+    def start_haproxy(self, routes: dict[tuple[str, str], tuple[int, bool, bool]],
+                      ports: dict[tuple[str, str, str], int]) -> Proc:
+        """HAProxy on the proxy core with the same routes (L{HAPROXY_ROUTE})."""
+        send = " send-proxy-v2" if self.version == "v2" else " send-proxy"
+        cfg = HAPROXY_GLOBAL + "".join(
+            HAPROXY_ROUTE.format(
+                name=f"{kind}-{target}", mode=kind, listen=LOOPBACK, port=ports[("haproxy", kind, target)],
+                backend=backend, accept=" accept-proxy" if receives else "", send=send if sends else "",
+                reuse="\n    http-reuse always" if kind == "http" else "",
+            )
+            for (kind, target), (backend, sends, receives) in routes.items()
+        )
+        path = self.work / "proxy-haproxy.cfg"
+        path.write_text(cfg)
+        return self.procs.start("proxy-haproxy", [self.tools["haproxy"], "-db", "-f", str(path)], PROXY_CORE)
 
     def stop(self, setup: Setup) -> None:
         for proc in reversed(setup.procs):
             self.procs.stop(proc)
 
-    def told(self, port: int, target: str) -> None:
+    def told(self, port: int, target: str, who: str) -> None:
         """
         One GET of /who through C{target}'s HTTP route, with a header first
         where the route expects one: nginx behind a sending route must name
@@ -216,80 +294,90 @@ class Bench(Section[Row]):
         head, _, body = reply.partition(b"\r\n\r\n")
         expected = f"{me[0]}:{me[1]}" if target in ("send", "both") else ":"
         if not head.startswith(b"HTTP/1.1 200 ") or body.decode(errors="replace") != expected:
-            raise BenchError(f"{target}: GET /who through the HTTP route answered {reply[:300]!r}; "
+            raise BenchError(f"{who} {target}: GET /who through the HTTP route answered {reply[:300]!r}; "
                              f"expected 200 and {expected!r}")
 
     # -- measurements ----------------------------------------------------------------------
 
-    def load(self, setup: Setup, kind: str, target: str, seconds: float) -> dict[str, Any]:
-        """C{connrate load} (tcp) or C{connrate http} for C{seconds}; its JSON plus how busy each core was."""
+    def load(self, setup: Setup, who: str, kind: str, target: str, seconds: float) -> dict[str, Any]:
+        """
+        C{connrate load} (tcp) or C{connrate http} for C{seconds} through
+        C{who}'s route; its JSON plus how busy each core was and the CPU time
+        C{who} used.
+        """
         header = [self.version] if target in ("receive", "both") else []
         what = str(MESSAGE) if kind == "tcp" else "/"
         argv = ["taskset", "-c", str(LOAD_CORE), self.connrate, "load" if kind == "tcp" else "http",
-                str(setup.ports[(kind, target)]), f"{seconds:g}", str(CONCURRENCY), what, *header]
-        watch, drops, own = CpuWatch(self.procs), listen_drops(), cpu_seconds(setup.portrouter.pid)
+                str(setup.ports[(who, kind, target)]), f"{seconds:g}", str(CONCURRENCY), what, *header]
+        watch, drops = CpuWatch(self.procs, setup.proxies[who]), listen_drops()
         out = run_tool(argv, seconds + 20, f"connrate {argv[4]}")
         cpu = watch.stop()
-        cpu["portrouter_cpu_s"] = round(cpu_seconds(setup.portrouter.pid) - own, 3)
         if out.returncode != 0:
             raise BenchError(f"connrate {argv[4]} failed: {out.stderr.strip()}")
         result: dict[str, Any] = json.loads(out.stdout)
         result.update(cpu)
         result["listen_drops"] = listen_drops() - drops
         if result["completed"] == 0:
-            raise BenchError(f"no {kind} connection completed: {result['first_error']}")
+            raise BenchError(f"no {kind} connection completed through {who}: {result['first_error']}")
         if result["errors"] > 0.01 * result["completed"]:
-            raise BenchError(f"{result['errors']} {kind} connections failed ({result['first_error']}), "
+            raise BenchError(f"{result['errors']} {kind} connections through {who} failed ({result['first_error']}), "
                              f"{result['completed']} completed")
         if kind == "tcp":
             # Every relayed connection must end once the load stops: one that
             # leaks fails here rather than looking fast.
             status = setup.status["told" if target in ("send", "both") else "plain"]
-            wait_until(lambda: backend_open(status) == 0, 15, f"the {target} TCP connections to close")
+            wait_until(lambda: backend_open(status) == 0, 15, f"the {who} {target} TCP connections to close")
         return result
 
     def measure_all(self, targets: list[str]) -> dict[str, Row]:
-        """Every row's TCP and HTTP routes in one portrouter, taking turns in rotating order."""
+        """Every row's TCP and HTTP routes in one portrouter (and HAProxy), taking turns in rotating order."""
         self.prepare()
         rows = {target: Row() for target in targets}
         each = self.seconds / self.rounds
-        print(f"[proxy] {len(targets)} rows, TCP and HTTP, {self.rounds} rounds of {each:g} s each "
-              f"(PROXY {self.version})", flush=True)
-        setup = self.start(targets)
+        proxies = ("portrouter", *self.peers)
+        print(f"[proxy] {len(targets)} rows, TCP and HTTP, through {' and '.join(proxies)}, {self.rounds} rounds "
+              f"of {each:g} s each (PROXY {self.version})", flush=True)
+        setup = self.start(targets, self.peers)
+        per_round: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         try:
-            with blame(setup.portrouter):
+            with ExitStack() as watching:
+                for proc in setup.proxies.values():  # a proxy that dies is named, not its refusals
+                    watching.enter_context(blame(proc))
                 for target in targets:
-                    attempt("proxy", target, rows[target].errors, "http",
-                            lambda: self.told(setup.ports[("http", target)], target))
-                    for kind in KINDS:
-                        attempt("proxy", target, rows[target].errors, kind,
-                                lambda: self.load(setup, kind, target, WARMUP))
-                per_round: dict[tuple[str, str], list[dict[str, Any]]] = {}
+                    for who in proxies:
+                        errors = rows[target].errors
+                        attempt("proxy", target, errors, measurement(who, "http"),
+                                lambda: self.told(setup.ports[(who, "http", target)], target, who))
+                        for kind in KINDS:
+                            attempt("proxy", target, errors, measurement(who, kind),
+                                    lambda: self.load(setup, who, kind, target, WARMUP))
                 for r in range(self.rounds):
                     order = targets[r % len(targets):] + targets[:r % len(targets)]
                     for kind in KINDS:
                         for target in order:
-                            if kind in rows[target].errors:
-                                continue
-                            result = attempt(
-                                "proxy", target, rows[target].errors, kind,
-                                lambda: self.retry.quietly(f"{target} {kind}",
-                                                           lambda: self.load(setup, kind, target, each)),
-                            )
-                            if result is not None:
-                                per_round.setdefault((kind, target), []).append({**result, "round": r})
+                            for who in proxies:
+                                key = measurement(who, kind)
+                                if key in rows[target].errors:
+                                    continue
+                                result = attempt(
+                                    "proxy", target, rows[target].errors, key,
+                                    lambda: self.retry.quietly(f"{target} {key}",
+                                                               lambda: self.load(setup, who, kind, target, each)),
+                                )
+                                if result is not None:
+                                    per_round.setdefault((who, kind, target), []).append({**result, "round": r})
         finally:
             self.stop(setup)
-        for (kind, target), results in per_round.items():
-            row = rows[target]
-            if kind in row.errors:
+        for (who, kind, target), results in per_round.items():
+            row, key = rows[target], measurement(who, kind)
+            if key in row.errors:
                 continue
-            completed = sum(r["completed"] for r in results)
-            busy_s = sum(r["portrouter_cpu_s"] for r in results)
-            setattr(row, f"{kind}_{'conn' if kind == 'tcp' else 'req'}_per_s",
+            prefix = "" if who == "portrouter" else f"{who}_"
+            setattr(row, f"{prefix}{kind}_{'conn' if kind == 'tcp' else 'req'}_per_s",
                     round(statistics.median(r["rate"] for r in results)))
-            setattr(row, f"{kind}_cpu_us", round(busy_s / completed * 1e6, 1) if completed else None)
-            row.detail[kind] = {
+            setattr(row, f"{prefix}{kind}_cpu_us",
+                    per_op_us(sum(r["proxy_cpu_s"] for r in results), sum(r["completed"] for r in results)))
+            row.detail[key] = {
                 "rounds": results,
                 "rates": [round(r["rate"]) for r in results],
                 "busy_load_core": round(statistics.mean(r["busy_load_core"] for r in results), 1),
@@ -308,9 +396,9 @@ class Bench(Section[Row]):
             setup = self.start(["both"])
             raw = self.work / "proxy-portrouter-profile.txt"
             try:
-                self.load(setup, "tcp", "both", WARMUP)
-                load = py_spy_record(py_spy, setup.portrouter.pid, raw, 4,
-                                     lambda: self.load(setup, "tcp", "both", 5))
+                self.load(setup, "portrouter", "tcp", "both", WARMUP)
+                load = py_spy_record(py_spy, setup.proxies["portrouter"].pid, raw, 4,
+                                     lambda: self.load(setup, "portrouter", "tcp", "both", 5))
             finally:
                 self.stop(setup)
             return {"conn_per_s_under_profiler": round(load["rate"]), **summarize_profile(raw)}
@@ -327,65 +415,98 @@ class Bench(Section[Row]):
     def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
         """Each row against ``plain`` of the same round, the median over the rounds: at most 10% fewer."""
         return [
-            check(f"{kind.upper()} {unit}: {target} / plain", paired(rows, kind, target)[0], ">=", 0.9)
+            check(f"{kind.upper()} {unit}: {target} / plain", to_plain(rows, "portrouter", kind, target)[0], ">=", 0.9)
             for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
         ]
 
     def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
-        """portrouter's own CPU time per connection against plain's: the cost, however busy the machine."""
-        return [
+        """
+        portrouter's own CPU time per connection against plain's (the cost,
+        however busy the machine), then HAProxy's rate and CPU ratios to its
+        own plain: what the same headers cost the peer.
+        """
+        refs = [
             (f"{kind.upper()} CPU per {unit[:-2]}: {target} / plain",
              compare(rows, target, "plain", f"{kind}_cpu_us"))
             for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
         ]
+        for peer in self.peers:
+            refs += [
+                (f"{peer} {kind.upper()} {unit}: {target} / plain", to_plain(rows, peer, kind, target)[0])
+                for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+            ]
+            refs += [
+                (f"{peer} {kind.upper()} CPU per {unit[:-2]}: {target} / plain",
+                 compare(rows, target, "plain", f"{peer}_{kind}_cpu_us"))
+                for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+            ]
+        return refs
 
     def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
                      references: list[tuple[str, float | None]] | None) -> None:
+        proxies = ("portrouter", *self.peers)
+        columns, busy = [], []
+        for who in proxies:
+            mark = "" if who == "portrouter" else f"{who} "
+            columns += [(f"{mark}TCP conn/s", 12 + len(mark)), ("CPU us/conn", 13),
+                        (f"{mark}HTTP req/s", 12 + len(mark)), ("CPU us/req", 12)]
+            busy += [(f"{mark}TCP", 16), (f"{mark}HTTP", 16)]
+
+        def cells(r: Row) -> list[str]:
+            out = []
+            for who in proxies:
+                prefix = "" if who == "portrouter" else f"{who}_"
+                out += [cell(r, getattr(r, f"{prefix}tcp_conn_per_s"), measurement(who, "tcp"), 0),
+                        fmt(getattr(r, f"{prefix}tcp_cpu_us"), 1) + " ",
+                        cell(r, getattr(r, f"{prefix}http_req_per_s"), measurement(who, "http"), 0),
+                        fmt(getattr(r, f"{prefix}http_cpu_us"), 1) + " "]
+            return out
+
         print_tables(
-            rows, f"PROXY {self.version}",
-            [("TCP conn/s", 12), ("CPU us/conn", 13), ("HTTP req/s", 12), ("CPU us/req", 12)],
-            lambda r: [cell(r, r.tcp_conn_per_s, "tcp", 0), fmt(r.tcp_cpu_us, 1) + " ",
-                       cell(r, r.http_req_per_s, "http", 0), fmt(r.http_cpu_us, 1) + " "],
-            [("TCP", 16), ("HTTP", 16), ("errors tcp/http", 17)],
-            lambda r: [*busy_cells(r, tuple(KINDS)),
-                       "/".join(str(r.detail.get(kind, {}).get("errors", "-")) for kind in KINDS)],
+            rows, f"PROXY {self.version}", columns, cells,
+            [*busy, ("errors tcp/http", 17)],
+            lambda r: [*busy_cells(r, tuple(measurement(who, kind) for who in proxies for kind in KINDS)),
+                       " ".join("/".join(str(r.detail.get(measurement(who, kind), {}).get("errors", "-"))
+                                         for kind in KINDS) for who in proxies)],
         )
         print()
         print("each round, and its ratio to plain in the same round:")
-        for kind, unit in KINDS.items():
-            for name, r in rows.items():
-                rates = r.detail.get(kind, {}).get("rates")
-                if rates:
-                    ratios = paired(rows, kind, name)[1] if name != "plain" else []
-                    shown = " ".join(f"{v:>7,}" for v in rates)
-                    print(f"  {kind.upper()} {unit} {name:<8} {shown}"
-                          + ("   " + " ".join(f"{v:.2f}" for v in ratios) if ratios else ""))
+        for who in proxies:
+            for kind, unit in KINDS.items():
+                for name in rows:
+                    rates = round_rates(rows, who, kind, name)
+                    if rates:
+                        ratios = to_plain(rows, who, kind, name)[1] if name != "plain" else []
+                        shown = " ".join(f"{v:>7,.0f}" for v in rates.values())
+                        print(f"  {who:<10} {kind.upper()} {unit} {name:<8} {shown}"
+                              + ("   " + " ".join(f"{v:.2f}" for v in ratios) if ratios else ""))
+        if self.peers:
+            print()
+            print("ratio to plain, median of the rounds: " + " / ".join(proxies))
+            for kind, unit in KINDS.items():
+                for name in TARGETS[1:]:
+                    if name in rows:
+                        shown = "  ".join(fmt(to_plain(rows, who, kind, name)[0], 2) for who in proxies)
+                        print(f"  {kind.upper()} {unit} {name:<8} {shown}")
         print_ratios(checks, references, width=48)
 
 
-def cpu_seconds(pid: int) -> float:
-    """
-    The CPU time (user and system) process C{pid} has used: what a
-    connection costs portrouter, whatever else the shared machine runs.
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+def measurement(who: str, kind: str) -> str:
+    """The key of a row's detail and errors for C{kind} through C{who}: "tcp", "http", "haproxy-tcp", ..."""
+    return kind if who == "portrouter" else f"{who}-{kind}"
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _round_rates(row: Row | None, kind: str) -> dict[int, float]:
-    if row is None or kind not in row.detail or kind in row.errors:
+def round_rates(rows: dict[str, Row], who: str, kind: str, target: str) -> dict[int, float]:
+    """C{target}'s rates through C{who} by round."""
+    row, key = rows.get(target), measurement(who, kind)
+    if row is None or key not in row.detail or key in row.errors:
         return {}
-    return {r["round"]: r["rate"] for r in row.detail[kind]["rounds"]}
+    return {r["round"]: r["rate"] for r in row.detail[key]["rounds"]}
 
 
-def paired(rows: dict[str, Row], kind: str, target: str) -> tuple[float | None, list[float]]:
-    """C{target}'s rate over plain's within each round, and the median of those ratios."""
-    mine, plain = _round_rates(rows.get(target), kind), _round_rates(rows.get("plain"), kind)
-    each = [round(rate / plain[r], 3) for r, rate in sorted(mine.items()) if plain.get(r)]
-    return (statistics.median(each) if each else None), each
+def to_plain(rows: dict[str, Row], who: str, kind: str, target: str) -> tuple[float | None, list[float]]:
+    """C{target}'s rate through C{who} over plain's within each round, and the median of those ratios."""
+    return paired(round_rates(rows, who, kind, target), round_rates(rows, who, kind, "plain"))
 
 
 def v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:

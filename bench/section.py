@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import asdict
 from typing import Any, Callable, ClassVar, Generic, Mapping, Protocol, Sequence, TypeVar
@@ -272,9 +273,10 @@ def print_tables(
 
 def print_ratios(checks: Sequence[dict[str, Any]], references: Sequence[tuple[str, float | None]] | None,
                  width: int = 40) -> None:
-    """The checks the section is judged by, then the comparisons that have no target."""
+    """The checks the section is judged by, then the comparisons that have no target, aligned."""
+    width = max([width, *(len(c["what"]) + 1 for c in checks), *(len(what) + 1 for what, _ in references or ())])
     print()
-    print_checks(checks)
+    print_checks(checks, width)
     for what, value in references or ():
         shown = "-" if value is None else f"{value:.2f}x"
         print(f"{what:<{width}} {shown:>7}   (reference)")
@@ -283,3 +285,13 @@ def print_ratios(checks: Sequence[dict[str, Any]], references: Sequence[tuple[st
 def busy_cells(row: Row, keys: Sequence[str]) -> list[str]:
     """L{busy_cell} of each measurement C{keys} of C{row}."""
     return [busy_cell(row.detail.get(key)) for key in keys]
+
+
+def paired(mine: Mapping[int, float], other: Mapping[int, float]) -> tuple[float | None, list[float]]:
+    """
+    For rows that took turns in rounds (rates by round): C{mine} over
+    C{other} within each round both have, and the median of those ratios,
+    which the machine's drift from minute to minute does not move.
+    """
+    each = [round(rate / other[r], 3) for r, rate in sorted(mine.items()) if other.get(r)]
+    return (statistics.median(each) if each else None), each

@@ -33,6 +33,7 @@ from harness import (
     iperf3,
     iperf3_server,
     listen_drops,
+    per_op_us,
     portrouter_argv,
     print_frames,
     run_tool,
@@ -75,6 +76,7 @@ class Row:
     up_gbps: float | None = None
     down_gbps: float | None = None
     conn_per_s: float | None = None
+    cpu_us_per_conn: float | None = None  # the proxy's own CPU time (user and system) per connection
     kib_per_idle_conn: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -140,9 +142,12 @@ class Bench(Section[Row]):
 
     # -- measurements ------------------------------------------------------------
 
-    def conn_load(self, port: int, seconds: float) -> dict[str, Any]:
-        """C{connrate load} for C{seconds}; its JSON plus how busy each core was."""
-        watch, drops = CpuWatch(self.procs), listen_drops()
+    def conn_load(self, port: int, seconds: float, proxy: Proc | None = None) -> dict[str, Any]:
+        """
+        C{connrate load} for C{seconds}; its JSON plus how busy each core was
+        and, with C{proxy}, the CPU time that proxy used.
+        """
+        watch, drops = CpuWatch(self.procs, proxy), listen_drops()
         out = run_tool(
             ["taskset", "-c", str(LOAD_CORE), self.connrate, "load", str(port), str(seconds), str(CONCURRENCY), str(MESSAGE)],
             seconds + 20, "connrate load",
@@ -153,6 +158,8 @@ class Bench(Section[Row]):
         result: dict[str, Any] = json.loads(out.stdout)
         result.update(cpu)
         result["listen_drops"] = listen_drops() - drops
+        if "proxy_cpu_s" in cpu:
+            result["cpu_us_per_conn"] = per_op_us(cpu["proxy_cpu_s"], result["completed"])
         return result
 
     def hold(self, port: int, status: Path, count: int, while_held: Callable[[], None] | None = None) -> float:
@@ -232,7 +239,7 @@ class Bench(Section[Row]):
                 proxy, port = self.proxy(target, echo_port, "echo")
 
             def conn_rate() -> dict[str, Any]:
-                rate = self.conn_load(port, self.seconds)
+                rate = self.conn_load(port, self.seconds, proxy)
                 if rate["completed"] == 0:
                     raise BenchError(f"no connection completed: {rate['first_error']}")
                 # Every relayed connection must end once the load stops: a
@@ -248,6 +255,7 @@ class Bench(Section[Row]):
                 self.conn_load(port, WARMUP)  # code paths, allocations, the kernel's port tables
                 rate = self.retry.quietly(f"{target} conn/s", conn_rate, retry=target != "direct")
             row.conn_per_s = round(rate["rate"])
+            row.cpu_us_per_conn = rate.get("cpu_us_per_conn")
             row.detail["conn"] = rate
         finally:
             if proxy is not None:
@@ -324,17 +332,25 @@ class Bench(Section[Row]):
             check("bulk down: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "down_gbps"), ">=", 1.0),
             check("conn/s: portrouter / portforward",
                   compare(rows, "portrouter", "portforward", "conn_per_s"), ">=", 1.5),
+            check("conn/s: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "conn_per_s"), ">=", 0.75),
             check("KiB/idle conn: portrouter / haproxy",
                   compare(rows, "portrouter", "haproxy", "kib_per_idle_conn"), "<=", 1.0),
+        ]
+
+    def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
+        """What a connection costs each proxy in CPU time, which the machine's other load does not change."""
+        return [
+            ("CPU per connection: portrouter / haproxy", compare(rows, "portrouter", "haproxy", "cpu_us_per_conn")),
         ]
 
     def print_report(self, rows: dict[str, Row], checks: list[dict[str, Any]],
                      references: list[tuple[str, float | None]] | None) -> None:
         print_tables(
-            rows, "TCP", [("up Gbit/s", 11), ("down Gbit/s", 13), ("conn/s", 10), ("KiB/idle conn", 15)],
+            rows, "TCP",
+            [("up Gbit/s", 11), ("down Gbit/s", 13), ("conn/s", 10), ("CPU us/conn", 13), ("KiB/idle conn", 15)],
             lambda r: [
                 cell(r, r.up_gbps, "up", 2), cell(r, r.down_gbps, "down", 2),
-                cell(r, r.conn_per_s, "conn", 0), fmt(r.kib_per_idle_conn, 2) + " ",
+                cell(r, r.conn_per_s, "conn", 0), fmt(r.cpu_us_per_conn, 1) + " ", fmt(r.kib_per_idle_conn, 2) + " ",
             ],
             [("up", 16), ("down", 16), ("conn/s", 16), ("conn errors", 13)],
             lambda r: [*busy_cells(r, ("up", "down", "conn")), str(r.detail.get("conn", {}).get("errors", "-"))],

@@ -134,6 +134,8 @@ class Bench(http_bench.Bench):
     are this section's.
     """
 
+    TURNS = frozenset()  # every row measured on its own, as Section does
+
     NAME = "tls"
     TARGETS = TARGETS
     SECONDS_HELP = "length of each wrk run and each bulk read (default 5)"
@@ -194,8 +196,6 @@ class Bench(http_bench.Bench):
                 ("tcp", f"tcp:{ports['tcp']}:interface={LOOPBACK} -> tcp:{LOOPBACK}:{bulk}"),
                 ("tcp", f"ssl:{ports['tls']}:interface={LOOPBACK}:{tls} -> tcp:{LOOPBACK}:{bulk}"),
             ])
-            # Logging to a file, as a daemon does (twistd's own observer, not the console's).
-            argv[1:1] = ["-l", str(self.work / "portrouter-tls-twistd.log")]
             env = self.portrouter_env
         elif target == "haproxy":
             cfg = self.work / "tls-haproxy.cfg"
