@@ -303,6 +303,21 @@ class SpliceRelay:
         self.reactor.addReader(self.backend)
         if early:
             self.count(self.up, len(early) if counted is None else counted)
+        # The client has usually spoken while the backend connected: its
+        # first bytes are read now, not a reactor turn later, and go out with
+        # what came before them (a PROXY header) in one send, one wake-up of
+        # the backend.
+        try:
+            first = self.client.sock.recv(SMALL)
+        except BlockingIOError:
+            first = None
+        except OSError as e:
+            self.fail(e, self.client)
+            return
+        if first:
+            self.count(self.up, len(first))
+            early += first
+        if early:
             # A socket just connected takes a few bytes at once: no turn spent waiting for writable.
             try:
                 sent = self.backend.sock.send(early)
@@ -313,8 +328,14 @@ class SpliceRelay:
                 return
             if sent < len(early):
                 self.up.held = early[sent:]
+                if first == b"":
+                    self.up.eof = True  # a FIN once what is held is written (drain)
+                    self.first_eof(self.up)
                 self.up._blocked()  # the client is read once the backend has taken them
                 return
+        if first == b"":
+            self.up._eof()  # the client said all it had to say (nothing) before the backend answered
+            return
         self.reactor.addReader(self.client)
 
     def connect(self, address: Any, timeout: float) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -10,8 +14,10 @@ from twisted.logger import globalLogPublisher
 
 from portrouter.config import parse_cli_route
 from portrouter.model import Limits
+from portrouter.relay import SpliceRelay
 from portrouter.sessions import Sessions
 from portrouter.tcp import TCPRoute
+from tests.support import in_thread, wait_for
 
 
 def make_route(connect_timeout: float = 10.0) -> tuple[MemoryReactorClock, TCPRoute]:
@@ -74,3 +80,57 @@ def test_update_swaps_backend_for_new_connections() -> None:
     route.update(other)
     accept(route)
     assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 7000)
+
+
+# -- the relay's start: the client's first bytes read at once, sent with what precedes them -------
+
+
+def relay_pair() -> tuple[SpliceRelay, socket.socket, socket.socket, Sessions]:
+    """A relay between two socket pairs (our ends non-blocking, as the direct path makes them)."""
+    client_ours, client = socket.socketpair()
+    backend_ours, backend = socket.socketpair()
+    for sock in (client_ours, backend_ours):
+        sock.setblocking(False)
+    for sock in (client, backend):
+        sock.settimeout(30)
+    sessions = Sessions(reactor)  # type: ignore[arg-type]
+    session = sessions.open("tcp", "unit", "client")
+    return SpliceRelay(reactor, session, client_ours, backend_ours), client, backend, sessions  # type: ignore[arg-type]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_that_came_while_connecting_go_with_the_header_in_one_send() -> None:
+    relay, client, backend, sessions = relay_pair()
+    client.sendall(b"hello")
+    client.shutdown(socket.SHUT_WR)
+    relay.start(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n", 0)
+    assert backend.recv(65536) == b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello"  # one send, one read
+    assert await in_thread(read_all, backend) == b""  # the client's FIN came on
+    backend.sendall(b"reply")
+    backend.close()
+    assert await in_thread(read_all, client) == b"reply"
+    await wait_for(lambda: not sessions.live, 15, "the session to end")
+    ended = relay.session
+    assert (ended.bytes_in, ended.bytes_out, ended.reason) == (5, 5, "client closed")
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_gone_before_the_backend_answered_is_a_fin_to_it() -> None:
+    relay, client, backend, sessions = relay_pair()
+    client.shutdown(socket.SHUT_WR)
+    relay.start()
+    assert await in_thread(read_all, backend) == b""
+    backend.sendall(b"bye")
+    backend.close()
+    assert await in_thread(read_all, client) == b"bye"
+    await wait_for(lambda: not sessions.live, 15, "the session to end")
+    assert relay.session.reason == "client closed"
+    client.close()
