@@ -92,7 +92,9 @@ def read_header(buffer: bytes) -> Found | None:
         raise HeaderRefused(f"no PROXY header from a trusted address: the connection began with {buffer[:24]!r}")
     try:
         info = parse(whole)
-    except InvalidProxyHeader as e:
+    except (InvalidProxyHeader, ValueError) as e:
+        # ValueError: Twisted's v1 parser reads the ports with int() outside
+        # its own error conversion ("PROXY TCP4    " raises it).
         raise HeaderRefused(f"a PROXY header Twisted's parser refuses ({type(e).__name__}): {buffer[:64]!r}") from None
     source = info.source
     if not isinstance(source, (IPv4Address, IPv6Address)):
