@@ -270,7 +270,7 @@ class SpliceRelay:
     """Relay two connected stream sockets until both directions reach EOF."""
 
     __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed", "connecting",
-                 "on_connect_failure", "early")
+                 "on_connect_failure", "early", "heard")
 
     def __init__(
         self,
@@ -284,6 +284,7 @@ class SpliceRelay:
         self.connecting: Any = None  # the connect timeout, while the backend connects
         self.on_connect_failure: Callable[[str], None] | None = None
         self.early = b""  # for the backend before anything of the client's (a PROXY header), once connected
+        self.heard = False  # the client's first bytes were read already (they are in early): none to look for
         self.client = _End(self, client)
         self.backend = _End(self, backend)
         self.up = _Direction(self, self.client, self.backend, True)
@@ -307,13 +308,15 @@ class SpliceRelay:
         # first bytes are read now, not a reactor turn later, and go out with
         # what came before them (a PROXY header) in one send, one wake-up of
         # the backend.
-        try:
-            first = self.client.sock.recv(SMALL)
-        except BlockingIOError:
-            first = None
-        except OSError as e:
-            self.fail(e, self.client)
-            return
+        first = None
+        if not self.heard:
+            try:
+                first = self.client.sock.recv(SMALL)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                self.fail(e, self.client)
+                return
         if first:
             self.count(self.up, len(first))
             early += first

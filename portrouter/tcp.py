@@ -398,6 +398,7 @@ class TCPRoute(Factory):
         stats = self.sessions.stats
         relay.on_connect_failure = lambda why: stats.connect_failed(name, why)
         session.bytes_in += len(early)  # the client's, after its header
+        relay.heard = bool(early)
         if self.send_proxy is not None:
             early = header(self.send_proxy, (host, port), sock.getsockname()[:2]) + early
         relay.early = early
