@@ -213,6 +213,12 @@ def free_port_both() -> int:
 async def test_dig_and_200_concurrent_clients_to_dnsmasq_started_on_demand(
         tmp_path: Path, logged: list[str]) -> None:  # noqa: F811 (the fixture)
     names = {f"n{i}.test": f"10.0.{i // 250}.{i % 250 + 1}" for i in range(200)}
+    # 203 client addresses, each its own session: the 200 sockets are bound
+    # first, so that neither dnsmasq's port (bound only when it starts, on
+    # demand) nor dig's can be one of them (it was, once in a full run: dig
+    # asked one of our own sockets and timed out).
+    clients: list[socket.socket] = [udp_socket() for _ in names]
+    held = {sock.getsockname()[1] for sock in clients}
     port = free_port_both()
     dnsmasq = [tool("dnsmasq"), "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--pid-file=",
                "--log-facility=-", "-p", str(port), f"--listen-address={LOOPBACK}", "--bind-interfaces",
@@ -222,14 +228,10 @@ async def test_dig_and_200_concurrent_clients_to_dnsmasq_started_on_demand(
     ]))
     local = free_port(socket.SOCK_DGRAM)
     tunnel = udp_tunnel(udpproxy(router.port_of(), "dns"), local, tmp_path, *TOKEN)
-    clients: list[socket.socket] = []
     try:
         await bound(tunnel, local)
         assert not await log_line_now(logged, r"k1/dns is ready"), "dnsmasq ran before anyone asked"
-        # 203 client addresses, each its own session: the 200 sockets are bound
-        # now, and each dig is told a port of its own that none of them holds.
-        clients.extend(udp_socket() for _ in names)
-        held = {sock.getsockname()[1] for sock in clients}
+        # Each dig is told a port of its own that none of the clients holds.
         digs: list[int] = []
         while len(digs) < 3:
             if (candidate := free_port(socket.SOCK_DGRAM)) not in held | set(digs):
