@@ -43,9 +43,11 @@ CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "admin-token-0123456789"
 USER = "user-token-abcdefghij"
-# The product's promise: a change shows within 2 s, without a reload.
-PROMISE_MS = 2000
-# How long anything else may take on a loaded machine before the test gives up.
+# How long anything may take on a loaded machine before a test gives up. The
+# product's promise (a deploy on the page within 2 s) is no wall-clock limit
+# here: tests/test_dashboard_events.py proves it on the reactor's clock (the
+# table goes out at the next one-second tick); here the row must come by the
+# event stream, without a reload.
 DEADLINE_MS = 20000
 
 # A service that opens its port only once its go-file exists: the test decides
@@ -154,7 +156,7 @@ def test_dashboard_follows_deploys_traffic_and_services(tmp_path: Path, browser:
         web = Backend()
         status, _, _ = call(port, "PUT", "/_api/projects/web", {"backend": web.address})
         assert status == 201
-        page.wait_for_selector('#routes tr[data-key="web"]', timeout=PROMISE_MS)
+        page.wait_for_selector('#routes tr[data-key="web"]', timeout=DEADLINE_MS)
         assert page.inner_text('#routes tr[data-key="web"]').split() == [
             str(port), "http", "web", web.address, "(path", "/web/)", "-", "no", "-"]
         assert reloads == []

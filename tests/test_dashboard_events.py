@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, LogPublisher
 
 from portrouter.auth import Credentials
-from portrouter.config import parse
+from portrouter.config import parse, parse_project
 from portrouter.events import QUEUE_BYTES, TICK, LogRing, format_line, sse
 from portrouter.model import Auth, Config, Limits, Token
 from portrouter.router import RouterService
@@ -333,3 +333,31 @@ def test_a_forged_or_stale_cookie_opens_nothing(tmp_path: Path) -> None:
     again = RouterService(config, None, Front)  # type: ignore[arg-type]
     assert not again.front.dashboard.admits(api_request(b"GET", b"/_api/events", "127.0.0.1",
                                                         [(b"Cookie", f"portrouter_dashboard={good}".encode())]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deployed_project_reaches_open_streams_within_one_tick(tmp_path: Path) -> None:
+    """
+    The dashboard's promise (a deploy on the page within 2 s, without a
+    reload), on the reactor's clock: the table goes out at the next tick,
+    at most TICK (1 s) after the change. The browser test waits for the row
+    with a deadline, not this promise's time, so a loaded machine cannot
+    fail it.
+    """
+    clock = Clock()
+    router = await start_router(config=Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state")),
+                                using=ClockedReactor(clock))
+    hub = router.front.hub
+    recorder = Recorder()
+    try:
+        hub.subscribe(recorder)  # type: ignore[arg-type]
+        recorder.sent.clear()
+        project = parse_project({"name": "web", "backend": f"tcp:{LOOPBACK}:9"}, static=False)
+        await router.serialised(lambda: router.change(router.table.with_project(project), persist=False))
+        assert [kind for kind, _ in recorder.sent] == []
+        clock.advance(TICK)
+        routes = [data for kind, data in recorder.sent if kind == "routes"]
+        assert len(routes) == 1 and any(row["project"] == "web" for row in routes[0]["routes"])
+    finally:
+        hub.unsubscribe(recorder)  # type: ignore[arg-type]
+        await stop_clocked(router, clock)
