@@ -8,6 +8,9 @@ handed, with what followed the header, to what the listener serves, as if
 it had come from the header's source: the kernel connection stays the same
 (so TCP routes still splice) and its peer address is the client's
 everywhere (X-Forwarded-For, logs, ``max_connections``, headers sent on).
+Twisted's transports read headers with L{HeaderReader}; a direct TCP route
+reads them off the raw socket (L{portrouter.tcp}); both frame them with
+L{read_header}, the one place that decides what a header is.
 A connection from any other address is served as a direct client, and a
 header from it is refused, never believed: HTTP listeners answer it with
 400 (their parser meets ``PROXY ...`` where a request line must be), TLS
@@ -26,7 +29,6 @@ from typing import Any, NamedTuple, Protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 from twisted.internet import protocol
-from twisted.logger import Logger
 
 # Twisted's parsers: the package exports only proxyEndpoint, which requires
 # a header from every peer; a gate must choose by address first.
@@ -38,8 +40,6 @@ from portrouter.interfaces import IReactor
 from portrouter.model import ProxyProtocol
 from portrouter.proxyheader import V2_SIGNATURE, might_be_header
 from portrouter.relay import FirstBytes, hand_over
-
-log = Logger(namespace="portrouter.proxy")
 
 TRUST_CACHE = 1024  # answers of ProxyGate.trusts kept
 V1_MAX = 107  # a v1 header's longest line, CRLF included (proxy-protocol.txt)
