@@ -380,8 +380,26 @@ async def test_iperf3_udp_through_the_tunnel_reports_loss_and_memory_stays_bound
         control = portrouter_tunnel(stream_url(port, "iperf-ctl"), local, tmp_path, *TOKEN)
         await bound(udp, local)
         await control.listening_on(local)
+        # The iperf3 server takes the first datagram on each test's new socket
+        # for that test's client: a late one of the test before (still on its
+        # way through the tunnel and the router) would win, and the client
+        # would wait for an answer that went elsewhere (it did, once, under
+        # load). So before each test the sessions of the one before end.
+        def all_ended() -> bool:
+            lines = list(daemon.output)
+            opened = sum("GET /stream/kernel/k1/udpproxy?app=iperf 101" in line for line in lines)
+            return opened == sum(bool(re.search(r"udp k1/iperf [\d.:]+: .* bytes in", line)) for line in lines)
+
+        async def fresh_tunnel() -> Process:
+            no_tracebacks(await stopped(udp))
+            await wait_for(all_ended, 30, "the router to end the sessions of the test before")
+            tunnel = udp_tunnel(udpproxy(port, "iperf"), local, tmp_path, *TOKEN)
+            await bound(tunnel, local)
+            return tunnel
+
         # Warm up (imports, the first bridges), then take the baselines.
         await in_thread(iperf3_udp, local, "10M", 1)
+        udp = await fresh_tunnel()
         pids = {"router": daemon.proc.pid, "tunnel": udp.proc.pid}
         baseline = {name: rss_kib(pid) for name, pid in pids.items()}
         peak = dict(baseline)
@@ -403,18 +421,7 @@ async def test_iperf3_udp_through_the_tunnel_reports_loss_and_memory_stays_bound
             assert grown_mib < 32, f"the {name} grew by {grown_mib:.1f} MiB under the flood"
         # Nothing crashed: every process is there, and after the flood a gentle run goes through.
         assert all(p.poll() is None for p in (daemon.proc, udp.proc, control.proc, server.proc))
-        flood = await stopped(udp)
-        no_tracebacks(flood)
-        # The flood's backlog must be gone first: an iperf3 server takes the first datagram on
-        # its new socket for the next test's client, and a late one of the flood's would win.
-        def all_ended() -> bool:
-            lines = list(daemon.output)
-            opened = sum("GET /stream/kernel/k1/udpproxy?app=iperf 101" in line for line in lines)
-            return opened == sum(bool(re.search(r"udp k1/iperf [\d.:]+: .* bytes in", line)) for line in lines)
-
-        await wait_for(all_ended, 30, "the router to end the warm-up's and the flood's sessions")
-        udp = udp_tunnel(udpproxy(port, "iperf"), local, tmp_path, *TOKEN)
-        await bound(udp, local)
+        udp = await fresh_tunnel()  # the flood's backlog gone first
         gentle = (await in_thread(iperf3_udp, local, "10M", 1))["end"]["sum"]
         assert gentle["packets"] > gentle["lost_packets"], gentle
         no_tracebacks(await stopped(udp), control.output())
