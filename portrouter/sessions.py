@@ -137,11 +137,17 @@ class Session:
         on_end(self)
 
 
+def show_address(address: tuple[Any, ...]) -> str:
+    """(host, port, ...) as logs write a peer: ``1.2.3.4:5``, ``[2001:db8::1]:5``."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def peer_of(address: IAddress) -> str:
     host = getattr(address, "host", None)
     if host is None:
         return getattr(address, "name", None) or "unix"
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"  # type: ignore[attr-defined]
+    return show_address((host, address.port))  # type: ignore[attr-defined]
 
 
 def timed_out(reason: Failure) -> bool:

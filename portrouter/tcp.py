@@ -28,7 +28,7 @@ from portrouter.proxyheader import header, header_for, looks_like_header, might_
 from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
 from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
-from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, tls_problem
+from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
 
 log = Logger(namespace="portrouter.tcp")
 
@@ -313,7 +313,7 @@ class _HeaderWait:
         self._closed(why)
 
     def _closed(self, why: str) -> None:
-        log.info("proxy protocol {peer}: {why}; closed", peer=_peer(self.address[0], self.address[1]), why=why)
+        log.info("proxy protocol {peer}: {why}; closed", peer=show_address(self.address), why=why)
         self._done()
         self.sock.close()
 
@@ -325,10 +325,6 @@ class _HeaderWait:
         if self.fd >= 0:
             self.route.reactor.removeReader(self)
             self.fd = -1
-
-
-def _peer(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class TCPRoute(Factory):
@@ -385,7 +381,7 @@ class TCPRoute(Factory):
         name = self.name
         limits = self.limits
         host, port = source or (address[0], address[1])
-        peer = _peer(host, port)
+        peer = show_address((host, port))
         if self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return

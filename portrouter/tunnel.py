@@ -41,7 +41,7 @@ from portrouter.config import ConfigError, _udp_listen, check_server_strport
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.model import Listen
 from portrouter.relay import Backlog, close_soon, couple
-from portrouter.sessions import peer_of
+from portrouter.sessions import peer_of, show_address
 from portrouter.udp import DROP_REPORT, LISTEN_BUFFER, SWEEP
 from portrouter.web import write_now
 
@@ -308,11 +308,6 @@ class Phase(enum.Enum):
 
 
 _NEXT = {Phase.CONNECTING: {Phase.OPEN, Phase.ENDED}, Phase.OPEN: {Phase.ENDED}, Phase.ENDED: set()}
-
-
-def show_address(address: tuple[str, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UDPSession:
