@@ -33,6 +33,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from zope.interface import implementer
 
 from portrouter.api import route_rows
+from portrouter.logs import fast_message
 from portrouter.router import RouterService
 from portrouter.services import Supervisor
 from portrouter.web import Channel, Request
@@ -80,11 +81,8 @@ class LogRing:
 
 def format_line(event: dict[str, Any], secrets: Iterable[str]) -> dict[str, Any]:
     """A log event as the dashboard shows it, with every secret it could carry hidden."""
-    fmt = event.get("log_format")
-    try:
-        # str.format_map (in C) for plain formats, as logs.BufferedText does; Twisted's for the rest.
-        text = fmt.format_map(event) if fmt is not None and "()" not in fmt else formatEvent(event)
-    except Exception:
+    text = fast_message(event)
+    if text is None:
         text = formatEvent(event)  # which never raises: it says what went wrong instead
     failure = event.get("log_failure")
     if failure is not None:

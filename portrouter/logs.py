@@ -118,7 +118,7 @@ _NOT_FIELDS = ("log_", "_")  # Twisted's own keys, and private ones: not the eve
 _encode = _json.JSONEncoder(default=repr).encode
 
 
-def _message(event: dict[str, Any]) -> str | None:
+def fast_message(event: dict[str, Any]) -> str | None:
     """
     An event's message through C{str.format_map} (in C) instead of Twisted's
     pure-Python formatter, for plain events; L{None} for anything else
@@ -138,7 +138,7 @@ def _message(event: dict[str, Any]) -> str | None:
 class JSONLines(_Buffered):
     """
     One JSON object a line. Built for lines written per request: the message
-    formatted in C (L{_message}), the time's seconds once per second, and
+    formatted in C (L{fast_message}), the time's seconds once per second, and
     json's C encoder.
     """
 
@@ -148,7 +148,7 @@ class JSONLines(_Buffered):
         self._stamp = ""
 
     def line(self, event: dict[str, Any]) -> str | None:
-        message = _message(event)
+        message = fast_message(event)
         record = self._record(event, formatEvent(event) if message is None else message)
         for key, value in event.items():
             if not key.startswith(_NOT_FIELDS) and key not in record:
@@ -208,8 +208,8 @@ class BufferedText(_Buffered):
         return text
 
     def _fast(self, event: dict[str, Any]) -> str | None:
-        """The same line as Twisted writes it, the message through L{_message}; L{None}: Twisted's path."""
-        message = _message(event)
+        """The same line as Twisted writes it, the message through L{fast_message}; L{None}: Twisted's path."""
+        message = fast_message(event)
         if message is None:
             return None
         system = event.get("log_system")

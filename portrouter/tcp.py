@@ -118,6 +118,7 @@ class _Inbound(StreamSide):
             # The Twisted transports are let go of: from here on the relay
             # owns both sockets.
             self.transport = backend.transport = None  # type: ignore[assignment]  # no event comes after
+            relay.heard = bool(early)  # a ClientHello read already: its client now waits for an answer
             relay.start(prefix + early, len(early))
         else:
             if prefix or early:

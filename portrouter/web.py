@@ -153,10 +153,6 @@ class Deadline:
         if timer is not None and timer.active():
             timer.cancel()
 
-    @property
-    def pending(self) -> bool:
-        return self.when is not None
-
     def _fired(self) -> None:
         self.timer = None
         when = self.when

@@ -97,6 +97,8 @@ async def test_lines_written_all_none_or_an_even_share(tmp_path: Path, logged: l
         # Every request counted whatever was written (metrics stay whole).
         assert stats.http[("web", "2xx")] == 3 and stats.http[("quiet", "2xx")] == 3
         assert stats.http[("paths", "2xx")] == 8 and stats.http[("gone", "5xx")] == 1
+        # What the dashboard shows of them too: answers' bytes and the 502, lines or not.
+        assert stats.http_out["quiet"] == stats.http_out["web"] > 0 and stats.http_errors[("gone", 502)] == 1
     finally:
         await router.stopService()
         backend.close()

@@ -163,13 +163,13 @@ def test_only_the_owner_clears_and_stop_cancels() -> None:
     fired: list[str] = []
     deadline.set(3, lambda: fired.append("head"), "channel")
     deadline.clear("exchange")
-    assert deadline.pending
+    assert deadline.when is not None
     deadline.clear("channel")
     clock.advance(3)
     assert fired == [] and not clock.getDelayedCalls()  # found nothing, and did not re-arm
     deadline.set(3, lambda: fired.append("again"), "channel")
     deadline.stop()
-    assert not clock.getDelayedCalls() and not deadline.pending
+    assert not clock.getDelayedCalls() and deadline.when is None
     clock.advance(10)
     assert fired == []
 

@@ -230,6 +230,12 @@ async def test_relayed_connections_are_accepted_with_nodelay() -> None:
         (listener,) = router.listeners.values()
         assert listener.factory.direct is not None
         assert listener.port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # type: ignore[attr-defined]
+        # And the accepted socket the relay holds has it, by inheritance.
+        with socket.create_connection((LOOPBACK, router.port_of(listener.route.project)), timeout=30):
+            await wait_for(lambda: router.sessions.live, 15, "the relay to hold the connection")
+            (session,) = router.sessions.live
+            relay = session._closer.__self__  # type: ignore[union-attr]  # SpliceRelay.close, bound
+            assert relay.client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         await router.stopService()
         server.close()
