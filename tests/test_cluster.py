@@ -21,9 +21,10 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from portrouter.cluster import ClusterStore, cluster_store
+from portrouter.cluster import HEARTBEAT, ClusterStore, cluster_store
 from portrouter.config import ConfigError, parse, with_cli
 from portrouter.front import Front
 from portrouter.model import Cluster, Config
@@ -31,7 +32,9 @@ from portrouter.router import RouterService
 from portrouter.tap import Options
 from tests.httpbackend import Backend
 from tests.pki import CA
-from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread, start_router, wait_for
+from tests.support import (
+    LOOPBACK, ClockedReactor, ThreadServer, Twistd, free_port, in_thread, start_router, stop_clocked, wait_for,
+)
 from tests.test_api import api, call, connect, distinct_ports, echo, http_get, listen, refuses, say, until_refused
 
 # -- a redis-server of the test's own ------------------------------------------------------------
@@ -707,3 +710,30 @@ async def test_two_routers_with_reuse_port_on_one_port_both_accept(
         await eventually(both_listed, "both nodes to be listed")
     finally:
         stop_members(members)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_message_is_noticed_at_the_next_heartbeat(redis: Redis, backend: ThreadServer) -> None:
+    """
+    README: "a lost message is noticed within a second". On b's own clock:
+    with its messages lost, a change made through a is not b's until one
+    heartbeat (HEARTBEAT, 1 s) has passed, and is b's after it.
+    """
+    clock = Clock()
+    a = start_member(cluster_config(redis, "a"))
+    config = cluster_config(redis, "b")
+    b = RouterService(config, ClockedReactor(clock), Front, store=cluster_store(config.cluster))  # type: ignore[arg-type]
+    b.privilegedStartService()
+    b.startService()
+    try:
+        await wait_for(lambda: store_of(a).synced and store_of(b).synced, what="both routers to read the table")
+        store_of(b).published = lambda message: None  # type: ignore[method-assign]  # every message lost
+        port = free_port()
+        assert (await api(a.port_of(), "PUT", "/_api/projects/late", tcp_manifest(port, backend.port)))[0] == 201
+        assert "late" not in b.listeners and store_of(b).version == 0
+        clock.advance(HEARTBEAT)
+        await wait_for(lambda: "late" in b.listeners, what="b's heartbeat to apply the change")
+        assert store_of(b).version == 1
+    finally:
+        await a.stopService()
+        await stop_clocked(b, clock)
