@@ -71,8 +71,16 @@ def run(redis: Redis) -> None:
             super().__init__()
             # Each example a table of its own: a fresh prefix in the one Redis.
             prefix = f"example{next(prefixes)}"
+            # Each ingress on a port outside the pool: on port 0 the OS could
+            # hand a router one of the pool's (free between examples), and
+            # that listener would count as the table's (it did, once in CI).
+            ingresses: list[int] = []
+            while len(ingresses) < ROUTERS:
+                if (port := free_port()) not in pool and port not in ingresses:
+                    ingresses.append(port)
             self.routers: list[RouterService] = threads.blockingCallFromThread(reactor, lambda: [
-                start_member(cluster_config(redis, f"n{i}", prefix=prefix, drain_timeout=1.0))
+                start_member(cluster_config(redis, f"n{i}", prefix=prefix, drain_timeout=1.0,
+                                            ingress=f"tcp:{ingresses[i]}:interface={LOOPBACK}"))
                 for i in range(ROUTERS)])
             self.model: dict[str, tuple[str, int]] = {}  # name -> (protocol, port)
             block(lambda: wait_for(lambda: all(store_of(r).synced for r in self.routers), what="every router to sync"))
