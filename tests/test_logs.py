@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from portrouter.config import parse
 from portrouter.logs import BufferedText, JSONLines
@@ -139,3 +141,64 @@ def test_json_and_text_lines_say_what_twisteds_formatter_says(fmt: str, fields: 
     plain(one)
     plain.flush()
     assert text.getvalue().rstrip("\n").endswith(formatEvent(one))
+
+
+# Field values a template writes (text, ints, floats), with what makes it
+# give way: text that needs escaping (quotes, backslashes, control and
+# non-ASCII characters), floats json writes its own way (NaN, Infinity); and
+# values of other types (bools, None, lists) for an event after the first.
+simple = st.one_of(
+    st.sampled_from(["127.0.0.1", "GET", "/", "", " (aborted)", 'a"b', "a\\b", "é", "\x7f", "\n", "{x}"]),
+    st.text(max_size=6), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.25, float("nan"), float("inf"), float("-inf"), 1e16]),
+)
+values = st.one_of(simple, st.booleans(), st.none(), st.lists(st.integers(), max_size=2))
+names = st.sampled_from(["client", "status", "duration", "project", "message", "x", "a-b"])
+
+
+@st.composite
+def shaped_events(draw: st.DrawFn) -> tuple[str, list[dict[str, Any]]]:
+    """A format, and events of one shape (the same keys in the same order) whose values differ."""
+    keys = draw(st.lists(names, min_size=1, max_size=4, unique=True))
+    pieces = draw(st.lists(st.one_of(st.sampled_from(keys).map(lambda k: "{%s}" % k),
+                                     st.sampled_from(["{%s!r}" % keys[0], "{%s:.2f}" % keys[0], "{%s:>4}" % keys[0]]),
+                                     st.text(max_size=4).map(lambda t: t.replace("{", "{{").replace("}", "}}"))),
+                           max_size=5))
+    fmt = " ".join(pieces)
+    namespace = draw(st.sampled_from(["portrouter.http", "portrouter.tcp", 'odd"name', "é"]))
+    events = []
+    for n, when in enumerate(draw(st.lists(st.floats(min_value=0, max_value=2e9), min_size=2, max_size=5))):
+        one = {key: draw(simple if n == 0 else st.one_of(simple, values)) for key in keys}
+        one.update(log_format=fmt, log_namespace=namespace, log_level=LogLevel.info, log_time=when, log_source=None)
+        events.append(one)
+    return fmt, events
+
+
+@settings(max_examples=400, deadline=None)
+@given(shaped_events())
+def test_a_json_line_written_through_its_shapes_template_is_the_general_one(case: tuple[str, list[dict[str, Any]]]) -> None:
+    """
+    Events of a shape seen before are written through a template (one
+    str.format_map, no json encoder); whatever their values, the line is
+    the one the general way writes, and one JSON object.
+    """
+    fmt, events = case
+    observer = JSONLines(io.StringIO())
+    for one in events:
+        through_shape = observer.line(one)
+        general = observer._general(one)
+        assert through_shape == general
+        json.loads(general, parse_constant=lambda name: name)  # NaN and Infinity as json writes them
+
+
+def test_the_access_line_is_written_through_its_template() -> None:
+    """The per-request line does take the template (the test above cannot fail by never taking it)."""
+    fields = {"client": "127.0.0.1", "method": "GET", "target": "/x", "status": 200, "bytes": 100,
+              "duration": 0.000123, "project": "web", "aborted": "", "tls": ""}
+    fmt = "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}"
+    observer = JSONLines(io.StringIO())
+    one = event(fmt, **fields)
+    observer.line(one)
+    [shape] = observer._shapes.values()
+    assert shape is not None and shape.fill(one) is not None
+    assert observer.line(one) == observer._general(one)
