@@ -22,6 +22,7 @@ from twisted.python import usage
 from portrouter import logs
 from portrouter.cluster import cluster_store
 from portrouter.config import ConfigError, load, with_cli
+from portrouter.eventloop import lean_dispatch
 from portrouter.model import Config
 from portrouter.front import Front
 from portrouter.interfaces import IReactor
@@ -166,6 +167,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = cast(IReactor, default_reactor)  # the installed reactor has every facet
+        lean_dispatch(reactor)  # the daemon's own reactor: nobody else's code depends on its log context
     _raise_fd_limit()
     try:
         cluster = options["parsed"].cluster

@@ -35,7 +35,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("parsing, the HTTP server, the relay", frozenset({"config", "web", "relay"})),
     ("table, sessions, supervised commands, hostnames", frozenset({"table", "sessions", "services", "hostnames"})),
     ("log format and destinations", frozenset({"logs"})),
-    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "proxyheader", "__init__"})),
+    ("the model and the reactor's interfaces", frozenset({"model", "interfaces", "certs", "sni", "proxyheader",
+                                                          "eventloop", "__init__"})),
 ]
 
 

@@ -1,0 +1,108 @@
+"""
+The daemon's lean event loop (portrouter.eventloop): each ready descriptor's
+read or write is called as Twisted's reactor calls it, without the legacy
+log context; a handler that raises is disconnected as before, an error
+escaping the handling is logged, and the other descriptors of the round
+are still handled. The daemon runs with it (every test that starts
+``twistd -n portrouter`` goes through it).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.pollreactor import PollReactor
+
+from portrouter.eventloop import lean_dispatch
+
+
+class Reader:
+    """A readable end of a socket pair, counting its reads; C{fail} makes it raise."""
+
+    def __init__(self, sock: socket.socket, fail: BaseException | None = None, lost_fails: bool = False):
+        self.sock = sock
+        self.fail = fail
+        self.lost_fails = lost_fails
+        self.reads = 0
+        self.lost: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "Reader"
+
+    def doRead(self) -> None:
+        self.reads += 1
+        self.sock.recv(100)
+        if self.fail is not None:
+            raise self.fail
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+        if self.lost_fails:
+            raise RuntimeError("connectionLost broke too")
+
+
+@pytest.fixture
+def loop() -> Any:
+    reactor = EPollReactor()  # not installed: driven by hand, one round at a time
+    yield reactor
+    for selectable in list(reactor._selectables.values()):
+        reactor.removeReader(selectable)
+
+
+def ready_reader(reactor: EPollReactor, **kw: Any) -> tuple[Reader, socket.socket]:
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    reader = Reader(mine, **kw)
+    reactor.addReader(reader)
+    theirs.send(b"x")
+    return reader, theirs
+
+
+def test_an_epoll_reactor_gets_the_lean_poll_and_reads_what_is_ready(loop: EPollReactor) -> None:
+    assert lean_dispatch(loop)
+    assert loop.doIteration == loop.doPoll and loop.doPoll.__name__ == "doPoll"
+    assert loop.doPoll.__qualname__.startswith("lean_dispatch")
+    one, keep1 = ready_reader(loop)
+    two, keep2 = ready_reader(loop)
+    loop.doIteration(0)
+    assert (one.reads, two.reads) == (1, 1)
+    loop.doIteration(0)  # nothing new: nothing read
+    assert (one.reads, two.reads) == (1, 1)
+
+
+def test_a_reader_that_raises_is_disconnected_and_the_others_are_still_read(
+        loop: EPollReactor, no_tracebacks: list[dict[str, Any]]) -> None:
+    lean_dispatch(loop)
+    bad, keep1 = ready_reader(loop, fail=RuntimeError("a protocol bug"))
+    worse, keep2 = ready_reader(loop, fail=RuntimeError("another"), lost_fails=True)
+    good, keep3 = ready_reader(loop)
+    loop.doIteration(0)
+    assert good.reads == 1
+    assert len(bad.lost) == 1 and bad not in loop.getReaders()  # Twisted's handling, as before
+    assert worse not in loop.getReaders()
+    # The error escaping Twisted's handling (connectionLost raised too) is
+    # logged with its descriptor, and the loop went on.
+    [escaped] = [e for e in no_tracebacks if e.get("log_format") == "while handling {selectable!r}"]
+    assert escaped["selectable"] is worse
+    assert escaped["log_failure"].getErrorMessage() == "connectionLost broke too"
+    no_tracebacks.clear()  # all expected
+
+
+def test_other_reactors_are_left_as_they_are() -> None:
+    poll = PollReactor()
+    assert not lean_dispatch(poll)
+    assert "doIteration" not in vars(poll)
+
+    class Changed(EPollReactor):
+        def doPoll(self, timeout: float | None) -> None:  # type: ignore[override]
+            super().doPoll(timeout)
+
+    changed = Changed()
+    assert not lean_dispatch(changed)
+    assert "doPoll" not in vars(changed)
