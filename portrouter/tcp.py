@@ -387,8 +387,7 @@ class TCPRoute(Factory):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
-        backend = socket.socket(family, socket.SOCK_STREAM)
-        backend.setblocking(False)
+        backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no ioctl to make it so
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.sessions.open("tcp", name, peer, limits.idle_timeout, sample=self.sample)
         relay = SpliceRelay(self.reactor, session, sock, backend)
