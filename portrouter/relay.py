@@ -28,6 +28,7 @@ import enum
 import errno
 import fcntl
 import os
+import _socket
 import socket
 import struct
 import termios
@@ -104,7 +105,7 @@ class _End:
 
     __slots__ = ("relay", "sock", "fd", "inbound", "outbound")
 
-    def __init__(self, relay: SpliceRelay, sock: socket.socket):
+    def __init__(self, relay: SpliceRelay, sock: _socket.socket):
         self.relay = relay
         self.sock = sock
         self.fd = sock.fileno()
@@ -266,22 +267,74 @@ class _Direction:
             self.rpipe = self.wpipe = -1
 
 
+class ConnectDeadlines:
+    """
+    The connect timeouts of the relays whose backend is connecting: one
+    timer for all of them, moved only when it fires (as idle timers are),
+    rather than a DelayedCall made and cancelled for every new connection.
+    Relays wait per timeout value, so each group is in deadline order and
+    the first of each is the next due; a relay whose backend answered just
+    leaves its group. Each times out at its own deadline, to the tick.
+    """
+
+    def __init__(self, reactor: IReactor):
+        self.reactor = reactor
+        self.waiting: dict[float, dict[SpliceRelay, float]] = {}  # timeout -> {relay: deadline}, oldest first
+        self.timer: Any = None
+
+    def add(self, relay: SpliceRelay, timeout: float) -> None:
+        deadline = self.reactor.seconds() + timeout
+        group = self.waiting.get(timeout)
+        if group is None:
+            group = self.waiting[timeout] = {}
+        group[relay] = deadline
+        if self.timer is None:
+            self.timer = self.reactor.callLater(timeout, self._due)
+        elif self.timer.getTime() > deadline:  # a shorter timeout than any waiting
+            self.timer.reset(timeout)
+
+    def remove(self, relay: SpliceRelay, timeout: float) -> None:
+        group = self.waiting.get(timeout)
+        if group is not None:
+            group.pop(relay, None)
+
+    def _due(self) -> None:
+        self.timer = None
+        now = self.reactor.seconds()
+        late: list[tuple[SpliceRelay, float]] = []
+        following: float | None = None
+        for timeout, group in list(self.waiting.items()):
+            for relay, deadline in list(group.items()):
+                if deadline > now:
+                    following = deadline if following is None else min(following, deadline)
+                    break
+                del group[relay]
+                late.append((relay, timeout))
+            if not group:
+                del self.waiting[timeout]
+        if following is not None:
+            self.timer = self.reactor.callLater(following - now, self._due)
+        for relay, timeout in late:
+            relay.connect_timed_out(timeout)
+
+
 class SpliceRelay:
     """Relay two connected stream sockets until both directions reach EOF."""
 
     __slots__ = ("reactor", "session", "client", "backend", "up", "down", "closed", "connecting",
-                 "on_connect_failure", "early", "heard")
+                 "connect_timeout", "on_connect_failure", "early", "heard")
 
     def __init__(
         self,
         reactor: IReactor,
         session: Session,
-        client: socket.socket,
-        backend: socket.socket,
+        client: _socket.socket,
+        backend: _socket.socket,
     ):
         self.reactor = reactor
         self.session = session
-        self.connecting: Any = None  # the connect timeout, while the backend connects
+        self.connecting: ConnectDeadlines | None = None  # where it waits, while the backend connects
+        self.connect_timeout = 0.0
         self.on_connect_failure: Callable[[str], None] | None = None
         self.early = b""  # for the backend before anything of the client's (a PROXY header), once connected
         self.heard = False  # the client's first bytes were read already (they are in early): none to look for
@@ -341,25 +394,31 @@ class SpliceRelay:
             return
         self.reactor.addReader(self.client)
 
-    def connect(self, address: Any, timeout: float) -> None:
+    def connect(self, address: Any, timeout: float, deadlines: ConnectDeadlines) -> None:
         """
-        Connect the (non-blocking) backend socket, then relay. The client is
-        not read until then, so what it sends early waits in the kernel.
+        Connect the (non-blocking) backend socket, then relay; give up after
+        C{timeout} seconds (C{deadlines} keeps it). The client is not read
+        until then, so what it sends early waits in the kernel.
         """
         err = self.backend.sock.connect_ex(address)
         if err == 0:
             self.start(self.early, 0)
         elif err in (errno.EINPROGRESS, errno.EAGAIN):
-            self.connecting = self.reactor.callLater(timeout, self._connect_timed_out, timeout)
+            self.connecting = deadlines
+            self.connect_timeout = timeout
+            deadlines.add(self, timeout)
             self.reactor.addWriter(self.backend)
         else:
             self._connect_failed(err)
 
+    def _stop_waiting(self) -> None:
+        deadlines, self.connecting = self.connecting, None
+        if deadlines is not None:
+            deadlines.remove(self, self.connect_timeout)
+
     def connected(self) -> None:
         """The backend socket is writable (or failed): did the connect succeed?"""
-        timer, self.connecting = self.connecting, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_waiting()
         self.reactor.removeWriter(self.backend)
         err = self.backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -367,7 +426,8 @@ class SpliceRelay:
         else:
             self.start(self.early, 0)
 
-    def _connect_timed_out(self, timeout: float) -> None:
+    def connect_timed_out(self, timeout: float) -> None:
+        """Called by L{ConnectDeadlines}: the backend did not answer in time."""
         self.connecting = None
         self.reactor.removeWriter(self.backend)
         self._connect_problem(f"backend did not answer within {timeout:g} s")
@@ -431,9 +491,7 @@ class SpliceRelay:
         if self.closed:
             return
         self.closed = True
-        timer, self.connecting = self.connecting, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_waiting()
         for end in (self.client, self.backend):
             self.reactor.removeReader(end)
             self.reactor.removeWriter(end)

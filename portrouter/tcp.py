@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import _socket
 import socket
 import struct
 from typing import Any
@@ -26,7 +27,7 @@ from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
 from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
-from portrouter.relay import SPLICE_OK, SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.relay import SPLICE_OK, ConnectDeadlines, SpliceRelay, StreamSide, detach, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
 
@@ -208,9 +209,14 @@ def accept_directly(port: tcp.Port) -> None:
         if not isinstance(route, TCPRoute) or route.direct is None:
             twisted_read()  # type: ignore[no-untyped-call]
             return
+        listening = port.socket
+        family = listening.family
         for _ in range(_ACCEPTS):
             try:
-                sock, address = port.socket.accept()
+                # A plain client's socket is the C socket object: no Python
+                # wrapper made and closed per connection (the relay uses no
+                # more than it has). Behind a gate, Twisted may get it.
+                fd, address = listening._accept()  # type: ignore[union-attr]  # socket.accept without its wrapper
             except BlockingIOError:
                 return
             except OSError as e:
@@ -220,10 +226,14 @@ def accept_directly(port: tcp.Port) -> None:
                 # rather than spin; the kernel keeps the queue.
                 log.warn("tcp {project}: cannot accept: {why}", project=route.name, why=e.strerror)
                 return
-            sock.setblocking(False)
             if gate is None:
-                route.accept_socket(sock, address)
-            elif gate.trusts(address[0]):
+                plain = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                plain.setblocking(False)
+                route.accept_socket(plain, address)
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)
+            if gate.trusts(address[0]):
                 _HeaderWait(route, gate, sock, address).start()
             else:
                 _twisted_accept(port, gate, sock, address)
@@ -337,6 +347,7 @@ class TCPRoute(Factory):
         self.reactor = reactor
         self.sessions = sessions
         self.services = services
+        self.deadlines = ConnectDeadlines(reactor)  # the direct path's connect timeouts
         self.update(project)
 
     def update(self, project: Project) -> None:
@@ -354,6 +365,7 @@ class TCPRoute(Factory):
         """
         route = cls.__new__(cls)
         route.reactor, route.sessions, route.services = reactor, sessions, services
+        route.deadlines = ConnectDeadlines(reactor)
         route._aim(project, f"{project.name}/{service.name}", project.service_endpoint(service), service.limits,
                    services.get(project, service), service.send_proxy)
         return route
@@ -369,7 +381,7 @@ class TCPRoute(Factory):
         self.direct = None if supervisor is not None else direct_address(self.endpoint)
         self.sample = Sample(project.access_log)  # which connections get a line in the log
 
-    def accept_socket(self, sock: socket.socket, address: tuple[Any, ...],
+    def accept_socket(self, sock: _socket.socket, address: tuple[Any, ...],
                       source: tuple[str, int] | None = None, early: bytes = b"") -> None:
         """
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
@@ -387,7 +399,7 @@ class TCPRoute(Factory):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
-        backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no ioctl to make it so
+        backend = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no ioctl to make it so
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.sessions.open("tcp", name, peer, limits.idle_timeout, sample=self.sample)
         relay = SpliceRelay(self.reactor, session, sock, backend)
@@ -398,7 +410,7 @@ class TCPRoute(Factory):
         if self.send_proxy is not None:
             early = header(self.send_proxy, (host, port), sock.getsockname()[:2]) + early
         relay.early = early
-        relay.connect(target, limits.connect_timeout)
+        relay.connect(target, limits.connect_timeout, self.deadlines)
 
     # A listening port always passes the peer's address.
     def buildProtocol(self, addr: IAddress) -> Protocol:  # type: ignore[override]

@@ -9,12 +9,13 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from portrouter.config import parse_cli_route
 from portrouter.model import Limits
-from portrouter.relay import SpliceRelay
+from portrouter.relay import ConnectDeadlines, SpliceRelay
 from portrouter.sessions import Sessions
 from portrouter.tcp import TCPRoute
 from tests.support import in_thread, wait_for
@@ -134,3 +135,66 @@ async def test_a_client_gone_before_the_backend_answered_is_a_fin_to_it() -> Non
     await wait_for(lambda: not sessions.live, 15, "the session to end")
     assert relay.session.reason == "client closed"
     client.close()
+
+
+class Waiting:
+    """A relay as ConnectDeadlines sees it: told when its connect timed out."""
+
+    def __init__(self, clock: Clock, name: str, said: list[tuple[str, float, float]]):
+        self.clock, self.name, self.said = clock, name, said
+
+    def connect_timed_out(self, timeout: float) -> None:
+        self.said.append((self.name, timeout, self.clock.seconds()))
+
+
+def test_connect_deadlines_time_each_relay_out_at_its_own_deadline_with_one_timer() -> None:
+    clock = Clock()
+    deadlines = ConnectDeadlines(clock)  # type: ignore[arg-type]
+    said: list[tuple[str, float, float]] = []
+    one, two, three, four = (Waiting(clock, n, said) for n in ("one", "two", "three", "four"))
+    deadlines.add(one, 10.0)  # type: ignore[arg-type]
+    clock.advance(1)
+    deadlines.add(two, 10.0)  # type: ignore[arg-type]
+    clock.advance(0.5)
+    deadlines.add(three, 2.0)  # type: ignore[arg-type]  # due before any other: the timer moves up
+    deadlines.add(four, 10.0)  # type: ignore[arg-type]
+    assert len(clock.getDelayedCalls()) == 1
+    for step in range(21):  # to t=12, half a second at a time
+        if step == 7:  # t=5: two's backend answers
+            deadlines.remove(two, 10.0)  # type: ignore[arg-type]
+        clock.advance(0.5)
+        assert len(clock.getDelayedCalls()) <= 1
+    assert said == [("three", 2.0, 3.5), ("one", 10.0, 10.0), ("four", 10.0, 11.5)]
+    assert clock.getDelayedCalls() == [] and deadlines.waiting == {}  # nothing left waiting: no timer
+
+
+def test_a_direct_relay_whose_backend_never_answers_closes_the_client_at_connect_timeout() -> None:
+    clock = MemoryReactorClock()
+    sessions = Sessions(clock)
+    deadlines = ConnectDeadlines(clock)
+    # A listener whose accept queue is full drops further SYNs: a connect to
+    # it stays in progress (and the memory reactor never says it is writable).
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) for _ in range(3)]
+    for filler in fillers:
+        filler.connect_ex(full.getsockname())
+    client, client_ours = socket.socketpair()
+    client.settimeout(30)
+    client_ours.setblocking(False)
+    backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    session = sessions.open("tcp", "slow", "127.0.0.1:1")
+    relay = SpliceRelay(clock, session, client_ours, backend)  # type: ignore[arg-type]
+    try:
+        relay.connect(full.getsockname(), 3.0, deadlines)
+        assert relay.connecting is deadlines and session.reason is None
+        clock.advance(2.9)
+        assert not relay.closed
+        clock.advance(0.1)
+        assert relay.closed and session.reason == "backend did not answer within 3 s"
+        assert client.recv(10) == b""  # the client sees a plain close
+        assert deadlines.waiting == {} and clock.getDelayedCalls() == []
+    finally:
+        for s in (full, client, *fillers):
+            s.close()
