@@ -202,3 +202,39 @@ def test_the_access_line_is_written_through_its_template() -> None:
     [shape] = observer._shapes.values()
     assert shape is not None and shape.fill(one) is not None
     assert observer.line(one) == observer._general(one)
+
+
+class Writes(io.StringIO):
+    """A destination that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.mark.parametrize("kind", [BufferedText, JSONLines])
+@pytest_twisted.ensureDeferred
+async def test_lines_are_made_and_written_once_per_reactor_turn(kind: type[Any]) -> None:
+    """Events emitted in one turn wait as they are; the next turn makes their lines, in order, in one write."""
+    from twisted.internet import reactor, task
+
+    out = Writes()
+    observer = kind(out)
+    made: list[str] = []
+    general = observer.line
+    observer.line = lambda one: made.append(one["log_format"]) or general(one)  # type: ignore[method-assign]
+    for n in range(3):
+        observer(event(f"line {n}"))
+    assert made == [] and out.writes == 0  # nothing made or written within the turn
+    await task.deferLater(reactor, 0, lambda: None)
+    assert made == ["line 0", "line 1", "line 2"]
+    assert out.writes == 1
+    lines = out.getvalue().splitlines()
+    if kind is JSONLines:
+        assert [json.loads(line)["message"] for line in lines] == ["line 0", "line 1", "line 2"]
+    else:
+        assert [line.rsplit("] ", 1)[1] for line in lines] == ["line 0", "line 1", "line 2"]
