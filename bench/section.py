@@ -235,7 +235,8 @@ def figure(rows: Mapping[str, Row], target: str, attr: str, key: str | None = No
     if row is None:
         return None
     value = getattr(row, attr)
-    return value if key is None else value.get(key)
+    found = value if key is None else value.get(key)
+    return None if found is None else float(found)
 
 
 def compare(rows: Mapping[str, Row], a: str, b: str, attr: str, key: str | None = None) -> float | None:
