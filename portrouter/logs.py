@@ -268,8 +268,9 @@ class JSONLines(_Buffered):
         second = int(when)
         if second != self._second:
             self._second = second
-            self._stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._stamp}.{int((when - second) * 1_000_000):06d}+00:00"
+            # The second's text with a place for the microseconds (%d truncates as int() does).
+            self._stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%%06d+00:00")
+        return self._stamp % ((when - second) * 1_000_000)
 
     def _record(self, event: dict[str, Any], message: str) -> dict[str, Any]:
         return {
