@@ -337,15 +337,26 @@ class Twistd:
                 return m
         return None
 
-    async def wait_line(self, regex: str, timeout: float = 30.0) -> re.Match[str]:
-        def check() -> Any:
-            if self.proc.poll() is not None and not self.find(regex):
-                raise AssertionError(
-                    f"twistd exited ({self.proc.returncode}):\n" + "\n".join(self.output + self.errors)
-                )
-            return self.find(regex)
+    def _seen(self, regex: str) -> re.Match[str] | None:
+        """The line, if it came; an AssertionError once twistd has exited without it."""
+        if self.proc.poll() is not None and not self.find(regex):
+            raise AssertionError(
+                f"twistd exited ({self.proc.returncode}):\n" + "\n".join(self.output + self.errors)
+            )
+        return self.find(regex)
 
-        return await wait_for(check, timeout, f"log line {regex!r}")
+    async def wait_line(self, regex: str, timeout: float = 30.0) -> re.Match[str]:
+        return await wait_for(lambda: self._seen(regex), timeout, f"log line {regex!r}")
+
+    def wait_line_blocking(self, regex: str, timeout: float = 30.0) -> re.Match[str]:
+        """L{wait_line} for a test that runs outside the reactor (Playwright's sync API): polled, with a deadline."""
+        deadline = time.monotonic() + timeout
+        while (found := self._seen(regex)) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line {regex!r} within {timeout:g} s:\n"
+                                     + "\n".join(self.output + self.errors))
+            threading.Event().wait(0.02)  # polling the collected output, with the deadline above
+        return found
 
     async def ingress_port(self) -> int:
         m = await self.wait_line(r"ingress listening on [\d.]+:(\d+)")

@@ -26,8 +26,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,23 +67,12 @@ def browser() -> Iterator[Browser]:
             browser.close()
 
 
-def wait_line(router: Twistd, regex: str) -> re.Match[str]:
-    deadline = time.monotonic() + DEADLINE_MS / 1000
-    while True:
-        found = router.find(regex)
-        if found:
-            return found
-        if router.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"no log line {regex!r}:\n" + "\n".join(router.output + router.errors))
-        threading.Event().wait(0.02)  # polling the collected output, with the deadline above
-
-
 def start(tmp_path: Path, config: dict[str, Any]) -> tuple[Twistd, int]:
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump({"ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
                                     "drain_timeout": 1, **config}))
     router = Twistd("--config", str(path))
-    port = int(wait_line(router, r"ingress listening on [\d.]+:(\d+)").group(1))
+    port = int(router.wait_line_blocking(r"ingress listening on [\d.]+:(\d+)", DEADLINE_MS / 1000).group(1))
     return router, port
 
 
