@@ -33,7 +33,7 @@ from portrouter.certs import HTTP_PROTOCOLS
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import header_for
-from portrouter.relay import HoldWhileFull, Holds, close_soon, half_close, unsent
+from portrouter.relay import FLUSH_TIMEOUT, HoldWhileFull, Holds, close_soon, half_close, unsent
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Session, Sessions, connect_failure, peer_of
 from portrouter.web import reason_for, write_now
@@ -57,6 +57,7 @@ class _Service(Protocol):
     transport: IConnection  # set by makeConnection, before any other event
 
     bridge: Bridge | None = None
+    closing: Any = None  # the timer of end(), until the service closes
 
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
@@ -78,9 +79,23 @@ class _Service(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.closing is not None and self.closing.active():
+            self.closing.cancel()
         bridge, self.bridge = self.bridge, None
         if bridge is not None:
             bridge.service_closed()
+
+    def end(self, reactor: IReactor) -> None:
+        """
+        The bridge is done with the service: what it was sent goes out, then
+        a FIN, and what it still sends is read and dropped until it closes.
+        Closing a socket with bytes unread makes the kernel answer RST, which
+        throws away what is still queued for the service (the end of what the
+        client sent). One that has not closed after FLUSH_TIMEOUT is closed then.
+        """
+        self.bridge = None
+        half_close(self.transport)
+        self.closing = reactor.callLater(FLUSH_TIMEOUT, close_soon, self.transport, reactor)
 
 # Why the client is not being read (L{Bridge.holds}: bits of a relay.Holds).
 HELD_SERVICE = 1  # the service is not taking what the client sent
@@ -416,8 +431,7 @@ class Bridge(WebSocketServerProtocol):
             half_close(self.transport)
             service, self.service = self.service, None
             if service is not None:  # it gets nothing more: what it had is flushed, then it ends
-                service.bridge = None
-                close_soon(service.transport, self.factory.reactor)
+                service.end(self.factory.reactor)
 
     def onCloseHandshakeTimeout(self) -> None:
         # Autobahn counts from the moment it queues its close frame, but the
@@ -458,10 +472,9 @@ class Bridge(WebSocketServerProtocol):
         self.ended = True
         service, self.service = self.service, None
         if service is not None:
-            service.bridge = None
             # What the client sent is written before the connection closes,
             # unless the service does not take it in time.
-            close_soon(service.transport, self.factory.reactor)
+            service.end(self.factory.reactor)
         session = getattr(self, "session", None)
         if session is not None:
             if session.reason is None:

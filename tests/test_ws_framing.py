@@ -201,13 +201,18 @@ class Backend:
     C{flood}, sends that many bytes of L{pattern} on its own from the start.
     """
 
-    def __init__(self, echo: bool = False, flood: int = 0):
+    def __init__(self, echo: bool = False, flood: int = 0, rcvbuf: int | None = None):
         self.echo = echo
         self.flood = flood
         self.lock = threading.Lock()
         self.received: list[bytearray] = []
         self.finished: list[bool] = []
-        self.server = ThreadServer(self._handle)
+        listening = None
+        if rcvbuf is not None:  # a small window: what portrouter sends waits in its own kernel's queue
+            listening = socket.socket()
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # accepted sockets inherit it
+            listening.bind((LOOPBACK, 0))
+        self.server = ThreadServer(self._handle, listening)
 
     def _handle(self, conn: socket.socket) -> None:
         got = bytearray()
@@ -444,8 +449,8 @@ class Route:
         self.clients: list[Client] = []
 
     @classmethod
-    async def start(cls, echo: bool = False, flood: int = 0) -> Route:
-        backend = Backend(echo, flood)
+    async def start(cls, echo: bool = False, flood: int = 0, rcvbuf: int | None = None) -> Route:
+        backend = Backend(echo, flood, rcvbuf)
         router = await start_router(("ws", f"tcp:0:interface={LOOPBACK} -> {backend.server.address}"))
         return cls(backend, router)
 
@@ -890,6 +895,28 @@ async def test_protocol_errors_fail_the_connection(probe: Probe) -> None:
                     outcomes.append("dropped")
         # One way for all: Autobahn's choice does not depend on the error or on how the frame came.
         assert len(set(outcomes)) == 1, outcomes
+    finally:
+        await route.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_connection_still_delivers_what_came_before_to_a_service_that_talks(probe: Probe) -> None:
+    """
+    When the bridge fails the client's connection, the service may still be
+    sending (here a flood of its own) and not yet have taken all that came
+    before the bad frame (here it reads through a small window): it still gets every byte of that, then its FIN.
+    (A socket closed with bytes unread makes the kernel answer RST, which
+    throws away what is still queued for the service: what the service sends
+    is read and dropped until it closes.)
+    """
+    rng = rng_for("talking service")
+    route = await Route.start(flood=256 * MiB, rcvbuf=4096)
+    try:
+        for _ in range(3):
+            client, index = await route.connect(rng, probe)
+            before = rng.randbytes(8 * MiB)
+            await in_thread(client.send, frame(rng, BINARY, before) + frame(rng, BINARY, b"not carried", rsv=4))
+            await refused_frame(route, client, index, before)
     finally:
         await route.stop()
 
