@@ -346,8 +346,10 @@ async def test_a_change_this_router_cannot_bind_is_reported_and_the_rest_served(
         # The program goes away: the next change of the table tries again.
         holder.close()
         assert (await api(a.port_of(), "DELETE", "/_api/projects/fine"))[0] == 204
-        await wait_for(lambda: "blocked" in b.listeners and "fine" not in b.listeners, what="b to retry")
-        await wait_for(lambda: "blocked" in a.listeners, what="a to retry")
+        # Each binds during its apply and notes what failed when the apply
+        # ends (a removed port drains first): the version it has applied says so.
+        await wait_for(lambda: store_of(b).version == 4 and store_of(a).version == 4, what="both to apply version 4")
+        assert "blocked" in b.listeners and "fine" not in b.listeners and "blocked" in a.listeners
         assert set(store_of(b).failed) == {"clash"} and store_of(a).failed == {}
     finally:
         holder.close()
