@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
 from portrouter.proxyheader import V2_SIGNATURE, header
+from portrouter import proxyproto
 from portrouter.proxyproto import HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
@@ -771,3 +773,43 @@ def test_read_header_answers_anything_with_more_found_or_refused(data: bytes) ->
             assert str(e)
         else:
             assert found is None or 0 < found.size <= len(start)
+
+
+def _outcome(data: bytes) -> object:
+    """What read_header answers for C{data}: its Found, None, or the words of its refusal."""
+    try:
+        return read_header(data)
+    except HeaderRefused as e:
+        return f"refused: {e}"
+
+
+@given(command=st.sampled_from([0x21, 0x20, 0x22, 0x11]),
+       family=st.sampled_from([0x11, 0x12, 0x21, 0x22, 0x10, 0x13, 0x31, 0x00]),
+       sources=st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.integers(0, 65535)), min_size=2, max_size=3),
+       destination=st.binary(min_size=16, max_size=16), port=st.integers(0, 65535),
+       tlvs=st.binary(max_size=12), length=st.integers(-6, 6), after=st.binary(max_size=8))
+@example(command=0x21, family=0x21, destination=bytes(16), port=443, tlvs=b"", length=0, after=b"",
+         sources=[(ipaddress.IPv6Address(f"::ffff:10.0.0.{i}").packed, 1000 + i) for i in (1, 2)])  # IPv4-mapped
+@settings(max_examples=500, deadline=None)
+def test_a_v2_header_of_a_known_shape_reads_as_twisted_reads_it(
+        command: int, family: int, sources: list[tuple[bytes, int]], destination: bytes, port: int,
+        tlvs: bytes, length: int, after: bytes) -> None:
+    """
+    Headers that differ only in their source address and port, one after
+    another: each answer (found, needing more, refused) is the one Twisted's
+    parser gives the header alone, with no shape known before it.
+    """
+    n = {1: 4, 2: 16}.get(family >> 4, 4)
+    headers = []
+    for source, source_port in sources:
+        body = source[:n] + destination[:n] + struct.pack("!HH", source_port, port) + tlvs
+        size = max(0, len(body) + length)
+        headers.append(V2_SIGNATURE + bytes((command, family)) + struct.pack("!H", size) + body + after)
+    alone = []
+    for data in headers:
+        proxyproto._v2_shapes.clear()
+        alone.append(_outcome(data))
+    proxyproto._v2_shapes.clear()
+    assert [_outcome(data) for data in headers] == alone
+    if isinstance(alone[0], proxyproto.Found) and alone[0].source is not None and family in (0x11, 0x12, 0x21, 0x22):
+        assert len(proxyproto._v2_shapes) == 1  # the later ones were read by their shape
