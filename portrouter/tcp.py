@@ -213,9 +213,10 @@ def accept_directly(port: tcp.Port) -> None:
         family = listening.family
         for _ in range(_ACCEPTS):
             try:
-                # A plain client's socket is the C socket object: no Python
-                # wrapper made and closed per connection (the relay uses no
-                # more than it has). Behind a gate, Twisted may get it.
+                # A client's socket is the C socket object: no Python wrapper
+                # made and closed per connection (the relay uses no more than
+                # it has). Twisted's transport, for an untrusted client behind
+                # a gate, gets the wrapper.
                 fd, address = listening._accept()  # type: ignore[union-attr]  # socket.accept without its wrapper
             except BlockingIOError:
                 return
@@ -231,11 +232,13 @@ def accept_directly(port: tcp.Port) -> None:
                 plain.setblocking(False)
                 route.accept_socket(plain, address)
                 continue
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)
             if gate.trusts(address[0]):
-                _HeaderWait(route, gate, sock, address).start()
+                trusted = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                trusted.setblocking(False)
+                _HeaderWait(route, gate, trusted, address).start()
             else:
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                sock.setblocking(False)
                 _twisted_accept(port, gate, sock, address)
 
     port.doRead = doRead  # type: ignore[method-assign]
@@ -263,7 +266,7 @@ class _HeaderWait:
 
     __slots__ = ("route", "gate", "sock", "fd", "address", "buffer", "timer")
 
-    def __init__(self, route: TCPRoute, gate: ProxyGate, sock: socket.socket, address: tuple[Any, ...]):
+    def __init__(self, route: TCPRoute, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...]):
         self.route = route
         self.gate = gate
         self.sock = sock
