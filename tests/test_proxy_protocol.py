@@ -9,6 +9,7 @@ C{tests/test_proxy_peers.py}.
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
 import json
 import socket
@@ -30,7 +31,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
 from portrouter.proxyheader import V2_SIGNATURE, header
-from portrouter import proxyproto
+from portrouter import proxyproto, tcp
 from portrouter.proxyproto import HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
@@ -735,6 +736,39 @@ async def test_a_client_gone_before_its_header_and_one_reading_at_stop(tmp_path:
     await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
     assert await in_thread(read_to_the_end, sock) == b""
     sock.close()
+    assert not server.results
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_accepted_in_the_turn_the_router_stops_is_closed_once(tmp_path: Path,
+                                                                            logged: list[str]) -> None:
+    """
+    A trusted client of the direct path is first looked at after the
+    reactor's turn (TCPRoute.look_later). One accepted in the turn its
+    listener stops reading headers is refused with the others, and not
+    looked at afterwards.
+    """
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port))
+    gate = router.listeners["ssh"].port.factory  # type: ignore[attr-defined]
+    route = gate.inner
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(header("v2", CLIENT_V6, (LOOPBACK, port)) + b"early")
+        route.look_later(tcp._HeaderWait(route, gate, _socket.socket(fileno=ours.detach()), (LOOPBACK, 40009)))
+        assert route.arrived and gate.reading
+        gate.close_reading()
+        await wait_for(lambda: not route.arrived, 15, "the turn's clients to be looked at")
+        assert not gate.reading
+        with pytest.raises(ConnectionResetError):  # closed as the others are: reset
+            theirs.recv(100)
+        stopped = [line for line in logged if "127.0.0.1:40009" in line]
+        assert stopped == ["proxy protocol 127.0.0.1:40009: portrouter is stopping; closed"]
+    finally:
+        theirs.close()
+        await router.stopService()
+        server.close()
     assert not server.results
 
 
