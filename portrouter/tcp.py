@@ -305,22 +305,20 @@ class _HeaderWait:
         if not data:
             self._closed(f"closed by the client before its PROXY header was whole ({len(self.buffer)} bytes came)")
             return
-        self.buffer += data
+        buffer = self.buffer = self.buffer + data if self.buffer else data
         try:
-            found = read_header(self.buffer)
+            found = read_header(buffer)
         except HeaderRefused as e:
             self.refuse(str(e))
             return
         if found is not None:
             self._done()
-            host, port = self.address[0], self.address[1]
-            self.route.accept_socket(self.sock, (host, port), found.source, self.buffer[found.size:])
+            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:])
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
 
     def _timed_out(self) -> None:
-        self.timer = None
         self.refuse(f"no whole PROXY header within {self.gate.setting.header_timeout:g} s "
                     f"({len(self.buffer)} bytes came)", abort=True)
 
@@ -338,12 +336,13 @@ class _HeaderWait:
 
     def _done(self) -> None:
         self.gate.reading.discard(self)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        if self.fd >= 0:
+        timer = self.timer
+        if timer is not None:  # it waited: a reader and a timer of its own (start)
+            self.timer = None
+            if timer.active():
+                timer.cancel()
             self.route.reactor.removeReader(self)
-            self.fd = -1
+        self.fd = -1
 
 
 class TCPRoute(Factory):
