@@ -40,7 +40,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from portrouter.interfaces import IReactor
 from portrouter.model import ProxyProtocol
 from portrouter.proxyheader import V2_SIGNATURE, might_be_header
-from portrouter.relay import FirstBytes, hand_over
+from portrouter.relay import FirstBytes, FirstBytesDeadlines, hand_over
 
 TRUST_CACHE = 1024  # answers of ProxyGate.trusts kept
 V1_MAX = 107  # a v1 header's longest line, CRLF included (proxy-protocol.txt)
@@ -55,6 +55,8 @@ class Reading(Protocol):
     """A connection still reading its PROXY header (L{HeaderReader}, or the direct TCP path's)."""
 
     def refuse(self, why: str, *, abort: bool = ...) -> None: ...
+
+    def timed_out(self, timeout: float) -> None: ...
 
 
 class HeaderRefused(Exception):
@@ -159,7 +161,7 @@ class HeaderReader(FirstBytes):
     where = "proxy protocol"
 
     def __init__(self, gate: ProxyGate, addr: IAddress):
-        super().__init__(gate.reading, gate.reactor, gate.setting.header_timeout, addr)  # type: ignore[arg-type]
+        super().__init__(gate.reading, gate.setting.header_timeout, addr)
         self.gate = gate
 
     def examine(self, data: bytes) -> None:
@@ -232,7 +234,7 @@ class ProxyGate(protocol.Factory):
         self.inner = inner
         self.setting = setting
         self.reactor = reactor
-        self.reading: set[Reading] = set()  # closed at shutdown
+        self.reading = FirstBytesDeadlines(reactor)  # each timed out at header_timeout, and closed at shutdown
         self.trusted: dict[str, bool] = {}  # by host: setting.trusts(host)
         self.refused = 0
 

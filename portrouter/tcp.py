@@ -261,11 +261,11 @@ class _HeaderWait:
     L{portrouter.proxyproto.HeaderReader} without a Twisted transport, so the
     connection goes on to the relay as a plain client's does. The header
     usually comes with the connection: it is looked for first after the
-    reactor's turn (L{TCPRoute.look_later}), and only waited for (a reader,
-    a timer) when it has not come by then.
+    reactor's turn (L{TCPRoute.look_later}), and only waited for (a reader)
+    when it has not come by then.
     """
 
-    __slots__ = ("route", "gate", "sock", "fd", "address", "buffer", "timer", "accepted")
+    __slots__ = ("route", "gate", "sock", "fd", "address", "buffer", "timeout", "registered")
 
     def __init__(self, route: TCPRoute, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...]):
         self.route = route
@@ -274,19 +274,19 @@ class _HeaderWait:
         self.fd = sock.fileno()
         self.address = address
         self.buffer = b""
-        self.timer: Any = None
-        self.accepted = route.reactor.seconds()  # header_timeout counts from here
-        gate.reading.add(self)  # refused at stop even before it is first looked at
+        self.registered = False  # a reader of the reactor's, once it waits
+        # header_timeout counts from the accept, and the gate's deadlines
+        # refuse it at stop even before it is first looked at.
+        self.timeout = gate.setting.header_timeout
+        gate.reading.add(self, self.timeout)
 
     def start(self) -> None:
         if self.fd < 0:
-            return  # refused (the router stopped) before it was looked at
+            return  # refused (timed out, the router stopped) before it was looked at
         self.doRead()
-        if self.fd >= 0 and self in self.gate.reading:
-            reactor = self.route.reactor
-            left = self.accepted + self.gate.setting.header_timeout - reactor.seconds()
-            self.timer = reactor.callLater(max(0.0, left), self._timed_out)
-            reactor.addReader(self)
+        if self.fd >= 0:
+            self.registered = True
+            self.route.reactor.addReader(self)
 
     def fileno(self) -> int:
         return self.fd
@@ -318,9 +318,9 @@ class _HeaderWait:
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
 
-    def _timed_out(self) -> None:
-        self.refuse(f"no whole PROXY header within {self.gate.setting.header_timeout:g} s "
-                    f"({len(self.buffer)} bytes came)", abort=True)
+    def timed_out(self, timeout: float) -> None:
+        """Told by the gate's deadlines: C{timeout} seconds passed since the accept."""
+        self.refuse(f"no whole PROXY header within {timeout:g} s ({len(self.buffer)} bytes came)", abort=True)
 
     def refuse(self, why: str, abort: bool = False) -> None:
         """As L{FirstBytes.refuse}: one line in the log, and closed (C{abort}: with a reset)."""
@@ -335,12 +335,9 @@ class _HeaderWait:
         self.sock.close()
 
     def _done(self) -> None:
-        self.gate.reading.discard(self)
-        timer = self.timer
-        if timer is not None:  # it waited: a reader and a timer of its own (start)
-            self.timer = None
-            if timer.active():
-                timer.cancel()
+        self.gate.reading.remove(self, self.timeout)
+        if self.registered:
+            self.registered = False
             self.route.reactor.removeReader(self)
         self.fd = -1
 
@@ -364,8 +361,8 @@ class TCPRoute(Factory):
         the rest of its turn. A balancer sends the header when its connect
         completes, about when the connection is accepted here: looked for at
         once, it was missing every other time, and each miss cost a failed
-        read, a reader added and removed and a timer; after the turn it is
-        missing about one time in four.
+        read and a reader added and removed; after the turn it is missing
+        about one time in four.
         """
         if not self.arrived:
             self.reactor.callLater(0, self._look)

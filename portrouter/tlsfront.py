@@ -38,7 +38,7 @@ from portrouter.certs import TLSFactory, tls_handle
 from portrouter.hostnames import Target, resolve
 from portrouter.hosts import HostRouting
 from portrouter.model import Project
-from portrouter.relay import FirstBytes, hand_over
+from portrouter.relay import FirstBytes, FirstBytesDeadlines, hand_over
 from portrouter.router import RouterService
 from portrouter.sni import UNRECOGNIZED_NAME, BadHello, Hello, read_hello
 from portrouter.tcp import TCPRoute
@@ -56,7 +56,7 @@ class HelloReader(FirstBytes):
     where = "tls front"
 
     def __init__(self, front: TLSFront, addr: IAddress):
-        super().__init__(front.reading, front.router.reactor, front.timeout, addr)
+        super().__init__(front.reading, front.timeout, addr)
         self.front = front
 
     def examine(self, data: bytes) -> None:
@@ -126,7 +126,7 @@ class TLSFront(Factory):
         self.stats = router.sessions.stats
         self.timeout = router.config.defaults.header_timeout
         self.http = ChannelFactory(FrontSite(router, hosts), router.reactor)
-        self.reading: set[FirstBytes] = set()  # closed at shutdown, as idle channels are
+        self.reading = FirstBytesDeadlines(router.reactor)  # closed at shutdown, as idle channels are
         self.relays: dict[tuple[str, str], tuple[Project, TCPRoute]] = {}
 
     @property
