@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from portrouter import logs
 from portrouter.config import parse
 from portrouter.logs import BufferedText, JSONLines
 from tests.httpbackend import Backend
@@ -238,3 +239,37 @@ async def test_lines_are_made_and_written_once_per_reactor_turn(kind: type[Any])
         assert [json.loads(line)["message"] for line in lines] == ["line 0", "line 1", "line 2"]
     else:
         assert [line.rsplit("] ", 1)[1] for line in lines] == ["line 0", "line 1", "line 2"]
+
+
+@pytest.mark.parametrize("kind", [BufferedText, JSONLines])
+def test_a_busy_router_writes_at_most_once_per_interval(kind: type[Any]) -> None:
+    """
+    After a write, the next waits until WRITE_INTERVAL has passed since it
+    (lines of several turns in one write, in order); a flood of events is
+    written without waiting once PENDING_MAX are pending.
+    """
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.running = True  # type: ignore[attr-defined]  # as a running reactor says
+    out = Writes()
+    observer = kind(out, clock)
+    observer(event("first"))
+    clock.advance(0)  # nothing written before: at the end of the turn
+    assert out.writes == 1
+    clock.advance(0.01)
+    observer(event("second"))
+    clock.advance(0)
+    observer(event("third"))  # another turn, the same write
+    clock.advance(0.039)
+    assert out.writes == 1
+    clock.advance(0.001)  # WRITE_INTERVAL after the first write
+    assert out.writes == 2
+    assert out.getvalue().count("\n") == 3 and out.getvalue().index("second") < out.getvalue().index("third")
+    for n in range(logs.PENDING_MAX - 1):
+        observer(event(f"flood {n}"))
+    assert out.writes == 2
+    observer(event("the last of the flood"))
+    assert out.writes == 3 and not observer.pending
+    clock.advance(logs.WRITE_INTERVAL)  # the write scheduled before finds nothing to write
+    assert out.writes == 3
