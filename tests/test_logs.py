@@ -149,12 +149,13 @@ def test_json_and_text_lines_say_what_twisteds_formatter_says(fmt: str, fields: 
 # non-ASCII characters), floats json writes its own way (NaN, Infinity); and
 # values of other types (bools, None, lists) for an event after the first.
 simple = st.one_of(
-    st.sampled_from(["127.0.0.1", "GET", "/", "", " (aborted)", 'a"b', "a\\b", "é", "\x7f", "\n", "{x}"]),
+    st.sampled_from(["127.0.0.1", "GET", "/", "", " (aborted)", 'a"b', "a\\b", "é", "\x7f", "\n", "{x}", "100%",
+                     "%s"]),
     st.text(max_size=6), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.25, float("nan"), float("inf"), float("-inf"), 1e16]),
 )
 values = st.one_of(simple, st.booleans(), st.none(), st.lists(st.integers(), max_size=2))
-names = st.sampled_from(["client", "status", "duration", "project", "message", "x", "a-b"])
+names = st.sampled_from(["client", "status", "duration", "project", "message", "x", "a-b", "p%s"])
 
 
 @st.composite
@@ -162,7 +163,8 @@ def shaped_events(draw: st.DrawFn) -> tuple[str, list[dict[str, Any]]]:
     """A format, and events of one shape (the same keys in the same order) whose values differ."""
     keys = draw(st.lists(names, min_size=1, max_size=4, unique=True))
     pieces = draw(st.lists(st.one_of(st.sampled_from(keys).map(lambda k: "{%s}" % k),
-                                     st.sampled_from(["{%s!r}" % keys[0], "{%s:.2f}" % keys[0], "{%s:>4}" % keys[0]]),
+                                     st.sampled_from(["{%s!r}" % keys[0], "{%s:.2f}" % keys[0], "{%s:>4}" % keys[0],
+                                                      "{%s!a}" % keys[0], "{%s:.4f}s" % keys[0], "100%% {%s}" % keys[0]]),
                                      st.text(max_size=4).map(lambda t: t.replace("{", "{{").replace("}", "}}"))),
                            max_size=5))
     fmt = " ".join(pieces)
@@ -180,7 +182,7 @@ def shaped_events(draw: st.DrawFn) -> tuple[str, list[dict[str, Any]]]:
 def test_a_json_line_written_through_its_shapes_template_is_the_general_one(case: tuple[str, list[dict[str, Any]]]) -> None:
     """
     Events of a shape seen before are written through a template (one
-    str.format_map, no json encoder); whatever their values, the line is
+    printf-style %, no json encoder); whatever their values, the line is
     the one the general way writes, and one JSON object.
     """
     fmt, events = case
@@ -192,11 +194,16 @@ def test_a_json_line_written_through_its_shapes_template_is_the_general_one(case
         json.loads(general, parse_constant=lambda name: name)  # NaN and Infinity as json writes them
 
 
-def test_the_access_line_is_written_through_its_template() -> None:
+@pytest.mark.parametrize("fmt", [
+    "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
+    "{client} 100% %s %d%% {duration!r} {status:.2f}",  # percent signs of the format's own
+])
+def test_the_access_line_is_written_through_its_template(fmt: str) -> None:
     """The per-request line does take the template (the test above cannot fail by never taking it)."""
     fields = {"client": "127.0.0.1", "method": "GET", "target": "/x", "status": 200, "bytes": 100,
               "duration": 0.000123, "project": "web", "aborted": "", "tls": ""}
-    fmt = "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}"
+    if ":.2f" in fmt:
+        fields["status"] = 200.0
     observer = JSONLines(io.StringIO())
     one = event(fmt, **fields)
     observer.line(one)
