@@ -244,8 +244,8 @@ async def test_websocat_upgrade_by_host_on_the_plain_ingress_and_by_sni(tmp_path
     An HTTP route's WebSocket upgrade, chosen by ``Host`` on the plain
     ingress (a path-routed project by its name, a project with its own HTTP
     port by ``<name>-<port>``) and by SNI on the TLS front (``wss://``),
-    relayed after the 101 to a real WebSocket echo server (websocat's
-    ``mirror:``).
+    relayed after the 101 to a real WebSocket echo server (Autobahn's, as
+    tests.test_http_clients.WebSocketEcho says why).
     """
     server = WebSocketEcho()
     await server.ready()
