@@ -377,6 +377,20 @@ class Twistd:
             self.proc.kill()
             self.proc.wait(10)
 
+    def terminate(self, timeout: float = 30.0) -> None:
+        """
+        Stop as an operator does (SIGTERM: the drain, services stopped), for
+        a test that started services: killed, twistd would leave them running.
+        """
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"twistd did not stop within {timeout:g} s of SIGTERM") from None
+
 
 class UDPEcho:
     """

@@ -219,7 +219,7 @@ def test_dashboard_follows_deploys_traffic_and_services(tmp_path: Path, browser:
     finally:
         for c in clients:
             c.close()
-        router.stop()
+        router.terminate()  # its started service stops with it
         backend.close()
 
 
