@@ -198,3 +198,35 @@ def test_a_direct_relay_whose_backend_never_answers_closes_the_client_at_connect
     finally:
         for s in (full, client, *fillers):
             s.close()
+
+
+def test_a_direct_relay_to_a_backend_that_accepts_at_once_is_relayed_without_waiting_to_write() -> None:
+    """
+    On loopback the handshake is done when connect returns: the relay starts
+    at once (client and backend read), with no wait for the backend to be
+    writable and no connect deadline. The client's bytes reach the backend.
+    """
+    clock = MemoryReactorClock()
+    sessions = Sessions(clock)
+    deadlines = ConnectDeadlines(clock)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    client, client_ours = socket.socketpair()
+    client.settimeout(30)
+    client_ours.setblocking(False)
+    client.sendall(b"first")
+    backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    relay = SpliceRelay(clock, sessions.open("tcp", "quick", "127.0.0.1:1"), client_ours, backend)  # type: ignore[arg-type]
+    try:
+        relay.connect(listener.getsockname(), 3.0, deadlines)
+        assert relay.connecting is None and len(deadlines) == 0 and clock.getDelayedCalls() == []
+        assert {relay.client, relay.backend} <= clock.readers and not clock.writers
+        accepted, _ = listener.accept()
+        accepted.settimeout(30)
+        assert accepted.recv(10) == b"first"
+        accepted.close()
+    finally:
+        relay.close()
+        for s in (listener, client):
+            s.close()
