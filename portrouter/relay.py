@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.eventloop import forget
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.sessions import Session, peer_of
 
@@ -207,7 +208,10 @@ class _Direction:
 
     def _eof(self) -> None:
         self.eof = True
-        self.relay.reactor.removeReader(self.src)
+        other = self.relay.down if self is self.relay.up else self.relay.up
+        if self.pending or self.held or not other.done:
+            self.relay.reactor.removeReader(self.src)
+        # else the relay is closed now (_finish), and its sockets forgotten with it
         self.relay.first_eof(self)
         self._finish()
 
@@ -536,8 +540,7 @@ class SpliceRelay:
         self.closed = True
         self._stop_waiting()
         for end in (self.client, self.backend):
-            self.reactor.removeReader(end)
-            self.reactor.removeWriter(end)
+            forget(self.reactor, end)  # closed next: out of the epoll set with it
             end.sock.close()
         self.up.close_pipe()
         self.down.close_pipe()

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.pollreactor import PollReactor
 
-from portrouter.eventloop import lean_dispatch
+from portrouter.eventloop import forget, lean_dispatch
 
 
 class Reader:
@@ -106,3 +106,42 @@ def test_other_reactors_are_left_as_they_are() -> None:
     changed = Changed()
     assert not lean_dispatch(changed)
     assert "doPoll" not in vars(changed)
+
+
+def test_forget_leaves_a_closed_socket_to_the_kernel(loop: EPollReactor) -> None:
+    """
+    forget drops a descriptor from the reactor's tables without epoll_ctl;
+    closing its socket takes it out of the epoll set: its peer's close
+    (readable, hung up) is reported no more, and a socket given the same
+    number is watched as any other.
+    """
+    lean_dispatch(loop)
+    gone, peer = socket.socketpair()
+    gone.setblocking(False)
+    old = Reader(gone)
+    loop.addReader(old)
+    loop.addWriter(old)
+    fd = gone.fileno()
+    forget(loop, old)
+    gone.close()
+    assert fd not in loop._selectables and fd not in loop._reads and fd not in loop._writes
+    peer.close()
+    assert loop._poller.poll(0) == []  # nothing registered is left for the old socket
+    reader, theirs = ready_reader(loop)
+    loop.doPoll(0)
+    assert reader.reads == 1 and old.reads == 0
+    theirs.close()
+
+
+def test_forget_asks_any_other_reactor_the_usual_way() -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    one, other = socket.socketpair()
+    reader = Reader(one)
+    reactor.addReader(reader)
+    reactor.addWriter(reader)
+    forget(reactor, reader)
+    assert not reactor.readers and not reactor.writers
+    one.close()
+    other.close()
