@@ -68,8 +68,8 @@ def forget(reactor: Any, selectable: Any) -> None:
     Stop watching C{selectable}, whose socket the caller closes next, without
     telling epoll: closing a socket's last descriptor takes it out of the
     epoll set (epoll(7)), so the epoll_ctl calls Twisted's removeReader and
-    removeWriter make are spent for nothing (HAProxy makes three a relayed
-    connection; without this, portrouter made five). Should another process
+    removeWriter make are spent for nothing (a relayed TCP connection now
+    makes three, as HAProxy's do; it made six before). Should another process
     hold the socket for a moment (a service forked, not posix_spawned,
     before its exec closes what it inherited close-on-exec), its events
     still come under the old number until then: a descriptor no longer
