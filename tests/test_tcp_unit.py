@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -200,33 +202,60 @@ def test_a_direct_relay_whose_backend_never_answers_closes_the_client_at_connect
             s.close()
 
 
-def test_a_direct_relay_to_a_backend_that_accepts_at_once_is_relayed_without_waiting_to_write() -> None:
+class Connecting:
     """
-    On loopback the handshake is done when connect returns: the relay starts
-    at once (client and backend read), with no wait for the backend to be
-    writable and no connect deadline. The client's bytes reach the backend.
+    A backend socket (one end of a socket pair) whose non-blocking connect
+    says EINPROGRESS, and whose handshake is done by then (C{done}) or not:
+    what the kernel does to a loopback backend is not left to its timing.
+    """
+
+    def __init__(self, sock: socket.socket, done: bool):
+        self.sock = sock
+        self.done = done
+
+    def connect_ex(self, address: Any) -> int:
+        return errno.EINPROGRESS
+
+    def getpeername(self) -> Any:
+        if not self.done:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return ("127.0.0.1", 1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_a_direct_relay_starts_at_once_when_the_backend_is_connected_as_connect_returns(done: bool) -> None:
+    """
+    To a backend on this host the handshake is done when connect returns
+    EINPROGRESS (getpeername tells): the relay starts at once, client and
+    backend read, with no wait for writable and no connect deadline, and the
+    client's bytes go out. Otherwise it waits for the backend to be writable
+    within its deadline, as before.
     """
     clock = MemoryReactorClock()
     sessions = Sessions(clock)
     deadlines = ConnectDeadlines(clock)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
     client, client_ours = socket.socketpair()
-    client.settimeout(30)
-    client_ours.setblocking(False)
+    backend_ours, backend = socket.socketpair()
+    for sock in (client, backend):
+        sock.settimeout(30)
+    for sock in (client_ours, backend_ours):
+        sock.setblocking(False)
     client.sendall(b"first")
-    backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    relay = SpliceRelay(clock, sessions.open("tcp", "quick", "127.0.0.1:1"), client_ours, backend)  # type: ignore[arg-type]
+    relay = SpliceRelay(clock, sessions.open("tcp", "quick", "127.0.0.1:1"), client_ours,  # type: ignore[arg-type]
+                        Connecting(backend_ours, done))  # type: ignore[arg-type]
     try:
-        relay.connect(listener.getsockname(), 3.0, deadlines)
-        assert relay.connecting is None and len(deadlines) == 0 and clock.getDelayedCalls() == []
-        assert {relay.client, relay.backend} <= clock.readers and not clock.writers
-        accepted, _ = listener.accept()
-        accepted.settimeout(30)
-        assert accepted.recv(10) == b"first"
-        accepted.close()
+        relay.connect(("127.0.0.1", 1), 3.0, deadlines)
+        if done:
+            assert relay.connecting is None and len(deadlines) == 0 and clock.getDelayedCalls() == []
+            assert {relay.client, relay.backend} <= clock.readers and not clock.writers
+            assert backend.recv(10) == b"first"
+        else:
+            assert relay.connecting is deadlines and len(deadlines) == 1
+            assert clock.writers == {relay.backend} and not clock.readers
     finally:
         relay.close()
-        for s in (listener, client):
-            s.close()
+        for sock in (client, backend):
+            sock.close()
