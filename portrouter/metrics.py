@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from portrouter.proxyproto import ProxyGate
 from portrouter.router import RouterService
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -92,6 +93,21 @@ class _Collector:
                 udp_dropped.add_metric([name], route.dropped)
         yield udp_sessions
         yield udp_dropped
+
+        refused = CounterMetricFamily("portrouter_proxy_headers_refused",
+                                      "Connections closed for their PROXY header (from a trusted address: "
+                                      "none, one Twisted's parser refuses, or a slow one), and datagrams "
+                                      "dropped for theirs, by listener", labels=["listener"])
+        shared: list[tuple[str, Any]] = [("ingress", router.ingress), ("tls front", router.tls_front)]
+        for name, listener in [*shared, *sorted(router.listeners.items())]:
+            if listener is None:
+                continue
+            gate = getattr(getattr(listener, "port", None), "factory", None)
+            if isinstance(gate, ProxyGate):
+                refused.add_metric([name], gate.refused)
+            elif hasattr(listener.factory, "proxy_refused"):  # a UDP route's
+                refused.add_metric([name], listener.factory.proxy_refused)
+        yield refused
 
         starts = CounterMetricFamily("portrouter_service_starts", "Backends started on demand",
                                      labels=["project", "service"])

@@ -30,6 +30,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 
 from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
+from portrouter.metrics import registry_for, render
 from portrouter.proxyheader import V2_SIGNATURE, header
 from portrouter import proxyproto, tcp
 from portrouter.proxyproto import HeaderRefused, read_header
@@ -407,6 +408,9 @@ async def test_a_udp_route_receives_v2_headers_from_trusted_senders(tmp_path: Pa
         assert await in_thread(exchange_udp, untrusted_port, b"plain") == b"plain"
         await dropped("open", untrusted_port, header("v2", CLIENT_V4, (LOOPBACK, untrusted_port), "udp") + b"forged")
         assert echo.received == 3  # nothing dropped reached the backend
+        shown = render(registry_for(router))
+        for name in ("game", "open"):
+            assert b'portrouter_proxy_headers_refused_total{listener="%s"} 1.0' % name.encode() in shown
         assert {s[:2] for s in routes["game"].sessions} == {CLIENT_V4, CLIENT_V6}
         await log_line(logged, r"udp game 127\.0\.0\.1:\d+: a datagram without a valid PROXY v2 header from a "
                                r"trusted address; dropped \(1 so far\)")
@@ -709,6 +713,7 @@ async def test_the_direct_path_refuses_what_the_transport_path_refuses(
         assert await in_thread(exchange, port, start) == b""
         await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: " + message)
         assert gate.refused == 1 and not gate.reading and not server.results and not router.sessions.live
+        assert b'portrouter_proxy_headers_refused_total{listener="ssh"} 1.0' in render(registry_for(router))
     finally:
         await router.stopService()
         server.close()
