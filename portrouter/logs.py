@@ -104,9 +104,7 @@ class _Buffered:
             if len(pending) >= PENDING_MAX:
                 self.flush()  # the one scheduled finds nothing, or the next few
             return
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = self._reactor()
         if not getattr(reactor, "running", False):
             self.flush()  # start-up, shutdown: nobody would flush later
             return
@@ -118,11 +116,13 @@ class _Buffered:
         else:
             cast(IReactor, reactor).callFromThread(self.flush)
 
-    def _now(self) -> float:
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        return cast(float, reactor.seconds())
+    def _reactor(self) -> Any:
+        """The reactor given, or Twisted's global one (imported here: this module is loaded before twistd installs it)."""
+        if self.reactor is not None:
+            return self.reactor
+        from twisted.internet import reactor
+
+        return reactor
 
     def lines(self, events: list[dict[str, Any]]) -> list[str]:
         made = []
@@ -144,7 +144,7 @@ class _Buffered:
         events, self.pending = self.pending, []
         try:
             if events:
-                self.written = self._now()
+                self.written = self._reactor().seconds()
                 self.out.write("".join(self.lines(events)))
             self.out.flush()
         except Exception:

@@ -162,6 +162,12 @@ class _Direction:
         self.done = False
         self.inbound = inbound  # client -> backend
 
+    @property
+    def other(self) -> _Direction:
+        """The relay's direction the other way."""
+        relay = self.relay
+        return relay.down if self is relay.up else relay.up
+
     def pump(self) -> None:
         """C{src} is readable; only called while nothing is held or piped."""
         if self.wpipe < 0:
@@ -208,8 +214,7 @@ class _Direction:
 
     def _eof(self) -> None:
         self.eof = True
-        other = self.relay.down if self is self.relay.up else self.relay.up
-        if self.pending or self.held or not other.done:
+        if self.pending or self.held or not self.other.done:
             self.relay.reactor.removeReader(self.src)
         # else the relay is closed now (_finish), and its sockets forgotten with it
         self.relay.first_eof(self)
@@ -253,8 +258,7 @@ class _Direction:
         # that came before it was written; the other direction goes on.
         if self.pending or self.held:
             return
-        other = self.relay.down if self is self.relay.up else self.relay.up
-        if not other.done:
+        if not self.other.done:
             # The last direction needs no shutdown: closing sends the FIN.
             try:
                 self.dst.sock.shutdown(socket.SHUT_WR)
@@ -283,7 +287,7 @@ class Deadlines(Generic[Waiter]):
     (C{expire(waiter, timeout)}) at its own deadline, to the tick. Waiters
     wait per timeout value, so each group is in deadline order and the first
     of each is the next due; one that is done waiting just leaves its group.
-    Iterating, C{len} and C{in} see every waiter.
+    Iterating and C{len} see every waiter.
     """
 
     def __init__(self, reactor: IReactor, expire: Callable[[Waiter, float], None]):
@@ -314,9 +318,6 @@ class Deadlines(Generic[Waiter]):
 
     def __iter__(self) -> Iterator[Waiter]:
         return (waiter for group in list(self.waiting.values()) for waiter in list(group))
-
-    def __contains__(self, waiter: object) -> bool:
-        return any(waiter in group for group in self.waiting.values())
 
     def _due(self) -> None:
         self.timer = None
@@ -514,8 +515,7 @@ class SpliceRelay:
 
     def first_eof(self, direction: _Direction) -> None:
         if self.session.reason is None:
-            other = self.down if direction is self.up else self.up
-            if not other.eof:
+            if not direction.other.eof:
                 self.session.reason = "client closed" if direction.inbound else "backend closed"
 
     def direction_done(self) -> None:

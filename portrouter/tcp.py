@@ -227,19 +227,17 @@ def accept_directly(port: tcp.Port) -> None:
                 # rather than spin; the kernel keeps the queue.
                 log.warn("tcp {project}: cannot accept: {why}", project=route.name, why=e.strerror)
                 return
-            if gate is None:
-                plain = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-                plain.setblocking(False)
-                route.accept_socket(plain, address)
-                continue
-            if gate.trusts(address[0]):
-                trusted = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-                trusted.setblocking(False)
-                route.look_later(_HeaderWait(route, gate, trusted, address))
-            else:
+            if gate is not None and not gate.trusts(address[0]):
                 sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 sock.setblocking(False)
                 _twisted_accept(port, gate, sock, address)
+                continue
+            client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            client.setblocking(False)
+            if gate is None:
+                route.accept_socket(client, address)
+            else:
+                route.look_later(_HeaderWait(route, gate, client, address))
 
     port.doRead = doRead  # type: ignore[method-assign]
 
