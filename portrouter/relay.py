@@ -107,11 +107,11 @@ class _End:
     __slots__ = ("relay", "sock", "fd", "inbound", "outbound")
 
     def __init__(self, relay: SpliceRelay, sock: _socket.socket):
-        self.relay = relay
+        self.relay: SpliceRelay | _Gone = relay
         self.sock = sock
         self.fd = sock.fileno()
-        self.inbound: _Direction
-        self.outbound: _Direction
+        self.inbound: _Direction | _Gone
+        self.outbound: _Direction | _Gone
 
     def fileno(self) -> int:
         return self.fd
@@ -139,6 +139,38 @@ class _End:
 
     def logPrefix(self) -> str:
         return "portrouter"
+
+    def release(self) -> None:
+        """
+        The relay is closed and this end out of the reactor: let go of the
+        relay and its directions. A reactor stopping still tells every
+        descriptor it had (both ends) that its connection is lost: that is
+        now L{_GONE}'s to ignore.
+        """
+        self.relay = self.inbound = self.outbound = _GONE
+
+
+class _Gone:
+    """What a closed relay's ends point at instead of it: whatever still comes is ignored."""
+
+    __slots__ = ()
+
+    connecting = None
+
+    def connected(self) -> None:
+        pass
+
+    def fail(self, error: BaseException | None, end: _End) -> None:
+        pass
+
+    def pump(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+
+_GONE = _Gone()
 
 
 class _Direction:
@@ -273,6 +305,10 @@ class _Direction:
             os.close(self.rpipe)
             os.close(self.wpipe)
             self.rpipe = self.wpipe = -1
+
+    def release(self) -> None:
+        """The relay is closed: let go of it. Only its ends called on a direction, and they no longer do."""
+        del self.relay
 
 
 Waiter = TypeVar("Waiter", bound=Hashable)
@@ -545,6 +581,13 @@ class SpliceRelay:
         self.up.close_pipe()
         self.down.close_pipe()
         self.session.ended(reason)
+        # The relay, its ends and its directions point at one another. Cut
+        # the ways back to the relay, so that reference counting frees them
+        # all now: left as cycles, Python's cyclic collector found them
+        # later, at 5 us of a 100 us connection. The callers of _close only
+        # return from here.
+        for part in (self.client, self.backend, self.up, self.down):
+            part.release()
 
 
 # How a L{SplicedBody} ended: all moved, or which side broke, or called off.
