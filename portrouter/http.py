@@ -32,7 +32,7 @@ from portrouter.proxyheader import header_for
 from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, timed_out, tls_problem
-from portrouter.web import _PLAIN, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
+from portrouter.web import _PLAIN, SPENT_RESPONSES, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
 
 log = Logger(namespace="portrouter.http")
 
@@ -310,14 +310,14 @@ class Upstream(Protocol):
             return
         self.pool.forget(self)
         exchange, self.exchange = self.exchange, None
-        if exchange is None:
-            return
-        if self.until_close and exchange.responding:
-            exchange.response_done(self)  # the close is the end of the body
-        else:
-            self.exchange = exchange
-            exchange.upstream_lost(self, tls_problem(reason, self.transport))
-            self.exchange = None
+        if exchange is not None:
+            if self.until_close and exchange.responding:
+                exchange.response_done(self)  # the close is the end of the body
+            else:
+                self.exchange = exchange
+                exchange.upstream_lost(self, tls_problem(reason, self.transport))
+                self.exchange = None
+        self.parser = SPENT_RESPONSES  # a cycle through its callbacks, like a channel's
 
 
 class BodySplice:

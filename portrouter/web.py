@@ -51,6 +51,19 @@ REASONS = {
 # Bytes read after an upgrade request, held until its answer says whose they
 # are: past this, the client is not waiting for an answer and is dropped.
 HELD_MAX = 64 * 1024
+
+
+class _Deaf:
+    """A parser's protocol with no callbacks."""
+
+
+# What a closed connection's parser is replaced with. Its own parser holds
+# the connection's callbacks, and the connection holds it: a cycle, which
+# left every connection (and its requests) to Python's cyclic collector.
+# Replaced, reference counting frees them at once. Never fed: a closed
+# connection reads nothing more.
+SPENT_REQUESTS = httptools.HttpRequestParser(_Deaf())
+SPENT_RESPONSES = httptools.HttpResponseParser(_Deaf())
 # What may be asked of a reverse proxy: CONNECT is for forward proxies.
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 
@@ -371,6 +384,7 @@ class Channel(Protocol):
         if handler is not None and not self.taken_over:
             handler.lost()
         self.queue = []
+        self.parser = SPENT_REQUESTS
 
     # -- httptools callbacks -------------------------------------------------------
 

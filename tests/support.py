@@ -9,6 +9,8 @@ done on Deferreds or by polling a condition with a deadline, never by sleeping.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import hashlib
 import os
 import re
@@ -563,3 +565,27 @@ class RawWebSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def left_to_the_collector(*types: type) -> Iterator[list[str]]:
+    """
+    Run the block with Python's cyclic collector off; then collect, keeping
+    what it found (DEBUG_SAVEALL): the list given is filled with the names
+    of the objects of C{types} that only the collector could free (cycles),
+    not reference counting. The block must drop its own references first.
+    """
+    gc.collect()
+    flags, enabled = gc.get_debug(), gc.isenabled()
+    gc.disable()
+    left: list[str] = []
+    try:
+        yield left
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left.extend(sorted({type(o).__name__ for o in gc.garbage if isinstance(o, types)}))
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()

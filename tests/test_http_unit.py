@@ -6,13 +6,15 @@ from typing import Any
 
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from portrouter.config import parse_project
-from portrouter.http import HTTPRoutes, ProjectSite, normalize
+from portrouter.http import HTTPRoutes, ProjectSite, Upstream, normalize
 from portrouter.sessions import Sessions
 from portrouter.web import Channel, Deadline, Fixed
-from tests.support import closes_when_idle
+from tests.support import closes_when_idle, left_to_the_collector
 
 
 def make(connect_timeout: float = 10, response_timeout: float = 60,
@@ -205,3 +207,19 @@ class _NoBackend:
 
     def handler(self, channel: Channel, request: object) -> Fixed:
         return Fixed(lambda: (channel.respond(204, [], length=0), channel.finish()))
+
+
+def test_a_closed_connection_and_its_backend_connection_are_freed_by_reference_counting() -> None:
+    # A parser holds its connection's callbacks: left in place after the
+    # close, each connection and its requests waited for the cyclic collector.
+    with left_to_the_collector(Channel, Upstream) as left:
+        reactor, channel, transport = make()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = connect_backend(reactor)
+        backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+        assert transport.value().endswith(b"\r\n\r\nok")
+        backend.protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        del backend.protocol  # type: ignore[attr-defined]  # as Twisted's transports let go of theirs
+        channel.connectionLost()
+        del reactor, channel, transport, backend
+    assert left == []

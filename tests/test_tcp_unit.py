@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import gc
 import socket
 from typing import Any
 
@@ -23,7 +22,7 @@ from portrouter.model import Limits
 from portrouter.relay import ConnectDeadlines, SpliceRelay, _Direction, _End
 from portrouter.sessions import Sessions
 from portrouter.tcp import TCPRoute
-from tests.support import in_thread, wait_for
+from tests.support import in_thread, left_to_the_collector, wait_for
 
 
 def make_route(connect_timeout: float = 10.0) -> tuple[MemoryReactorClock, TCPRoute]:
@@ -147,10 +146,7 @@ async def test_an_ended_relay_is_freed_by_reference_counting_not_left_to_the_cyc
     # The relay, its ends and directions point at one another; left as
     # cycles, each connection cost the collector 5 us. Collected garbage is
     # kept (DEBUG_SAVEALL) to see whether any of them needed the collector.
-    gc.collect()
-    flags, enabled = gc.get_debug(), gc.isenabled()
-    gc.disable()
-    try:
+    with left_to_the_collector(SpliceRelay, _End, _Direction) as left:
         relay, client, backend, sessions = relay_pair()
         relay.start()
         client.sendall(b"ping")
@@ -160,14 +156,6 @@ async def test_an_ended_relay_is_freed_by_reference_counting_not_left_to_the_cyc
         await wait_for(lambda: not sessions.live, 15, "the session to end")
         assert relay.closed
         del relay
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (SpliceRelay, _End, _Direction))]
-    finally:
-        gc.set_debug(flags)
-        gc.garbage.clear()
-        if enabled:
-            gc.enable()
     assert left == []
 
 
