@@ -375,6 +375,14 @@ class BufferedText(_Buffered):
 # for text_file, which twistd calls with no arguments.
 FILE: str | None = None
 
+# twistd's own log file rotates at 1 MB and keeps every old file, renaming
+# each one at every rotation, in the reactor's thread. A router that logs
+# 10,000 connections a second writes over a megabyte a second: a rotation
+# a second, each renaming every file before it (after an hour, thousands
+# of renames a second, and a disk that fills). Rotated at 100 MB, ten kept.
+ROTATE_BYTES = 100_000_000
+KEEP_ROTATED = 10
+
 
 def text() -> BufferedText:
     """The observer portrouter uses under ``twistd -n`` when no log option is given."""
@@ -384,11 +392,12 @@ def text() -> BufferedText:
 def text_file() -> BufferedText:
     """
     The observer for twistd's ``--logfile`` (and a daemon's ``twistd.log``):
-    Twisted's own L{LogFile} (its rotation by size included), rotated on
-    SIGUSR1 as twistd's is, written as every destination is (L{_Buffered}).
+    Twisted's own L{LogFile}, rotated at L{ROTATE_BYTES} and on SIGUSR1 (as
+    twistd's is), L{KEEP_ROTATED} old files kept, written as every
+    destination is (L{_Buffered}).
     """
     assert FILE is not None, "portrouter.tap names the file before twistd asks for the observer"
-    log_file = LogFile.fromFullPath(FILE)
+    log_file = LogFile.fromFullPath(FILE, rotateLength=ROTATE_BYTES, maxRotatedFiles=KEEP_ROTATED)
     observer = BufferedText(log_file)
     if not signal.getsignal(signal.SIGUSR1):  # as twistd: unless someone else handles it
 

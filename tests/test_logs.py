@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import signal
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -280,3 +282,26 @@ def test_a_busy_router_writes_at_most_once_per_interval(kind: type[Any]) -> None
     assert out.writes == 3 and not observer.pending
     clock.advance(logs.WRITE_INTERVAL)  # the write scheduled before finds nothing to write
     assert out.writes == 3
+
+
+def test_the_log_file_rotates_by_size_and_keeps_a_few_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    twistd's own rotation kept every old file and renamed each at every
+    rotation: a busy router's reactor spent its time renaming, and the disk
+    filled. The newest lines are in twistd.log, the older ones in .1, .2, .3.
+    """
+    monkeypatch.setattr(logs, "FILE", str(tmp_path / "twistd.log"))
+    monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
+    monkeypatch.setattr(logs, "KEEP_ROTATED", 3)
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        observer = logs.text_file()
+        for n in range(200):  # about 60 bytes a line: enough for six files
+            observer(event("line {n:04d}", n=n))
+            observer.flush()  # a write each (LogFile rotates before a write)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twistd.log", "twistd.log.1", "twistd.log.2", "twistd.log.3"]
+    numbers = [int(m) for name in ("twistd.log.3", "twistd.log.2", "twistd.log.1", "twistd.log")
+               for m in re.findall(r"line (\d{4})", (tmp_path / name).read_text())]
+    assert numbers == list(range(numbers[0], 200)) and numbers[0] > 0  # the oldest are gone, the rest in order
