@@ -154,8 +154,8 @@ def address_of(peer: tuple[str, int]) -> IPv4Address | IPv6Address:
     return IPv6Address("TCP", *peer) if ":" in peer[0] else IPv4Address("TCP", *peer)
 
 
-class HeaderReader(FirstBytes):
-    """A connection from a trusted address, through Twisted's transport, until its PROXY header has been read."""
+class _HeaderBytes(FirstBytes):
+    """A trusted connection's first bytes, until its PROXY header is whole."""
 
     what = "PROXY header"
     where = "proxy protocol"
@@ -164,15 +164,28 @@ class HeaderReader(FirstBytes):
         super().__init__(gate.reading, gate.setting.header_timeout, addr)
         self.gate = gate
 
-    def examine(self, data: bytes) -> None:
+    def whole(self) -> Found | None:
+        """The header, once whole: then the connection is handed on; L{None} while it is not, or refused."""
         try:
             found = read_header(self.buffer)
         except HeaderRefused as e:
             self.refuse(str(e))
-            return
+            return None
+        if found is not None:
+            self.handed()
+        return found
+
+    def refused(self) -> None:
+        self.gate.refused += 1
+
+
+class HeaderReader(_HeaderBytes):
+    """A connection from a trusted address, through Twisted's transport, until its PROXY header has been read."""
+
+    def examine(self, data: bytes) -> None:
+        found = self.whole()
         if found is None:
             return
-        self.handed()
         peer = found.source
         source = self.addr if peer is None else address_of(peer)
         rest = self.buffer[found.size:]
@@ -187,8 +200,29 @@ class HeaderReader(FirstBytes):
             return
         hand_over(self.transport, answer, rest, peer=peer)
 
-    def refused(self) -> None:
-        self.gate.refused += 1
+
+class HeaderFirst(_HeaderBytes):
+    """
+    The PROXY header of a connection whose protocol reads it first itself
+    (an HTTP channel: L{portrouter.web.Channel}), giving it the bytes it is
+    told (C{dataReceived}) until the header is whole: then C{source} is the
+    client it names (L{None}: the balancer's own) and C{rest} what followed.
+    No protocol is built and handed over from, as with L{HeaderReader}: that
+    cost an HTTP connection 10% of its rate.
+    """
+
+    source: tuple[str, int] | None = None
+    rest = b""
+
+    def __init__(self, gate: ProxyGate, transport: Any, addr: IAddress):
+        super().__init__(gate, addr)
+        self.transport = transport
+        self.connectionMade()  # its deadline
+
+    def examine(self, data: bytes) -> None:
+        found = self.whole()
+        if found is not None:
+            self.source, self.rest = found.source, self.buffer[found.size:]
 
 
 def _checked(host: str, port: int) -> tuple[str, int] | None:
@@ -255,6 +289,9 @@ class ProxyGate(protocol.Factory):
     def buildProtocol(self, addr: IAddress) -> protocol.Protocol | None:  # type: ignore[override]
         host = getattr(addr, "host", None)
         if host is not None and self.trusts(host):
+            reads_header = getattr(self.inner, "reads_header", None)  # an HTTP listener's channels read it themselves
+            if reads_header is not None:
+                return reads_header(self, addr)  # type: ignore[no-any-return]
             return HeaderReader(self, addr)
         guarded = getattr(self.inner, "guarded", None)  # a TCP route watches for forged headers
         if guarded is not None:

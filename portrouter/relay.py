@@ -806,6 +806,13 @@ def half_close(transport: Any) -> None:
         transport.loseConnection()
 
 
+def claim_peer(transport: Any, peer: tuple[str, int]) -> None:
+    """Make an accepted connection say it came from C{peer} (a PROXY header's source)."""
+    # Twisted's tcp.Server answers getPeer() from .client, in its address type.
+    transport.client = peer
+    transport._addressType = IPv6Address if ":" in peer[0] else IPv4Address
+
+
 def hand_over(transport: Any, protocol: Any, data: bytes = b"", peer: tuple[str, int] | None = None) -> None:
     """
     Give an accepted connection to C{protocol}, as if it had been built for
@@ -813,9 +820,7 @@ def hand_over(transport: Any, protocol: Any, data: bytes = b"", peer: tuple[str,
     C{peer} (a PROXY header's source), the connection says it came from there.
     """
     if peer is not None:
-        # Twisted's tcp.Server answers getPeer() from .client, in its address type.
-        transport.client = peer
-        transport._addressType = IPv6Address if ":" in peer[0] else IPv4Address
+        claim_peer(transport, peer)
     # Twisted's tcp.Connection delivers every event to its .protocol.
     transport.protocol = protocol
     protocol.makeConnection(transport)
@@ -845,9 +850,13 @@ class FirstBytes(Protocol):
         self.reading = reading  # the listener's: timed out there, and closed at shutdown
         self.timeout = timeout
         self.addr = addr
-        self.peer = peer_of(addr)
         self.phase = Phase.READING
         self.buffer = b""
+
+    @property
+    def peer(self) -> str:
+        """The address as the log names it: only needed when a line is written."""
+        return peer_of(self.addr)
 
     def connectionMade(self) -> None:
         self.reading.add(self, self.timeout)

@@ -30,6 +30,8 @@ from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.logs import emitter
 from portrouter.proxyheader import looks_like_header
+from portrouter.proxyproto import HeaderFirst
+from portrouter.relay import Phase, claim_peer
 from portrouter.sessions import Sample
 
 log = Logger(namespace="portrouter.http")
@@ -287,6 +289,8 @@ class Channel(Protocol):
     # -- connection --------------------------------------------------------------
 
     factory: Any = None
+    gate: Any = None  # the ProxyGate that trusts this client: the connection starts with a PROXY header
+    header: HeaderFirst | None = None  # reading that header
 
     @property
     def busy(self) -> bool:
@@ -305,7 +309,25 @@ class Channel(Protocol):
         self.client = _peer(self.transport.getPeer())
         self.secure = self.secure or ISSLTransport.providedBy(self.transport)
         self.tls = tls_handle(self.transport)
+        if self.gate is not None:
+            self.header = HeaderFirst(self.gate, self.transport, self.transport.getPeer())
+            return  # the request head is waited for once the header is read
         self._wait_for_head()
+
+    def _past_header(self, header: HeaderFirst, data: bytes) -> bytes:
+        """Give C{data} to the PROXY header's reader: what followed the header once it is whole, else nothing."""
+        header.dataReceived(data)
+        if header.phase is Phase.READING:
+            return b""
+        self.header = None
+        if header.phase is Phase.CLOSED:
+            self.closing = True  # refused: closed, with a line in the log
+            return b""
+        if header.source is not None:
+            claim_peer(self.transport, header.source)
+            self.client = _peer(self.transport.getPeer())
+        self._wait_for_head()
+        return header.rest
 
     def _wait_for_head(self) -> None:
         self.deadline.set(self.site.header_timeout, self._head_timed_out, self)
@@ -327,6 +349,11 @@ class Channel(Protocol):
             return
         if self.taken_over or self.closing or self.broken is not None:
             return
+        header = self.header
+        if header is not None:
+            data = self._past_header(header, data)
+            if not data:
+                return
         if self.held is not None:
             self._hold(data)
             return
@@ -369,6 +396,9 @@ class Channel(Protocol):
             self.tunnel.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        header, self.header = self.header, None
+        if header is not None:
+            header.connectionLost(reason)  # before its header was whole: a line in the log says so
         if self.factory is not None:
             self.factory.channels.discard(self)
         kept, self.kept = self.kept, None
@@ -828,6 +858,12 @@ class ChannelFactory(Factory):
         channel = Channel(self.site, self.reactor, self.secure)
         channel.factory = self
         self.channels.add(channel)
+        return channel
+
+    def reads_header(self, gate: Any, addr: IAddress) -> Channel:
+        """A channel for a client C{gate} (a ProxyGate) trusts: it reads the PROXY header first, itself."""
+        channel = self.buildProtocol(addr)
+        channel.gate = gate
         return channel
 
 

@@ -33,7 +33,7 @@ from portrouter.front import Front
 from portrouter.metrics import registry_for, render
 from portrouter.proxyheader import V2_SIGNATURE, header
 from portrouter import proxyproto, tcp
-from portrouter.proxyproto import HeaderRefused, read_header
+from portrouter.proxyproto import HeaderFirst, HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import (
@@ -120,8 +120,47 @@ async def test_a_trusted_address_without_a_header_is_closed(tmp_path: Path, back
         assert await in_thread(exchange, router.port_of(), bad) == b""
         await log_line(logged, r"a PROXY header Twisted's parser refuses \(\w+\): b'PROXY TCP4 1\.2\.3\.4 nonsense")
         assert not backend.stats.seen
+        gate = router.ingress.port.factory  # type: ignore[union-attr,attr-defined]
+        assert gate.refused == 2 and not gate.reading
     finally:
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_client_gone_before_its_header_and_one_reading_at_stop(tmp_path: Path, backend: Backend,
+                                                                            logged: list[str]) -> None:
+    # An HTTP listener's channels read the header themselves (HeaderFirst):
+    # the same lines, and the same deadlines, as every other reader.
+    router = await start_router(config=ingress_config(tmp_path, ["127.0.0.1"], [
+        {"name": "k1", "backend": backend.address}]))
+    port = router.port_of()
+    gate = router.ingress.port.factory  # type: ignore[union-attr,attr-defined]
+    try:
+        assert await in_thread(exchange, port, b"PROXY TCP4 1.2") == b""
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: closed by the client before its PROXY header "
+                               r"was whole \(14 bytes came\)")
+        assert not gate.reading
+        in_pieces = header("v1", CLIENT_V4, (LOOPBACK, port)) + get("/k1/headers")
+
+        def one_byte_at_a_time() -> bytes:
+            with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for byte in in_pieces:
+                    sock.sendall(bytes([byte]))
+                return read_to_the_end(sock)
+
+        assert seen_headers(await in_thread(one_byte_at_a_time))["X-Forwarded-For"] == CLIENT_V4[0]
+        sock = socket.create_connection((LOOPBACK, port), timeout=30)
+        sock.sendall(b"PROXY ")
+        await wait_for(lambda: len(gate.reading) == 1, 15, "the channel to read the start")
+        assert [type(reader) for reader in gate.reading] == [HeaderFirst]  # the channel's own, no protocol of its own
+    finally:
+        await router.stopService()
+    assert not gate.reading
+    await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
+    assert await in_thread(read_to_the_end, sock) == b""
+    sock.close()
+    assert len(backend.stats.seen) == 1  # the one whose header came in pieces
 
 
 @pytest_twisted.ensureDeferred
