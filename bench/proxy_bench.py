@@ -11,6 +11,14 @@ cost it on the same machine. The rows take turns over several rounds, idle
 but for the one measured, and a ratio is the median of the ratios within
 each round: the cost asked about (under 10%) is smaller than this machine's
 drift from minute to minute.
+
+A header sent names one client connection, so on HTTP a sending route's
+backend connection serves that client only, never the shared pool: each
+client connection of the load pays a backend connection too. The
+``unpooled`` row (HTTP only) pays the same with no header at all, its
+backend closing every connection after one response; sending is judged
+against it, so the figure is what the header costs, and against ``plain``
+as a reference: what losing the pool costs, portrouter and HAProxy alike.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from harness import (
 from section import Section, busy_cells, cell, compare, paired, print_ratios, print_tables
 from tcp_bench import backend_open
 
-TARGETS = ("plain", "receive", "send", "both")
+TARGETS = ("plain", "receive", "send", "both", "unpooled")
 DESCRIPTION = {
     "plain": "no PROXY header either way",
     "receive": "the route trusts 127.0.0.1: each client connection starts with a PROXY header "
@@ -65,7 +73,13 @@ DESCRIPTION = {
     "send": "send_proxy on the route: each backend connection starts with a header naming the client "
             "(on HTTP a backend connection then serves one client connection, never the shared pool)",
     "both": "a header received, and one sent on",
+    "unpooled": "HTTP only, no header: the backend closes each connection after one response, so each "
+                "client connection pays a backend connection, as a sending route's does",
 }
+# What each row is judged against, by kind: a sending HTTP route against a
+# route that pays the same backend connection per client (see above).
+BASE = {("tcp", "receive"): "plain", ("tcp", "send"): "plain", ("tcp", "both"): "plain",
+        ("http", "receive"): "plain", ("http", "send"): "unpooled", ("http", "both"): "unpooled"}
 KINDS = {"tcp": "conn/s", "http": "req/s"}
 PEERS = ("haproxy",)  # measured beside portrouter unless --proxy-peers none
 CONCURRENCY = 16
@@ -86,8 +100,19 @@ http {
         location = /who { return 200 "$proxy_protocol_addr:$proxy_protocol_port"; }
         location / { return 200 "{body}"; }
     }
+    server {
+        listen 127.0.0.1:{once};
+        keepalive_requests 1;
+        location = /who { return 200 ":"; }
+        location / { return 200 "{body}"; }
+    }
 }
 """
+
+
+def kinds_of(target: str) -> tuple[str, ...]:
+    """The kinds a row is measured on: unpooled is about HTTP's pool only."""
+    return ("http",) if target == "unpooled" else tuple(KINDS)
 
 # HAProxy with the same eight routes: one frontend and backend per row and
 # kind (HAPROXY_ROUTE), headers received with accept-proxy and sent with
@@ -208,21 +233,23 @@ class Bench(Section[Row]):
             started.append(plain)
             told, told_port, told_status = self.echo_backend("told", proxy=True)
             started.append(told)
-            web_plain, web_told = free_port(), free_port()
+            web_plain, web_told, web_once = free_port(), free_port(), free_port()
             body = (BACKEND_NGINX.replace("{plain}", str(web_plain)).replace("{told}", str(web_told))
-                    .replace("{body}", BODY))
+                    .replace("{once}", str(web_once)).replace("{body}", BODY))
             web = self.procs.start("proxy-nginx", nginx_argv(self.tools["nginx"], self.work, "proxy-nginx", body),
                                    LOAD_CORE)
             started.append(web)
-            for port in (web_plain, web_told):
+            for port in (web_plain, web_told, web_once):
                 wait_listening(web, port)
 
             # (kind, row): the backend port, whether it is sent a header, whether one is received
             routes: dict[tuple[str, str], tuple[int, bool, bool]] = {}
             for target in targets:
                 sends, receives = target in ("send", "both"), target in ("receive", "both")
-                routes[("tcp", target)] = (told_port if sends else plain_port, sends, receives)
-                routes[("http", target)] = (web_told if sends else web_plain, sends, receives)
+                if "tcp" in kinds_of(target):
+                    routes[("tcp", target)] = (told_port if sends else plain_port, sends, receives)
+                web_backend = web_told if sends else web_once if target == "unpooled" else web_plain
+                routes[("http", target)] = (web_backend, sends, receives)
             ports = {(who, kind, target): free_port() for who in ("portrouter", *peers) for kind, target in routes}
             proxies = {"portrouter": self.start_portrouter(routes, ports)}
             started.append(proxies["portrouter"])
@@ -348,13 +375,13 @@ class Bench(Section[Row]):
                         errors = rows[target].errors
                         attempt("proxy", target, errors, measurement(who, "http"),
                                 lambda: self.told(setup.ports[(who, "http", target)], target, who))
-                        for kind in KINDS:
+                        for kind in kinds_of(target):
                             attempt("proxy", target, errors, measurement(who, kind),
                                     lambda: self.load(setup, who, kind, target, WARMUP))
                 for r in range(self.rounds):
                     order = targets[r % len(targets):] + targets[:r % len(targets)]
                     for kind in KINDS:
-                        for target in order:
+                        for target in (t for t in order if kind in kinds_of(t)):
                             for who in proxies:
                                 key = measurement(who, kind)
                                 if key in rows[target].errors:
@@ -413,10 +440,14 @@ class Bench(Section[Row]):
     # -- the report ------------------------------------------------------------------------
 
     def ratios(self, rows: dict[str, Row]) -> list[dict[str, Any]]:
-        """Each row against ``plain`` of the same round, the median over the rounds: at most 10% fewer."""
+        """
+        Each row against its L{BASE} in the same round, the median over the
+        rounds: at most 10% fewer.
+        """
         return [
-            check(f"{kind.upper()} {unit}: {target} / plain", to_plain(rows, "portrouter", kind, target)[0], ">=", 0.9)
-            for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+            check(f"{kind.upper()} {KINDS[kind]}: {target} / {base}",
+                  to_base(rows, "portrouter", kind, target, base)[0], ">=", 0.9)
+            for (kind, target), base in BASE.items() if target in rows and base in rows
         ]
 
     def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:
@@ -425,20 +456,25 @@ class Bench(Section[Row]):
         however busy the machine), then HAProxy's rate and CPU ratios to its
         own plain: what the same headers cost the peer.
         """
-        refs = [
-            (f"{kind.upper()} CPU per {unit[:-2]}: {target} / plain",
-             compare(rows, target, "plain", f"{kind}_cpu_us"))
-            for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+        # HTTP sending rows and unpooled against plain: what the pool's loss costs.
+        pooled = [(target, "plain") for target in ("send", "both", "unpooled") if target in rows]
+        refs = [(f"HTTP req/s: {target} / {base}", to_base(rows, "portrouter", "http", target, base)[0])
+                for target, base in pooled]
+        judged = [(kind, target, base) for (kind, target), base in BASE.items() if target in rows and base in rows]
+        refs += [
+            (f"{kind.upper()} CPU per {KINDS[kind][:-2]}: {target} / {base}",
+             compare(rows, target, base, f"{kind}_cpu_us"))
+            for kind, target, base in judged
         ]
         for peer in self.peers:
             refs += [
-                (f"{peer} {kind.upper()} {unit}: {target} / plain", to_plain(rows, peer, kind, target)[0])
-                for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+                (f"{peer} {kind.upper()} {KINDS[kind]}: {target} / {base}", to_base(rows, peer, kind, target, base)[0])
+                for kind, target, base in judged + [("http", target, base) for target, base in pooled]
             ]
             refs += [
-                (f"{peer} {kind.upper()} CPU per {unit[:-2]}: {target} / plain",
-                 compare(rows, target, "plain", f"{peer}_{kind}_cpu_us"))
-                for kind, unit in KINDS.items() for target in TARGETS[1:] if target in rows
+                (f"{peer} {kind.upper()} CPU per {KINDS[kind][:-2]}: {target} / {base}",
+                 compare(rows, target, base, f"{peer}_{kind}_cpu_us"))
+                for kind, target, base in judged
             ]
         return refs
 
@@ -470,24 +506,26 @@ class Bench(Section[Row]):
                                          for kind in KINDS) for who in proxies)],
         )
         print()
-        print("each round, and its ratio to plain in the same round:")
+        print("each round, and its ratio to its base in the same round (plain; HTTP send and both: unpooled):")
         for who in proxies:
             for kind, unit in KINDS.items():
                 for name in rows:
                     rates = round_rates(rows, who, kind, name)
                     if rates:
-                        ratios = to_plain(rows, who, kind, name)[1] if name != "plain" else []
+                        base = BASE.get((kind, name), "plain")
+                        ratios = to_base(rows, who, kind, name, base)[1] if name != base else []
                         shown = " ".join(f"{v:>7,.0f}" for v in rates.values())
                         print(f"  {who:<10} {kind.upper()} {unit} {name:<8} {shown}"
                               + ("   " + " ".join(f"{v:.2f}" for v in ratios) if ratios else ""))
         if self.peers:
             print()
-            print("ratio to plain, median of the rounds: " + " / ".join(proxies))
+            print("ratio to plain (HTTP send and both: to unpooled too), median of the rounds: " + " / ".join(proxies))
             for kind, unit in KINDS.items():
                 for name in TARGETS[1:]:
-                    if name in rows:
-                        shown = "  ".join(fmt(to_plain(rows, who, kind, name)[0], 2) for who in proxies)
-                        print(f"  {kind.upper()} {unit} {name:<8} {shown}")
+                    if name in rows and kind in kinds_of(name):
+                        for base in sorted({"plain", BASE.get((kind, name), "plain")}):
+                            shown = "  ".join(fmt(to_base(rows, who, kind, name, base)[0], 2) for who in proxies)
+                            print(f"  {kind.upper()} {unit} {name:<8} / {base:<8} {shown}")
         print_ratios(checks, references, width=48)
 
 
@@ -504,9 +542,10 @@ def round_rates(rows: dict[str, Row], who: str, kind: str, target: str) -> dict[
     return {r["round"]: r["rate"] for r in row.detail[key]["rounds"]}
 
 
-def to_plain(rows: dict[str, Row], who: str, kind: str, target: str) -> tuple[float | None, list[float]]:
-    """C{target}'s rate through C{who} over plain's within each round, and the median of those ratios."""
-    return paired(round_rates(rows, who, kind, target), round_rates(rows, who, kind, "plain"))
+def to_base(rows: dict[str, Row], who: str, kind: str, target: str,
+            base: str = "plain") -> tuple[float | None, list[float]]:
+    """C{target}'s rate through C{who} over C{base}'s within each round, and the median of those ratios."""
+    return paired(round_rates(rows, who, kind, target), round_rates(rows, who, kind, base))
 
 
 def v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
