@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.pollreactor import PollReactor
 
 from portrouter.eventloop import forget, lean_dispatch
@@ -92,6 +93,42 @@ def test_a_reader_that_raises_is_disconnected_and_the_others_are_still_read(
     assert escaped["selectable"] is worse
     assert escaped["log_failure"].getErrorMessage() == "connectionLost broke too"
     no_tracebacks.clear()  # all expected
+
+
+class Done(Reader):
+    """A reader whose read says the connection is over, as Twisted's transports do at EOF."""
+
+    def doRead(self) -> Any:
+        super().doRead()
+        return ConnectionDone()
+
+
+class Writer(Reader):
+    """A writable end, counting its writes."""
+
+    writes = 0
+
+    def doWrite(self) -> None:
+        self.writes += 1
+
+
+def test_a_read_that_says_the_connection_is_over_disconnects_it_and_writes_go_as_before(loop: EPollReactor) -> None:
+    lean_dispatch(loop)
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    over = Done(mine)
+    loop.addReader(over)
+    theirs.send(b"x")
+    other, keep = socket.socketpair()
+    writer = Writer(other)
+    loop.addWriter(writer)  # writable, nothing else: Twisted's own handling
+    loop.doIteration(0)
+    assert over.reads == 1 and [r.type for r in over.lost] == [ConnectionDone]
+    assert over not in loop.getReaders()
+    assert writer.writes == 1 and writer in loop.getWriters()
+    loop.removeWriter(writer)
+    for sock in (mine, theirs, other, keep):
+        sock.close()
 
 
 def test_other_reactors_are_left_as_they_are() -> None:
