@@ -84,6 +84,27 @@ def lean_dispatch(reactor: Any) -> bool:
     return True
 
 
+def watch_reading(reactor: Any, selectable: Any) -> None:
+    """
+    C{reactor.addReader(selectable)}, for a socket's descriptor: on Twisted's
+    epoll reactor, its tables and epoll_ctl as its addReader sets them, without
+    the two calls around them (a relayed connection adds two readers).
+    """
+    if isinstance(reactor, EPollReactor):
+        fd = selectable.fileno()
+        reads = reactor._reads
+        if fd in reads:
+            return
+        if fd in reactor._writes:
+            reactor._poller.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        else:
+            reactor._poller.register(fd, select.EPOLLIN)
+        reads.add(fd)
+        reactor._selectables[fd] = selectable
+    else:
+        reactor.addReader(selectable)
+
+
 def forget(reactor: Any, selectable: Any) -> None:
     """
     Stop watching C{selectable}, whose socket the caller closes next, without

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.eventloop import forget
+from portrouter.eventloop import forget, watch_reading
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.sessions import Session, peer_of
 
@@ -180,7 +180,7 @@ class _Direction:
     switches to splice through a pipe of its own, for good.
     """
 
-    __slots__ = ("relay", "src", "dst", "rpipe", "wpipe", "pending", "held", "eof", "done", "inbound")
+    __slots__ = ("relay", "src", "dst", "rpipe", "wpipe", "pending", "held", "eof", "done", "inbound", "other")
 
     def __init__(self, relay: SpliceRelay, src: _End, dst: _End, inbound: bool):
         self.relay = relay
@@ -193,12 +193,7 @@ class _Direction:
         self.eof = False
         self.done = False
         self.inbound = inbound  # client -> backend
-
-    @property
-    def other(self) -> _Direction:
-        """The relay's direction the other way."""
-        relay = self.relay
-        return relay.down if self is relay.up else relay.up
+        self.other: _Direction  # the relay's direction the other way: set once both are made
 
     def pump(self) -> None:
         """C{src} is readable; only called while nothing is held or piped."""
@@ -308,7 +303,7 @@ class _Direction:
 
     def release(self) -> None:
         """The relay is closed: let go of it. Only its ends called on a direction, and they no longer do."""
-        del self.relay
+        del self.relay, self.other
 
 
 Waiter = TypeVar("Waiter", bound=Hashable)
@@ -415,6 +410,7 @@ class SpliceRelay:
         self.down = _Direction(self, self.backend, self.client, False)
         self.client.inbound = self.backend.outbound = self.up
         self.backend.inbound = self.client.outbound = self.down
+        self.up.other, self.down.other = self.down, self.up
         self.closed = False
         session._closer = self.close
 
@@ -425,7 +421,7 @@ class SpliceRelay:
         PROXY header of ours. C{counted} of them are the client's (all of them
         unless said).
         """
-        self.reactor.addReader(self.backend)
+        watch_reading(self.reactor, self.backend)
         if early:
             self.count(self.up, len(early) if counted is None else counted)
         # The client has usually spoken while the backend connected: its
@@ -463,7 +459,7 @@ class SpliceRelay:
         if first == b"":
             self.up._eof()  # the client said all it had to say (nothing) before the backend answered
             return
-        self.reactor.addReader(self.client)
+        watch_reading(self.reactor, self.client)
 
     def connect(self, address: Any, timeout: float, deadlines: ConnectDeadlines) -> None:
         """

@@ -9,6 +9,7 @@ are still handled. The daemon runs with it (every test that starts
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any
 
@@ -17,7 +18,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.pollreactor import PollReactor
 
-from portrouter.eventloop import forget, lean_dispatch
+from portrouter.eventloop import forget, lean_dispatch, watch_reading
 
 
 class Reader:
@@ -170,6 +171,28 @@ def test_forget_leaves_a_closed_socket_to_the_kernel(loop: EPollReactor) -> None
     theirs.close()
 
 
+def test_watch_reading_is_add_reader_without_its_calls(loop: EPollReactor) -> None:
+    lean_dispatch(loop)
+    reader, theirs = ready_reader(loop)  # Twisted's addReader, for comparison
+    mine, other = socket.socketpair()
+    mine.setblocking(False)
+    both = Writer(mine)
+    loop.addWriter(both)
+    watch_reading(loop, both)  # writing already: now reading too
+    watch_reading(loop, both)  # twice is once
+    other.send(b"x")
+    assert both in loop.getReaders() and both in loop.getWriters()
+    assert dict(loop._poller.poll(0))[both.fileno()] == select.EPOLLIN | select.EPOLLOUT
+    assert loop._selectables[both.fileno()] is both
+    loop.doIteration(0)
+    assert (reader.reads, both.reads, both.writes) == (1, 1, 1)
+    loop.removeWriter(both)
+    assert both in loop.getReaders()
+    loop.removeReader(both)
+    for sock in (theirs, mine, other):
+        sock.close()
+
+
 def test_forget_asks_any_other_reactor_the_usual_way() -> None:
     from twisted.internet.testing import MemoryReactor
 
@@ -180,5 +203,7 @@ def test_forget_asks_any_other_reactor_the_usual_way() -> None:
     reactor.addWriter(reader)
     forget(reactor, reader)
     assert not reactor.readers and not reactor.writers
+    watch_reading(reactor, reader)
+    assert reactor.readers == {reader}
     one.close()
     other.close()
