@@ -105,6 +105,23 @@ def watch_reading(reactor: Any, selectable: Any) -> None:
         reactor.addReader(selectable)
 
 
+def unwatch_reading(reactor: Any, selectable: Any) -> None:
+    """C{reactor.removeReader(selectable)}, as L{watch_reading} is its addReader."""
+    if isinstance(reactor, EPollReactor):
+        fd = selectable.fileno()
+        reads = reactor._reads
+        if fd not in reads:
+            return
+        if fd in reactor._writes:
+            reactor._poller.modify(fd, select.EPOLLOUT)
+        else:
+            del reactor._selectables[fd]
+            reactor._poller.unregister(fd)
+        reads.remove(fd)
+    else:
+        reactor.removeReader(selectable)
+
+
 def forget(reactor: Any, selectable: Any) -> None:
     """
     Stop watching C{selectable}, whose socket the caller closes next, without

@@ -417,7 +417,7 @@ class TCPRoute(Factory):
         limits = self.limits
         host, port = source or (address[0], address[1])
         peer = show_address((host, port))
-        if self.sessions.full("tcp", name, limits.max_connections, peer):
+        if limits.max_connections is not None and self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
@@ -425,14 +425,17 @@ class TCPRoute(Factory):
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = self.sessions.open("tcp", name, peer, limits.idle_timeout, sample=self.sample)
         relay = SpliceRelay(self.reactor, session, sock, backend)
-        stats = self.sessions.stats
-        relay.on_connect_failure = lambda why: stats.connect_failed(name, why)
+        relay.on_connect_failure = self.connect_failed
         session.bytes_in += len(early)  # the client's, after its header
         relay.heard = bool(early)
         if self.send_proxy is not None:
             early = header(self.send_proxy, (host, port), sock.getsockname()[:2]) + early
         relay.early = early
         relay.connect(target, limits.connect_timeout, self.deadlines)
+
+    def connect_failed(self, why: str) -> None:
+        """A direct relay's backend could not be reached: counted for the metrics."""
+        self.sessions.stats.connect_failed(self.name, why)
 
     # A listening port always passes the peer's address.
     def buildProtocol(self, addr: IAddress) -> Protocol:  # type: ignore[override]

@@ -18,7 +18,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.pollreactor import PollReactor
 
-from portrouter.eventloop import forget, lean_dispatch, watch_reading
+from portrouter.eventloop import forget, lean_dispatch, unwatch_reading, watch_reading
 
 
 class Reader:
@@ -171,7 +171,7 @@ def test_forget_leaves_a_closed_socket_to_the_kernel(loop: EPollReactor) -> None
     theirs.close()
 
 
-def test_watch_reading_is_add_reader_without_its_calls(loop: EPollReactor) -> None:
+def test_watch_and_unwatch_reading_are_add_and_remove_reader_without_their_calls(loop: EPollReactor) -> None:
     lean_dispatch(loop)
     reader, theirs = ready_reader(loop)  # Twisted's addReader, for comparison
     mine, other = socket.socketpair()
@@ -186,9 +186,14 @@ def test_watch_reading_is_add_reader_without_its_calls(loop: EPollReactor) -> No
     assert loop._selectables[both.fileno()] is both
     loop.doIteration(0)
     assert (reader.reads, both.reads, both.writes) == (1, 1, 1)
+    unwatch_reading(loop, both)  # still writing: epoll is told to report that only
+    unwatch_reading(loop, both)
+    assert both not in loop.getReaders() and both in loop.getWriters()
+    assert dict(loop._poller.poll(0))[both.fileno()] == select.EPOLLOUT
+    watch_reading(loop, both)
     loop.removeWriter(both)
-    assert both in loop.getReaders()
-    loop.removeReader(both)
+    unwatch_reading(loop, both)  # reading only: gone from the reactor and from epoll
+    assert both.fileno() not in loop._selectables and both.fileno() not in dict(loop._poller.poll(0))
     for sock in (theirs, mine, other):
         sock.close()
 
@@ -205,5 +210,7 @@ def test_forget_asks_any_other_reactor_the_usual_way() -> None:
     assert not reactor.readers and not reactor.writers
     watch_reading(reactor, reader)
     assert reactor.readers == {reader}
+    unwatch_reading(reactor, reader)
+    assert not reactor.readers
     one.close()
     other.close()
