@@ -200,6 +200,7 @@ def accept_directly(port: tcp.Port) -> None:
         port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not TCP after all (a UNIX socket): nothing to inherit
+    local = bound_address(port.socket)
 
     def doRead() -> None:
         factory = port.factory
@@ -235,11 +236,29 @@ def accept_directly(port: tcp.Port) -> None:
             client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             if gate is None:
-                route.accept_socket(client, address)
+                route.accept_socket(client, address, local=local)
             else:
-                route.look_later(_HeaderWait(route, gate, client, address))
+                route.look_later(_HeaderWait(route, gate, client, address, local))
 
     port.doRead = doRead  # type: ignore[method-assign]
+
+
+def bound_address(listening: socket.socket) -> tuple[str, int] | None:
+    """
+    The address every connection a listening socket accepts is made to,
+    when it is bound to one (L{None} for a wildcard, or not IP): what a
+    PROXY header sent on names as the destination, without a getsockname
+    per connection.
+    """
+    try:
+        host, port = listening.getsockname()[:2]
+    except (OSError, ValueError):
+        return None
+    try:
+        wildcard = ipaddress.ip_address(host.split("%")[0]).is_unspecified
+    except ValueError:
+        return None
+    return None if wildcard else (host, port)
 
 
 def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, address: tuple[Any, ...]) -> None:
@@ -263,14 +282,16 @@ class _HeaderWait:
     when it has not come by then.
     """
 
-    __slots__ = ("route", "gate", "sock", "fd", "address", "buffer", "timeout", "registered")
+    __slots__ = ("route", "gate", "sock", "fd", "address", "local", "buffer", "timeout", "registered")
 
-    def __init__(self, route: TCPRoute, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...]):
+    def __init__(self, route: TCPRoute, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...],
+                 local: tuple[str, int] | None = None):
         self.route = route
         self.gate = gate
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
+        self.local = local  # the listener's bound address (accept_socket)
         self.buffer = b""
         self.registered = False  # a reader of the reactor's, once it waits
         # header_timeout counts from the accept, and the gate's deadlines
@@ -311,7 +332,7 @@ class _HeaderWait:
             return
         if found is not None:
             self._done()
-            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:])
+            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:], self.local)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
@@ -404,14 +425,16 @@ class TCPRoute(Factory):
         self.sample = Sample(project.access_log)  # which connections get a line in the log
 
     def accept_socket(self, sock: _socket.socket, address: tuple[Any, ...],
-                      source: tuple[str, int] | None = None, early: bytes = b"") -> None:
+                      source: tuple[str, int] | None = None, early: bytes = b"",
+                      local: tuple[str, int] | None = None) -> None:
         """
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
         backend given by IP address. No Twisted transport is made for
         either side; the relay connects the backend and splices. Behind a
         PROXY header (L{_HeaderWait}), C{source} is the client's address it
         names (L{None}: the proxy's own) and C{early} what the client sent
-        after it.
+        after it. C{local} is the listener's bound address, when it is one
+        (L{bound_address}); else the socket is asked.
         """
         name = self.name
         limits = self.limits
@@ -429,7 +452,7 @@ class TCPRoute(Factory):
         session.bytes_in += len(early)  # the client's, after its header
         relay.heard = bool(early)
         if self.send_proxy is not None:
-            early = header(self.send_proxy, (host, port), sock.getsockname()[:2]) + early
+            early = header(self.send_proxy, (host, port), local or sock.getsockname()[:2]) + early
         relay.early = early
         relay.connect(target, limits.connect_timeout, self.deadlines)
 

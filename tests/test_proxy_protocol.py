@@ -209,6 +209,7 @@ async def test_a_tcp_route_receives_and_sends_headers(tmp_path: Path, logged: li
         reply = await in_thread(exchange, trusted, header("v1", CLIENT_V4, (LOOPBACK, trusted)) + b"hello")
         info, rest = V2Parser().feed(reply[len(b"got:"):])
         assert info is not None and (info.source.host, info.source.port) == CLIENT_V4  # type: ignore[union-attr]
+        assert (info.destination.host, info.destination.port) == (LOOPBACK, trusted)  # type: ignore[union-attr]
         assert rest == b"hello"
         await log_line(logged, r"tcp ssh 203\.0\.113\.7:40001: client closed; 5 bytes in, \d+ bytes out")
 

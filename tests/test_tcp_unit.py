@@ -21,7 +21,7 @@ from portrouter.config import parse_cli_route
 from portrouter.model import Limits
 from portrouter.relay import ConnectDeadlines, SpliceRelay, _Direction, _End
 from portrouter.sessions import Sessions
-from portrouter.tcp import TCPRoute
+from portrouter.tcp import TCPRoute, bound_address
 from tests.support import in_thread, left_to_the_collector, wait_for
 
 
@@ -297,3 +297,26 @@ def test_a_direct_relay_starts_at_once_when_the_backend_is_connected_as_connect_
         relay.close()
         for sock in (client, backend):
             sock.close()
+
+
+@pytest.mark.parametrize("family, address, bound", [
+    (socket.AF_INET, "127.0.0.1", True),
+    (socket.AF_INET, "0.0.0.0", False),
+    (socket.AF_INET6, "::1", True),
+    (socket.AF_INET6, "::", False),
+])
+def test_the_bound_address_of_a_listener_names_every_connections_destination(
+        family: socket.AddressFamily, address: str, bound: bool) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as listening:
+        listening.bind((address, 0))
+        listening.listen()
+        expected = (address, listening.getsockname()[1]) if bound else None
+        assert bound_address(listening) == expected
+        if bound:
+            with socket.create_connection(listening.getsockname()[:2]) as client:
+                accepted, _ = listening.accept()
+                assert accepted.getsockname()[:2] == expected  # what a getsockname per connection said
+                accepted.close()
+                client.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        assert bound_address(unix) is None
