@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from portrouter.eventloop import after_round
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
@@ -384,7 +385,7 @@ class TCPRoute(Factory):
         about one time in four.
         """
         if not self.arrived:
-            self.reactor.callLater(0, self._look)
+            after_round(self.reactor, self._look)
         self.arrived.append(wait)
 
     def _look(self) -> None:

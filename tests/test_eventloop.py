@@ -18,7 +18,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.pollreactor import PollReactor
 
-from portrouter.eventloop import forget, lean_dispatch, unwatch_reading, watch_reading
+from portrouter.eventloop import after_round, forget, lean_dispatch, unwatch_reading, watch_reading
 
 
 class Reader:
@@ -214,3 +214,43 @@ def test_forget_asks_any_other_reactor_the_usual_way() -> None:
     assert not reactor.readers
     one.close()
     other.close()
+
+
+def test_calls_after_a_round_wait_for_its_end_and_elsewhere_take_a_turn(
+        loop: EPollReactor, no_tracebacks: list[dict[str, Any]]) -> None:
+    lean_dispatch(loop)
+    said: list[tuple[int, int]] = []
+    readers: list[Reader] = []
+
+    def broken() -> None:
+        raise RuntimeError("a call after the round broke")
+
+    class Asks(Reader):
+        """A reader that asks for a call after the round: the one that breaks, or one that notes the reads."""
+
+        def doRead(self) -> None:
+            super().doRead()
+            after_round(loop, broken if self is readers[0] else lambda: said.append((one.reads, two.reads)))
+
+    socks = [socket.socketpair() for _ in range(2)]
+    for mine, theirs in socks:
+        mine.setblocking(False)
+        readers.append(Asks(mine))
+        loop.addReader(readers[-1])
+        theirs.send(b"x")
+    one, two = readers
+    loop.doIteration(0)
+    assert said == [(1, 1)]  # after both were read, before the poll returned, whatever broke beside it
+    [escaped] = [e for e in no_tracebacks if e.get("log_format") == "after a round of events, in {call!r}"]
+    assert escaped["log_failure"].getErrorMessage() == "a call after the round broke"
+    no_tracebacks.clear()  # expected
+
+    after_round(loop, lambda: said.append((0, 0)))  # no round open: a turn of the reactor's
+    [later] = loop.getDelayedCalls()
+    assert later.getTime() <= loop.seconds() and said == [(1, 1)]
+    later.cancel()
+    for reader in readers:
+        loop.removeReader(reader)
+    for pair in socks:
+        for sock in pair:
+            sock.close()
