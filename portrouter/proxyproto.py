@@ -271,6 +271,7 @@ class ProxyGate(protocol.Factory):
         self.reading = FirstBytesDeadlines(reactor)  # each timed out at header_timeout, and closed at shutdown
         self.trusted: dict[str, bool] = {}  # by host: setting.trusts(host)
         self.refused = 0
+        self.closed = False  # the router stopped: no header is read any more
 
     def trusts(self, host: str) -> bool:
         """
@@ -299,5 +300,7 @@ class ProxyGate(protocol.Factory):
         return self.inner.buildProtocol(addr)  # type: ignore[no-any-return]
 
     def close_reading(self) -> None:
+        """The router stops: every connection still reading its header is closed, and any to come."""
+        self.closed = True
         for reader in list(self.reading):
             reader.refuse("portrouter is stopping", abort=True)

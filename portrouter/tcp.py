@@ -294,18 +294,24 @@ class _HeaderWait:
         self.address = address
         self.local = local  # the listener's bound address (accept_socket)
         self.buffer = b""
-        self.registered = False  # a reader of the reactor's, once it waits
-        # header_timeout counts from the accept, and the gate's deadlines
-        # refuse it at stop even before it is first looked at.
+        self.registered = False  # waiting: a reader of the reactor's, and in the gate's deadlines
         self.timeout = gate.setting.header_timeout
-        gate.reading.add(self, self.timeout)
 
     def start(self) -> None:
-        if self.fd < 0:
-            return  # refused (timed out, the router stopped) before it was looked at
+        """
+        The first look, a round of the reactor's after the accept. Only a
+        client whose header is not whole by then waits: header_timeout
+        counts from here (a round later than the accept), and the gate's
+        deadlines close it at stop; most read theirs now, and never touch
+        either.
+        """
+        if self.gate.closed:
+            self.refuse("portrouter is stopping", abort=True)  # accepted in the round its listener stopped
+            return
         self.doRead()
         if self.fd >= 0:
             self.registered = True
+            self.gate.reading.add(self, self.timeout)
             self.route.reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -355,9 +361,9 @@ class _HeaderWait:
         self.sock.close()
 
     def _done(self) -> None:
-        self.gate.reading.remove(self, self.timeout)
         if self.registered:
             self.registered = False
+            self.gate.reading.remove(self, self.timeout)
             self.route.reactor.removeReader(self)
         self.fd = -1
 

@@ -306,11 +306,12 @@ class Channel(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        self.client = _peer(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        self.client = _peer(peer)
         self.secure = self.secure or ISSLTransport.providedBy(self.transport)
         self.tls = tls_handle(self.transport)
         if self.gate is not None:
-            self.header = HeaderFirst(self.gate, self.transport, self.transport.getPeer())
+            self.header = HeaderFirst(self.gate, self.transport, peer)
             return  # the request head is waited for once the header is read
         self._wait_for_head()
 
@@ -325,7 +326,7 @@ class Channel(Protocol):
             return b""
         if header.source is not None:
             claim_peer(self.transport, header.source)
-            self.client = _peer(self.transport.getPeer())
+            self.client = header.source[0]  # as _peer names the transport's peer now
         self._wait_for_head()
         return header.rest
 
