@@ -207,6 +207,7 @@ class HeaderFirst(_HeaderBytes):
     (an HTTP channel: L{portrouter.web.Channel}), giving it the bytes it is
     told (C{dataReceived}) until the header is whole: then C{source} is the
     client it names (L{None}: the balancer's own) and C{rest} what followed.
+    The protocol tells it when header_timeout is over, and refuses it at stop.
     No protocol is built and handed over from, as with L{HeaderReader}: that
     cost an HTTP connection 10% of its rate.
     """
@@ -217,7 +218,9 @@ class HeaderFirst(_HeaderBytes):
     def __init__(self, gate: ProxyGate, transport: Any, addr: IAddress):
         super().__init__(gate, addr)
         self.transport = transport
-        self.connectionMade()  # its deadline
+        # Its protocol keeps its deadline (L{timed_out} at header_timeout)
+        # and closes it at stop: the gate's deadlines, added to and taken
+        # from for every connection, cost an HTTP connection 2% of its rate.
 
     def examine(self, data: bytes) -> None:
         found = self.whole()

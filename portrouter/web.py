@@ -300,6 +300,9 @@ class Channel(Protocol):
     def drain(self) -> None:
         """Stop taking requests: close now if idle, else after the current answer."""
         self.close_after = True
+        if self.header is not None:
+            self.header.refuse("portrouter is stopping", abort=True)  # as the gate closes its other readers
+            return
         if not self.busy:
             self.closing = True
             self.transport.loseConnection()
@@ -311,9 +314,16 @@ class Channel(Protocol):
         self.secure = self.secure or ISSLTransport.providedBy(self.transport)
         self.tls = tls_handle(self.transport)
         if self.gate is not None:
+            # The PROXY header first, within the gate's header_timeout: on the
+            # channel's own deadline (the request head's, once it is read).
             self.header = HeaderFirst(self.gate, self.transport, peer)
-            return  # the request head is waited for once the header is read
+            self.deadline.set(self.header.timeout, self._header_timed_out, self)
+            return
         self._wait_for_head()
+
+    def _header_timed_out(self) -> None:
+        if self.header is not None:
+            self.header.timed_out(self.header.timeout)
 
     def _past_header(self, header: HeaderFirst, data: bytes) -> bytes:
         """Give C{data} to the PROXY header's reader: what followed the header once it is whole, else nothing."""
@@ -323,6 +333,7 @@ class Channel(Protocol):
         self.header = None
         if header.phase is Phase.CLOSED:
             self.closing = True  # refused: closed, with a line in the log
+            self.deadline.clear(self)
             return b""
         if header.source is not None:
             claim_peer(self.transport, header.source)

@@ -78,6 +78,11 @@ def exchange(port: int, data: bytes) -> bytes:
         return got
 
 
+def headers_read(gate: Any) -> list[bytes]:
+    """What each channel of an HTTP listener still reading its PROXY header has read of it."""
+    return [c.header.buffer for c in gate.inner.channels if c.header is not None]
+
+
 def get(path: str, host: str = "x") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
 
@@ -130,7 +135,7 @@ async def test_a_trusted_address_without_a_header_is_closed(tmp_path: Path, back
 async def test_an_http_client_gone_before_its_header_and_one_reading_at_stop(tmp_path: Path, backend: Backend,
                                                                             logged: list[str]) -> None:
     # An HTTP listener's channels read the header themselves (HeaderFirst):
-    # the same lines, and the same deadlines, as every other reader.
+    # the same lines as every other reader, their deadline the channel's.
     router = await start_router(config=ingress_config(tmp_path, ["127.0.0.1"], [
         {"name": "k1", "backend": backend.address}]))
     port = router.port_of()
@@ -139,7 +144,7 @@ async def test_an_http_client_gone_before_its_header_and_one_reading_at_stop(tmp
         assert await in_thread(exchange, port, b"PROXY TCP4 1.2") == b""
         await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: closed by the client before its PROXY header "
                                r"was whole \(14 bytes came\)")
-        assert not gate.reading
+        assert headers_read(gate) == []
         in_pieces = header("v1", CLIENT_V4, (LOOPBACK, port)) + get("/k1/headers")
 
         def one_byte_at_a_time() -> bytes:
@@ -152,11 +157,11 @@ async def test_an_http_client_gone_before_its_header_and_one_reading_at_stop(tmp
         assert seen_headers(await in_thread(one_byte_at_a_time))["X-Forwarded-For"] == CLIENT_V4[0]
         sock = socket.create_connection((LOOPBACK, port), timeout=30)
         sock.sendall(b"PROXY ")
-        await wait_for(lambda: len(gate.reading) == 1, 15, "the channel to read the start")
-        assert [type(reader) for reader in gate.reading] == [HeaderFirst]  # the channel's own, no protocol of its own
+        await wait_for(lambda: headers_read(gate) == [b"PROXY "], 15, "the channel to read the start")
+        assert [type(c.header) for c in gate.inner.channels] == [HeaderFirst]  # the channel's own: no protocol
     finally:
         await router.stopService()
-    assert not gate.reading
+    await wait_for(lambda: headers_read(gate) == [], 15, "the channel to close")
     await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
     assert await in_thread(read_to_the_end, sock) == b""
     sock.close()
@@ -236,11 +241,11 @@ async def test_a_slow_header_is_closed_after_header_timeout(tmp_path: Path, logg
         with socket.create_connection((LOOPBACK, router.port_of()), timeout=30) as sock:
             sock.sendall(b"PROXY TCP4 203.0")
             gate = router.ingress.port.factory  # type: ignore[union-attr,attr-defined]
-            await wait_for(lambda: len(gate.reading) == 1, 15, "the gate to read the start")
+            await wait_for(lambda: headers_read(gate) == [b"PROXY TCP4 203.0"], 15, "the channel to read the start")
             clock.advance(4.9)
-            assert gate.reading
+            assert headers_read(gate)
             clock.advance(0.1)
-            assert not gate.reading
+            await wait_for(lambda: headers_read(gate) == [], 15, "the channel to close")
             assert await in_thread(read_to_the_end, sock) == b""  # aborted: a reset
         await log_line(logged, r"no whole PROXY header within 5 s \(16 bytes came\); closed")
     finally:
