@@ -40,7 +40,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from portrouter.interfaces import IReactor
 from portrouter.model import ProxyProtocol
 from portrouter.proxyheader import V2_SIGNATURE, might_be_header
-from portrouter.relay import FirstBytes, FirstBytesDeadlines, hand_over
+from portrouter.relay import FirstBytes, FirstBytesDeadlines, Phase, claim_peer, hand_over
 
 TRUST_CACHE = 1024  # answers of ProxyGate.trusts kept
 V1_MAX = 107  # a v1 header's longest line, CRLF included (proxy-protocol.txt)
@@ -164,7 +164,7 @@ class _HeaderBytes(FirstBytes):
         super().__init__(gate.reading, gate.setting.header_timeout, addr)
         self.gate = gate
 
-    def whole(self) -> Found | None:
+    def header(self) -> Found | None:
         """The header, once whole: then the connection is handed on; L{None} while it is not, or refused."""
         try:
             found = read_header(self.buffer)
@@ -183,7 +183,7 @@ class HeaderReader(_HeaderBytes):
     """A connection from a trusted address, through Twisted's transport, until its PROXY header has been read."""
 
     def examine(self, data: bytes) -> None:
-        found = self.whole()
+        found = self.header()
         if found is None:
             return
         peer = found.source
@@ -222,10 +222,22 @@ class HeaderFirst(_HeaderBytes):
         # and closes it at stop: the gate's deadlines, added to and taken
         # from for every connection, cost an HTTP connection 2% of its rate.
 
+    @property
+    def waiting(self) -> bool:
+        """The header is not whole yet, nor refused."""
+        return self.phase is Phase.READING
+
+    @property
+    def whole(self) -> bool:
+        """The header was read: the connection now says it came from C{source}."""
+        return self.phase is Phase.HANDED
+
     def examine(self, data: bytes) -> None:
-        found = self.whole()
+        found = self.header()
         if found is not None:
             self.source, self.rest = found.source, self.buffer[found.size:]
+            if found.source is not None:
+                claim_peer(self.transport, found.source)
 
 
 def _checked(host: str, port: int) -> tuple[str, int] | None:
@@ -301,6 +313,10 @@ class ProxyGate(protocol.Factory):
         if guarded is not None:
             return guarded(addr)  # type: ignore[no-any-return]
         return self.inner.buildProtocol(addr)  # type: ignore[no-any-return]
+
+    def header_first(self, transport: Any, addr: IAddress) -> HeaderFirst:
+        """The reader of a trusted client's header for a protocol that reads it itself (L{HeaderFirst})."""
+        return HeaderFirst(self, transport, addr)
 
     def close_reading(self) -> None:
         """The router stops: every connection still reading its header is closed, and any to come."""

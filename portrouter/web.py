@@ -30,8 +30,6 @@ from portrouter.certs import HTTP_PROTOCOLS, describe, tls_handle
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.logs import emitter
 from portrouter.proxyheader import looks_like_header
-from portrouter.proxyproto import HeaderFirst
-from portrouter.relay import Phase, claim_peer
 from portrouter.sessions import Sample
 
 log = Logger(namespace="portrouter.http")
@@ -238,6 +236,34 @@ def redact_target(target: bytes) -> bytes:
     return path + sep + _TOKEN_PARAM.sub(rb"\1\2***", query)
 
 
+class LeadingHeader(TypingProtocol):
+    """
+    The PROXY header a channel of a listener that receives the protocol
+    reads first from a trusted client (L{portrouter.proxyproto.HeaderFirst},
+    made by the gate): fed the first bytes until it is whole or refused,
+    timed out and refused at stop when the channel says.
+    """
+
+    timeout: float  # header_timeout
+    buffer: bytes  # what came so far
+    source: tuple[str, int] | None  # once whole: the client it names (the transport says so too); None: LOCAL
+    rest: bytes  # once whole: what followed it
+
+    @property
+    def waiting(self) -> bool: ...
+
+    @property
+    def whole(self) -> bool: ...
+
+    def dataReceived(self, data: bytes) -> None: ...
+
+    def timed_out(self, timeout: float) -> None: ...
+
+    def refuse(self, why: str, alert: bytes = b"", abort: bool = False) -> None: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
 @implementer(IHalfCloseableProtocol)
 class Channel(Protocol):
     """One client connection: parse requests, run their handlers one at a time."""
@@ -290,7 +316,7 @@ class Channel(Protocol):
 
     factory: Any = None
     gate: Any = None  # the ProxyGate that trusts this client: the connection starts with a PROXY header
-    header: HeaderFirst | None = None  # reading that header
+    header: LeadingHeader | None = None  # reading that header
 
     @property
     def busy(self) -> bool:
@@ -316,7 +342,7 @@ class Channel(Protocol):
         if self.gate is not None:
             # The PROXY header first, within the gate's header_timeout: on the
             # channel's own deadline (the request head's, once it is read).
-            self.header = HeaderFirst(self.gate, self.transport, peer)
+            self.header = self.gate.header_first(self.transport, peer)
             self.deadline.set(self.header.timeout, self._header_timed_out, self)
             return
         self._wait_for_head()
@@ -325,19 +351,18 @@ class Channel(Protocol):
         if self.header is not None:
             self.header.timed_out(self.header.timeout)
 
-    def _past_header(self, header: HeaderFirst, data: bytes) -> bytes:
+    def _past_header(self, header: LeadingHeader, data: bytes) -> bytes:
         """Give C{data} to the PROXY header's reader: what followed the header once it is whole, else nothing."""
         header.dataReceived(data)
-        if header.phase is Phase.READING:
+        if header.waiting:
             return b""
         self.header = None
-        if header.phase is Phase.CLOSED:
+        if not header.whole:
             self.closing = True  # refused: closed, with a line in the log
             self.deadline.clear(self)
             return b""
         if header.source is not None:
-            claim_peer(self.transport, header.source)
-            self.client = header.source[0]  # as _peer names the transport's peer now
+            self.client = header.source[0]  # the transport's peer now, as _peer names it
         self._wait_for_head()
         return header.rest
 
