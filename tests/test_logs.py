@@ -196,6 +196,17 @@ def test_a_json_line_written_through_its_shapes_template_is_the_general_one(case
         json.loads(general, parse_constant=lambda name: name)  # NaN and Infinity as json writes them
 
 
+@pytest.mark.parametrize("value", ["it's", 'say "hi"', "back\\slash", "tab\there", "café", "plain"])
+def test_a_value_repr_or_json_would_escape_takes_the_general_way(value: str) -> None:
+    """repr writes a value holding a single quote in double quotes: inside a JSON string, they need escaping."""
+    observer = JSONLines(io.StringIO())
+    for target in ("plain", value):  # the first makes the shape, the second takes it or not
+        one = event("{target!r} {target}", target=target)
+        line = observer.line(one)
+        assert line == observer._general(one)
+        assert json.loads(line)["message"] == f"{target!r} {target}"
+
+
 @pytest.mark.parametrize("fmt", [
     "{client} {method} {target} {status} {bytes} {duration:.4f}s {project}{aborted}{tls}",
     "{client} 100% %s %d%% {duration!r} {status:.2f}",  # percent signs of the format's own
