@@ -444,10 +444,10 @@ class Bench(Section[Row]):
         Each row against its L{BASE} in the same round, the median over the
         rounds: at most 10% fewer.
         """
-        return [
+        return [  # a base not measured leaves its rows' checks with no figure: not met
             check(f"{kind.upper()} {KINDS[kind]}: {target} / {base}",
                   to_base(rows, "portrouter", kind, target, base)[0], ">=", 0.9)
-            for (kind, target), base in BASE.items() if target in rows and base in rows
+            for (kind, target), base in BASE.items() if target in rows
         ]
 
     def references(self, rows: dict[str, Row]) -> list[tuple[str, float | None]]:

@@ -8,9 +8,10 @@ handed, with what followed the header, to what the listener serves, as if
 it had come from the header's source: the kernel connection stays the same
 (so TCP routes still splice) and its peer address is the client's
 everywhere (X-Forwarded-For, logs, ``max_connections``, headers sent on).
-Twisted's transports read headers with L{HeaderReader}; a direct TCP route
-reads them off the raw socket (L{portrouter.tcp}); both frame them with
-L{read_header}, the one place that decides what a header is.
+Twisted's transports read headers with L{HeaderReader}, except an HTTP
+listener's, whose channels read theirs first themselves (L{HeaderFirst}); a
+direct TCP route reads them off the raw socket (L{portrouter.tcp}); all
+frame them with L{read_header}, the one place that decides what a header is.
 A connection from any other address is served as a direct client, and a
 header from it is refused, never believed: HTTP listeners answer it with
 400 (their parser meets ``PROXY ...`` where a request line must be), TLS
@@ -319,7 +320,11 @@ class ProxyGate(protocol.Factory):
         return HeaderFirst(self, transport, addr)
 
     def close_reading(self) -> None:
-        """The router stops: every connection still reading its header is closed, and any to come."""
+        """
+        The router stops: every connection in the gate's deadlines is closed,
+        and a direct TCP route's clients not yet looked at are closed when
+        they are (L{portrouter.tcp}). HTTP channels close theirs when drained.
+        """
         self.closed = True
         for reader in list(self.reading):
             reader.refuse("portrouter is stopping", abort=True)

@@ -516,7 +516,7 @@ class RouterService(MultiService):
             # Its kept-alive HTTP clients take no new requests there: idle
             # ones are closed now, busy ones after the current answer.
             for channel in list(getattr(listener.factory, "channels", ())):
-                channel.drain()
+                channel.drain("its listener was released")
         for listener in bound.values():
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         for name in {key.split("/")[0] for key in self.http.pools} - set(table.projects):

@@ -256,9 +256,11 @@ def bound_address(listening: socket.socket) -> tuple[str, int] | None:
     except (OSError, ValueError):
         return None
     try:
-        wildcard = ipaddress.ip_address(host.split("%")[0]).is_unspecified
+        ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return None
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:0.0.0.0 is a wildcard too
+    wildcard = ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
     return None if wildcard else (host, port)
 
 
@@ -355,6 +357,12 @@ class _HeaderWait:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self._closed(why)
 
+    def abandon(self) -> None:
+        """Closed after an error of ours (logged by the caller), wherever it was."""
+        if self.fd >= 0:
+            self._done()
+        self.sock.close()
+
     def _closed(self, why: str) -> None:
         log.info("proxy protocol {peer}: {why}; closed", peer=show_address(self.address), why=why)
         self._done()
@@ -397,7 +405,13 @@ class TCPRoute(Factory):
     def _look(self) -> None:
         arrived, self.arrived = self.arrived, []
         for wait in arrived:
-            wait.start()
+            try:
+                wait.start()
+            except Exception:
+                # Out of descriptors making its backend socket, say: this
+                # client is closed, and the others of the round still go on.
+                log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
+                wait.abandon()
 
     def update(self, project: Project) -> None:
         """Take a changed manifest; new connections use it, open ones go on."""

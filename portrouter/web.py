@@ -323,11 +323,17 @@ class Channel(Protocol):
         """A request is being answered (or waits its turn)."""
         return self.handler is not None or self.responding or bool(self.queue) or self.tunnel is not None
 
-    def drain(self) -> None:
-        """Stop taking requests: close now if idle, else after the current answer."""
+    def drain(self, why: str = "portrouter is stopping") -> None:
+        """
+        Stop taking requests: close now if idle, else after the current
+        answer. A client still sending its PROXY header is closed as the
+        gate closes its other readers, saying C{why}.
+        """
         self.close_after = True
-        if self.header is not None:
-            self.header.refuse("portrouter is stopping", abort=True)  # as the gate closes its other readers
+        header = self.header
+        if header is not None:
+            if header.waiting:
+                header.refuse(why, abort=True)
             return
         if not self.busy:
             self.closing = True

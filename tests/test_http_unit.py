@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 
@@ -11,7 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from portrouter.config import parse_project
-from portrouter.http import HTTPRoutes, ProjectSite, Upstream, normalize
+from portrouter.http import HTTPRoute, HTTPRoutes, ProjectSite, Upstream, normalize
+from portrouter.model import ProxyProtocol
+from portrouter.proxyheader import header
+from portrouter.proxyproto import ProxyGate
 from portrouter.sessions import Sessions
 from portrouter.web import Channel, Deadline, Fixed
 from tests.support import closes_when_idle, left_to_the_collector
@@ -223,3 +227,42 @@ def test_a_closed_connection_and_its_backend_connection_are_freed_by_reference_c
         channel.connectionLost()
         del reactor, channel, transport, backend
     assert left == []
+
+
+def gated_channel(header_timeout: float = 30) -> tuple[MemoryReactorClock, Any, StringTransport, Any]:
+    """A trusted client of a project's HTTP port that receives the PROXY protocol (PROXY header_timeout 5 s)."""
+    reactor = MemoryReactorClock()
+    project = parse_project({"name": "api", "backend": "tcp:127.0.0.1:3001", "listen": {"port": 3000},
+                             "header_timeout": header_timeout})
+    route = HTTPRoute(reactor, HTTPRoutes(reactor, Sessions(reactor)), project)
+    gate = ProxyGate(route, ProxyProtocol((ipaddress.ip_network("127.0.0.1/32"),), 5.0), reactor)
+    channel = gate.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+    channel.makeConnection(transport)
+    return reactor, gate, transport, channel
+
+
+def test_a_channel_reads_a_header_in_single_bytes_then_waits_for_the_head_by_its_own_timeout() -> None:
+    reactor, gate, transport, channel = gated_channel(header_timeout=30)
+    for byte in header("v2", ("203.0.113.7", 40001), ("127.0.0.1", 3000)):
+        assert channel.header is not None and channel.header.waiting
+        channel.dataReceived(bytes([byte]))
+    assert channel.header is None and channel.client == "203.0.113.7"
+    assert transport.client == ("203.0.113.7", 40001)  # the transport names the header's source now
+    reactor.advance(5.1)  # the PROXY header's timeout: over, it was read
+    assert not transport.disconnecting
+    reactor.advance(24.8)
+    assert not transport.disconnecting
+    reactor.advance(0.2)  # the request head's, counted from the header: 30 s
+    assert transport.disconnecting and not gate.refused
+
+
+def test_a_channel_whose_header_does_not_come_is_refused_at_the_proxy_header_timeout() -> None:
+    reactor, gate, transport, channel = gated_channel(header_timeout=30)
+    channel.dataReceived(b"PROXY TCP4 203.0")
+    reactor.advance(4.9)
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting and gate.refused == 1
+    channel.drain()  # a drain after the refusal refuses nothing more
+    assert gate.refused == 1

@@ -126,7 +126,8 @@ async def test_a_trusted_address_without_a_header_is_closed(tmp_path: Path, back
         await log_line(logged, r"a PROXY header Twisted's parser refuses \(\w+\): b'PROXY TCP4 1\.2\.3\.4 nonsense")
         assert not backend.stats.seen
         gate = router.ingress.port.factory  # type: ignore[union-attr,attr-defined]
-        assert gate.refused == 2 and not gate.reading
+        assert gate.refused == 2
+        await wait_for(lambda: headers_read(gate) == [], 15, "the refused channels to close")
     finally:
         await router.stopService()
 
@@ -161,10 +162,10 @@ async def test_an_http_client_gone_before_its_header_and_one_reading_at_stop(tmp
         assert [type(c.header) for c in gate.inner.channels] == [HeaderFirst]  # the channel's own: no protocol
     finally:
         await router.stopService()
-    await wait_for(lambda: headers_read(gate) == [], 15, "the channel to close")
-    await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
-    assert await in_thread(read_to_the_end, sock) == b""
-    sock.close()
+    with sock:
+        await wait_for(lambda: headers_read(gate) == [], 15, "the channel to close")
+        await log_line(logged, r"proxy protocol 127\.0\.0\.1:\d+: portrouter is stopping; closed")
+        assert await in_thread(read_to_the_end, sock) == b""
     assert len(backend.stats.seen) == 1  # the one whose header came in pieces
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
+import ipaddress
 import socket
 from typing import Any
 
@@ -21,6 +23,10 @@ from portrouter.config import parse_cli_route
 from portrouter.model import Limits
 from portrouter.relay import ConnectDeadlines, SpliceRelay, _Direction, _End
 from portrouter.sessions import Sessions
+from portrouter import tcp
+from portrouter.model import ProxyProtocol
+from portrouter.proxyheader import header
+from portrouter.proxyproto import ProxyGate
 from portrouter.tcp import TCPRoute, bound_address
 from tests.support import in_thread, left_to_the_collector, wait_for
 
@@ -304,6 +310,7 @@ def test_a_direct_relay_starts_at_once_when_the_backend_is_connected_as_connect_
     (socket.AF_INET, "0.0.0.0", False),
     (socket.AF_INET6, "::1", True),
     (socket.AF_INET6, "::", False),
+    (socket.AF_INET6, "::ffff:0.0.0.0", False),
 ])
 def test_the_bound_address_of_a_listener_names_every_connections_destination(
         family: socket.AddressFamily, address: str, bound: bool) -> None:
@@ -320,3 +327,31 @@ def test_the_bound_address_of_a_listener_names_every_connections_destination(
                 client.close()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
         assert bound_address(unix) is None
+
+
+def test_a_trusted_client_whose_first_look_fails_is_closed_and_the_others_go_on(
+        no_tracebacks: list[dict[str, Any]]) -> None:
+    reactor, route = make_route()
+    gate = ProxyGate(route, ProxyProtocol((ipaddress.ip_network("127.0.0.1/32"),), 5.0), reactor)
+    pairs = [socket.socketpair() for _ in range(2)]
+    taken: list[tuple[Any, ...]] = []
+
+    def accept_socket(sock: Any, address: tuple[Any, ...], *rest: Any) -> None:
+        if not taken and address[1] == 40001:
+            taken.append(("failed",))
+            raise OSError(errno.EMFILE, "Too many open files")
+        taken.append(address)
+
+    route.accept_socket = accept_socket  # type: ignore[method-assign]
+    for port, (ours, theirs) in enumerate(pairs, 40001):
+        theirs.settimeout(30)
+        theirs.sendall(header("v2", ("203.0.113.7", port), ("127.0.0.1", 5000)) + b"hi")
+        route.look_later(tcp._HeaderWait(route, gate, _socket.socket(fileno=ours.detach()), ("127.0.0.1", port)))
+    reactor.advance(0)  # the round's end (a turn, on a memory reactor): both are looked at
+    assert taken == [("failed",), ("127.0.0.1", 40002)]
+    assert pairs[0][1].recv(10) == b""  # closed
+    [failed] = [e for e in no_tracebacks if "first look failed" in e.get("log_format", "")]
+    assert failed["log_failure"].getErrorMessage() == "[Errno 24] Too many open files"
+    no_tracebacks.clear()
+    for _, theirs in pairs:
+        theirs.close()
