@@ -32,6 +32,11 @@ from portrouter.interfaces import IConnection, IReactor
 log = Logger(namespace="portrouter.services")
 
 POLL = 0.1  # seconds between attempts to connect to a starting service
+# A started service dies with the router that started it: a router killed
+# outright (SIGKILL, the OOM killer) cannot stop it, and it would keep its
+# port. util-linux's setpriv sets Linux's parent-death signal, then execs the
+# command in the same process. Without setpriv, services outlive such a death.
+SETPRIV = shutil.which("setpriv")
 GRACE = 5.0  # SIGTERM, then this long, then SIGKILL
 MAX_LINE = 8192
 
@@ -180,7 +185,11 @@ class Supervisor:
             if self.stop_requested:
                 raise StartFailed(f"{self.name} was stopped")
         argv = list(self.command.argv)
-        executable = shutil.which(argv[0]) or argv[0]
+        found = shutil.which(argv[0])
+        executable, args = found or argv[0], argv
+        if found is not None and SETPRIV is not None:
+            # One that is not found is spawned as it is: Twisted says so at once.
+            executable, args = SETPRIV, [SETPRIV, "--pdeathsig", "KILL", "--", found, *argv[1:]]
         env = dict(os.environ)
         env.update(self.command.env or {})
         protocol = _Output(self)
@@ -188,7 +197,7 @@ class Supervisor:
         log.info("starting {service}: {argv}", service=self.name, argv=" ".join(argv))
         try:
             self.process = self.reactor.spawnProcess(
-                protocol, executable, argv, env=env, path=self.command.cwd,
+                protocol, executable, args, env=env, path=self.command.cwd,
             )
         except OSError as e:
             raise StartFailed(f"cannot run {argv[0]!r}: {e.strerror}") from None

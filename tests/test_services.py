@@ -831,8 +831,8 @@ async def test_stopping_the_router_stops_every_child(tmp_path: Path, monkeypatch
         await gone(*web.starts(), *echo.starts(), *tunnelled.starts(), *starting.starts())
 
 
-@pytest_twisted.ensureDeferred
-async def test_twistd_stops_its_children_on_sigterm(tmp_path: Path) -> None:
+def echo_under_twistd(tmp_path: Path) -> tuple[Service, int, Twistd]:
+    """A real twistd whose TCP route starts an echo service on demand; its listening port."""
     service = Service(tmp_path, "echo", "echo")
     listen = free_port()
     config = tmp_path / "routes.yaml"
@@ -846,17 +846,37 @@ async def test_twistd_stops_its_children_on_sigterm(tmp_path: Path) -> None:
         f"    listen: {{port: {listen}, protocol: tcp, interface: {LOOPBACK}}}\n"
         f"    command: [{command}]\n"
     )
-    daemon = Twistd("--config", str(config), cwd=str(tmp_path))
+    return service, listen, Twistd("--config", str(config), cwd=str(tmp_path))
+
+
+def dead(pid: int) -> bool:
+    """Exited: gone, or a zombie its new parent has not reaped (whoever that is, outside the test's control)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest_twisted.ensureDeferred
+async def test_twistd_stopped_or_killed_takes_its_children_with_it(tmp_path: Path, how: str) -> None:
+    """SIGTERM stops them; SIGKILL leaves twistd no chance to, and the parent-death signal does."""
+    service, listen, daemon = echo_under_twistd(tmp_path)
     try:
         assert await daemon.port_of("echo") == listen
         assert service.starts() == []
         assert await in_thread(tcp_roundtrip, listen, b"through twistd\n") == b"through twistd\n"
         pid = int((await daemon.wait_line(r"echo is ready \(pid (\d+)\)")).group(1))
-        assert service.starts() == [pid] and alive(pid)
-        daemon.proc.send_signal(signal.SIGTERM)
-        assert await daemon.wait_exit() == 0, "\n".join(daemon.output + daemon.errors)
-        assert daemon.find(r"echo exited with signal 15")
-        await gone(pid)
+        assert service.starts() == [pid] and alive(pid) and not dead(pid)
+        daemon.proc.send_signal(getattr(signal, how))
+        code = await daemon.wait_exit()
+        if how == "SIGTERM":
+            assert code == 0, "\n".join(daemon.output + daemon.errors)
+            assert daemon.find(r"echo exited with signal 15")
+            await gone(pid)
+        else:
+            await wait_for(lambda: dead(pid), 15, f"the service {pid} to die with twistd")
     finally:
         daemon.stop()
         kill_left(*service.starts())  # orphaned if twistd had to be killed
