@@ -564,19 +564,21 @@ class ProxyExchange:
         self.upstream = upstream
         upstream.exchange = self
         transport = upstream.transport
+        header = b""
         if self.owner is not None and not self.reused:
             upstream.owner = self.owner
-            write_now(transport, header_for(self.project.send_proxy, self.channel.transport))  # type: ignore[arg-type]
+            # Sent with the request head: one send, one wake-up of the backend.
+            header = header_for(self.project.send_proxy, self.channel.transport)  # type: ignore[arg-type]
         if self.wants_continue:
             self.channel.interim(100, [])
             self.channel.flush()
         if self.pending and not self.chunked:
-            head = b"".join([self.head, *self.pending])
-            self.body_sent += len(head) - len(self.head)
+            head = b"".join([header, self.head, *self.pending])
+            self.body_sent += len(head) - len(self.head) - len(header)
             self.pending = []
             write_now(transport, head)
         else:
-            write_now(transport, self.head)
+            write_now(transport, header + self.head)
         if self.pending:
             for chunk in self.pending:
                 self._write_body(chunk)

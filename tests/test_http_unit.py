@@ -266,3 +266,28 @@ def test_a_channel_whose_header_does_not_come_is_refused_at_the_proxy_header_tim
     assert transport.disconnecting and gate.refused == 1
     channel.drain()  # a drain after the refusal refuses nothing more
     assert gate.refused == 1
+
+
+class Writes(StringTransport):
+    """A backend transport that counts its writes."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_a_header_sent_to_the_backend_goes_with_the_request_head_in_one_write() -> None:
+    reactor = MemoryReactorClock()
+    project = parse_project({"name": "api", "backend": "tcp:127.0.0.1:3001", "listen": {"port": 3000},
+                             "send_proxy": "v1"})
+    channel = Channel(ProjectSite(HTTPRoutes(reactor, Sessions(reactor)), project), reactor)
+    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.7", 40001),
+                                           hostAddress=IPv4Address("TCP", "127.0.0.1", 3000)))
+    channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    protocol = reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 3001))
+    backend = Writes()
+    protocol.makeConnection(backend)
+    assert backend.writes == 1
+    assert backend.value().startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 3000\r\nGET /x HTTP/1.1\r\n")
