@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import ipaddress
 import os
 import _socket
 import socket
@@ -69,6 +70,23 @@ SMALL = 16 * 1024
 # Reads per readiness event before going back to the reactor, so one busy
 # connection cannot starve the others.
 _BURST = 8
+
+
+def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
+    """
+    (family, address) when C{endpoint} is a plain TCP endpoint to an IP
+    literal, which the relay (or an HTTP pool) can connect itself; else L{None}.
+    """
+    if SPLICE_OK and type(endpoint).__name__ in ("TCP4ClientEndpoint", "TCP6ClientEndpoint"):
+        host = getattr(endpoint, "_host", None)
+        port = getattr(endpoint, "_port", None)
+        if getattr(endpoint, "_bindAddress", None) is None and isinstance(port, int) and isinstance(host, str):
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                return None  # a name: Twisted resolves it without blocking
+            return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (host, port)
+    return None
 
 
 def open_pipe() -> tuple[int, int]:

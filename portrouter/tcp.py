@@ -28,7 +28,7 @@ from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
 from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
-from portrouter.relay import SPLICE_OK, ConnectDeadlines, SpliceRelay, StreamSide, detach, pair_streams, splicable
+from portrouter.relay import ConnectDeadlines, SpliceRelay, StreamSide, detach, direct_address, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
 
@@ -166,23 +166,6 @@ class _Guarded(_Inbound):
                 return
             data = head
         super().dataReceived(data)
-
-
-def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
-    """
-    (family, address) when C{endpoint} is a plain TCP endpoint to an IP
-    literal, which the relay can connect itself; else L{None}.
-    """
-    if SPLICE_OK and type(endpoint).__name__ in ("TCP4ClientEndpoint", "TCP6ClientEndpoint"):
-        host = getattr(endpoint, "_host", None)
-        port = getattr(endpoint, "_port", None)
-        if getattr(endpoint, "_bindAddress", None) is None and isinstance(port, int) and isinstance(host, str):
-            try:
-                ip = ipaddress.ip_address(host)
-            except ValueError:
-                return None  # a name: Twisted resolves it without blocking
-            return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (host, port)
-    return None
 
 
 def accept_directly(port: tcp.Port) -> None:

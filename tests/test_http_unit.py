@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+import socket
+from typing import Any, cast
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, tcp
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 
 
 from twisted.internet.address import IPv4Address
@@ -12,13 +18,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from portrouter.config import parse_project
-from portrouter.http import HTTPRoute, HTTPRoutes, ProjectSite, Upstream, normalize
+from portrouter.http import HTTPRoute, HTTPRoutes, Pool, ProjectSite, Upstream, normalize
 from portrouter.model import ProxyProtocol
 from portrouter.proxyheader import header
 from portrouter.proxyproto import ProxyGate
 from portrouter.sessions import Sessions
 from portrouter.web import Channel, Deadline, Fixed
-from tests.support import closes_when_idle, left_to_the_collector
+from tests.support import LOOPBACK, ThreadServer, closes_when_idle, free_port, left_to_the_collector
 
 
 def make(connect_timeout: float = 10, response_timeout: float = 60,
@@ -291,3 +297,50 @@ def test_a_header_sent_to_the_backend_goes_with_the_request_head_in_one_write() 
     protocol.makeConnection(backend)
     assert backend.writes == 1
     assert backend.value().startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 3000\r\nGET /x HTTP/1.1\r\n")
+
+
+# -- backend connections made as the direct TCP path makes them (Pool._connect_directly) ----------------
+
+
+def pool_to(backend: str) -> Pool:
+    project = parse_project({"name": "api", "backend": backend, "listen": {"port": 3000}})
+    return Pool(cast(Any, reactor), project)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_on_this_host_is_connected_directly_and_one_refusing_says_so() -> None:
+    server = ThreadServer(lambda conn: conn.recv(100))
+    pool = pool_to(server.address)
+    try:
+        upstream = await pool.connect(10)
+        assert isinstance(upstream.transport, tcp.Server)  # no client endpoint, connector or timeout
+        assert upstream.transport.getPeer().port == server.sock.getsockname()[1]
+        assert pool.opened == 1 and pool.direct is not None
+        upstream.transport.loseConnection()
+    finally:
+        server.close()
+    refused = pool_to(f"tcp:{LOOPBACK}:{free_port()}")
+    with pytest.raises(ConnectionRefusedError):
+        await refused.connect(10)
+    assert refused.direct is not None  # a backend down for a while is still connected directly after
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_still_in_progress_goes_through_the_endpoint_from_then_on() -> None:
+    # A listener whose accept queue is full drops further SYNs: a connect to
+    # it stays in progress, as one to another host does.
+    full = socket.socket()
+    full.bind((LOOPBACK, 0))
+    full.listen(0)
+    fillers = [socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) for _ in range(3)]
+    for filler in fillers:
+        filler.connect_ex(full.getsockname())
+    pool = pool_to(f"tcp:{LOOPBACK}:{full.getsockname()[1]}")
+    try:
+        attempt = pool.connect(0.2)
+        assert pool.direct is None  # given up at once, never tried again
+        with pytest.raises(ConnectingCancelledError):
+            await attempt  # the endpoint's attempt, called off at its connect timeout
+    finally:
+        for sock in (full, *fillers):
+            sock.close()
