@@ -33,7 +33,7 @@ from zope.interface import implementer
 from portrouter.model import Project, Service
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import header_for
-from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, direct_address, pair_streams
+from portrouter.relay import SPLICE_OK, SplicedBody, SpliceEnd, StreamSide, connect_now, direct_address, pair_streams
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, show_address, timed_out, tls_problem
 from portrouter.web import _PLAIN, SPENT_RESPONSES, Channel, ChannelFactory, Fixed, Request, no_delay, write_now
@@ -419,19 +419,15 @@ class Pool:
         then connects through its endpoint from now on.
         """
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        err = sock.connect_ex(address)
-        if err in (0, errno.EINPROGRESS, errno.EAGAIN):
-            try:
-                peer = sock.getpeername()
-            except OSError:
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # refused at once, on this host
-                if not err:
-                    sock.close()
-                    self.direct = None
-                    return None
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        err = connect_now(sock, address)
+        if err == errno.EINPROGRESS:
+            sock.close()
+            self.direct = None
+            return None
+        if err:
             sock.close()
             return defer.fail(error.getConnectError((err, os.strerror(err))))
+        peer = sock.getpeername()
         upstream = Upstream(self)
         # What Twisted's port makes of an accepted socket is a transport for any connected one.
         transport = tcp.Server(sock, upstream, peer, None, 0, self.reactor)  # type: ignore[arg-type]

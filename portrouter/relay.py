@@ -89,6 +89,25 @@ def direct_address(endpoint: Any) -> tuple[int, tuple[str, int]] | None:
     return None
 
 
+def connect_now(sock: Any, address: Any) -> int:
+    """
+    Start a non-blocking socket's connect: 0 when it is done by the time
+    connect() returns, EINPROGRESS while it goes on, else why it failed. To
+    a backend on this host (loopback, a container's veth) the kernel has
+    done the handshake, or had it refused, within connect(): a connected
+    socket has a peer, a refused one says so in SO_ERROR, and either is
+    known now rather than after a reactor turn waiting for it to be writable.
+    """
+    err: int = sock.connect_ex(address)
+    if err not in (errno.EINPROGRESS, errno.EAGAIN):
+        return err
+    try:
+        sock.getpeername()
+    except OSError:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)) or errno.EINPROGRESS
+    return 0
+
+
 def open_pipe() -> tuple[int, int]:
     """A non-blocking pipe that holds one CHUNK, for splicing through."""
     rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -228,13 +247,7 @@ class _Direction:
         if not data:
             self._eof()
             return
-        relay = self.relay
-        session = relay.session  # SpliceRelay.count, written out: this is every small read
-        if self.inbound:
-            session.bytes_in += len(data)
-        else:
-            session.bytes_out += len(data)
-        session.last = relay.reactor.seconds()
+        self.relay.count(self, len(data))
         try:
             sent = self.dst.sock.send(data)
         except BlockingIOError:
@@ -491,20 +504,7 @@ class SpliceRelay:
         C{timeout} seconds (C{deadlines} keeps it). The client is not read
         until then, so what it sends early waits in the kernel.
         """
-        sock = self.backend.sock
-        err = sock.connect_ex(address)
-        if err in (errno.EINPROGRESS, errno.EAGAIN):
-            # To a backend on this host (loopback, a container's veth) the
-            # kernel has done the handshake by the time connect returns: a
-            # connected socket has a peer, and is relayed at once, rather
-            # than after a turn of the reactor waiting for it to be writable
-            # (two epoll_ctl calls and a getsockopt saved).
-            try:
-                sock.getpeername()
-            except OSError:
-                pass  # still connecting (or failed: SO_ERROR says so when it is writable)
-            else:
-                err = 0
+        err = connect_now(self.backend.sock, address)  # connected at once: no wait for writable
         if err == 0:
             self.start(self.early, 0)
         elif err in (errno.EINPROGRESS, errno.EAGAIN):

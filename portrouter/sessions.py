@@ -275,5 +275,5 @@ class Sessions:
             bytes_in=session.bytes_in,
             bytes_out=session.bytes_out,
             duration=self.reactor.seconds() - session.started,
-            tls="" if session.tls is None else describe(session.tls),
+            tls=describe(session.tls),
         )

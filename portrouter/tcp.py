@@ -342,8 +342,7 @@ class _HeaderWait:
 
     def abandon(self) -> None:
         """Closed after an error of ours (logged by the caller), wherever it was."""
-        if self.fd >= 0:
-            self._done()
+        self._done()
         self.sock.close()
 
     def _closed(self, why: str) -> None:
@@ -444,7 +443,7 @@ class TCPRoute(Factory):
         limits = self.limits
         host, port = source or (address[0], address[1])
         peer = show_address((host, port))
-        if limits.max_connections is not None and self.sessions.full("tcp", name, limits.max_connections, peer):
+        if self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
