@@ -177,25 +177,49 @@ def accept_directly(port: tcp.Port) -> None:
     their header is read (L{_HeaderWait}); the others get Twisted's transport,
     whose first bytes are watched for a forged header.
     """
-    twisted_read = port.doRead
     # Accepted sockets inherit TCP_NODELAY from the listening one (Linux):
     # set once here, not once per connection.
     try:
         port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not TCP after all (a UNIX socket): nothing to inherit
-    local = bound_address(port.socket)
+    port.doRead = _DirectAccept(port)  # type: ignore[method-assign]
 
-    def doRead() -> None:
+
+# Why accept() or socket() fails when the process or the system has run out
+# of descriptors (or of kernel memory for one).
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# How long (seconds) a listener stops accepting when out of descriptors. Its
+# clients wait in the kernel's listen queue meanwhile; without the pause the
+# router would spin, the queue readable at every turn and every accept
+# failing, and write a line each time. nginx also stops accepting for a
+# while (HAProxy until a connection closes).
+OUT_OF_DESCRIPTORS_PAUSE = 0.1
+
+
+class _DirectAccept:
+    """A listening port's C{doRead}, as L{accept_directly} gives it."""
+
+    def __init__(self, port: tcp.Port):
+        self.port = port
+        self.twisted_read = port.doRead
+        self.local = bound_address(port.socket)
+        self.out_since: float | None = None  # when accepting stopped for want of descriptors; None: it has not
+        self.resume: Any = None  # the call that starts accepting again, while paused
+
+    def __call__(self) -> None:
+        port = self.port
         factory = port.factory
         gate = factory if isinstance(factory, ProxyGate) else None
         route = factory if gate is None else gate.inner
         # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
         if not isinstance(route, TCPRoute) or route.direct is None:
-            twisted_read()  # type: ignore[no-untyped-call]
+            self.twisted_read()  # type: ignore[no-untyped-call]
             return
         listening = port.socket
         family = listening.family
+        local = self.local
         for _ in range(_ACCEPTS):
             try:
                 # A client's socket is the C socket object: no Python wrapper
@@ -208,10 +232,10 @@ def accept_directly(port: tcp.Port) -> None:
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # that client gave up; go on with the next
-                # Out of descriptors or memory: try again at the next event
-                # rather than spin; the kernel keeps the queue.
-                log.warn("tcp {project}: cannot accept: {why}", project=route.name, why=e.strerror)
+                self._pause(route, e)
                 return
+            if self.out_since is not None:
+                self._accepting_again(route)
             if gate is not None and not gate.trusts(address[0]):
                 sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 sock.setblocking(False)
@@ -219,12 +243,45 @@ def accept_directly(port: tcp.Port) -> None:
                 continue
             client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
-            if gate is None:
-                route.accept_socket(client, address, local=local)
-            else:
+            if gate is not None:
                 route.look_later(_HeaderWait(route, gate, client, address, local))
+                continue
+            try:
+                route.accept_socket(client, address, local=local)
+            except Exception as e:
+                # This client is closed; the listener goes on. (Raised out of
+                # doRead, the error would make the reactor close the port.)
+                client.close()
+                if isinstance(e, OSError) and e.errno in _EXHAUSTED:
+                    log.warn("tcp {project} {peer}: closed, no descriptor for its backend connection",
+                             project=route.name, peer=show_address(address))
+                    self._pause(route, e)
+                    return
+                log.failure("tcp {project} {peer}: could not be relayed; closed",
+                            project=route.name, peer=show_address(address))
 
-    port.doRead = doRead  # type: ignore[method-assign]
+    def _pause(self, route: TCPRoute, error: OSError) -> None:
+        """Out of descriptors: stop accepting for a moment, and say so once until it is over."""
+        port = self.port
+        port.stopReading()
+        self.resume = route.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
+        if self.out_since is None:
+            self.out_since = route.reactor.seconds()
+            log.warn("tcp {project}: cannot accept: {why}; clients wait in the listen queue, "
+                     "tried again every {pause:g} s", project=route.name, why=error.strerror,
+                     pause=OUT_OF_DESCRIPTORS_PAUSE)
+
+    def _resume(self) -> None:
+        self.resume = None
+        port = self.port
+        if port.connected and not port.disconnecting:  # not stopped meanwhile (a project removed)
+            port.startReading()
+
+    def _accepting_again(self, route: TCPRoute) -> None:
+        assert self.out_since is not None
+        log.info("tcp {project}: accepting again, after {seconds:.1f} s out of descriptors",
+                 project=route.name, seconds=route.reactor.seconds() - self.out_since)
+        self.out_since = None
 
 
 def bound_address(listening: socket.socket) -> tuple[str, int] | None:

@@ -5,12 +5,17 @@ spliced one (plain sockets) and the producer/consumer one (used for TLS).
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import socket
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
+from twisted.logger import formatEvent, globalLogPublisher
 
 import portrouter.tcp
 from tests.support import (
@@ -239,3 +244,84 @@ async def test_relayed_connections_are_accepted_with_nodelay() -> None:
     finally:
         await router.stopService()
         server.close()
+
+
+def lowest_free_descriptor() -> int:
+    """The descriptor this process's next socket gets (the kernel gives the lowest free one)."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+@contextmanager
+def descriptors_below(limit: int) -> Iterator[None]:
+    """This process can make no descriptor numbered C{limit} or above, while in the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("left", [0, 1], ids=["none to accept with", "none for the backend"])
+@pytest_twisted.ensureDeferred
+async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_once_some_are_free(
+        left: int, no_tracebacks: list[dict[str, Any]]) -> None:
+    """
+    Out of descriptors, a direct route stops accepting for a moment at a
+    time, says so once, and starts again when it can: its clients wait in
+    the listen queue. With one descriptor left, the client accepted with it
+    (none left for its backend) is closed. Neither loses the listener,
+    which Twisted's reactor closes when its doRead raises.
+    """
+    def backend(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    def echoed(sock: socket.socket) -> bytes:
+        sock.sendall(b"ping")
+        return sock.recv(100)
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "portrouter.tcp":
+            lines.append(formatEvent(event))
+
+    server = ThreadServer(backend)
+    router, port = await route_to(server)
+    (listener,) = router.listeners.values()
+    accepter = listener.port.doRead
+    pauses: list[int] = []
+    pause = accepter._pause
+
+    def counted(route: Any, error: OSError) -> None:
+        pauses.append(error.errno)
+        pause(route, error)
+
+    accepter._pause = counted
+    globalLogPublisher.addObserver(observe)
+    try:
+        waiting = connect(port)  # in the listen queue: the reactor has not run since
+        with descriptors_below(lowest_free_descriptor() + left):
+            # None left: paused, tried again, and paused again, three times;
+            # one left: the client took it, the backend found none.
+            await wait_for(lambda: len(pauses) >= (1 if left else 3), what="the listener to pause")
+        assert set(pauses) == {errno.EMFILE}
+        if left:
+            assert any("closed, no descriptor for its backend connection" in line for line in lines)
+            assert await in_thread(waiting.recv, 100) == b""
+            waiting.close()
+            waiting = connect(port)
+        assert await in_thread(echoed, waiting) == b"ping"
+        waiting.close()
+        await wait_for(lambda: any("accepting again" in line for line in lines), what="the router to say so")
+        said = [line for line in lines if "cannot accept" in line]
+        assert said == ["tcp tcp-0: cannot accept: Too many open files; clients wait in the listen queue, "
+                        "tried again every 0.1 s"]
+        assert not no_tracebacks
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        server.close()
+        await router.stopService()
