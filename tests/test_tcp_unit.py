@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from portrouter.config import parse_cli_route
@@ -355,3 +355,81 @@ def test_a_trusted_client_whose_first_look_fails_is_closed_and_the_others_go_on(
     no_tracebacks.clear()
     for _, theirs in pairs:
         theirs.close()
+
+
+class Listening:
+    """A listening socket as the direct accept loop uses it, whose accepts give what the test lists."""
+
+    family = socket.AF_INET
+
+    def __init__(self, results: list[Any]):
+        self.results = results
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        result = self.results.pop(0) if self.results else BlockingIOError()
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 5000)
+
+
+class ListeningPort:
+    """What the direct accept loop needs of Twisted's port: its factory, socket, and reading on and off."""
+
+    def __init__(self, factory: Any, results: list[Any]):
+        self.factory = factory
+        self.socket = Listening(results)
+        self.reading = True
+        self.connected = True
+        self.disconnecting = False
+
+    def doRead(self) -> None:
+        raise AssertionError("the direct route's clients are not Twisted's to accept")
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_out_of_descriptors_a_listener_pauses_says_so_once_and_not_after_it_stopped() -> None:
+    reactor, route = make_route()
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    port = ListeningPort(route, [emfile, emfile])
+    taken: list[tuple[Any, ...]] = []
+    route.accept_socket = lambda sock, address, **kw: taken.append(address)  # type: ignore[method-assign]
+    tcp.accept_directly(port)  # type: ignore[arg-type]
+    lines: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        port.doRead()
+        assert not port.reading and reactor.getDelayedCalls()[0].getTime() == tcp.OUT_OF_DESCRIPTORS_PAUSE
+        reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+        assert port.reading
+        port.doRead()  # still out: paused again, nothing said again
+        assert not port.reading
+        reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+        pair = socket.socketpair()
+        port.socket.results.append((pair[0].detach(), ("127.0.0.1", 40001)))
+        port.doRead()
+        assert taken == [("127.0.0.1", 40001)] and port.reading
+        port.socket.results.append(emfile)
+        port.doRead()
+        port.disconnecting = True  # the route's port stopped while paused: it stays stopped
+        reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+        assert not port.reading
+    finally:
+        globalLogPublisher.removeObserver(lines)
+    said = [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"]
+    assert said == [
+        "tcp tcp-5000: cannot accept: Too many open files; clients wait in the listen queue, tried again every 0.1 s",
+        "tcp tcp-5000: accepting again, after 0.2 s out of descriptors",
+        "tcp tcp-5000: cannot accept: Too many open files; clients wait in the listen queue, tried again every 0.1 s",
+    ]
+    pair[1].close()
