@@ -78,6 +78,36 @@ def test_an_epoll_reactor_gets_the_lean_poll_and_reads_what_is_ready(loop: EPoll
     assert (one.reads, two.reads) == (1, 1)
 
 
+def test_readable_and_hung_up_is_read_at_once_and_only_writable_goes_through_twisted(loop: EPollReactor) -> None:
+    """
+    A descriptor that is readable and not writable is read by the lean poll
+    itself, a peer's close reported as hung up too; Twisted's
+    C{_doReadOrWrite} still sorts out whatever is writable.
+    """
+    handled: list[tuple[int, int]] = []
+    twisted_handles = loop._doReadOrWrite
+
+    def handle(selectable: Any, fd: int, event: int) -> None:
+        handled.append((fd, event))
+        twisted_handles(selectable, fd, event)
+
+    loop._doReadOrWrite = handle  # type: ignore[method-assign]
+    lean_dispatch(loop)
+    hung_up, theirs = ready_reader(loop)
+    theirs.close()  # data, then the peer gone: readable and hung up
+    assert dict(loop._poller.poll(0))[hung_up.fileno()] & (select.EPOLLIN | select.EPOLLHUP) == (
+        select.EPOLLIN | select.EPOLLHUP)
+    mine, other = socket.socketpair()
+    writer = Writer(mine)
+    loop.addWriter(writer)
+    loop.doIteration(0)
+    assert hung_up.reads == 1
+    assert handled == [(writer.fileno(), select.EPOLLOUT)] and writer.writes == 1
+    loop.removeWriter(writer)
+    for sock in (mine, other):
+        sock.close()
+
+
 def test_a_reader_that_raises_is_disconnected_and_the_others_are_still_read(
         loop: EPollReactor, no_tracebacks: list[dict[str, Any]]) -> None:
     lean_dispatch(loop)
@@ -160,7 +190,7 @@ def test_forget_leaves_a_closed_socket_to_the_kernel(loop: EPollReactor) -> None
     loop.addReader(old)
     loop.addWriter(old)
     fd = gone.fileno()
-    forget(loop, old)
+    forget(loop, old, old.fileno())
     gone.close()
     assert fd not in loop._selectables and fd not in loop._reads and fd not in loop._writes
     peer.close()
@@ -178,21 +208,21 @@ def test_watch_and_unwatch_reading_are_add_and_remove_reader_without_their_calls
     mine.setblocking(False)
     both = Writer(mine)
     loop.addWriter(both)
-    watch_reading(loop, both)  # writing already: now reading too
-    watch_reading(loop, both)  # twice is once
+    watch_reading(loop, both, both.fileno())  # writing already: now reading too
+    watch_reading(loop, both, both.fileno())  # twice is once
     other.send(b"x")
     assert both in loop.getReaders() and both in loop.getWriters()
     assert dict(loop._poller.poll(0))[both.fileno()] == select.EPOLLIN | select.EPOLLOUT
     assert loop._selectables[both.fileno()] is both
     loop.doIteration(0)
     assert (reader.reads, both.reads, both.writes) == (1, 1, 1)
-    unwatch_reading(loop, both)  # still writing: epoll is told to report that only
-    unwatch_reading(loop, both)
+    unwatch_reading(loop, both, both.fileno())  # still writing: epoll is told to report that only
+    unwatch_reading(loop, both, both.fileno())
     assert both not in loop.getReaders() and both in loop.getWriters()
     assert dict(loop._poller.poll(0))[both.fileno()] == select.EPOLLOUT
-    watch_reading(loop, both)
+    watch_reading(loop, both, both.fileno())
     loop.removeWriter(both)
-    unwatch_reading(loop, both)  # reading only: gone from the reactor and from epoll
+    unwatch_reading(loop, both, both.fileno())  # reading only: gone from the reactor and from epoll
     assert both.fileno() not in loop._selectables and both.fileno() not in dict(loop._poller.poll(0))
     for sock in (theirs, mine, other):
         sock.close()
@@ -206,11 +236,11 @@ def test_forget_asks_any_other_reactor_the_usual_way() -> None:
     reader = Reader(one)
     reactor.addReader(reader)
     reactor.addWriter(reader)
-    forget(reactor, reader)
+    forget(reactor, reader, reader.fileno())
     assert not reactor.readers and not reactor.writers
-    watch_reading(reactor, reader)
+    watch_reading(reactor, reader, reader.fileno())
     assert reactor.readers == {reader}
-    unwatch_reading(reactor, reader)
+    unwatch_reading(reactor, reader, reader.fileno())
     assert not reactor.readers
     one.close()
     other.close()
