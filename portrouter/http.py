@@ -418,7 +418,11 @@ class Pool:
         connect is still in progress (a backend on another host): this pool
         then connects through its endpoint from now on.
         """
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            # Out of descriptors, say: as the endpoint fails, so the request gets its 502 saying why.
+            return defer.fail(error.getConnectError(e))
         err = connect_now(sock, address)
         if err == errno.EINPROGRESS:
             sock.close()

@@ -275,6 +275,25 @@ def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferr
     return threads.deferToThread(fn, *args, **kwargs)
 
 
+def one_route_daemon(tmp_path: Path, name: str, backend_port: int, port: int, protocol: str) -> Twistd:
+    """A real twistd serving project C{name} on C{port} (C{protocol}), to a backend on C{backend_port}."""
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        f"ingress: tcp:0:interface={LOOPBACK}\n"
+        f"state: {tmp_path / 'state'}\n"
+        "projects:\n"
+        f"  - {{name: {name}, backend: 'tcp:{LOOPBACK}:{backend_port}', "
+        f"listen: {{port: {port}, protocol: {protocol}, interface: {LOOPBACK}}}}}\n"
+    )
+    return Twistd("--config", str(config))
+
+
+def lowest_free_descriptor(pid: int) -> int:
+    """The descriptor process C{pid}'s next socket gets (the kernel gives the lowest free one)."""
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(taken) + 1)) - taken)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

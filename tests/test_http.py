@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import re
+import resource
 import socket
 import threading
 from typing import Any, Callable, Iterator
@@ -20,7 +21,19 @@ from portrouter.config import parse_project
 from portrouter.model import Config, Listen
 from portrouter.http import SPLICE_BODY
 from tests.httpbackend import Backend, raw_request
-from tests.support import LOOPBACK, MiB, ThreadServer, free_port, in_thread, pattern, start_router, stops_reading, wait_for
+from tests.support import (
+    LOOPBACK,
+    MiB,
+    ThreadServer,
+    free_port,
+    in_thread,
+    lowest_free_descriptor,
+    one_route_daemon,
+    pattern,
+    start_router,
+    stops_reading,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -418,3 +431,36 @@ async def test_malformed_request_gets_400_and_reaches_no_backend(backend: Backen
         assert backend.stats.seen == []
     finally:
         await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_502_and_the_next_is_served(
+        backend: Backend, tmp_path: Any) -> None:
+    """
+    A real twistd with one descriptor left under its limit: the client takes
+    it, its backend connection finds none, and the answer is a 502 saying
+    why, as for any backend connection that failed. Once descriptors are
+    free again, the next request is served.
+    """
+    port = free_port()
+    daemon = one_route_daemon(tmp_path, "web", backend.port, port, "http")
+    try:
+        await daemon.port_of("web")
+        pid = daemon.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + 1, hard))
+        try:
+            status, _, body = await in_thread(get, port, "/a", {"Connection": "close"})
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert status == 502
+        assert b"portrouter: project 'web': backend connection failed: " in body
+        assert b"Too many open files" in body
+        await daemon.wait_line(r"web: GET /a: 502 backend connection failed: .*Too many open files")
+        status, _, body = await in_thread(get, port, "/b")
+        assert status == 200
+        assert not daemon.find("Unhandled Error|Traceback"), "\n".join(daemon.output)
+        daemon.terminate()
+        assert daemon.proc.returncode == 0
+    finally:
+        daemon.stop()

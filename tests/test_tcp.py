@@ -5,7 +5,6 @@ spliced one (plain sockets) and the producer/consumer one (used for TLS).
 
 from __future__ import annotations
 
-import os
 import resource
 import socket
 import threading
@@ -19,9 +18,10 @@ from tests.support import (
     LOOPBACK,
     MiB,
     ThreadServer,
-    Twistd,
     free_port,
     in_thread,
+    lowest_free_descriptor,
+    one_route_daemon,
     recv_all_and_hash,
     send_all_and_hash,
     start_router,
@@ -244,12 +244,6 @@ async def test_relayed_connections_are_accepted_with_nodelay() -> None:
         server.close()
 
 
-def lowest_free_descriptor(pid: int) -> int:
-    """The descriptor process C{pid}'s next socket gets (the kernel gives the lowest free one)."""
-    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    return min(set(range(len(taken) + 1)) - taken)
-
-
 @pytest.mark.parametrize("left", [0, 1], ids=["none to accept with", "none for the backend"])
 @pytest_twisted.ensureDeferred
 async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_once_some_are_free(
@@ -272,15 +266,7 @@ async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_
 
     server = ThreadServer(backend)
     port = free_port()
-    config = tmp_path / "routes.yaml"
-    config.write_text(
-        f"ingress: tcp:0:interface={LOOPBACK}\n"
-        f"state: {tmp_path / 'state'}\n"
-        "projects:\n"
-        f"  - {{name: fd, backend: 'tcp:{LOOPBACK}:{server.port}', "
-        f"listen: {{port: {port}, protocol: tcp, interface: {LOOPBACK}}}}}\n"
-    )
-    daemon = Twistd("--config", str(config))
+    daemon = one_route_daemon(tmp_path, "fd", server.port, port, "tcp")
     try:
         await daemon.port_of("fd")
         with connect(port) as first:
