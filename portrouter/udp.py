@@ -206,6 +206,8 @@ class UDPRoute(DatagramProtocol):
         self.ended_in = self.ended_out = 0  # bytes of the sessions that ended, each way
         self._dropped_reported = 0
         self._last_report = -DROP_REPORT
+        self.unopened = 0  # datagrams of new clients dropped for want of a backend socket, since last said
+        self._unopened_reported = -DROP_REPORT
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
         self._waiting: list[tuple[bytes, tuple[Any, ...], tuple[str, int]]] = []
@@ -375,14 +377,23 @@ class UDPRoute(DatagramProtocol):
             return None
         assert self.backend is not None
         family = socket.AF_INET6 if ":" in self.backend[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = None
         try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.connect(self.backend)  # replies can only come from the backend
         except OSError as e:
-            sock.close()
-            log.warn("udp {project}: cannot open a socket to the backend: {why}",
-                     project=self.project.name, why=e)
+            if sock is not None:
+                sock.close()
+            # Dropped. Out of descriptors this is every new client's
+            # datagram: said once per DROP_REPORT seconds, with the count.
+            self.unopened += 1
+            if now - self._unopened_reported >= DROP_REPORT:
+                log.warn("udp {project}: cannot open a socket to the backend: {why}; "
+                         "dropped {count} datagrams from new clients",
+                         project=self.project.name, why=e, count=self.unopened)
+                self._unopened_reported = now
+                self.unopened = 0
             return None
         session = _Session(self, client, now, sock, reply_to)
         if self.project.send_proxy is not None:

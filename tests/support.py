@@ -275,14 +275,14 @@ def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferr
     return threads.deferToThread(fn, *args, **kwargs)
 
 
-def one_route_daemon(tmp_path: Path, name: str, backend_port: int, port: int, protocol: str) -> Twistd:
-    """A real twistd serving project C{name} on C{port} (C{protocol}), to a backend on C{backend_port}."""
+def one_route_daemon(tmp_path: Path, name: str, backend: str, port: int, protocol: str) -> Twistd:
+    """A real twistd serving project C{name} on C{port} (C{protocol}), to C{backend}."""
     config = tmp_path / "routes.yaml"
     config.write_text(
         f"ingress: tcp:0:interface={LOOPBACK}\n"
         f"state: {tmp_path / 'state'}\n"
         "projects:\n"
-        f"  - {{name: {name}, backend: 'tcp:{LOOPBACK}:{backend_port}', "
+        f"  - {{name: {name}, backend: '{backend}', "
         f"listen: {{port: {port}, protocol: {protocol}, interface: {LOOPBACK}}}}}\n"
     )
     return Twistd("--config", str(config))

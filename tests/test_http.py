@@ -443,7 +443,7 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
     free again, the next request is served.
     """
     port = free_port()
-    daemon = one_route_daemon(tmp_path, "web", backend.port, port, "http")
+    daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
     try:
         await daemon.port_of("web")
         pid = daemon.proc.pid

@@ -266,7 +266,7 @@ async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_
 
     server = ThreadServer(backend)
     port = free_port()
-    daemon = one_route_daemon(tmp_path, "fd", server.port, port, "tcp")
+    daemon = one_route_daemon(tmp_path, "fd", server.address, port, "tcp")
     try:
         await daemon.port_of("fd")
         with connect(port) as first:

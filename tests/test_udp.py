@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import selectors
 import shutil
 import socket
@@ -25,7 +26,19 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from portrouter.model import Config, Limits
 from portrouter.udp import UDPRoute
-from tests.support import LOOPBACK, ClockedReactor, UDPEcho, free_port, in_thread, start_router, stop_clocked, wait_for
+from tests.support import (
+    LOOPBACK,
+    ClockedReactor,
+    UDPEcho,
+    free_port,
+    in_thread,
+    kernel_sockets,
+    lowest_free_descriptor,
+    one_route_daemon,
+    start_router,
+    stop_clocked,
+    wait_for,
+)
 
 # The largest UDP payload over IPv4: 65,535 - 20 (IP) - 8 (UDP).
 MAX_PAYLOAD = 65507
@@ -482,3 +495,46 @@ async def test_stopping_the_route_ends_each_session_with_a_log_line() -> None:
         for sock in socks:
             sock.close()
         backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_descriptors_a_new_clients_datagrams_are_dropped_and_said_once(tmp_path: Any) -> None:
+    """
+    A real twistd with no descriptor left: a new client's datagram finds no
+    socket to the backend, is dropped, and the router says so once for
+    them all (not once a datagram). With descriptors free again the same
+    client is served.
+    """
+    echo = UDPEcho(tag=b"echo:")
+    port = free_port(socket.SOCK_DGRAM)
+    daemon = one_route_daemon(tmp_path, "game", echo.address, port, "udp")
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        await daemon.port_of("game")
+        pid = daemon.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
+        try:
+            for client in clients:
+                client.settimeout(30)
+                client.sendto(b"hello", (LOOPBACK, port))
+            await daemon.wait_line(r"udp game: cannot open a socket to the backend: \[Errno 24\] Too many open files; "
+                                   r"dropped 1 datagrams from new clients")
+            # All three read (none left in the router's socket): the first
+            # was said, the other two wait to be counted in the next line.
+            await wait_for(lambda: not any(s.rx_queue for s in kernel_sockets("udp") if s.port == port),
+                           what="the router to read the three datagrams")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        clients[0].sendto(b"again", (LOOPBACK, port))
+        assert await in_thread(clients[0].recv, 100) == b"echo:again"
+        assert len([line for line in daemon.output if "cannot open a socket" in line]) == 1
+        assert echo.received == 1
+        assert not daemon.find("Unhandled Error|Traceback"), "\n".join(daemon.output)
+        daemon.terminate()
+        assert daemon.proc.returncode == 0
+    finally:
+        daemon.stop()
+        for client in clients:
+            client.close()
+        echo.close()
