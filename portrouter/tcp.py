@@ -446,10 +446,13 @@ class TCPRoute(Factory):
         for wait in arrived:
             try:
                 wait.start()
-            except Exception:
-                # Out of descriptors making its backend socket, say: this
-                # client is closed, and the others of the round still go on.
-                log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
+            except Exception as e:
+                # This client is closed, and the others of the round still go on.
+                if isinstance(e, OSError) and e.errno in _EXHAUSTED:
+                    log.warn("tcp {project} {peer}: closed, no descriptor for its backend connection",
+                             project=self.name, peer=show_address(wait.address))
+                else:
+                    log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
                 wait.abandon()
 
     def update(self, project: Project) -> None:

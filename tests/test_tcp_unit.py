@@ -329,17 +329,20 @@ def test_the_bound_address_of_a_listener_names_every_connections_destination(
         assert bound_address(unix) is None
 
 
+@pytest.mark.parametrize("error", [OSError(errno.EMFILE, "Too many open files"), RuntimeError("a bug")],
+                         ids=["out of descriptors", "a bug"])
 def test_a_trusted_client_whose_first_look_fails_is_closed_and_the_others_go_on(
-        no_tracebacks: list[dict[str, Any]]) -> None:
+        error: Exception, no_tracebacks: list[dict[str, Any]]) -> None:
     reactor, route = make_route()
     gate = ProxyGate(route, ProxyProtocol((ipaddress.ip_network("127.0.0.1/32"),), 5.0), reactor)
     pairs = [socket.socketpair() for _ in range(2)]
     taken: list[tuple[Any, ...]] = []
+    lines: list[dict[str, Any]] = []
 
     def accept_socket(sock: Any, address: tuple[Any, ...], *rest: Any) -> None:
         if not taken and address[1] == 40001:
             taken.append(("failed",))
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise error
         taken.append(address)
 
     route.accept_socket = accept_socket  # type: ignore[method-assign]
@@ -347,12 +350,21 @@ def test_a_trusted_client_whose_first_look_fails_is_closed_and_the_others_go_on(
         theirs.settimeout(30)
         theirs.sendall(header("v2", ("203.0.113.7", port), ("127.0.0.1", 5000)) + b"hi")
         route.look_later(tcp._HeaderWait(route, gate, _socket.socket(fileno=ours.detach()), ("127.0.0.1", port)))
-    reactor.advance(0)  # the round's end (a turn, on a memory reactor): both are looked at
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        reactor.advance(0)  # the round's end (a turn, on a memory reactor): both are looked at
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
     assert taken == [("failed",), ("127.0.0.1", 40002)]
     assert pairs[0][1].recv(10) == b""  # closed
-    [failed] = [e for e in no_tracebacks if "first look failed" in e.get("log_format", "")]
-    assert failed["log_failure"].getErrorMessage() == "[Errno 24] Too many open files"
-    no_tracebacks.clear()
+    if isinstance(error, OSError):
+        # Said as the direct path says it, with no traceback.
+        assert [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"] == [
+            "tcp tcp-5000 127.0.0.1:40001: closed, no descriptor for its backend connection"]
+    else:
+        [failed] = [e for e in no_tracebacks if "first look failed" in e.get("log_format", "")]
+        assert failed["log_failure"].getErrorMessage() == "a bug"
+        no_tracebacks.clear()
     for _, theirs in pairs:
         theirs.close()
 
