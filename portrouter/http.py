@@ -198,7 +198,11 @@ class Upstream(Protocol):
             exchange.channel.flush()  # what this read produced, in one send
             left, self.splice_left = self.splice_left, None
             if left and self.exchange is exchange and not exchange.done:
-                BodySplice(self, exchange, left).start()
+                try:
+                    splice = BodySplice(self, exchange, left)
+                except OSError:
+                    return  # no pipe to be had (out of descriptors, say): the body goes on through the parser
+                splice.start()
                 return
         except httptools.HttpParserUpgrade as e:
             if self.exchange is not None:

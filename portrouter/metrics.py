@@ -85,12 +85,13 @@ class _Collector:
 
         udp_sessions = GaugeMetricFamily("portrouter_udp_sessions", "Open UDP sessions", labels=["project"])
         udp_dropped = CounterMetricFamily("portrouter_udp_dropped", "Datagrams from new clients dropped "
-                                          "at udp_max_sessions", labels=["project"])
+                                          "at udp_max_sessions, or with no socket to the backend to be had",
+                                          labels=["project"])
         for name, listener in sorted(router.listeners.items()):
             route = listener.factory
             if hasattr(route, "dropped") and hasattr(route, "sessions"):
                 udp_sessions.add_metric([name], len(route.sessions))
-                udp_dropped.add_metric([name], route.dropped)
+                udp_dropped.add_metric([name], route.dropped + getattr(route, "unopened", 0))
         yield udp_sessions
         yield udp_dropped
 

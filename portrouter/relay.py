@@ -267,7 +267,10 @@ class _Direction:
             self._open_pipe()  # a full read: this is a bulk transfer
 
     def _open_pipe(self) -> None:
-        self.rpipe, self.wpipe = open_pipe()
+        try:
+            self.rpipe, self.wpipe = open_pipe()
+        except OSError:
+            pass  # no pipe to be had (out of descriptors, say): recv and send still move it all, slower
 
     def _pump_splice(self) -> None:
         for _ in range(_BURST):
@@ -513,16 +516,22 @@ class SpliceRelay:
         C{timeout} seconds (C{deadlines} keeps it). The client is not read
         until then, so what it sends early waits in the kernel.
         """
-        err = connect_now(self.backend.sock, address)  # connected at once: no wait for writable
-        if err == 0:
-            self.start(self.early, 0)
-        elif err in (errno.EINPROGRESS, errno.EAGAIN):
-            self.connecting = deadlines
-            self.connect_timeout = timeout
-            deadlines.add(self, timeout)
-            self.reactor.addWriter(self.backend)
-        else:
-            self._connect_failed(err)
+        try:
+            err = connect_now(self.backend.sock, address)  # connected at once: no wait for writable
+            if err == 0:
+                self.start(self.early, 0)
+            elif err in (errno.EINPROGRESS, errno.EAGAIN):
+                self.connecting = deadlines
+                self.connect_timeout = timeout
+                deadlines.add(self, timeout)
+                self.reactor.addWriter(self.backend)
+            else:
+                self._connect_failed(err)
+        except Exception as e:
+            # Half made (epoll out of room, say): nothing of it is left
+            # behind, registered or waiting, for the caller to trip on.
+            self._close(f"portrouter could not relay it: {e}")
+            raise
 
     def _stop_waiting(self) -> None:
         deadlines, self.connecting = self.connecting, None

@@ -205,8 +205,11 @@ class _DirectAccept:
         self.port = port
         self.twisted_read = port.doRead
         self.local = bound_address(port.socket)
-        self.out_since: float | None = None  # when accepting stopped for want of descriptors; None: it has not
-        self.resume: Any = None  # the call that starts accepting again, while paused
+        # Out of descriptors since when (accepting paused, then tried again);
+        # None: not out. And the clients accepted meanwhile that had to be
+        # closed, with none left for their backend connection.
+        self.out_since: float | None = None
+        self.closed_while_out = 0
 
     def __call__(self) -> None:
         port = self.port
@@ -215,11 +218,10 @@ class _DirectAccept:
         route = factory if gate is None else gate.inner
         # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
         if not isinstance(route, TCPRoute) or route.direct is None:
+            self.out_since = None  # Twisted's own handling from now on, should it run out
             self.twisted_read()  # type: ignore[no-untyped-call]
             return
         listening = port.socket
-        family = listening.family
-        local = self.local
         for _ in range(_ACCEPTS):
             try:
                 # A client's socket is the C socket object: no Python wrapper
@@ -234,54 +236,65 @@ class _DirectAccept:
                     continue  # that client gave up; go on with the next
                 self._pause(route, e)
                 return
-            if self.out_since is not None:
-                self._accepting_again(route)
-            if gate is not None and not gate.trusts(address[0]):
-                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-                sock.setblocking(False)
-                _twisted_accept(port, gate, sock, address)
-                continue
-            client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            client.setblocking(False)
-            if gate is not None:
-                route.look_later(_HeaderWait(route, gate, client, address, local))
-                continue
+            # Whatever fails is this client's alone: raised out of doRead, it
+            # would make the reactor close the listening port.
             try:
-                route.accept_socket(client, address, local=local)
-            except Exception as e:
-                # This client is closed; the listener goes on. (Raised out of
-                # doRead, the error would make the reactor close the port.)
-                client.close()
-                if isinstance(e, OSError) and e.errno in _EXHAUSTED:
-                    log.warn("tcp {project} {peer}: closed, no descriptor for its backend connection",
-                             project=route.name, peer=show_address(address))
-                    self._pause(route, e)
-                    return
+                self._take(route, gate, listening.family, fd, address)
+            except OSError as e:
+                if e.errno not in _EXHAUSTED:
+                    log.failure("tcp {project} {peer}: could not be relayed; closed",
+                                project=route.name, peer=show_address(address))
+                    continue
+                self.closed_while_out += 1  # accepted with the last descriptor, none left for its backend
+                self._pause(route, e)
+                return
+            except Exception:
                 log.failure("tcp {project} {peer}: could not be relayed; closed",
                             project=route.name, peer=show_address(address))
+                continue
+            if self.out_since is not None:
+                self._accepting_again(route)
+
+    def _take(self, route: TCPRoute, gate: ProxyGate | None, family: int, fd: int,
+              address: tuple[Any, ...]) -> None:
+        """One accepted client, to its relay, its header's wait or Twisted's transport; closed if that fails."""
+        if gate is not None and not gate.trusts(address[0]):
+            # As Twisted's port does it (which leaves a failed protocol's socket to the collector).
+            _twisted_accept(self.port, gate, socket.socket(family, socket.SOCK_STREAM, 0, fd), address)
+            return
+        client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        try:
+            client.setblocking(False)
+            if gate is not None:
+                route.look_later(_HeaderWait(route, gate, client, address, self.local))
+            else:
+                route.accept_socket(client, address, local=self.local)
+        except BaseException:
+            client.close()  # a relay that was made closed it already: closing twice does nothing
+            raise
 
     def _pause(self, route: TCPRoute, error: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once until it is over."""
-        port = self.port
-        port.stopReading()
-        self.resume = route.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
+        self.port.stopReading()
+        route.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
         if self.out_since is None:
             self.out_since = route.reactor.seconds()
-            log.warn("tcp {project}: cannot accept: {why}; clients wait in the listen queue, "
-                     "tried again every {pause:g} s", project=route.name, why=error.strerror,
+            log.warn("tcp {project}: out of descriptors ({why}): not accepting, tried again every {pause:g} s; "
+                     "clients wait in the listen queue meanwhile", project=route.name, why=error.strerror,
                      pause=OUT_OF_DESCRIPTORS_PAUSE)
 
     def _resume(self) -> None:
-        self.resume = None
         port = self.port
         if port.connected and not port.disconnecting:  # not stopped meanwhile (a project removed)
             port.startReading()
 
     def _accepting_again(self, route: TCPRoute) -> None:
         assert self.out_since is not None
-        log.info("tcp {project}: accepting again, after {seconds:.1f} s out of descriptors",
-                 project=route.name, seconds=route.reactor.seconds() - self.out_since)
+        log.info("tcp {project}: accepting again, after {seconds:.1f} s out of descriptors; clients accepted "
+                 "meanwhile and closed, with none for their backend: {closed}", project=route.name,
+                 seconds=route.reactor.seconds() - self.out_since, closed=self.closed_while_out)
         self.out_since = None
+        self.closed_while_out = 0
 
 
 def bound_address(listening: socket.socket) -> tuple[str, int] | None:

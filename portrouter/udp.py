@@ -206,7 +206,8 @@ class UDPRoute(DatagramProtocol):
         self.ended_in = self.ended_out = 0  # bytes of the sessions that ended, each way
         self._dropped_reported = 0
         self._last_report = -DROP_REPORT
-        self.unopened = 0  # datagrams of new clients dropped for want of a backend socket, since last said
+        self.unopened = 0  # datagrams of new clients dropped for want of a backend socket
+        self._unopened_said = 0  # ... as many as the last line counted
         self._unopened_reported = -DROP_REPORT
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
@@ -386,14 +387,15 @@ class UDPRoute(DatagramProtocol):
             if sock is not None:
                 sock.close()
             # Dropped. Out of descriptors this is every new client's
-            # datagram: said once per DROP_REPORT seconds, with the count.
+            # datagram: said at most once per DROP_REPORT seconds, with the
+            # count since the last time, as a full session table is.
             self.unopened += 1
             if now - self._unopened_reported >= DROP_REPORT:
                 log.warn("udp {project}: cannot open a socket to the backend: {why}; "
                          "dropped {count} datagrams from new clients",
-                         project=self.project.name, why=e, count=self.unopened)
+                         project=self.project.name, why=e, count=self.unopened - self._unopened_said)
                 self._unopened_reported = now
-                self.unopened = 0
+                self._unopened_said = self.unopened
             return None
         session = _Session(self, client, now, sock, reply_to)
         if self.project.send_proxy is not None:

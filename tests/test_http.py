@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -16,6 +17,7 @@ import pytest_twisted
 
 from dataclasses import replace
 
+import portrouter.relay
 from portrouter import http as http_module
 from portrouter.config import parse_project
 from portrouter.model import Config, Listen
@@ -444,8 +446,15 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
     """
     port = free_port()
     daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
+    warm = None
     try:
         await daemon.port_of("web")
+        # Once it has answered, the reactor runs (its start opens a pipe for
+        # SIGCHLD, after the ports are bound). The connection stays open: a
+        # descriptor closing while the limit is set would be one more left.
+        warm = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
+        await in_thread(warm.request, "GET", "/_api/health")
+        assert (await in_thread(warm.getresponse)).status == 200
         pid = daemon.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + 1, hard))
@@ -463,4 +472,33 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
         daemon.terminate()
         assert daemon.proc.returncode == 0
     finally:
+        if warm is not None:
+            warm.close()
         daemon.stop()
+
+
+def no_pipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pipe the relay asks for is refused, as when the router is out of descriptors."""
+    def refused() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(portrouter.relay, "open_pipe", refused)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_with_no_pipe_to_be_had_goes_through_python_whole(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    spliced = force_python_bodies(monkeypatch, "spliced")
+    no_pipes(monkeypatch)
+    router, ingress, _ = await router_for(backend.address)
+    size = 4 * SPLICE_BODY
+    sock = socket.create_connection((LOOPBACK, ingress), timeout=60)
+    try:
+        sock.sendall(b"GET /web/blob?size=%d&seed=5 HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+        head, total, digest = await in_thread(read_response, sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert (total, digest) == (size, hash_of(pattern(5, size)))
+        assert spliced == []  # none could be made
+    finally:
+        sock.close()
+        await router.stopService()

@@ -437,11 +437,66 @@ def test_out_of_descriptors_a_listener_pauses_says_so_once_and_not_after_it_stop
         reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
         assert not port.reading
     finally:
-        globalLogPublisher.removeObserver(lines)
+        globalLogPublisher.removeObserver(lines.append)
     said = [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"]
+    out = ("tcp tcp-5000: out of descriptors (Too many open files): not accepting, tried again every 0.1 s; "
+           "clients wait in the listen queue meanwhile")
     assert said == [
-        "tcp tcp-5000: cannot accept: Too many open files; clients wait in the listen queue, tried again every 0.1 s",
-        "tcp tcp-5000: accepting again, after 0.2 s out of descriptors",
-        "tcp tcp-5000: cannot accept: Too many open files; clients wait in the listen queue, tried again every 0.1 s",
+        out,
+        "tcp tcp-5000: accepting again, after 0.2 s out of descriptors; "
+        "clients accepted meanwhile and closed, with none for their backend: 0",
+        out,
     ]
     pair[1].close()
+
+
+class NoRoomReactor(MemoryReactorClock):
+    """A reactor whose epoll set has no room for another reader (max_user_watches reached, say)."""
+
+    def addReader(self, reader: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_relay_that_cannot_be_watched_is_closed_whole_and_the_next_client_is_taken(
+        no_tracebacks: list[dict[str, Any]]) -> None:
+    """
+    A relay half made (its backend connected, the reactor refusing to watch
+    it) leaves nothing behind: both sockets closed, its session ended with
+    the reason, nothing registered; the accept loop goes on with the next
+    client, and the listener is not lost.
+    """
+    reactor = NoRoomReactor()
+    with socket.socket() as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        project = parse_cli_route("tcp", f"tcp:5000 -> tcp:127.0.0.1:{backend.getsockname()[1]}", Limits())
+        sessions = Sessions(reactor)
+        route = TCPRoute(reactor, project, sessions)
+        pairs = [socket.socketpair() for _ in range(2)]
+        port = ListeningPort(route, [(ours.detach(), ("127.0.0.1", 40001 + i)) for i, (ours, _) in enumerate(pairs)])
+        tcp.accept_directly(port)  # type: ignore[arg-type]
+        lines: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(lines.append)
+        try:
+            port.doRead()
+        finally:
+            globalLogPublisher.removeObserver(lines.append)
+        assert port.reading and not sessions.live and not reactor.readers and not reactor.writers
+        for _, theirs in pairs:
+            theirs.settimeout(30)
+            assert theirs.recv(10) == b""  # closed
+            theirs.close()
+        for _ in pairs:
+            conn, _ = backend.accept()  # connected, then closed with its relay
+            conn.settimeout(30)
+            assert conn.recv(10) == b""
+            conn.close()
+        said = [formatEvent(e) for e in lines]
+        assert said == [line for i in range(2) for line in (
+            f"tcp tcp-5000 127.0.0.1:{40001 + i}: portrouter could not relay it: [Errno 28] No space left on "
+            "device; 0 bytes in, 0 bytes out, 0.000 s",
+            f"tcp tcp-5000 127.0.0.1:{40001 + i}: could not be relayed; closed",
+        )], said
+        failed = [e for e in no_tracebacks if "could not be relayed" in e.get("log_format", "")]
+        assert [e["log_failure"].getErrorMessage() for e in failed] == ["[Errno 28] No space left on device"] * 2
+        no_tracebacks.clear()

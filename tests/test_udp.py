@@ -17,6 +17,7 @@ import struct
 import subprocess
 import time
 from typing import Any, Iterator
+from urllib.request import urlopen
 
 import pytest
 import pytest_twisted
@@ -508,9 +509,17 @@ async def test_out_of_descriptors_a_new_clients_datagrams_are_dropped_and_said_o
     echo = UDPEcho(tag=b"echo:")
     port = free_port(socket.SOCK_DGRAM)
     daemon = one_route_daemon(tmp_path, "game", echo.address, port, "udp")
-    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    warm, clients = clients[0], clients[1:]
     try:
         await daemon.port_of("game")
+        ingress = await daemon.ingress_port()
+        # Once it has answered, the reactor runs (its start opens a pipe for
+        # SIGCHLD, after the ports are bound); that client's session, and its
+        # socket, stay open throughout.
+        warm.settimeout(30)
+        warm.sendto(b"warm", (LOOPBACK, port))
+        assert await in_thread(warm.recv, 100) == b"echo:warm"
         pid = daemon.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
@@ -529,12 +538,14 @@ async def test_out_of_descriptors_a_new_clients_datagrams_are_dropped_and_said_o
         clients[0].sendto(b"again", (LOOPBACK, port))
         assert await in_thread(clients[0].recv, 100) == b"echo:again"
         assert len([line for line in daemon.output if "cannot open a socket" in line]) == 1
-        assert echo.received == 1
+        assert echo.received == 2  # the first client's, then the one after the limit
+        metrics = await in_thread(lambda: urlopen(f"http://{LOOPBACK}:{ingress}/_api/metrics", timeout=30).read())
+        assert b'portrouter_udp_dropped_total{project="game"} 3.0' in metrics  # the three, counted all the same
         assert not daemon.find("Unhandled Error|Traceback"), "\n".join(daemon.output)
         daemon.terminate()
         assert daemon.proc.returncode == 0
     finally:
         daemon.stop()
-        for client in clients:
+        for client in (warm, *clients):
             client.close()
         echo.close()
