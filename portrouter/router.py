@@ -44,6 +44,11 @@ T = TypeVar("T")
 
 # What the router's own ports are called in its log lines and errors, by route protocol.
 _OWN = {"http": "the ingress", "ssh": "the manhole", "sni": "the TLS front"}
+
+
+def _what(route: Route) -> str:
+    """A listener as its lines name it: "tcp route ssh", "ingress"."""
+    return f"{route.protocol} route {route.project}" if route.project else _OWN[route.protocol][4:]
 DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
 BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
 STALE_RETRIES = 20  # an API change recomputed at most this often when other routers keep changing the table
@@ -369,7 +374,7 @@ class RouterService(MultiService):
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
                 tls = self._tls_for(route, endpoint)
-                port = self._listen_tcp(endpoint, factory, tls, route.proxy)
+                port = self._listen_tcp(endpoint, factory, tls, route.proxy, _what(route))
                 if port is None:
                     port = await endpoint.listen(gated(factory, route.proxy, self.reactor))
         except CertificateError as e:
@@ -378,7 +383,7 @@ class RouterService(MultiService):
             raise BindError(route, _os_reason(e)) from None
         log.info(
             "{what} listening on {address}",
-            what=f"{route.protocol} route {route.project}" if route.project else _OWN[route.protocol][4:],
+            what=_what(route),
             address=_address(port),
             project=route.project,
         )
@@ -391,7 +396,7 @@ class RouterService(MultiService):
         return strport_tls(endpoint)
 
     def _listen_tcp(self, endpoint: Any, factory: Any, tls: Any = None,
-                    proxy: ProxyProtocol | None = None) -> IListeningPort | None:
+                    proxy: ProxyProtocol | None = None, name: str = "a listener") -> IListeningPort | None:
         """
         Bind a plain TCP or ``ssl:`` strport ourselves: TCP routes accept
         directly (plain TCP only), TLS uses our own contexts (L{certs}), and
@@ -410,10 +415,12 @@ class RouterService(MultiService):
             port = reused
         else:
             port = self.reactor.listenTCP(endpoint._port, outer, backlog, endpoint._interface)
-        if isinstance(factory, TCPRoute) and isinstance(port, tcp.Port):
-            # Plain TCP only: TLS is Twisted's to do, in user space. Behind a
-            # gate, trusted clients come direct once their header is read.
-            accept_directly(port)
+        if isinstance(port, tcp.Port):
+            # Our accept: a plain TCP route's clients go to its relay (TLS is
+            # Twisted's to do, in user space; behind a gate, trusted clients
+            # come direct once their header is read), the others get
+            # Twisted's transports; out of descriptors, it pauses.
+            accept_directly(port, self.reactor, name)
         return port
 
     async def apply(self, table: RoutingTable, *, first: bool = False) -> None:

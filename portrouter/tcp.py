@@ -168,14 +168,15 @@ class _Guarded(_Inbound):
         super().dataReceived(data)
 
 
-def accept_directly(port: tcp.Port) -> None:
+def accept_directly(port: tcp.Port, reactor: IReactor, name: str) -> None:
     """
-    Give a listening TCP port a C{doRead} that hands accepted sockets
-    straight to its route's relay when the route can take them
-    (L{TCPRoute.direct}), and otherwise does what Twisted's port does. A
-    route behind a L{ProxyGate} takes its trusted clients the same way, once
-    their header is read (L{_HeaderWait}); the others get Twisted's transport,
-    whose first bytes are watched for a forged header.
+    Give a listening TCP port (C{name} in the log: "the ingress", "http
+    route web") a C{doRead} of ours. It hands accepted sockets straight to
+    their route's relay when the route can take them (L{TCPRoute.direct}):
+    a route behind a L{ProxyGate} takes its trusted clients the same way,
+    once their header is read (L{_HeaderWait}). Every other client gets
+    Twisted's transport, as Twisted's port would make it. Out of
+    descriptors, it stops accepting for a while (L{OUT_OF_DESCRIPTORS_PAUSE}).
     """
     # Accepted sockets inherit TCP_NODELAY from the listening one (Linux):
     # set once here, not once per connection.
@@ -183,7 +184,7 @@ def accept_directly(port: tcp.Port) -> None:
         port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not TCP after all (a UNIX socket): nothing to inherit
-    port.doRead = _DirectAccept(port)  # type: ignore[method-assign]
+    port.doRead = _DirectAccept(port, reactor, name)  # type: ignore[method-assign]
 
 
 # Why accept() or socket() fails when the process or the system has run out
@@ -194,16 +195,19 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # clients wait in the kernel's listen queue meanwhile; without the pause the
 # router would spin, the queue readable at every turn and every accept
 # failing, and write a line each time. nginx also stops accepting for a
-# while (HAProxy until a connection closes).
+# while (HAProxy until a connection closes). Twisted's own port instead
+# accepts every waiting client with a descriptor it keeps in reserve and
+# closes it at once, with three lines in the log.
 OUT_OF_DESCRIPTORS_PAUSE = 0.1
 
 
 class _DirectAccept:
     """A listening port's C{doRead}, as L{accept_directly} gives it."""
 
-    def __init__(self, port: tcp.Port):
+    def __init__(self, port: tcp.Port, reactor: IReactor, name: str):
         self.port = port
-        self.twisted_read = port.doRead
+        self.reactor = reactor
+        self.name = name
         self.local = bound_address(port.socket)
         # Out of descriptors since when (accepting paused, then tried again);
         # None: not out. And the clients accepted meanwhile that had to be
@@ -214,73 +218,70 @@ class _DirectAccept:
     def __call__(self) -> None:
         port = self.port
         factory = port.factory
+        assert factory is not None  # a listening port's, set when it was made
         gate = factory if isinstance(factory, ProxyGate) else None
         route = factory if gate is None else gate.inner
-        # Not a TCPRoute (a TLS port has TLSFactory here): Twisted accepts.
-        if not isinstance(route, TCPRoute) or route.direct is None:
-            self.out_since = None  # Twisted's own handling from now on, should it run out
-            self.twisted_read()  # type: ignore[no-untyped-call]
-            return
+        # A TLS port has TLSFactory here, an HTTP one its site: Twisted's transports.
+        direct = route if isinstance(route, TCPRoute) and route.direct is not None else None
         listening = port.socket
         for _ in range(_ACCEPTS):
             try:
                 # A client's socket is the C socket object: no Python wrapper
                 # made and closed per connection (the relay uses no more than
-                # it has). Twisted's transport, for an untrusted client behind
-                # a gate, gets the wrapper.
+                # it has). Twisted's transport gets the wrapper.
                 fd, address = listening._accept()  # type: ignore[union-attr]  # socket.accept without its wrapper
             except BlockingIOError:
                 return
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # that client gave up; go on with the next
-                self._pause(route, e)
+                self._pause(e)
                 return
             # Whatever fails is this client's alone: raised out of doRead, it
             # would make the reactor close the listening port.
             try:
-                self._take(route, gate, listening.family, fd, address)
+                self._take(factory, direct, gate, listening.family, fd, address)
             except OSError as e:
                 if e.errno not in _EXHAUSTED:
-                    log.failure("tcp {project} {peer}: could not be relayed; closed",
-                                project=route.name, peer=show_address(address))
+                    log.failure("{listener} {peer}: could not be relayed; closed",
+                                listener=self.name, peer=show_address(address))
                     continue
                 self.closed_while_out += 1  # accepted with the last descriptor, none left for its backend
-                self._pause(route, e)
+                self._pause(e)
                 return
             except Exception:
-                log.failure("tcp {project} {peer}: could not be relayed; closed",
-                            project=route.name, peer=show_address(address))
+                log.failure("{listener} {peer}: could not be relayed; closed",
+                            listener=self.name, peer=show_address(address))
                 continue
             if self.out_since is not None:
-                self._accepting_again(route)
+                self._accepting_again()
 
-    def _take(self, route: TCPRoute, gate: ProxyGate | None, family: int, fd: int,
+    def _take(self, factory: Factory, direct: TCPRoute | None, gate: ProxyGate | None, family: int, fd: int,
               address: tuple[Any, ...]) -> None:
         """One accepted client, to its relay, its header's wait or Twisted's transport; closed if that fails."""
-        if gate is not None and not gate.trusts(address[0]):
+        if direct is None or (gate is not None and not gate.trusts(address[0])):
             # As Twisted's port does it (which leaves a failed protocol's socket to the collector).
-            _twisted_accept(self.port, gate, socket.socket(family, socket.SOCK_STREAM, 0, fd), address)
+            _twisted_accept(self.port, factory, socket.socket(family, socket.SOCK_STREAM, 0, fd), address)
             return
         client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
         try:
             client.setblocking(False)
             if gate is not None:
-                route.look_later(_HeaderWait(route, gate, client, address, self.local))
+                direct.look_later(_HeaderWait(direct, gate, client, address, self.local))
             else:
-                route.accept_socket(client, address, local=self.local)
+                direct.accept_socket(client, address, local=self.local)
         except BaseException:
             client.close()  # a relay that was made closed it already: closing twice does nothing
             raise
 
-    def _pause(self, route: TCPRoute, error: OSError) -> None:
+    def _pause(self, error: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once until it is over."""
         self.port.stopReading()
-        route.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
+        self.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
         if self.out_since is None:
-            self.out_since = route.reactor.seconds()
-            log.warn("tcp {project}: out of descriptors ({why}): not accepting, tried again every {pause:g} s; "
-                     "clients wait in the listen queue meanwhile", project=route.name, why=error.strerror,
+            self.out_since = self.reactor.seconds()
+            log.warn("{listener}: out of descriptors ({why}): not accepting, tried again every {pause:g} s; "
+                     "clients wait in the listen queue meanwhile", listener=self.name, why=error.strerror,
                      pause=OUT_OF_DESCRIPTORS_PAUSE)
 
     def _resume(self) -> None:
@@ -288,11 +289,11 @@ class _DirectAccept:
         if port.connected and not port.disconnecting:  # not stopped meanwhile (a project removed)
             port.startReading()
 
-    def _accepting_again(self, route: TCPRoute) -> None:
+    def _accepting_again(self) -> None:
         assert self.out_since is not None
-        log.info("tcp {project}: accepting again, after {seconds:.1f} s out of descriptors; clients accepted "
-                 "meanwhile and closed, with none for their backend: {closed}", project=route.name,
-                 seconds=route.reactor.seconds() - self.out_since, closed=self.closed_while_out)
+        log.info("{listener}: accepting again, after {seconds:.1f} s out of descriptors; clients accepted "
+                 "meanwhile and closed, with none for their backend: {closed}", listener=self.name,
+                 seconds=self.reactor.seconds() - self.out_since, closed=self.closed_while_out)
         self.out_since = None
         self.closed_while_out = 0
 
@@ -319,6 +320,10 @@ def bound_address(listening: socket.socket) -> tuple[str, int] | None:
 
 def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, address: tuple[Any, ...]) -> None:
     """What Twisted's port does with an accepted socket: a transport for C{factory}'s protocol."""
+    if len(address) == 4 and address[3]:
+        # A link-local IPv6 peer: its host names its interface ("fe80::1%eth0"), as Twisted's port writes it.
+        host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+        address = (host, *address[1:])
     protocol = factory.buildProtocol(port._buildAddr(address))
     if protocol is None:
         sock.close()

@@ -288,7 +288,7 @@ async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_
         # make `left` more, then none.
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + left, hard))
         waiting = connect(port)
-        await daemon.wait_line(r"tcp fd: out of descriptors \(Too many open files\): not accepting, "
+        await daemon.wait_line(r"tcp route fd: out of descriptors \(Too many open files\): not accepting, "
                                r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
         if left:
             assert await in_thread(waiting.recv, 100) == b""  # accepted, and closed: none for its backend
@@ -299,7 +299,7 @@ async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_
             waiting = connect(port)
         assert await in_thread(echoed, waiting) == b"ping"
         waiting.close()
-        await daemon.wait_line(rf"tcp fd: accepting again, after \d+\.\d s out of descriptors; "
+        await daemon.wait_line(rf"tcp route fd: accepting again, after \d+\.\d s out of descriptors; "
                                rf"clients accepted meanwhile and closed, with none for their backend: {left}$")
         # Once (each failed accept wrote a line before: 17,000 in 0.3 s).
         said = [line for line in daemon.output if "out of descriptors (" in line]

@@ -416,7 +416,7 @@ def test_out_of_descriptors_a_listener_pauses_says_so_once_and_not_after_it_stop
     port = ListeningPort(route, [emfile, emfile])
     taken: list[tuple[Any, ...]] = []
     route.accept_socket = lambda sock, address, **kw: taken.append(address)  # type: ignore[method-assign]
-    tcp.accept_directly(port)  # type: ignore[arg-type]
+    tcp.accept_directly(port, reactor, "tcp route tcp-5000")  # type: ignore[arg-type]
     lines: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(lines.append)
     try:
@@ -439,11 +439,11 @@ def test_out_of_descriptors_a_listener_pauses_says_so_once_and_not_after_it_stop
     finally:
         globalLogPublisher.removeObserver(lines.append)
     said = [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"]
-    out = ("tcp tcp-5000: out of descriptors (Too many open files): not accepting, tried again every 0.1 s; "
+    out = ("tcp route tcp-5000: out of descriptors (Too many open files): not accepting, tried again every 0.1 s; "
            "clients wait in the listen queue meanwhile")
     assert said == [
         out,
-        "tcp tcp-5000: accepting again, after 0.2 s out of descriptors; "
+        "tcp route tcp-5000: accepting again, after 0.2 s out of descriptors; "
         "clients accepted meanwhile and closed, with none for their backend: 0",
         out,
     ]
@@ -474,7 +474,7 @@ def test_a_relay_that_cannot_be_watched_is_closed_whole_and_the_next_client_is_t
         route = TCPRoute(reactor, project, sessions)
         pairs = [socket.socketpair() for _ in range(2)]
         port = ListeningPort(route, [(ours.detach(), ("127.0.0.1", 40001 + i)) for i, (ours, _) in enumerate(pairs)])
-        tcp.accept_directly(port)  # type: ignore[arg-type]
+        tcp.accept_directly(port, reactor, "tcp route tcp-5000")  # type: ignore[arg-type]
         lines: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(lines.append)
         try:
@@ -495,7 +495,7 @@ def test_a_relay_that_cannot_be_watched_is_closed_whole_and_the_next_client_is_t
         assert said == [line for i in range(2) for line in (
             f"tcp tcp-5000 127.0.0.1:{40001 + i}: portrouter could not relay it: [Errno 28] No space left on "
             "device; 0 bytes in, 0 bytes out, 0.000 s",
-            f"tcp tcp-5000 127.0.0.1:{40001 + i}: could not be relayed; closed",
+            f"tcp route tcp-5000 127.0.0.1:{40001 + i}: could not be relayed; closed",
         )], said
         failed = [e for e in no_tracebacks if "could not be relayed" in e.get("log_format", "")]
         assert [e["log_failure"].getErrorMessage() for e in failed] == ["[Errno 28] No space left on device"] * 2
