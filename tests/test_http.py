@@ -27,6 +27,7 @@ from tests.support import (
     LOOPBACK,
     MiB,
     ThreadServer,
+    Twistd,
     free_port,
     in_thread,
     lowest_free_descriptor,
@@ -435,6 +436,21 @@ async def test_malformed_request_gets_400_and_reaches_no_backend(backend: Backen
         await router.stopService()
 
 
+async def answering(daemon: Twistd, project: str) -> http.client.HTTPConnection:
+    """
+    Once C{project} is bound and the router has answered on its ingress, its
+    reactor runs (starting, it opens a pipe for SIGCHLD, after the ports are
+    bound). The connection it answered on is kept open, for the caller to
+    close: a descriptor of the router's closing while a test counts them
+    would be one more left.
+    """
+    await daemon.port_of(project)
+    connection = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
+    await in_thread(connection.request, "GET", "/_api/health")
+    assert (await in_thread(connection.getresponse)).status == 200
+    return connection
+
+
 @pytest_twisted.ensureDeferred
 async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_502_and_the_next_is_served(
         backend: Backend, tmp_path: Any) -> None:
@@ -448,13 +464,7 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
     daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
     warm = None
     try:
-        await daemon.port_of("web")
-        # Once it has answered, the reactor runs (its start opens a pipe for
-        # SIGCHLD, after the ports are bound). The connection stays open: a
-        # descriptor closing while the limit is set would be one more left.
-        warm = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
-        await in_thread(warm.request, "GET", "/_api/health")
-        assert (await in_thread(warm.getresponse)).status == 200
+        warm = await answering(daemon, "web")
         pid = daemon.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + 1, hard))
@@ -517,11 +527,7 @@ async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client
     daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
     warm = None
     try:
-        await daemon.port_of("web")
-        # As above: the reactor runs, and no descriptor closes meanwhile.
-        warm = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
-        await in_thread(warm.request, "GET", "/_api/health")
-        assert (await in_thread(warm.getresponse)).status == 200
+        warm = await answering(daemon, "web")
         pid = daemon.proc.pid
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
