@@ -34,7 +34,7 @@ from portrouter.http import HTTPRoute, HTTPRoutes
 from portrouter.interfaces import IReactor
 from portrouter.services import Services
 from portrouter.sessions import Sessions
-from portrouter.tcp import TCPRoute, accept_directly
+from portrouter.tcp import TCPRoute, accept_directly, name_listener
 from portrouter.udp import MAX_DATAGRAM, UDPRoute
 from portrouter.auth import Credentials
 from portrouter.ws import WSRoute
@@ -232,6 +232,7 @@ class Listener(Service):
                 else:
                     inner = TLSFactory(tls, False, factory)
             self.port.factory = gated(inner, self.route.proxy, reactor)  # type: ignore[attr-defined]
+            name_listener(self.port, _what(self.route))
         self.factory = factory
 
 

@@ -179,17 +179,29 @@ def accept_directly(port: tcp.Port, reactor: IReactor, name: str) -> None:
     descriptors, it stops accepting for a while (L{OUT_OF_DESCRIPTORS_PAUSE}).
     """
     # Accepted sockets inherit TCP_NODELAY from the listening one (Linux):
-    # set once here, not once per connection.
-    try:
-        port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not TCP after all (a UNIX socket): nothing to inherit
+    # set once here, not once per connection. Every client of the router's
+    # has it, as HAProxy sets it: the relay writes what it has when it has
+    # it, an HTTP channel sets it anyway, an SSH shell's keystrokes want it.
+    port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     port.doRead = _DirectAccept(port, reactor, name)  # type: ignore[method-assign]
+
+
+def name_listener(port: Any, name: str) -> None:
+    """What a port's accept loop (L{accept_directly}) calls it in the log, once its route changed."""
+    accept = getattr(port, "doRead", None)
+    if isinstance(accept, _DirectAccept):
+        accept.name = name
 
 
 # Why accept() or socket() fails when the process or the system has run out
 # of descriptors (or of kernel memory for one).
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# What accept() says of the connection it was taking, which is gone, or of
+# the network under it: accept(2) says to try again, with the next client.
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                          errno.ENETUNREACH})
 
 # How long (seconds) a listener stops accepting when out of descriptors. Its
 # clients wait in the kernel's listen queue meanwhile; without the pause the
@@ -233,9 +245,12 @@ class _DirectAccept:
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # that client gave up; go on with the next
-                self._pause(e)
+                if e.errno in _CLIENT_GONE:
+                    continue
+                if e.errno in _EXHAUSTED:
+                    self._pause(e)
+                else:  # the listening socket's own trouble: said, and tried again at the next event
+                    log.failure("{listener}: accept failed", listener=self.name)
                 return
             # Whatever fails is this client's alone: raised out of doRead, it
             # would make the reactor close the listening port.
@@ -243,14 +258,14 @@ class _DirectAccept:
                 self._take(factory, direct, gate, listening.family, fd, address)
             except OSError as e:
                 if e.errno not in _EXHAUSTED:
-                    log.failure("{listener} {peer}: could not be relayed; closed",
+                    log.failure("{listener} {peer}: could not be served; closed",
                                 listener=self.name, peer=show_address(address))
                     continue
                 self.closed_while_out += 1  # accepted with the last descriptor, none left for its backend
                 self._pause(e)
                 return
             except Exception:
-                log.failure("{listener} {peer}: could not be relayed; closed",
+                log.failure("{listener} {peer}: could not be served; closed",
                             listener=self.name, peer=show_address(address))
                 continue
             if self.out_since is not None:
@@ -260,7 +275,6 @@ class _DirectAccept:
               address: tuple[Any, ...]) -> None:
         """One accepted client, to its relay, its header's wait or Twisted's transport; closed if that fails."""
         if direct is None or (gate is not None and not gate.trusts(address[0])):
-            # As Twisted's port does it (which leaves a failed protocol's socket to the collector).
             _twisted_accept(self.port, factory, socket.socket(family, socket.SOCK_STREAM, 0, fd), address)
             return
         client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
@@ -329,7 +343,14 @@ def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, addre
         sock.close()
         return
     session, port.sessionno = port.sessionno, port.sessionno + 1
-    protocol.makeConnection(port.transport(sock, protocol, address, port, session, port.reactor))
+    transport = port.transport(sock, protocol, address, port, session, port.reactor)
+    try:
+        protocol.makeConnection(transport)
+    except BaseException:
+        # The transport is watched already (it reads from its start): closed,
+        # not left open with a protocol that never began (Twisted leaves it).
+        transport.abortConnection()
+        raise
 
 
 @implementer(IReadDescriptor)

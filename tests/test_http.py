@@ -518,10 +518,11 @@ async def test_a_large_body_with_no_pipe_to_be_had_goes_through_python_whole(
 async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client_is_served(
         backend: Backend, tmp_path: Any) -> None:
     """
-    With no descriptor left, an HTTP route's listener stops accepting for a
-    moment at a time and says so once, its client waiting in the listen
-    queue (Twisted's own port would accept it with a descriptor held in
-    reserve and close it); with descriptors free, that client is served.
+    With no descriptor left, an HTTP route's port and the ingress stop
+    accepting for a moment at a time and say so once, their clients waiting
+    in the listen queue (Twisted's own port would accept them with a
+    descriptor held in reserve and close them); with descriptors free,
+    those clients are served.
     """
     port = free_port()
     daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
@@ -533,15 +534,17 @@ async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
         try:
             answer = in_thread(get, port, "/waited")
-            await daemon.wait_line(r"http route web: out of descriptors \(Too many open files\): not accepting, "
-                                   r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
+            health = in_thread(get, await daemon.ingress_port(), "/_api/health")
+            for listener in ("http route web", "ingress"):
+                await daemon.wait_line(rf"{listener}: out of descriptors \(Too many open files\): not accepting, "
+                                       r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
         finally:
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        status, _, _ = await answer
-        assert status == 200
-        await daemon.wait_line(r"http route web: accepting again, after \d+\.\d s out of descriptors; "
-                               r"clients accepted meanwhile and closed, with none for their backend: 0$")
-        assert len([line for line in daemon.output if "out of descriptors (" in line]) == 1
+        assert (await answer)[0] == (await health)[0] == 200
+        for listener in ("http route web", "ingress"):
+            await daemon.wait_line(rf"{listener}: accepting again, after \d+\.\d s out of descriptors; "
+                                   r"clients accepted meanwhile and closed, with none for their backend: 0$")
+        assert len([line for line in daemon.output if "out of descriptors (" in line]) == 2  # once each
         assert not daemon.find("Unhandled Error|Traceback|EMFILE"), "\n".join(daemon.output)
         daemon.terminate()
         assert daemon.proc.returncode == 0

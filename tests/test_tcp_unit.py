@@ -495,8 +495,44 @@ def test_a_relay_that_cannot_be_watched_is_closed_whole_and_the_next_client_is_t
         assert said == [line for i in range(2) for line in (
             f"tcp tcp-5000 127.0.0.1:{40001 + i}: portrouter could not relay it: [Errno 28] No space left on "
             "device; 0 bytes in, 0 bytes out, 0.000 s",
-            f"tcp route tcp-5000 127.0.0.1:{40001 + i}: could not be relayed; closed",
+            f"tcp route tcp-5000 127.0.0.1:{40001 + i}: could not be served; closed",
         )], said
-        failed = [e for e in no_tracebacks if "could not be relayed" in e.get("log_format", "")]
+        failed = [e for e in no_tracebacks if "could not be served" in e.get("log_format", "")]
         assert [e["log_failure"].getErrorMessage() for e in failed] == ["[Errno 28] No space left on device"] * 2
         no_tracebacks.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_protocol_that_fails_to_start_is_aborted_and_the_port_goes_on(
+        no_tracebacks: list[dict[str, Any]]) -> None:
+    """
+    Twisted's transport for a non-direct client is watched as soon as it is
+    made: a protocol whose start raises leaves it aborted (Twisted's own
+    port would leave it open and read), and the next client is taken.
+    """
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Broken(Protocol):
+        def connectionMade(self) -> None:
+            raise RuntimeError("a protocol bug")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Broken), interface="127.0.0.1")
+    tcp.accept_directly(port, reactor, "http route broken")
+    try:
+        def two_clients() -> list[bytes]:
+            got = []
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30) as client:
+                    try:
+                        got.append(client.recv(10))
+                    except ConnectionResetError:
+                        got.append(b"reset")
+            return got
+
+        assert await in_thread(two_clients) == [b"reset", b"reset"]
+        failed = [e for e in no_tracebacks if "could not be served" in e.get("log_format", "")]
+        assert [e["log_failure"].getErrorMessage() for e in failed] == ["a protocol bug"] * 2
+        assert not [r for r in reactor.getReaders() if isinstance(getattr(r, "protocol", None), Broken)]
+        no_tracebacks.clear()
+    finally:
+        await port.stopListening()

@@ -704,10 +704,11 @@ async def test_a_port_turns_tls_on_and_off_in_place(pki: PKI) -> None:
         await deploy("http", True, backend.address)
         done = await in_thread(curl, f"https://a.example.test:{port}/headers", pki.cafile)
         assert done.returncode == 0 and "ALPN: server accepted http/1.1" in done.stderr, done.stderr
+        assert bound.doRead.name == "http route x"  # what its accept loop's lines call it now
         await deploy("tcp", True, service.address)
         got = await in_thread(handshake, port, pki.cafile, "a.example.test", alpn=["http/1.1"], send=b"2")
         assert (got["echo"], got["alpn"]) == (b"2", None)  # a TCP route chooses no protocol
-        assert router.listeners["x"].port is bound
+        assert router.listeners["x"].port is bound and bound.doRead.name == "tcp route x"
     finally:
         await router.stopService()
         service.close()
