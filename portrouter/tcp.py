@@ -249,8 +249,11 @@ class _DirectAccept:
                     continue
                 if e.errno in _EXHAUSTED:
                     self._pause(e)
-                else:  # the listening socket's own trouble: said, and tried again at the next event
+                else:
+                    # The listening socket's own trouble: said, and tried
+                    # again after the same pause (not spun on at every turn).
                     log.failure("{listener}: accept failed", listener=self.name)
+                    self._wait()
                 return
             # Whatever fails is this client's alone: raised out of doRead, it
             # would make the reactor close the listening port.
@@ -290,13 +293,17 @@ class _DirectAccept:
 
     def _pause(self, error: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once until it is over."""
-        self.port.stopReading()
-        self.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
+        self._wait()
         if self.out_since is None:
             self.out_since = self.reactor.seconds()
             log.warn("{listener}: out of descriptors ({why}): not accepting, tried again every {pause:g} s; "
                      "clients wait in the listen queue meanwhile", listener=self.name, why=error.strerror,
                      pause=OUT_OF_DESCRIPTORS_PAUSE)
+
+    def _wait(self) -> None:
+        """Stop accepting for L{OUT_OF_DESCRIPTORS_PAUSE} seconds."""
+        self.port.stopReading()
+        self.reactor.callLater(OUT_OF_DESCRIPTORS_PAUSE, self._resume)
 
     def _resume(self) -> None:
         port = self.port

@@ -536,3 +536,31 @@ async def test_a_protocol_that_fails_to_start_is_aborted_and_the_port_goes_on(
         no_tracebacks.clear()
     finally:
         await port.stopListening()
+
+
+def test_accept_errors_of_a_client_gone_are_skipped_and_others_logged_and_waited_out(
+        no_tracebacks: list[dict[str, Any]]) -> None:
+    """
+    What accept(2) says of a client already gone, or of the network under it,
+    is skipped for the next client; anything else of the listening socket's
+    is logged and tried again after the pause, not spun on at every turn.
+    """
+    reactor, route = make_route()
+    taken: list[tuple[Any, ...]] = []
+    route.accept_socket = lambda sock, address, **kw: taken.append(address)  # type: ignore[method-assign]
+    pair = socket.socketpair()
+    port = ListeningPort(route, [OSError(errno.ENETDOWN, "Network is down"),
+                                 OSError(errno.ECONNABORTED, "Software caused connection abort"),
+                                 (pair[0].detach(), ("127.0.0.1", 40001)),
+                                 OSError(errno.EINVAL, "Invalid argument")])
+    tcp.accept_directly(port, reactor, "tcp route tcp-5000")  # type: ignore[arg-type]
+    port.doRead()
+    assert taken == [("127.0.0.1", 40001)]
+    assert not port.reading  # the EINVAL: waited out
+    [failed] = [e for e in no_tracebacks if e.get("log_format") == "{listener}: accept failed"]
+    assert failed["log_failure"].getErrorMessage() == "[Errno 22] Invalid argument"
+    no_tracebacks.clear()
+    reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+    assert port.reading
+    assert port.doRead.out_since is None  # not out of descriptors: nothing to say when it accepts again
+    pair[1].close()
