@@ -264,8 +264,7 @@ class _DirectAccept:
                     log.failure("{listener} {peer}: could not be served; closed",
                                 listener=self.name, peer=show_address(address))
                     continue
-                self.closed_while_out += 1  # accepted with the last descriptor, none left for its backend
-                self._pause(e)
+                self.ran_out(e)  # accepted with the last descriptor, none left for its backend
                 return
             except Exception:
                 log.failure("{listener} {peer}: could not be served; closed",
@@ -284,12 +283,17 @@ class _DirectAccept:
         try:
             client.setblocking(False)
             if gate is not None:
-                direct.look_later(_HeaderWait(direct, gate, client, address, self.local))
+                direct.look_later(_HeaderWait(direct, gate, client, address, self.local, self))
             else:
                 direct.accept_socket(client, address, local=self.local)
         except BaseException:
             client.close()  # a relay that was made closed it already: closing twice does nothing
             raise
+
+    def ran_out(self, error: OSError) -> None:
+        """A client accepted here was closed with no descriptor for its backend (a trusted one, after its header)."""
+        self.closed_while_out += 1
+        self._pause(error)
 
     def _pause(self, error: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once until it is over."""
@@ -371,11 +375,12 @@ class _HeaderWait:
     when it has not come by then.
     """
 
-    __slots__ = ("route", "gate", "sock", "fd", "address", "local", "buffer", "timeout", "registered")
+    __slots__ = ("route", "gate", "sock", "fd", "address", "local", "accepter", "buffer", "timeout", "registered")
 
     def __init__(self, route: TCPRoute, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...],
-                 local: tuple[str, int] | None = None):
+                 local: tuple[str, int] | None = None, accepter: _DirectAccept | None = None):
         self.route = route
+        self.accepter = accepter  # its port's accept loop: paused should there be no descriptor for its backend
         self.gate = gate
         self.sock = sock
         self.fd = sock.fileno()
@@ -494,12 +499,14 @@ class TCPRoute(Factory):
                 wait.start()
             except Exception as e:
                 # This client is closed, and the others of the round still go on.
-                if isinstance(e, OSError) and e.errno in _EXHAUSTED:
+                wait.abandon()
+                if not (isinstance(e, OSError) and e.errno in _EXHAUSTED):
+                    log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
+                elif wait.accepter is not None:
+                    wait.accepter.ran_out(e)  # counted, and its port paused, as for a direct client
+                else:
                     log.warn("tcp {project} {peer}: closed, no descriptor for its backend connection",
                              project=self.name, peer=show_address(wait.address))
-                else:
-                    log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
-                wait.abandon()
 
     def update(self, project: Project) -> None:
         """Take a changed manifest; new connections use it, open ones go on."""

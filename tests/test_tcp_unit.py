@@ -564,3 +564,47 @@ def test_accept_errors_of_a_client_gone_are_skipped_and_others_logged_and_waited
     assert port.reading
     assert port.doRead.out_since is None  # not out of descriptors: nothing to say when it accepts again
     pair[1].close()
+
+
+def test_a_trusted_client_with_no_descriptor_for_its_backend_pauses_its_port_as_a_direct_one_does() -> None:
+    reactor, route = make_route()
+    gate = ProxyGate(route, ProxyProtocol((ipaddress.ip_network("127.0.0.1/32"),), 5.0), reactor)
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    taken: list[tuple[Any, ...]] = []
+
+    def accept_socket(sock: Any, address: tuple[Any, ...], *rest: Any) -> None:
+        if not taken:
+            taken.append(("failed",))
+            raise emfile
+        taken.append(address)
+
+    route.accept_socket = accept_socket  # type: ignore[method-assign]
+    pairs = [socket.socketpair() for _ in range(2)]
+    for port_number, (_, theirs) in enumerate(pairs, 40001):
+        theirs.sendall(header("v2", ("203.0.113.7", port_number), ("127.0.0.1", 5000)) + b"hi")
+    port = ListeningPort(gate, [(pairs[0][0].detach(), ("127.0.0.1", 40001))])
+    tcp.accept_directly(port, reactor, "tcp route tcp-5000")  # type: ignore[arg-type]
+    lines: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        port.doRead()
+        reactor.advance(0)  # the round's end: its header is looked at, and its backend finds no descriptor
+        assert taken == [("failed",)] and not port.reading
+        reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+        assert port.reading
+        port.socket.results.append((pairs[1][0].detach(), ("127.0.0.1", 40002)))
+        port.doRead()
+        reactor.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    assert taken == [("failed",), ("127.0.0.1", 40002)]
+    assert [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"] == [
+        "tcp route tcp-5000: out of descriptors (Too many open files): not accepting, tried again every 0.1 s; "
+        "clients wait in the listen queue meanwhile",
+        "tcp route tcp-5000: accepting again, after 0.1 s out of descriptors; "
+        "clients accepted meanwhile and closed, with none for their backend: 1",
+    ]
+    pairs[0][1].settimeout(30)
+    assert pairs[0][1].recv(10) == b""  # closed
+    for _, theirs in pairs:
+        theirs.close()
