@@ -191,6 +191,27 @@ class _Session:
             self.route.send_errors += 1
 
 
+class _Said:
+    """
+    A count of dropped datagrams as the log says it: at most once per
+    L{DROP_REPORT} seconds, however fast they come, with how many since the
+    last time it was said.
+    """
+
+    __slots__ = ("count", "when")
+
+    def __init__(self) -> None:
+        self.count = 0  # as it was when last said
+        self.when = -DROP_REPORT
+
+    def since(self, count: int, now: float) -> int | None:
+        """How many of C{count} to say now, or L{None}: said too recently."""
+        if now - self.when < DROP_REPORT:
+            return None
+        said, self.count, self.when = count - self.count, count, now
+        return said
+
+
 class UDPRoute(DatagramProtocol):
     """The listening side of one project's UDP route."""
 
@@ -204,11 +225,9 @@ class UDPRoute(DatagramProtocol):
         self.refused = 0
         self.send_errors = 0
         self.ended_in = self.ended_out = 0  # bytes of the sessions that ended, each way
-        self._dropped_reported = 0
-        self._last_report = -DROP_REPORT
+        self._dropped_said = _Said()
         self.unopened = 0  # datagrams of new clients dropped for want of a backend socket
-        self._unopened_said = 0  # ... as many as the last line counted
-        self._unopened_reported = -DROP_REPORT
+        self._unopened_said = _Said()
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
         self._waiting: list[tuple[bytes, tuple[Any, ...], tuple[str, int]]] = []
@@ -368,13 +387,10 @@ class UDPRoute(DatagramProtocol):
         now = self.reactor.seconds()
         if len(self.sessions) >= limit:
             self.dropped += 1
-            if now - self._last_report >= DROP_REPORT:
-                log.warn(
-                    "udp {project}: {limit} sessions open; dropped {count} datagrams from new clients",
-                    project=self.project.name, limit=limit, count=self.dropped - self._dropped_reported,
-                )
-                self._last_report = now
-                self._dropped_reported = self.dropped
+            count = self._dropped_said.since(self.dropped, now)
+            if count is not None:
+                log.warn("udp {project}: {limit} sessions open; dropped {count} datagrams from new clients",
+                         project=self.project.name, limit=limit, count=count)
             return None
         assert self.backend is not None
         family = socket.AF_INET6 if ":" in self.backend[0] else socket.AF_INET
@@ -387,15 +403,12 @@ class UDPRoute(DatagramProtocol):
             if sock is not None:
                 sock.close()
             # Dropped. Out of descriptors this is every new client's
-            # datagram: said at most once per DROP_REPORT seconds, with the
-            # count since the last time, as a full session table is.
+            # datagram: said as a full session table is.
             self.unopened += 1
-            if now - self._unopened_reported >= DROP_REPORT:
+            count = self._unopened_said.since(self.unopened, now)
+            if count is not None:
                 log.warn("udp {project}: cannot open a socket to the backend: {why}; "
-                         "dropped {count} datagrams from new clients",
-                         project=self.project.name, why=e, count=self.unopened - self._unopened_said)
-                self._unopened_reported = now
-                self._unopened_said = self.unopened
+                         "dropped {count} datagrams from new clients", project=self.project.name, why=e, count=count)
             return None
         session = _Session(self, client, now, sock, reply_to)
         if self.project.send_proxy is not None:

@@ -14,6 +14,7 @@ import gc
 import hashlib
 import os
 import re
+import resource
 import shutil
 import socket
 import struct
@@ -288,10 +289,22 @@ def one_route_daemon(tmp_path: Path, name: str, backend: str, port: int, protoco
     return Twistd("--config", str(config))
 
 
-def lowest_free_descriptor(pid: int) -> int:
-    """The descriptor process C{pid}'s next socket gets (the kernel gives the lowest free one)."""
+@contextlib.contextmanager
+def descriptors_left(pid: int, left: int) -> Iterator[None]:
+    """
+    Process C{pid} can make C{left} more descriptors while in the block; its
+    limit is as it was after. It must be idle, opening and closing none of
+    its own meanwhile: the kernel gives the lowest free number, and the
+    limit is one past the numbers left.
+    """
     taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    return min(set(range(len(taken) + 1)) - taken)
+    lowest_free = min(set(range(len(taken) + 1)) - taken)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free + left, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def rss_kib(pid: int) -> int:

@@ -7,7 +7,6 @@ import hashlib
 import http.client
 import json
 import re
-import resource
 import socket
 import threading
 from typing import Any, Callable, Iterator
@@ -28,9 +27,9 @@ from tests.support import (
     MiB,
     ThreadServer,
     Twistd,
+    descriptors_left,
     free_port,
     in_thread,
-    lowest_free_descriptor,
     one_route_daemon,
     pattern,
     start_router,
@@ -465,13 +464,8 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
     warm = None
     try:
         warm = await answering(daemon, "web")
-        pid = daemon.proc.pid
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + 1, hard))
-        try:
+        with descriptors_left(daemon.proc.pid, 1):
             status, _, body = await in_thread(get, port, "/a", {"Connection": "close"})
-        finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         assert status == 502
         assert b"portrouter: project 'web': backend connection failed: " in body
         assert b"Too many open files" in body
@@ -529,17 +523,12 @@ async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client
     warm = None
     try:
         warm = await answering(daemon, "web")
-        pid = daemon.proc.pid
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
-        try:
+        with descriptors_left(daemon.proc.pid, 0):
             answer = in_thread(get, port, "/waited")
             health = in_thread(get, await daemon.ingress_port(), "/_api/health")
             for listener in ("http route web", "ingress"):
                 await daemon.wait_line(rf"{listener}: out of descriptors \(Too many open files\): not accepting, "
                                        r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
-        finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         assert (await answer)[0] == (await health)[0] == 200
         for listener in ("http route web", "ingress"):
             await daemon.wait_line(rf"{listener}: accepting again, after \d+\.\d s out of descriptors; "

@@ -6,7 +6,6 @@ spliced one (plain sockets) and the producer/consumer one (used for TLS).
 from __future__ import annotations
 
 import errno
-import resource
 import socket
 import threading
 from typing import Any
@@ -20,9 +19,9 @@ from tests.support import (
     LOOPBACK,
     MiB,
     ThreadServer,
+    descriptors_left,
     free_port,
     in_thread,
-    lowest_free_descriptor,
     one_route_daemon,
     recv_all_and_hash,
     send_all_and_hash,
@@ -282,18 +281,13 @@ async def test_a_router_out_of_descriptors_keeps_its_listener_and_accepts_again_
             assert await in_thread(echoed, first) == b"ping"
         # Its sockets closed: they would be descriptors freed under the limit.
         await daemon.wait_line(r"tcp fd 127\.0\.0\.1:\d+: client closed; 4 bytes in, 4 bytes out")
-        pid = daemon.proc.pid
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        # The router is idle (no descriptor of its opens or closes): it can
-        # make `left` more, then none.
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid) + left, hard))
-        waiting = connect(port)
-        await daemon.wait_line(r"tcp route fd: out of descriptors \(Too many open files\): not accepting, "
-                               r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
-        if left:
-            assert await in_thread(waiting.recv, 100) == b""  # accepted, and closed: none for its backend
-            waiting.close()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        with descriptors_left(daemon.proc.pid, left):  # the router is idle: it can make `left` more, then none
+            waiting = connect(port)
+            await daemon.wait_line(r"tcp route fd: out of descriptors \(Too many open files\): not accepting, "
+                                   r"tried again every 0\.1 s; clients wait in the listen queue meanwhile")
+            if left:
+                assert await in_thread(waiting.recv, 100) == b""  # accepted, and closed: none for its backend
+                waiting.close()
         if left:
             # (Connected before, it would have the descriptor the closed one gave back, and none for its backend.)
             waiting = connect(port)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import selectors
 import shutil
 import socket
@@ -31,10 +30,10 @@ from tests.support import (
     LOOPBACK,
     ClockedReactor,
     UDPEcho,
+    descriptors_left,
     free_port,
     in_thread,
     kernel_sockets,
-    lowest_free_descriptor,
     one_route_daemon,
     start_router,
     stop_clocked,
@@ -520,10 +519,7 @@ async def test_out_of_descriptors_a_new_clients_datagrams_are_dropped_and_said_o
         warm.settimeout(30)
         warm.sendto(b"warm", (LOOPBACK, port))
         assert await in_thread(warm.recv, 100) == b"echo:warm"
-        pid = daemon.proc.pid
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
-        try:
+        with descriptors_left(daemon.proc.pid, 0):
             for client in clients:
                 client.settimeout(30)
                 client.sendto(b"hello", (LOOPBACK, port))
@@ -533,8 +529,6 @@ async def test_out_of_descriptors_a_new_clients_datagrams_are_dropped_and_said_o
             # was said, the other two wait to be counted in the next line.
             await wait_for(lambda: not any(s.rx_queue for s in kernel_sockets("udp") if s.port == port),
                            what="the router to read the three datagrams")
-        finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         clients[0].sendto(b"again", (LOOPBACK, port))
         assert await in_thread(clients[0].recv, 100) == b"echo:again"
         assert len([line for line in daemon.output if "cannot open a socket" in line]) == 1
