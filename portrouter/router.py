@@ -44,14 +44,14 @@ T = TypeVar("T")
 
 # What the router's own ports are called in its log lines and errors, by route protocol.
 _OWN = {"http": "the ingress", "ssh": "the manhole", "sni": "the TLS front"}
+DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
+BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
+STALE_RETRIES = 20  # an API change recomputed at most this often when other routers keep changing the table
 
 
 def _what(route: Route) -> str:
     """A listener as its lines name it: "tcp route ssh", "ingress"."""
     return f"{route.protocol} route {route.project}" if route.project else _OWN[route.protocol][4:]
-DRAIN_POLL = 0.05  # how often shutdown looks whether everything has finished
-BACKLOG = 1024  # listen queue for every port, unless the strport says otherwise
-STALE_RETRIES = 20  # an API change recomputed at most this often when other routers keep changing the table
 
 
 class ChangeRefused(Exception):
@@ -375,7 +375,7 @@ class RouterService(MultiService):
             else:
                 endpoint = serverFromString(self.reactor, route.listen)
                 tls = self._tls_for(route, endpoint)
-                port = self._listen_tcp(endpoint, factory, tls, route.proxy, _what(route))
+                port = self._listen_tcp(endpoint, factory, tls, route.proxy, name=_what(route))
                 if port is None:
                     port = await endpoint.listen(gated(factory, route.proxy, self.reactor))
         except CertificateError as e:
@@ -397,7 +397,7 @@ class RouterService(MultiService):
         return strport_tls(endpoint)
 
     def _listen_tcp(self, endpoint: Any, factory: Any, tls: Any = None,
-                    proxy: ProxyProtocol | None = None, name: str = "a listener") -> IListeningPort | None:
+                    proxy: ProxyProtocol | None = None, *, name: str) -> IListeningPort | None:
         """
         Bind a plain TCP or ``ssl:`` strport ourselves: TCP routes accept
         directly (plain TCP only), TLS uses our own contexts (L{certs}), and
