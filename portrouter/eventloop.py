@@ -128,6 +128,20 @@ def after_round(reactor: Any, call: Callable[[], object]) -> None:
         reactor.callLater(0, call)
 
 
+def at_round_end(reactor: Any, call: Callable[[], object]) -> None:
+    """
+    C{call()} once the lean poll has handled the round of events it is in,
+    as L{after_round}; anywhere else (another reactor, or no round being
+    handled), now: there is no round to gather work from, and waiting for a
+    turn would only add one.
+    """
+    round_: _Round | None = getattr(reactor, "_lean_round", None)
+    if round_ is not None and round_.open:
+        round_.calls.append(call)
+    else:
+        call()
+
+
 def watch_reading(reactor: Any, selectable: Any, fd: int) -> None:
     """
     C{reactor.addReader(selectable)}, for a socket's descriptor C{fd} (its

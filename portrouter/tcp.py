@@ -236,6 +236,7 @@ class _DirectAccept:
         # A TLS port has TLSFactory here, an HTTP one its site: Twisted's transports.
         direct = route if isinstance(route, TCPRoute) and route.direct is not None else None
         listening = port.socket
+        family = listening.family  # an enum made per call: asked once
         for _ in range(_ACCEPTS):
             try:
                 # A client's socket is the C socket object: no Python wrapper
@@ -258,7 +259,7 @@ class _DirectAccept:
             # Whatever fails is this client's alone: raised out of doRead, it
             # would make the reactor close the listening port.
             try:
-                self._take(factory, direct, gate, listening.family, fd, address)
+                self._take(factory, direct, gate, family, fd, address)
             except OSError as e:
                 if e.errno not in _EXHAUSTED:
                     log.failure("{listener} {peer}: could not be served; closed",

@@ -13,6 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -20,6 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from portrouter.config import parse_cli_route
+from portrouter.eventloop import lean_dispatch
 from portrouter.model import Limits
 from portrouter.relay import ConnectDeadlines, SpliceRelay, _Direction, _End
 from portrouter.sessions import Sessions
@@ -448,6 +450,141 @@ def test_out_of_descriptors_a_listener_pauses_says_so_once_and_not_after_it_stop
         out,
     ]
     pair[1].close()
+
+
+def direct_listener(loop: Any, backend: socket.socket, clients: int) -> tuple[Sessions, ListeningPort, list[socket.socket]]:
+    """
+    A direct TCP route to C{backend} (listening), its accept loop on a port
+    where C{clients} wait: its sessions, the port, and the clients' ends.
+    """
+    backend.bind(("127.0.0.1", 0))
+    backend.listen()
+    backend.settimeout(30)
+    project = parse_cli_route("tcp", f"tcp:5000 -> tcp:127.0.0.1:{backend.getsockname()[1]}", Limits())
+    sessions = Sessions(loop)
+    pairs = [socket.socketpair() for _ in range(clients)]
+    for _, theirs in pairs:
+        theirs.settimeout(30)
+    port = ListeningPort(TCPRoute(loop, project, sessions),
+                         [(ours.detach(), ("127.0.0.1", 40001 + i)) for i, (ours, _) in enumerate(pairs)])
+    tcp.accept_directly(port, loop, "tcp route tcp-5000")  # type: ignore[arg-type]
+    return sessions, port, [theirs for _, theirs in pairs]
+
+
+class Trigger:
+    """A reader that, read in a round of the lean poll, calls C{work} (a listener's accept, say)."""
+
+    def __init__(self, work: Any):
+        self.mine, self.theirs = socket.socketpair()
+        self.work = work
+
+    def fileno(self) -> int:
+        return self.mine.fileno()
+
+    def doRead(self) -> None:
+        self.mine.recv(10)
+        self.work()
+
+    def logPrefix(self) -> str:
+        return "trigger"
+
+    def close(self) -> None:
+        self.mine.close()
+        self.theirs.close()
+
+
+def test_in_the_daemons_loop_a_round_of_accepts_connects_every_backend_before_any_relay_starts() -> None:
+    """
+    Under the daemon's lean poll, one round of a listener's accepts connects
+    every client's backend; the relays start (their first bytes sent) once
+    the round is handled, so that the backend's process is woken once for
+    them all. A relay closed in between (drained, the router stopping) is
+    not started. Elsewhere (no such round) a relay starts as it connects.
+    """
+    loop = EPollReactor()  # not installed: driven by hand, one round at a time
+    assert lean_dispatch(loop)
+    with socket.socket() as backend:
+        sessions, port, clients = direct_listener(loop, backend, 3)
+        for i, client in enumerate(clients):
+            if i != 1:  # the one closed early says nothing: unread bytes would make its close a reset
+                client.sendall(b"hello %d" % i)
+        seen: dict[str, int] = {}
+
+        def accept() -> None:
+            port.doRead()
+            seen["live"], seen["watched"] = len(sessions.live), len(loop._reads) - watched
+            next(s for s in sessions.live if s.peer == "127.0.0.1:40002").close()
+
+        trigger = Trigger(accept)
+        loop.addReader(trigger)
+        watched = len(loop._reads)  # the trigger and the reactor's waker
+        try:
+            trigger.theirs.send(b"x")
+            loop.doIteration(0)
+            assert seen == {"live": 3, "watched": 0}  # all connected, none started
+            assert len(sessions.live) == 2 and len(loop._reads) == watched + 4
+            conns = [backend.accept()[0] for _ in clients]
+            for conn in conns:
+                conn.settimeout(30)
+            assert sorted(conn.recv(100) for conn in conns) == [b"", b"hello 0", b"hello 2"]
+            assert clients[1].recv(10) == b""  # closed before it started: a FIN, and nothing for its backend
+            for session in list(sessions.live):
+                session.close()
+            for conn in conns:
+                conn.close()
+        finally:
+            loop.removeReader(trigger)
+            trigger.close()
+            for client in clients:
+                client.close()
+
+
+def test_a_relay_that_fails_as_it_starts_after_the_round_is_closed_whole(
+        monkeypatch: pytest.MonkeyPatch, no_tracebacks: list[dict[str, Any]]) -> None:
+    """
+    A relay started at the end of a round of the lean poll that fails (the
+    epoll set full, say) leaves nothing behind, its session saying why, and
+    the other relays of the round start.
+    """
+    loop = EPollReactor()
+    lean_dispatch(loop)
+    starts = 0
+    start = SpliceRelay.start
+
+    def first_fails(relay: SpliceRelay, *args: Any) -> None:
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        start(relay, *args)
+
+    monkeypatch.setattr(SpliceRelay, "start", first_fails)
+    with socket.socket() as backend:
+        sessions, port, clients = direct_listener(loop, backend, 2)
+        trigger = Trigger(port.doRead)
+        loop.addReader(trigger)
+        watched = len(loop._reads)
+        lines: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(lines.append)
+        try:
+            trigger.theirs.send(b"x")
+            loop.doIteration(0)
+            assert [s.peer for s in sessions.live] == ["127.0.0.1:40002"] and len(loop._reads) == watched + 2
+            assert clients[0].recv(10) == b""  # closed
+            said = [formatEvent(e) for e in lines if e.get("log_namespace") == "portrouter.tcp"]
+            assert said == ["tcp tcp-5000 127.0.0.1:40001: portrouter could not relay it: [Errno 28] No space "
+                            "left on device; 0 bytes in, 0 bytes out, 0.000 s"]
+            failed = [e["log_failure"].getErrorMessage() for e in no_tracebacks if "log_failure" in e]
+            assert failed == ["[Errno 28] No space left on device"]
+            no_tracebacks.clear()
+            for session in list(sessions.live):
+                session.close()
+        finally:
+            globalLogPublisher.removeObserver(lines.append)
+            loop.removeReader(trigger)
+            trigger.close()
+            for client in clients:
+                client.close()
 
 
 class NoRoomReactor(MemoryReactorClock):
