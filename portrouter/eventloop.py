@@ -64,7 +64,7 @@ def lean_dispatch(reactor: Any) -> bool:
             if e.errno == errno.EINTR:
                 return
             raise  # a programming error, as Twisted says: loudly
-        after.open = True
+        after.phase = _EVENTS
         try:
             for fd, event in ready:
                 selectable = selectables.get(fd)
@@ -90,26 +90,35 @@ def lean_dispatch(reactor: Any) -> bool:
                 except BaseException:
                     log.failure("while handling {selectable!r}", selectable=selectable)
         finally:
-            after.open = False
-        if after.calls:
-            calls, after.calls = after.calls, []
-            for call in calls:
-                try:
-                    call()
-                except BaseException:
-                    log.failure("after a round of events, in {call!r}", call=call)
+            after.phase = _AFTER
+        try:
+            # What these calls ask for at the round's end (at_round_end) comes after them, in turn.
+            while after.calls:
+                calls, after.calls = after.calls, []
+                for call in calls:
+                    try:
+                        call()
+                    except BaseException:
+                        log.failure("after a round of events, in {call!r}", call=call)
+        finally:
+            after.phase = _IDLE
 
     reactor.doPoll = reactor.doIteration = doPoll  # type: ignore[method-assign]
     return True
 
 
+# Where the lean poll is: handling no round, a round's events, or the calls
+# asked for at the end of the round (after_round, at_round_end).
+_IDLE, _EVENTS, _AFTER = "idle", "events", "after"
+
+
 class _Round:
     """What the lean poll calls once it has handled the round of events it is in (L{after_round})."""
 
-    __slots__ = ("open", "calls")
+    __slots__ = ("phase", "calls")
 
     def __init__(self) -> None:
-        self.open = False  # handling a round's events: calls wait for its end
+        self.phase = _IDLE
         self.calls: list[Callable[[], object]] = []
 
 
@@ -122,7 +131,7 @@ def after_round(reactor: Any, call: Callable[[], object]) -> None:
     cost a direct TCP connection); anywhere else, by callLater.
     """
     round_: _Round | None = getattr(reactor, "_lean_round", None)
-    if round_ is not None and round_.open:
+    if round_ is not None and round_.phase is _EVENTS:
         round_.calls.append(call)
     else:
         reactor.callLater(0, call)
@@ -131,12 +140,14 @@ def after_round(reactor: Any, call: Callable[[], object]) -> None:
 def at_round_end(reactor: Any, call: Callable[[], object]) -> None:
     """
     C{call()} once the lean poll has handled the round of events it is in,
-    as L{after_round}; anywhere else (another reactor, or no round being
-    handled), now: there is no round to gather work from, and waiting for a
-    turn would only add one.
+    as L{after_round}, and after the calls that asked for (the relays that
+    a round of PROXY headers read start after all of their connects);
+    anywhere else (another reactor, or no round being handled), now: there
+    is no round to gather work from, and waiting for a turn would only add
+    one.
     """
     round_: _Round | None = getattr(reactor, "_lean_round", None)
-    if round_ is not None and round_.open:
+    if round_ is not None and round_.phase is not _IDLE:
         round_.calls.append(call)
     else:
         call()

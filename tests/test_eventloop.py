@@ -18,7 +18,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.pollreactor import PollReactor
 
-from portrouter.eventloop import after_round, forget, lean_dispatch, unwatch_reading, watch_reading
+from portrouter.eventloop import after_round, at_round_end, forget, lean_dispatch, unwatch_reading, watch_reading
 
 
 class Reader:
@@ -284,3 +284,39 @@ def test_calls_after_a_round_wait_for_its_end_and_elsewhere_take_a_turn(
     for pair in socks:
         for sock in pair:
             sock.close()
+
+
+def test_calls_at_a_rounds_end_come_after_the_calls_asking_for_them_and_elsewhere_now(loop: EPollReactor) -> None:
+    """
+    at_round_end: in a round of the lean poll, after the round's events and
+    the calls asked for then (a relay started after the connects of every
+    PROXY header read at the round's end); anywhere else, at once.
+    """
+    lean_dispatch(loop)
+    order: list[str] = []
+
+    def first() -> None:
+        order.append("first")
+        at_round_end(loop, lambda: order.append("asked for by first"))
+
+    class Asks(Reader):
+        def doRead(self) -> None:
+            super().doRead()
+            after_round(loop, first)
+            at_round_end(loop, lambda: order.append("asked for by the reader"))
+            after_round(loop, lambda: order.append("second"))
+            order.append("read")
+
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    reader = Asks(mine)
+    loop.addReader(reader)
+    theirs.send(b"x")
+    loop.doIteration(0)
+    assert order == ["read", "first", "asked for by the reader", "second", "asked for by first"]
+    assert not loop.getDelayedCalls()
+    at_round_end(loop, lambda: order.append("now"))
+    assert order[-1] == "now"
+    loop.removeReader(reader)
+    mine.close()
+    theirs.close()
