@@ -55,6 +55,8 @@ _V2_ADDRESS = {0x11: 4, 0x12: 4, 0x21: 16, 0x22: 16}
 class Reading(Protocol):
     """A connection still reading its PROXY header (L{HeaderReader}, or the direct TCP path's)."""
 
+    buffer: bytes  # what came so far
+
     def refuse(self, why: str, *, abort: bool = ...) -> None: ...
 
     def timed_out(self, timeout: float) -> None: ...
@@ -140,6 +142,20 @@ def read_header(buffer: bytes) -> Found | None:
 _v2_shapes: set[bytes] = set()
 
 
+def header_so_far(reader: Reading, data: bytes) -> Found | None:
+    """
+    C{data}, come after what C{reader} had of its PROXY header (its
+    C{buffer}, which then holds both): the header once whole; L{None} while
+    it is not, or once refused (C{reader} is told why).
+    """
+    buffer = reader.buffer = reader.buffer + data if reader.buffer else data
+    try:
+        return read_header(buffer)
+    except HeaderRefused as e:
+        reader.refuse(str(e))
+        return None
+
+
 def _v2_source(whole: bytes, n: int) -> tuple[str, int]:
     """
     The source of a v2 header with C{n}-byte addresses, as Twisted's parser
@@ -210,35 +226,46 @@ class HeaderFirst(_HeaderBytes):
     client it names (L{None}: the balancer's own) and C{rest} what followed.
     The protocol tells it when header_timeout is over, and refuses it at stop.
     No protocol is built and handed over from, as with L{HeaderReader}: that
-    cost an HTTP connection 10% of its rate.
+    cost an HTTP connection 10% of its rate. Every connection of a trusted
+    balancer's comes through here, so the steps of L{FirstBytes} are taken
+    in one call, and what the channel asks (C{waiting}, C{whole}) is kept
+    as plain attributes rather than worked out from the phase.
     """
 
     source: tuple[str, int] | None = None
     rest = b""
+    waiting = True  # the header is not whole yet, nor refused
+    whole = False  # the header was read: the connection now says it came from C{source}
 
     def __init__(self, gate: ProxyGate, transport: Any, addr: IAddress):
-        super().__init__(gate, addr)
+        # What FirstBytes and _HeaderBytes set, without their calls. Its
+        # protocol keeps its deadline (timed_out at header_timeout) and
+        # closes it at stop: the gate's deadlines, added to and taken from
+        # for every connection, cost an HTTP connection 2% of its rate.
+        self.reading = gate.reading
+        self.timeout = gate.setting.header_timeout
+        self.addr = addr
+        self.phase = Phase.READING
+        self.buffer = b""
+        self.gate = gate
         self.transport = transport
-        # Its protocol keeps its deadline (L{timed_out} at header_timeout)
-        # and closes it at stop: the gate's deadlines, added to and taken
-        # from for every connection, cost an HTTP connection 2% of its rate.
 
-    @property
-    def waiting(self) -> bool:
-        """The header is not whole yet, nor refused."""
-        return self.phase is Phase.READING
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase is not Phase.READING:
+            return
+        found = header_so_far(self, data)
+        if found is None:
+            return
+        self._done(Phase.HANDED)
+        self.source, self.rest = found.source, self.buffer[found.size:]
+        if found.source is not None:
+            claim_peer(self.transport, found.source)
 
-    @property
-    def whole(self) -> bool:
-        """The header was read: the connection now says it came from C{source}."""
-        return self.phase is Phase.HANDED
-
-    def examine(self, data: bytes) -> None:
-        found = self.header()
-        if found is not None:
-            self.source, self.rest = found.source, self.buffer[found.size:]
-            if found.source is not None:
-                claim_peer(self.transport, found.source)
+    def _done(self, phase: Phase) -> None:
+        # Never in the gate's deadlines (its protocol keeps the deadline): none to leave.
+        self.phase = phase
+        self.waiting = False
+        self.whole = phase is Phase.HANDED
 
 
 def _checked(host: str, port: int) -> tuple[str, int] | None:

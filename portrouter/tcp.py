@@ -27,7 +27,7 @@ from portrouter.eventloop import after_round
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
-from portrouter.proxyproto import HeaderRefused, ProxyGate, read_header
+from portrouter.proxyproto import ProxyGate, header_so_far
 from portrouter.relay import ConnectDeadlines, SpliceRelay, StreamSide, detach, direct_address, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
@@ -425,15 +425,10 @@ class _HeaderWait:
         if not data:
             self._closed(f"closed by the client before its PROXY header was whole ({len(self.buffer)} bytes came)")
             return
-        buffer = self.buffer = self.buffer + data if self.buffer else data
-        try:
-            found = read_header(buffer)
-        except HeaderRefused as e:
-            self.refuse(str(e))
-            return
+        found = header_so_far(self, data)
         if found is not None:
             self._done()
-            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:], self.local)
+            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:], self.local)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")

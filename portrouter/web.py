@@ -249,11 +249,8 @@ class LeadingHeader(TypingProtocol):
     source: tuple[str, int] | None  # once whole: the client it names (the transport says so too); None: LOCAL
     rest: bytes  # once whole: what followed it
 
-    @property
-    def waiting(self) -> bool: ...
-
-    @property
-    def whole(self) -> bool: ...
+    waiting: bool  # not whole yet, nor refused
+    whole: bool  # read: the connection now says it came from C{source}
 
     def dataReceived(self, data: bytes) -> None: ...
 
