@@ -89,9 +89,7 @@ def lean_dispatch(reactor: Any) -> bool:
                         handle(selectable, fd, event)  # type: ignore[no-untyped-call]
                 except BaseException:
                     log.failure("while handling {selectable!r}", selectable=selectable)
-        finally:
             after.phase = _AFTER
-        try:
             # What these calls ask for at the round's end (at_round_end) comes after them, in turn.
             while after.calls:
                 calls, after.calls = after.calls, []

@@ -21,7 +21,7 @@ from portrouter.config import parse_project
 from portrouter.http import HTTPRoute, HTTPRoutes, Pool, ProjectSite, Upstream, normalize
 from portrouter.model import ProxyProtocol
 from portrouter.proxyheader import header
-from portrouter.proxyproto import ProxyGate
+from portrouter.proxyproto import HeaderReader, ProxyGate
 from portrouter.sessions import Sessions
 from portrouter.web import Channel, Deadline, Fixed
 from tests.support import LOOPBACK, ThreadServer, closes_when_idle, free_port, left_to_the_collector
@@ -261,6 +261,19 @@ def test_a_channel_reads_a_header_in_single_bytes_then_waits_for_the_head_by_its
     assert not transport.disconnecting
     reactor.advance(0.2)  # the request head's, counted from the header: 30 s
     assert transport.disconnecting and not gate.refused
+
+
+def test_a_channels_header_reader_has_what_every_reader_of_first_bytes_has() -> None:
+    """
+    HeaderFirst sets what FirstBytes and the gate's readers set in one
+    __init__ of its own: should they gain a field, it has it too.
+    """
+    _, gate, transport, channel = gated_channel()
+    reader = HeaderReader(gate, IPv4Address("TCP", "127.0.0.1", 50001))
+    assert set(vars(reader)) <= set(vars(channel.header)), set(vars(reader)) - set(vars(channel.header))
+    assert channel.header.waiting and not channel.header.whole
+    channel.dataReceived(b"PROXY TCP4 nonsense\r\n")
+    assert channel.header is None and transport.disconnecting and gate.refused == 1
 
 
 def test_a_channel_whose_header_does_not_come_is_refused_at_the_proxy_header_timeout() -> None:
