@@ -28,6 +28,7 @@ the descriptor, as Twisted's wrapper does, and the loop goes on.
 
 from __future__ import annotations
 
+import enum
 import errno
 import select
 import sys
@@ -64,7 +65,7 @@ def lean_dispatch(reactor: Any) -> bool:
             if e.errno == errno.EINTR:
                 return
             raise  # a programming error, as Twisted says: loudly
-        after.phase = _EVENTS
+        after.phase = _Phase.EVENTS
         try:
             for fd, event in ready:
                 selectable = selectables.get(fd)
@@ -89,9 +90,13 @@ def lean_dispatch(reactor: Any) -> bool:
                         handle(selectable, fd, event)  # type: ignore[no-untyped-call]
                 except BaseException:
                     log.failure("while handling {selectable!r}", selectable=selectable)
-            after.phase = _AFTER
-            # What these calls ask for at the round's end (at_round_end) comes after them, in turn.
-            while after.calls:
+            after.phase = _Phase.AFTER
+            # What these calls ask for at the round's end (at_round_end)
+            # comes after them, in a pass of its own; a few passes at most,
+            # whatever a call asks for, and the rest a turn later.
+            for _ in range(_PASSES):
+                if not after.calls:
+                    break
                 calls, after.calls = after.calls, []
                 for call in calls:
                     try:
@@ -99,24 +104,36 @@ def lean_dispatch(reactor: Any) -> bool:
                     except BaseException:
                         log.failure("after a round of events, in {call!r}", call=call)
         finally:
-            after.phase = _IDLE
+            after.phase = _Phase.IDLE
+            if after.calls:
+                calls, after.calls = after.calls, []
+                for call in calls:
+                    reactor.callLater(0, call)
 
     reactor.doPoll = reactor.doIteration = doPoll  # type: ignore[method-assign]
     return True
 
 
-# Where the lean poll is: handling no round, a round's events, or the calls
-# asked for at the end of the round (after_round, at_round_end).
-_IDLE, _EVENTS, _AFTER = "idle", "events", "after"
+class _Phase(enum.Enum):
+    """Where the lean poll is."""
+
+    IDLE = "handling no round"
+    EVENTS = "handling a round's events"
+    AFTER = "making the calls asked for at the round's end (after_round, at_round_end)"
+
+
+# Passes over the calls at a round's end: the calls asked for by the round's
+# events, then those that they ask for (a relay started once connected).
+_PASSES = 3
 
 
 class _Round:
-    """What the lean poll calls once it has handled the round of events it is in (L{after_round})."""
+    """What the lean poll calls once it has handled the round of events it is in (L{after_round}, L{at_round_end})."""
 
     __slots__ = ("phase", "calls")
 
     def __init__(self) -> None:
-        self.phase = _IDLE
+        self.phase = _Phase.IDLE
         self.calls: list[Callable[[], object]] = []
 
 
@@ -129,7 +146,7 @@ def after_round(reactor: Any, call: Callable[[], object]) -> None:
     cost a direct TCP connection); anywhere else, by callLater.
     """
     round_: _Round | None = getattr(reactor, "_lean_round", None)
-    if round_ is not None and round_.phase is _EVENTS:
+    if round_ is not None and round_.phase is _Phase.EVENTS:
         round_.calls.append(call)
     else:
         reactor.callLater(0, call)
@@ -138,14 +155,15 @@ def after_round(reactor: Any, call: Callable[[], object]) -> None:
 def at_round_end(reactor: Any, call: Callable[[], object]) -> None:
     """
     C{call()} once the lean poll has handled the round of events it is in,
-    as L{after_round}, and after the calls that asked for (the relays that
-    a round of PROXY headers read start after all of their connects);
-    anywhere else (another reactor, or no round being handled), now: there
-    is no round to gather work from, and waiting for a turn would only add
-    one.
+    as L{after_round}, and after the calls that asked for it, when one did
+    (the relays that a round of PROXY headers read start after all of their
+    connects); anywhere else (another reactor, or no round being handled),
+    now: there is no round to gather work from, and waiting for a turn
+    would only add one. A call asked for at the end of a round that asks
+    for itself again is made a turn later (L{_PASSES}), not in a loop.
     """
     round_: _Round | None = getattr(reactor, "_lean_round", None)
-    if round_ is not None and round_.phase is not _IDLE:
+    if round_ is not None and round_.phase is not _Phase.IDLE:
         round_.calls.append(call)
     else:
         call()

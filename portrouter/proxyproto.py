@@ -53,7 +53,7 @@ SHAPES_KEPT = 1024  # v2 header shapes Twisted accepted, kept (read_header)
 _V2_ADDRESS = {0x11: 4, 0x12: 4, 0x21: 16, 0x22: 16}
 
 class Reading(Protocol):
-    """A connection still reading its PROXY header (L{HeaderReader}, or the direct TCP path's)."""
+    """A connection still reading its PROXY header (an HTTP channel's L{HeaderFirst}, or the direct TCP path's)."""
 
     buffer: bytes  # what came so far
 

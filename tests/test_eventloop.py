@@ -274,6 +274,9 @@ def test_calls_after_a_round_wait_for_its_end_and_elsewhere_take_a_turn(
     [escaped] = [e for e in no_tracebacks if e.get("log_format") == "after a round of events, in {call!r}"]
     assert escaped["log_failure"].getErrorMessage() == "a call after the round broke"
     no_tracebacks.clear()  # expected
+    at_round_end(loop, lambda: said.append((2, 2)))  # the round is over, whatever broke in it: at once
+    assert said == [(1, 1), (2, 2)]
+    del said[1:]
 
     after_round(loop, lambda: said.append((0, 0)))  # no round open: a turn of the reactor's
     [later] = loop.getDelayedCalls()
@@ -315,6 +318,33 @@ def test_calls_at_a_rounds_end_come_after_the_calls_asking_for_them_and_elsewher
     loop.doIteration(0)
     assert order == ["read", "first", "asked for by the reader", "second", "asked for by first"]
     assert not loop.getDelayedCalls()
+
+    # after_round asked for at the round's end keeps its meaning: a turn of
+    # the reactor's. A call that asks for itself again and again at the
+    # round's end is made in a few passes, then a turn later: no loop.
+    asked: list[int] = []
+
+    def again() -> None:
+        asked.append(len(asked))
+        at_round_end(loop, again)
+
+    def in_the_after_phase() -> None:
+        after_round(loop, lambda: order.append("a turn later"))
+        again()
+
+    class AsksAgain(Reader):
+        def doRead(self) -> None:
+            super().doRead()
+            after_round(loop, in_the_after_phase)
+
+    loop.removeReader(reader)
+    reader = AsksAgain(mine)
+    loop.addReader(reader)
+    theirs.send(b"x")
+    loop.doIteration(0)
+    assert asked == [0, 1, 2] and len(loop.getDelayedCalls()) == 2
+    for call in loop.getDelayedCalls():
+        call.cancel()
     at_round_end(loop, lambda: order.append("now"))
     assert order[-1] == "now"
     loop.removeReader(reader)
