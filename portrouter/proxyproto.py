@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -85,6 +86,13 @@ def read_header(buffer: bytes) -> Found | None:
     parse: Any
     end = -2  # v1: where its line ends
     shape = b""  # v2: the header but for its source address and port
+    if buffer.startswith(_TCP4_FIXED) and len(buffer) >= _TCP4_SIZE:
+        # What a balancer sends for a TCP client over IPv4: the shape's
+        # fields taken apart in one call (a tenth of a small HTTP request's
+        # time went into reading the header the general way).
+        source, destination, port, destination_port = _TCP4.unpack_from(buffer, 16)
+        if (destination, destination_port) in _tcp4_destinations:
+            return Found((socket.inet_ntoa(source), port), _TCP4_SIZE)
     if buffer.startswith(V2_SIGNATURE):
         if len(buffer) < 16:
             return None  # the fixed part says how long the rest is
@@ -123,7 +131,10 @@ def read_header(buffer: bytes) -> Found | None:
         # names the address and port those bytes hold (_v2_source).
         if len(_v2_shapes) >= SHAPES_KEPT:
             _v2_shapes.clear()
+            _tcp4_destinations.clear()
         _v2_shapes.add(shape)
+        if whole[:16] == _TCP4_FIXED:
+            _tcp4_destinations.add(_TCP4.unpack_from(whole, 16)[1::2])
     if size != end + 2 and isinstance(source, IPv4Address):
         # v2 (the usual case): Twisted's parser wrote four octets and an
         # unsigned short, nothing to check (v1 text may be anything).
@@ -140,6 +151,16 @@ def read_header(buffer: bytes) -> Found | None:
 # shape per listener, so Twisted reads the first header of each and the
 # others take their source from the bytes Twisted read it from.
 _v2_shapes: set[bytes] = set()
+
+# The most common shape, a TCP client over IPv4 with no TLVs, known by its
+# first 16 bytes (signature, PROXY command, TCP4, 12 address bytes), then
+# source, destination, source port, destination port; its destinations
+# that Twisted accepted a header to are kept here as well, as
+# (address bytes, port).
+_TCP4_FIXED = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+_TCP4 = struct.Struct("!4s4sHH")
+_TCP4_SIZE = 16 + _TCP4.size
+_tcp4_destinations: set[tuple[bytes, int]] = set()
 
 
 def header_so_far(reader: Reading, data: bytes) -> Found | None:

@@ -894,9 +894,18 @@ def test_a_v2_header_of_a_known_shape_reads_as_twisted_reads_it(
         headers.append(V2_SIGNATURE + bytes((command, family)) + struct.pack("!H", size) + body + after)
     alone = []
     for data in headers:
-        proxyproto._v2_shapes.clear()
+        forget_shapes()
         alone.append(_outcome(data))
-    proxyproto._v2_shapes.clear()
+    forget_shapes()
     assert [_outcome(data) for data in headers] == alone
     if isinstance(alone[0], proxyproto.Found) and alone[0].source is not None and family in (0x11, 0x12, 0x21, 0x22):
         assert len(proxyproto._v2_shapes) == 1  # the later ones were read by their shape
+        # A TCP client over IPv4 with no TLVs: read by its destination, kept apart.
+        tcp4 = (command, family, len(tlvs), length) == (0x21, 0x11, 0, 0)
+        assert proxyproto._tcp4_destinations == ({(destination[:4], port)} if tcp4 else set())
+
+
+def forget_shapes() -> None:
+    """No v2 header read before: the next is Twisted's to judge."""
+    proxyproto._v2_shapes.clear()
+    proxyproto._tcp4_destinations.clear()
