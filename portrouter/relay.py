@@ -177,15 +177,6 @@ class _End:
     def logPrefix(self) -> str:
         return "portrouter"
 
-    def release(self) -> None:
-        """
-        The relay is closed and this end out of the reactor: let go of the
-        relay and its directions. A reactor stopping still tells every
-        descriptor it had (both ends) that its connection is lost: that is
-        now L{_GONE}'s to ignore.
-        """
-        self.relay = self.inbound = self.outbound = _GONE
-
 
 class _Gone:
     """What a closed relay's ends point at instead of it: whatever still comes is ignored."""
@@ -292,7 +283,9 @@ class _Direction:
         if self.pending or self.held or not self.other.done:
             unwatch_reading(self.relay.reactor, self.src, self.src.fd)
         # else the relay is closed now (_finish), and its sockets forgotten with it
-        self.relay.first_eof(self)
+        session = self.relay.session
+        if session.reason is None and not self.other.eof:  # first_eof, without its call
+            session.reason = "client closed" if self.inbound else "backend closed"
         self._finish()
 
     def _blocked(self) -> None:
@@ -342,17 +335,15 @@ class _Direction:
         self.done = True
         if self.rpipe >= 0:
             self.close_pipe()
-        self.relay.direction_done()
+        if self.other.done:
+            relay = self.relay
+            relay._close(relay.session.reason or "closed")
 
     def close_pipe(self) -> None:
         if self.rpipe >= 0:
             os.close(self.rpipe)
             os.close(self.wpipe)
             self.rpipe = self.wpipe = -1
-
-    def release(self) -> None:
-        """The relay is closed: let go of it. Only its ends called on a direction, and they no longer do."""
-        del self.relay, self.other
 
 
 Waiter = TypeVar("Waiter", bound=Hashable)
@@ -616,10 +607,6 @@ class SpliceRelay:
             if not direction.other.eof:
                 self.session.reason = "client closed" if direction.inbound else "backend closed"
 
-    def direction_done(self) -> None:
-        if self.up.done and self.down.done:
-            self._close(self.session.reason or "closed")
-
     def fail(self, error: BaseException | None, end: _End) -> None:
         who = "client" if end is self.client else "backend"
         if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.EPIPE):
@@ -649,9 +636,13 @@ class SpliceRelay:
         # the ways back to the relay, so that reference counting frees them
         # all now: left as cycles, Python's cyclic collector found them
         # later, at 5 us of a 100 us connection. The callers of _close only
-        # return from here.
-        for part in (self.client, self.backend, self.up, self.down):
-            part.release()
+        # return from here. A reactor stopping still tells every descriptor
+        # it had (both ends) that its connection is lost: that is _GONE's to
+        # ignore. Only the ends call on a direction, and they no longer do.
+        for end in (self.client, self.backend):
+            end.relay = end.inbound = end.outbound = _GONE
+        for direction in (self.up, self.down):
+            del direction.relay, direction.other
 
 
 # How a L{SplicedBody} ended: all moved, or which side broke, or called off.

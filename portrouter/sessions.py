@@ -218,7 +218,7 @@ class Sessions:
         session = Session(protocol, project, peer, self.reactor.seconds(), self._ended)
         if transport is not None:  # the direct path has none, and no TLS
             session.tls = tls_handle(transport)
-        if sample is not None and not sample.due():
+        if sample is not None and sample.share < 1.0 and not sample.due():  # every line: no call
             session.quiet = True
         self.live.add(session)
         self.active[project] += 1
@@ -275,5 +275,5 @@ class Sessions:
             bytes_in=session.bytes_in,
             bytes_out=session.bytes_out,
             duration=self.reactor.seconds() - session.started,
-            tls=describe(session.tls),
+            tls="" if session.tls is None else describe(session.tls),
         )

@@ -552,7 +552,7 @@ class TCPRoute(Factory):
         limits = self.limits
         host, port = source or (address[0], address[1])
         peer = show_address((host, port))
-        if self.sessions.full("tcp", name, limits.max_connections, peer):
+        if limits.max_connections is not None and self.sessions.full("tcp", name, limits.max_connections, peer):
             sock.close()  # accepted and closed at once: clients never hang
             return
         family, target = self.direct  # type: ignore[misc]
