@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import http_bench
 from harness import (
@@ -101,7 +101,7 @@ def _sockets(port: int, state: int) -> list[int]:
     """The inodes of the IPv4 TCP sockets in C{state} whose local port is C{port}."""
     request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 1 << state) + bytes(48)
     message = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    found = []
+    found: list[int] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
         diag.sendto(message + request, (0, 0))
         while True:
@@ -134,7 +134,7 @@ def _requests_answered(ingress: int) -> float:
                if line.startswith('portrouter_http_requests_total{') and 'project="web"' in line)
 
 
-class Bench(http_bench.Bench):
+class Bench(http_bench.Base[Row]):
     """One run: the HTTP section's backend and wrk, the routers as the rows."""
 
     NAME = "cluster"
@@ -144,7 +144,7 @@ class Bench(http_bench.Bench):
     PORTROUTER = frozenset(TARGETS)
     DESCRIPTION = DESCRIPTION
     TOOLS = ("taskset", "wrk", "nginx", "twistd", "redis-server")
-    TARGET_TOOLS: dict[str, tuple[str, ...]] = {}
+    TARGET_TOOLS: ClassVar[dict[str, tuple[str, ...]]] = {}
     VERSIONS = {"wrk": "-v", "nginx": "-v", "redis-server": "--version"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,

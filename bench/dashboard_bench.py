@@ -19,7 +19,7 @@ import selectors
 import socket
 import threading
 from statistics import mean, median
-from typing import Any
+from typing import Any, ClassVar
 
 import http_bench
 from harness import (
@@ -107,7 +107,7 @@ class Bench(http_bench.Bench):
     PORTROUTER = frozenset(TARGETS)
     DESCRIPTION = DESCRIPTION
     TOOLS = ("taskset", "wrk", "nginx", "twistd")
-    TARGET_TOOLS: dict[str, tuple[str, ...]] = {}
+    TARGET_TOOLS: ClassVar[dict[str, tuple[str, ...]]] = {}
     VERSIONS = {"wrk": "-v", "nginx": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,

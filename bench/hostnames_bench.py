@@ -188,14 +188,12 @@ def _seconds(value: str, unit: str) -> float:
     return float(value) / {"us": 1e6, "ms": 1e3, "s": 1.0}[unit]
 
 
-class Bench(http_bench.Bench):
+class Bench(http_bench.Base[Row]):
     """
     One hostnames run. The HTTP section's nginx backend and static files are
     reused as they are; the load (h2load, for its SNI), the certificate and
     the proxies are this section's.
     """
-
-    TURNS = frozenset()  # every row measured on its own, as Section does
 
     NAME = "hostnames"
     TARGETS = TARGETS

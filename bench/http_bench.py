@@ -49,7 +49,7 @@ from harness import (
     summarize_profile,
     wait_listening,
 )
-from section import Section, busy_cells, cell, compare, paired, print_ratios, print_tables
+from section import R, Section, busy_cells, cell, compare, paired, print_ratios, print_tables
 
 TARGETS = ("direct", "portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress", "stock", "haproxy",
            "nginx")
@@ -162,23 +162,18 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)  # measurements that failed, and why
 
 
-class Bench(Section[Row]):
-    """One HTTP run: the static files written once, then every target measured in turn."""
+class Base(Section[R]):
+    """
+    What the HTTP section shares with the sections built on it, whatever
+    their rows (C{R}): the nginx backend and its static files, the proxies,
+    wrk and the first-GET check. L{Bench} is the HTTP section itself.
+    """
 
-    NAME = "http"
-    TARGETS = TARGETS
-    SECONDS_HELP = "length of each wrk run; at 100 B in the rounds, of all rounds together (default 5)"
+    # The HTTP section's --http-rounds, here and not on Bench so that the
+    # sections built on this one with no options of their own (tls,
+    # hostnames) keep their --NAME-rounds, which __init__ does not read.
     OPTIONS = {"rounds": {"type": int, "default": 5,
                           "help": "turns the rows of different log destinations and haproxy take at 100 B (default 5)"}}
-    PORTROUTER = frozenset({"portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress"})
-    DESCRIPTION = DESCRIPTION
-    TURNS: ClassVar[frozenset[str]] = frozenset(ROUNDS)  # the rows measure_all has take turns (none in subclasses)
-    TOOLS = ("taskset", "wrk", "nginx")
-    TARGET_TOOLS = {
-        "portrouter": ("twistd",), "portrouter-stdout": ("twistd",), "portrouter-json": ("twistd",),
-        "portrouter-ingress": ("twistd",), "stock": ("twistd",), "haproxy": ("haproxy",),
-    }
-    VERSIONS = {"wrk": "-v", "nginx": "-v", "haproxy": "-v"}
 
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
@@ -292,6 +287,24 @@ class Bench(Section[Row]):
         if summary["status"] > 0.01 * summary["requests"]:
             raise BenchError(f"{summary['status']} of {summary['requests']} answers from {url} were not 2xx/3xx")
         return result
+
+
+class Bench(Base[Row]):
+    """One HTTP run: the static files written once, then every target measured in turn."""
+
+    NAME = "http"
+    # tuple[str, ...]: a section built on this one has targets and tools of its own.
+    TARGETS: ClassVar[tuple[str, ...]] = TARGETS
+    SECONDS_HELP = "length of each wrk run; at 100 B in the rounds, of all rounds together (default 5)"
+    PORTROUTER = frozenset({"portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress"})
+    DESCRIPTION = DESCRIPTION
+    TURNS: ClassVar[frozenset[str]] = frozenset(ROUNDS)  # the rows measure_all has take turns
+    TOOLS: ClassVar[tuple[str, ...]] = ("taskset", "wrk", "nginx")
+    TARGET_TOOLS = {
+        "portrouter": ("twistd",), "portrouter-stdout": ("twistd",), "portrouter-json": ("twistd",),
+        "portrouter-ingress": ("twistd",), "stock": ("twistd",), "haproxy": ("haproxy",),
+    }
+    VERSIONS = {"wrk": "-v", "nginx": "-v", "haproxy": "-v"}
 
     def measure(self, target: str) -> Row:
         row = Row()

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     # Path b"": /x on the proxy is /x on the backend, as with portrouter's own HTTP port.
     site = server.Site(proxy.ReverseProxyResource(LOOPBACK, backend, b""))
     endpoints.serverFromString(reactor, f"tcp:{port}:interface={LOOPBACK}").listen(site)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

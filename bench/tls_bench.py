@@ -127,14 +127,12 @@ class Row:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-class Bench(http_bench.Bench):
+class Bench(http_bench.Base[Row]):
     """
     One TLS run. The HTTP section's nginx backend, static files, wrk and
     first-GET check are reused as they are; the proxies and the bulk pair
     are this section's.
     """
-
-    TURNS = frozenset()  # every row measured on its own, as Section does
 
     NAME = "tls"
     TARGETS = TARGETS

@@ -16,7 +16,7 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from harness import (
     LOAD_CORE,
@@ -107,7 +107,8 @@ class Bench(Section[Row]):
     """One UDP run: the C tool built once, then every target measured in turn."""
 
     NAME = "udp"
-    TARGETS = TARGETS
+    # tuple[str, ...]: the tunnel section, built on this one, has targets of its own.
+    TARGETS: ClassVar[tuple[str, ...]] = TARGETS
     SECONDS_HELP = "round trips measured per contender, in all, and the length of each iperf3 run (default 5)"
     OPTIONS = {
         "rounds": {"type": int, "default": 5, "help": "turns the contenders take at the round trips (default 5)"},

@@ -221,7 +221,8 @@ def iperf_cpu_us(row: Row | None, seconds: float) -> float | None:
     iperf = row.detail.get("iperf") if row is not None else None
     if not iperf or not iperf.get("packets"):
         return None
-    received = iperf["packets"] - (iperf.get("lost_packets") or 0)
+    received: int = iperf["packets"] - (iperf.get("lost_packets") or 0)
     if not received:
         return None
-    return round(iperf["busy_proxy_core"] / 100 * seconds / received * 1e6, 2)
+    busy: float = iperf["busy_proxy_core"]  # percent of the run
+    return round(busy / 100 * seconds / received * 1e6, 2)
