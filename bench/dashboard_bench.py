@@ -180,7 +180,15 @@ class Bench(http_bench.Bench):
         found: list[int] = []
 
         def said() -> bool:
-            text = proxy.log.read_bytes()[self.log_from:].decode(errors="replace") if proxy.log is not None else ""
+            daemon_log = proxy.daemon_log
+            if daemon_log is not None:
+                # A daemon (-l FILE, as the HTTP section runs it since issue
+                # 20) writes a file of its own, one per start: all of it.
+                text = daemon_log.read_bytes().decode(errors="replace") if daemon_log.exists() else ""
+            elif proxy.log is not None:
+                text = proxy.log.read_bytes()[self.log_from:].decode(errors="replace")
+            else:
+                text = ""
             m = re.search(r"ingress listening on [\d.]+:(\d+)", text)
             if m:
                 found.append(int(m.group(1)))
