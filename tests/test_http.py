@@ -9,7 +9,8 @@ import json
 import re
 import socket
 import threading
-from typing import Any, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -435,19 +436,31 @@ async def test_malformed_request_gets_400_and_reaches_no_backend(backend: Backen
         await router.stopService()
 
 
-async def answering(daemon: Twistd, project: str) -> http.client.HTTPConnection:
+@asynccontextmanager
+async def web_daemon(tmp_path: Any, backend: Backend) -> AsyncIterator[tuple[Twistd, int]]:
     """
-    Once C{project} is bound and the router has answered on its ingress, its
-    reactor runs (starting, it opens a pipe for SIGCHLD, after the ports are
-    bound). The connection it answered on is kept open, for the caller to
-    close: a descriptor of the router's closing while a test counts them
-    would be one more left.
+    A real twistd with one HTTP route, web, to C{backend}, and its port, once
+    the router has answered on its ingress: then its reactor runs (starting,
+    it opens a pipe for SIGCHLD, after the ports are bound). The connection
+    it answered on stays open until the end: a descriptor of the router's
+    closing while a test counts them would be one more left. At the end the
+    router is stopped with SIGTERM and must exit 0.
     """
-    await daemon.port_of(project)
-    connection = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
-    await in_thread(connection.request, "GET", "/_api/health")
-    assert (await in_thread(connection.getresponse)).status == 200
-    return connection
+    port = free_port()
+    daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
+    connection = None
+    try:
+        await daemon.port_of("web")
+        connection = http.client.HTTPConnection(LOOPBACK, await daemon.ingress_port(), timeout=30)
+        await in_thread(connection.request, "GET", "/_api/health")
+        assert (await in_thread(connection.getresponse)).status == 200
+        yield daemon, port
+        daemon.terminate()
+        assert daemon.proc.returncode == 0
+    finally:
+        if connection is not None:
+            connection.close()
+        daemon.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -459,11 +472,7 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
     why, as for any backend connection that failed. Once descriptors are
     free again, the next request is served.
     """
-    port = free_port()
-    daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
-    warm = None
-    try:
-        warm = await answering(daemon, "web")
+    async with web_daemon(tmp_path, backend) as (daemon, port):
         with descriptors_left(daemon.proc.pid, 1):
             status, _, body = await in_thread(get, port, "/a", {"Connection": "close"})
         assert status == 502
@@ -473,12 +482,6 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
         status, _, body = await in_thread(get, port, "/b")
         assert status == 200
         assert not daemon.find("Unhandled Error|Traceback"), "\n".join(daemon.output)
-        daemon.terminate()
-        assert daemon.proc.returncode == 0
-    finally:
-        if warm is not None:
-            warm.close()
-        daemon.stop()
 
 
 def no_pipes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -518,11 +521,7 @@ async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client
     descriptor held in reserve and close them); with descriptors free,
     those clients are served.
     """
-    port = free_port()
-    daemon = one_route_daemon(tmp_path, "web", f"tcp:{LOOPBACK}:{backend.port}", port, "http")
-    warm = None
-    try:
-        warm = await answering(daemon, "web")
+    async with web_daemon(tmp_path, backend) as (daemon, port):
         with descriptors_left(daemon.proc.pid, 0):
             answer = in_thread(get, port, "/waited")
             health = in_thread(get, await daemon.ingress_port(), "/_api/health")
@@ -535,9 +534,3 @@ async def test_out_of_descriptors_an_http_listener_pauses_and_its_waiting_client
                                    r"clients accepted meanwhile and closed, with none for their backend: 0$")
         assert len([line for line in daemon.output if "out of descriptors (" in line]) == 2  # once each
         assert not daemon.find("Unhandled Error|Traceback|EMFILE"), "\n".join(daemon.output)
-        daemon.terminate()
-        assert daemon.proc.returncode == 0
-    finally:
-        if warm is not None:
-            warm.close()
-        daemon.stop()
