@@ -90,19 +90,20 @@ def lean_dispatch(reactor: Any) -> bool:
                         handle(selectable, fd, event)  # type: ignore[no-untyped-call]
                 except BaseException:
                     log.failure("while handling {selectable!r}", selectable=selectable)
-            after.phase = _Phase.AFTER
-            # What these calls ask for at the round's end (at_round_end)
-            # comes after them, in a pass of its own; a few passes at most,
-            # whatever a call asks for, and the rest a turn later.
-            for _ in range(_PASSES):
-                if not after.calls:
-                    break
-                calls, after.calls = after.calls, []
-                for call in calls:
-                    try:
-                        call()
-                    except BaseException:
-                        log.failure("after a round of events, in {call!r}", call=call)
+            if after.calls:  # most rounds ask for nothing: no passes set up
+                after.phase = _Phase.AFTER
+                # What these calls ask for at the round's end (at_round_end)
+                # comes after them, in a pass of its own; a few passes at most,
+                # whatever a call asks for, and the rest a turn later.
+                for _ in range(_PASSES):
+                    if not after.calls:
+                        break
+                    calls, after.calls = after.calls, []
+                    for call in calls:
+                        try:
+                            call()
+                        except BaseException:
+                            log.failure("after a round of events, in {call!r}", call=call)
         finally:
             after.phase = _Phase.IDLE
             if after.calls:

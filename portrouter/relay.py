@@ -279,14 +279,18 @@ class _Direction:
                 return
 
     def _eof(self) -> None:
-        self.eof = True
+        self.note_eof()
         if self.pending or self.held or not self.other.done:
             unwatch_reading(self.relay.reactor, self.src, self.src.fd)
         # else the relay is closed now (_finish), and its sockets forgotten with it
-        session = self.relay.session
-        if session.reason is None and not self.other.eof:  # first_eof, without its call
-            session.reason = "client closed" if self.inbound else "backend closed"
         self._finish()
+
+    def note_eof(self) -> None:
+        """C{src} said all it has; the first side to do so is why the session ends."""
+        self.eof = True
+        session = self.relay.session
+        if session.reason is None and not self.other.eof:
+            session.reason = "client closed" if self.inbound else "backend closed"
 
     def _blocked(self) -> None:
         """C{dst} is full: stop reading C{src} until it takes what we hold."""
@@ -340,10 +344,10 @@ class _Direction:
             relay._close(relay.session.reason or "closed")
 
     def close_pipe(self) -> None:
-        if self.rpipe >= 0:
-            os.close(self.rpipe)
-            os.close(self.wpipe)
-            self.rpipe = self.wpipe = -1
+        """Close the pipe, which its callers know there is."""
+        os.close(self.rpipe)
+        os.close(self.wpipe)
+        self.rpipe = self.wpipe = -1
 
 
 Waiter = TypeVar("Waiter", bound=Hashable)
@@ -492,8 +496,7 @@ class SpliceRelay:
             if sent < len(early):
                 self.up.held = early[sent:]
                 if first == b"":
-                    self.up.eof = True  # a FIN once what is held is written (drain)
-                    self.first_eof(self.up)
+                    self.up.note_eof()  # a FIN once what is held is written (drain)
                 self.up._blocked()  # the client is read once the backend has taken them
                 return
         if first == b"":
@@ -601,11 +604,6 @@ class SpliceRelay:
         else:
             session.bytes_out += n
         session.last = self.reactor.seconds()
-
-    def first_eof(self, direction: _Direction) -> None:
-        if self.session.reason is None:
-            if not direction.other.eof:
-                self.session.reason = "client closed" if direction.inbound else "backend closed"
 
     def fail(self, error: BaseException | None, end: _End) -> None:
         who = "client" if end is self.client else "backend"

@@ -8,6 +8,8 @@ done on Deferreds or by polling a condition with a deadline, never by sleeping.
 
 from __future__ import annotations
 
+import errno
+
 import base64
 import contextlib
 import gc
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
 
+import portrouter.relay
 from portrouter.front import Front
 from portrouter.config import with_cli
 from portrouter.model import Config
@@ -621,3 +624,19 @@ def left_to_the_collector(*types: type) -> Iterator[list[str]]:
         gc.garbage.clear()
         if enabled:
             gc.enable()
+
+
+def refuse_pipes(monkeypatch: Any) -> list[int]:
+    """
+    Every pipe the relay asks for is refused, as when the router is out of
+    descriptors; the list grows by one at each refusal, for the test to see
+    that one was asked for.
+    """
+    refusals: list[int] = []
+
+    def refused() -> tuple[int, int]:
+        refusals.append(errno.EMFILE)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(portrouter.relay, "open_pipe", refused)
+    return refusals

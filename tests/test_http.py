@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import json
@@ -17,7 +16,6 @@ import pytest_twisted
 
 from dataclasses import replace
 
-import portrouter.relay
 from portrouter import http as http_module
 from portrouter.config import parse_project
 from portrouter.model import Config, Listen
@@ -32,6 +30,7 @@ from tests.support import (
     free_port,
     in_thread,
     one_route_daemon,
+    refuse_pipes,
     pattern,
     start_router,
     stops_reading,
@@ -484,19 +483,11 @@ async def test_out_of_descriptors_for_a_backend_connection_a_request_gets_its_50
         assert not daemon.find("Unhandled Error|Traceback"), "\n".join(daemon.output)
 
 
-def no_pipes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every pipe the relay asks for is refused, as when the router is out of descriptors."""
-    def refused() -> tuple[int, int]:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    monkeypatch.setattr(portrouter.relay, "open_pipe", refused)
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_large_body_with_no_pipe_to_be_had_goes_through_python_whole(
         backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     spliced = force_python_bodies(monkeypatch, "spliced")
-    no_pipes(monkeypatch)
+    refusals = refuse_pipes(monkeypatch)
     router, ingress, _ = await router_for(backend.address)
     size = 4 * SPLICE_BODY
     sock = socket.create_connection((LOOPBACK, ingress), timeout=60)
@@ -505,7 +496,7 @@ async def test_a_large_body_with_no_pipe_to_be_had_goes_through_python_whole(
         head, total, digest = await in_thread(read_response, sock)
         assert head.startswith(b"HTTP/1.1 200 ")
         assert (total, digest) == (size, hash_of(pattern(5, size)))
-        assert spliced == []  # none could be made
+        assert spliced == [] and refusals  # one was asked for, and none could be made
     finally:
         sock.close()
         await router.stopService()

@@ -914,3 +914,26 @@ def forget_shapes() -> None:
     """No v2 header read before: the next is Twisted's to judge."""
     proxyproto._v2_shapes.clear()
     proxyproto._tcp4_destinations.clear()
+
+
+def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Once Twisted's parser has accepted a TCP4 header to a destination, the
+    next to it, from another client, is taken apart without Twisted (the
+    struct path) and names its own source; one to another destination still
+    goes to Twisted.
+    """
+    forget_shapes()
+    first = header("v2", ("203.0.113.7", 40001), ("192.0.2.1", 443))
+    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), 28)
+
+    def parsed(data: bytes) -> Any:
+        raise AssertionError("Twisted's parser asked again")
+
+    monkeypatch.setattr(V2Parser, "parse", staticmethod(parsed))
+    monkeypatch.setattr(proxyproto, "_v2_source", lambda whole, n: parsed(whole))  # nor the shapes' path
+    second = header("v2", ("198.51.100.9", 5), ("192.0.2.1", 443))
+    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), 28)
+    with pytest.raises(AssertionError, match="asked again"):
+        read_header(header("v2", ("198.51.100.9", 5), ("192.0.2.2", 443)))
+    forget_shapes()

@@ -5,7 +5,6 @@ spliced one (plain sockets) and the producer/consumer one (used for TLS).
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-import portrouter.relay
 import portrouter.tcp
 from tests.support import (
     LOOPBACK,
@@ -24,6 +22,7 @@ from tests.support import (
     in_thread,
     one_route_daemon,
     recv_all_and_hash,
+    refuse_pipes,
     send_all_and_hash,
     start_router,
     wait_for,
@@ -39,10 +38,7 @@ def relay_mode(request: Any, monkeypatch: Any) -> str:
     elif request.param == "no pipe":
         # The direct path, out of descriptors for the pipes it splices
         # through: a bulk direction stays on recv and send.
-        def refused() -> tuple[int, int]:
-            raise OSError(errno.EMFILE, "Too many open files")
-
-        monkeypatch.setattr(portrouter.relay, "open_pipe", refused)
+        request.node.pipe_refusals = refuse_pipes(monkeypatch)
     return str(request.param)
 
 
@@ -57,7 +53,7 @@ async def route_to(backend: ThreadServer | str) -> Any:
 
 
 @pytest_twisted.ensureDeferred
-async def test_64_mib_each_way_arrives_intact(relay_mode: str) -> None:
+async def test_64_mib_each_way_arrives_intact(relay_mode: str, request: Any) -> None:
     size = 64 * MiB
 
     def backend(conn: socket.socket) -> tuple[int, str, str]:
@@ -90,6 +86,8 @@ async def test_64_mib_each_way_arrives_intact(relay_mode: str) -> None:
         assert (backend_got, backend_hash) == (size, client_sent)
         assert (client_got, client_hash) == (size, backend_sent)
         await wait_for(lambda: not router.sessions.live, what="session to end")
+        if relay_mode == "no pipe":
+            assert request.node.pipe_refusals, "no pipe was asked for: the bulk path was never tried"
     finally:
         server.close()
         await router.stopService()
