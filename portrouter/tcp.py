@@ -226,6 +226,10 @@ class _DirectAccept:
         # closed, with none left for their backend connection.
         self.out_since: float | None = None
         self.closed_while_out = 0
+        # The errno of the listening socket's own accept failure last said
+        # (with its traceback), until a client is taken again: the same one
+        # every 0.1 s is not said again.
+        self.failing: int | None = None
 
     def __call__(self) -> None:
         port = self.port
@@ -251,9 +255,12 @@ class _DirectAccept:
                 if e.errno in _EXHAUSTED:
                     self._pause(e)
                 else:
-                    # The listening socket's own trouble: said, and tried
-                    # again after the same pause (not spun on at every turn).
-                    log.failure("{listener}: accept failed", listener=self.name)
+                    # The listening socket's own trouble: said once, and
+                    # tried again after the same pause (not spun on at
+                    # every turn, nor said at every try).
+                    if e.errno != self.failing:
+                        self.failing = e.errno
+                        log.failure("{listener}: accept failed", listener=self.name)
                     self._wait()
                 return
             # Whatever fails is this client's alone: raised out of doRead, it
@@ -273,6 +280,7 @@ class _DirectAccept:
                 continue
             if self.out_since is not None:
                 self._accepting_again()
+            self.failing = None
 
     def _take(self, factory: Factory, direct: TCPRoute | None, gate: ProxyGate | None, family: int, fd: int,
               address: tuple[Any, ...]) -> None:

@@ -716,7 +716,21 @@ def test_accept_errors_of_a_client_gone_are_skipped_and_others_logged_and_waited
     reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
     assert port.reading
     assert port.doRead.out_since is None  # not out of descriptors: nothing to say when it accepts again
+    # The same failure again, 0.1 s later: waited out, not said again; once
+    # a client was taken, a failure is said anew.
+    other = socket.socketpair()
+    port.socket.results.extend([OSError(errno.EINVAL, "Invalid argument")])
+    port.doRead()
+    assert not port.reading and not [e for e in no_tracebacks if "log_failure" in e]
+    reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
+    port.socket.results.extend([(other[0].detach(), ("127.0.0.1", 40002)), OSError(errno.EINVAL, "Invalid argument")])
+    port.doRead()
+    assert taken[-1] == ("127.0.0.1", 40002)
+    assert len([e for e in no_tracebacks if e.get("log_format") == "{listener}: accept failed"]) == 1
+    no_tracebacks.clear()
+    reactor.advance(tcp.OUT_OF_DESCRIPTORS_PAUSE)
     pair[1].close()
+    other[1].close()
 
 
 def test_a_trusted_client_with_no_descriptor_for_its_backend_pauses_its_port_as_a_direct_one_does() -> None:
