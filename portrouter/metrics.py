@@ -91,7 +91,7 @@ class _Collector:
             route = listener.factory
             if hasattr(route, "dropped") and hasattr(route, "sessions"):
                 udp_sessions.add_metric([name], len(route.sessions))
-                udp_dropped.add_metric([name], route.dropped + getattr(route, "unopened", 0))
+                udp_dropped.add_metric([name], route.dropped)
         yield udp_sessions
         yield udp_dropped
 

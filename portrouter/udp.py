@@ -193,22 +193,22 @@ class _Session:
 
 class _Said:
     """
-    A count of dropped datagrams as the log says it: at most once per
-    L{DROP_REPORT} seconds, however fast they come, with how many since the
-    last time it was said.
+    Datagrams dropped for one reason, as the log says them: at most once
+    per L{DROP_REPORT} seconds, however fast they come.
     """
 
-    __slots__ = ("count", "when")
+    __slots__ = ("unsaid", "when")
 
     def __init__(self) -> None:
-        self.count = 0  # as it was when last said
+        self.unsaid = 0  # dropped since it was last said
         self.when = -DROP_REPORT
 
-    def since(self, count: int, now: float) -> int | None:
-        """How many of C{count} to say now, or L{None}: said too recently."""
+    def dropped(self, now: float) -> int | None:
+        """One more dropped at C{now}: how many to say now (it and those unsaid), or L{None}: said too recently."""
+        self.unsaid += 1
         if now - self.when < DROP_REPORT:
             return None
-        said, self.count, self.when = count - self.count, count, now
+        said, self.unsaid, self.when = self.unsaid, 0, now
         return said
 
 
@@ -221,18 +221,17 @@ class UDPRoute(DatagramProtocol):
     def __init__(self, reactor: IReactor, project: Project):
         self.reactor = reactor
         self.sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()
-        self.dropped = 0
+        self.dropped = 0  # datagrams of new clients dropped: a full session table, or no backend socket
         self.refused = 0
         self.send_errors = 0
         self.ended_in = self.ended_out = 0  # bytes of the sessions that ended, each way
-        self._dropped_said = _Said()
-        self.unopened = 0  # datagrams of new clients dropped for want of a backend socket
-        self._unopened_said = _Said()
+        self._full_said = _Said()  # a full session table
+        self._unopened_said = _Said()  # no backend socket to be had
         self._sweeper: Any = None
         self.backend: tuple[str, int] | None = None
         self._waiting: list[tuple[bytes, tuple[Any, ...], tuple[str, int]]] = []
         self.proxy_refused = 0  # datagrams refused for their PROXY header (or its absence)
-        self._proxy_reported = -DROP_REPORT
+        self._refused_said = _Said()
         self._trusted: dict[str, bool] = {}  # by sender address, with proxy_protocol
         self._seen: dict[tuple[tuple[str, int], bytes], tuple[Any, ...]] = {}  # (sender, header): session key
         self._last_datagram = float("-inf")
@@ -353,8 +352,7 @@ class UDPRoute(DatagramProtocol):
     def _refuse_header(self, addr: tuple[str, int], why: str) -> None:
         self.proxy_refused += 1
         now = self.reactor.seconds()
-        if now - self._proxy_reported >= DROP_REPORT:
-            self._proxy_reported = now
+        if self._refused_said.dropped(now) is not None:
             log.info("udp {project} {client}: {why}; dropped ({count} so far)", project=self.project.name,
                      client=f"{addr[0]}:{addr[1]}", why=why, count=self.proxy_refused)
 
@@ -387,7 +385,7 @@ class UDPRoute(DatagramProtocol):
         now = self.reactor.seconds()
         if len(self.sessions) >= limit:
             self.dropped += 1
-            count = self._dropped_said.since(self.dropped, now)
+            count = self._full_said.dropped(now)
             if count is not None:
                 log.warn("udp {project}: {limit} sessions open; dropped {count} datagrams from new clients",
                          project=self.project.name, limit=limit, count=count)
@@ -404,8 +402,8 @@ class UDPRoute(DatagramProtocol):
                 sock.close()
             # Dropped. Out of descriptors this is every new client's
             # datagram: said as a full session table is.
-            self.unopened += 1
-            count = self._unopened_said.since(self.unopened, now)
+            self.dropped += 1
+            count = self._unopened_said.dropped(now)
             if count is not None:
                 log.warn("udp {project}: cannot open a socket to the backend: {why}; "
                          "dropped {count} datagrams from new clients", project=self.project.name, why=e, count=count)

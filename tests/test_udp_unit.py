@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
+import portrouter.udp
 from portrouter.config import parse_cli_route
 from portrouter.model import Limits
 from portrouter.udp import DROP_REPORT, UDPRoute
@@ -352,6 +353,34 @@ def test_drop_reports_are_rate_limited(make: Any, events: list[dict[str, Any]]) 
         h.send((LOOPBACK, 61000 + i))
     assert len(reports()) == 2
     assert set(h.route.sessions) == {A}
+
+
+def test_drops_for_want_of_a_backend_socket_are_said_at_most_once_per_interval_with_their_count(
+        make: Any, events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """README ("Out of file descriptors"): a UDP route out of sockets says so at most every 10 s, with the count."""
+    h = make(udp_timeout=1000)
+
+    def no_socket(*args: Any) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(portrouter.udp.socket, "socket", no_socket)
+
+    def reports() -> list[dict[str, Any]]:
+        return [e for e in events if e.get("log_namespace") == "portrouter.udp" and "why" in e]
+
+    for i in range(3):
+        h.send((LOOPBACK, 50000 + i))
+    [first] = reports()
+    assert formatEvent(first) == ("udp udp-5353: cannot open a socket to the backend: [Errno 24] Too many open "
+                                  "files; dropped 1 datagrams from new clients")
+    h.advance_to(DROP_REPORT - 0.5)
+    h.send((LOOPBACK, 60000))
+    assert len(reports()) == 1  # within the interval: counted, not said
+    h.advance_to(DROP_REPORT + 0.5)
+    h.send((LOOPBACK, 60001))
+    [_, second] = reports()
+    assert second["count"] == 4  # every drop since it was last said
+    assert h.route.dropped == 5 and not h.route.sessions
 
 
 def test_empty_datagram_opens_a_session_and_is_forwarded(make: Any, backend: Backend) -> None:
