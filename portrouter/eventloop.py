@@ -138,6 +138,11 @@ class _Round:
         self.calls: list[Callable[[], object]] = []
 
 
+# The two ways to ask for a call at the end of a round, side by side (each
+# is four lines on a per-connection path: written out, not shared):
+#   asked while the round's...   events    its end's calls   no round
+#   after_round                  queued    a reactor turn    a reactor turn
+#   at_round_end                 queued    queued (a pass)   at once
 def after_round(reactor: Any, call: Callable[[], object]) -> None:
     """
     C{reactor.callLater(0, call)}: once the events being handled are all

@@ -170,6 +170,11 @@ def header_so_far(reader: Reading, data: bytes) -> Found | None:
     it is not, or once refused (C{reader} is told why).
     """
     buffer = reader.buffer = reader.buffer + data if reader.buffer else data
+    return header_or_refuse(reader, buffer)
+
+
+def header_or_refuse(reader: Reading, buffer: bytes) -> Found | None:
+    """The PROXY header C{buffer} starts with; L{None} while it is not whole, or once C{reader} is refused."""
     try:
         return read_header(buffer)
     except HeaderRefused as e:
@@ -204,11 +209,7 @@ class _HeaderBytes(FirstBytes):
 
     def header(self) -> Found | None:
         """The header, once whole: then the connection is handed on; L{None} while it is not, or refused."""
-        try:
-            found = read_header(self.buffer)
-        except HeaderRefused as e:
-            self.refuse(str(e))
-            return None
+        found = header_or_refuse(self, self.buffer)
         if found is not None:
             self.handed()
         return found

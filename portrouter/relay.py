@@ -261,7 +261,10 @@ class _Direction:
         try:
             self.rpipe, self.wpipe = open_pipe()
         except OSError:
-            pass  # no pipe to be had (out of descriptors, say): recv and send still move it all, slower
+            # No pipe to be had (out of descriptors, say): recv and send
+            # still move it all, slower. Asked again at the next full read,
+            # so a direction splices again once descriptors are free.
+            pass
 
     def _pump_splice(self) -> None:
         for _ in range(_BURST):
@@ -598,6 +601,7 @@ class SpliceRelay:
         self._close(reason)
 
     def count(self, direction: _Direction, n: int) -> None:
+        # _Direction.pump counts its small reads in place, as here: change both.
         session = self.session
         if direction.inbound:
             session.bytes_in += n

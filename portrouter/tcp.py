@@ -358,7 +358,11 @@ def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, addre
         # A link-local IPv6 peer: its host names its interface ("fe80::1%eth0"), as Twisted's port writes it.
         host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
         address = (host, *address[1:])
-    protocol = factory.buildProtocol(port._buildAddr(address))
+    try:
+        protocol = factory.buildProtocol(port._buildAddr(address))
+    except BaseException:
+        sock.close()  # nobody else holds it yet: not left to the collector
+        raise
     if protocol is None:
         sock.close()
         return
