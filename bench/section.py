@@ -60,6 +60,7 @@ class Section(Generic[R]):
     NAME: ClassVar[str]  # "tcp": the --tcp-* options, "[tcp]" on progress lines, bench/results/tcp-*.json
     TARGETS: ClassVar[tuple[str, ...]]  # every row it can measure, in the table's order
     SECONDS_HELP: ClassVar[str]  # the help of --NAME-seconds
+    SECONDS: ClassVar[float] = 5.0  # --NAME-seconds unless given
     OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {}  # its other options: --NAME-KEY, add_argument's keywords
     # The targets that run portrouter: with any of them, portrouter must load, and the run says which one it is.
     PORTROUTER: ClassVar[frozenset[str]] = frozenset({"portrouter"})
@@ -82,7 +83,7 @@ class Section(Generic[R]):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(cls.NAME)
-        group.add_argument(f"--{cls.NAME}-seconds", type=float, default=5.0, help=cls.SECONDS_HELP)
+        group.add_argument(f"--{cls.NAME}-seconds", type=float, default=cls.SECONDS, help=cls.SECONDS_HELP)
         for option, keywords in cls.OPTIONS.items():
             group.add_argument(f"--{cls.NAME}-{option}", **keywords)
         known = ",".join(cls.TARGETS)
