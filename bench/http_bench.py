@@ -169,15 +169,12 @@ class Base(Section[R]):
     wrk and the first-GET check. L{Bench} is the HTTP section itself.
     """
 
-    # The HTTP section's --http-rounds, here and not on Bench so that the
-    # sections built on this one with no options of their own (tls,
-    # hostnames) keep their --NAME-rounds, which __init__ does not read.
-    OPTIONS = {"rounds": {"type": int, "default": 5,
-                          "help": "turns the rows of different log destinations and haproxy take at 100 B (default 5)"}}
-
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
         super().__init__(procs, tools, args, portrouter_env)
+        # The HTTP section's --http-rounds (Bench.OPTIONS): the sections
+        # built on this one (tls, hostnames) take no turns, and have no
+        # --NAME-rounds to ask for any.
         self.rounds: int = max(1, getattr(args, "http_rounds", 5))
         self.root = self.work / "www"
         self.report = self.work / "wrk-report.lua"
@@ -296,6 +293,8 @@ class Bench(Base[Row]):
     # tuple[str, ...]: a section built on this one has targets and tools of its own.
     TARGETS: ClassVar[tuple[str, ...]] = TARGETS
     SECONDS_HELP = "length of each wrk run; at 100 B in the rounds, of all rounds together (default 5)"
+    OPTIONS = {"rounds": {"type": int, "default": 5,
+                          "help": "turns the rows of different log destinations and haproxy take at 100 B (default 5)"}}
     PORTROUTER = frozenset({"portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress"})
     DESCRIPTION = DESCRIPTION
     TURNS: ClassVar[frozenset[str]] = frozenset(ROUNDS)  # the rows measure_all has take turns
