@@ -54,24 +54,31 @@ def header(version: str, source: tuple[str, int], destination: tuple[str, int], 
             return V2_SIGNATURE + bytes((_V2_PROXY, _FAMILY[(transport, 4)])) + b"\x00\x0c" + packed + \
                 struct.pack("!HH", source[1], destination[1])
     src, dst = ipaddress.ip_address(src_host), ipaddress.ip_address(dst_host)
-    texts = [str(src), str(dst)]
     if src.version != dst.version:
-        texts = [f"::ffff:{a}" if a.version == 4 else str(a) for a in (src, dst)]  # as HAProxy writes them
-        src, dst = (ipaddress.IPv6Address(t) for t in texts)
+        src, dst = (ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a for a in (src, dst))
     if version == "v1":
-        return b"PROXY TCP%d %s %s %d %d\r\n" % (src.version, texts[0].encode(), texts[1].encode(),
-                                                   source[1], destination[1])
+        # As HAProxy writes them (inet_ntop): an IPv4-mapped address dotted,
+        # ::ffff:127.0.0.1, however it came (Python 3.11 writes ::ffff:7f00:1).
+        family = socket.AF_INET if src.version == 4 else socket.AF_INET6
+        texts = [socket.inet_ntop(family, a.packed).encode() for a in (src, dst)]
+        return b"PROXY TCP%d %s %s %d %d\r\n" % (src.version, texts[0], texts[1], source[1], destination[1])
     addresses = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
     return V2_SIGNATURE + bytes((_V2_PROXY, _FAMILY[(transport, src.version)])) + struct.pack(
         "!H", len(addresses)) + addresses
 
 
 def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | None:
-    """(client, listener) of an accepted connection, for a header; L{None} when not IP (UNIX)."""
+    """
+    (client, the address it connected to) of an accepted connection, for a
+    header: the listener's, or, behind a balancer's PROXY header, the
+    destination it named (C{proxied_to}, L{portrouter.relay.claim_peer});
+    L{None} when not IP (UNIX).
+    """
     peer, host = transport.getPeer(), transport.getHost()
     if not (hasattr(peer, "port") and hasattr(host, "port")):
         return None
-    return (peer.host, peer.port), (host.host, host.port)
+    to = getattr(transport, "proxied_to", None)  # a TLS transport finds its connection's (Twisted's __getattr__)
+    return (peer.host, peer.port), to if to is not None else (host.host, host.port)
 
 
 def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:

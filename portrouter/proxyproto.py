@@ -72,6 +72,9 @@ class Found(NamedTuple):
 
     source: tuple[str, int] | None  # None: LOCAL (v2) or UNKNOWN (v1), the proxy speaks for itself
     size: int  # the header's bytes; what follows is the client's
+    # The address the client connected to (the balancer's), to be named as
+    # such in headers sent on, as HAProxy and Traefik do; None with source.
+    destination: tuple[str, int] | None
 
 
 def read_header(buffer: bytes) -> Found | None:
@@ -91,8 +94,9 @@ def read_header(buffer: bytes) -> Found | None:
         # fields taken apart in one call (a tenth of a small HTTP request's
         # time went into reading the header the general way).
         source, destination, port, destination_port = _TCP4.unpack_from(buffer, 16)
-        if (destination, destination_port) in _tcp4_destinations:
-            return Found((socket.inet_ntoa(source), port), _TCP4_SIZE)
+        to = _tcp4_destinations.get((destination, destination_port))
+        if to is not None:
+            return Found((socket.inet_ntoa(source), port), _TCP4_SIZE, to)
     if buffer.startswith(V2_SIGNATURE):
         if len(buffer) < 16:
             return None  # the fixed part says how long the rest is
@@ -103,8 +107,9 @@ def read_header(buffer: bytes) -> Found | None:
         n = _V2_ADDRESS.get(whole[13])
         if n is not None:
             shape = whole[:16] + whole[16 + n:16 + 2 * n] + whole[16 + 2 * n + 2:]
-            if shape in _v2_shapes:
-                return Found(_v2_source(whole, n), size)
+            to = _v2_shapes.get(shape)
+            if to is not None:
+                return Found(_v2_source(whole, n), size, to)
     elif buffer.startswith(b"PROXY "):
         end = buffer.find(b"\r\n", 0, V1_MAX)
         if end < 0:
@@ -122,45 +127,51 @@ def read_header(buffer: bytes) -> Found | None:
         # ValueError: Twisted's v1 parser reads the ports with int() outside
         # its own error conversion ("PROXY TCP4    " raises it).
         raise HeaderRefused(f"a PROXY header Twisted's parser refuses ({type(e).__name__}): {buffer[:64]!r}") from None
-    source = info.source
-    if not isinstance(source, (IPv4Address, IPv6Address)):
-        return Found(None, size)
-    if shape:
-        # Twisted accepted a header naming an address: any other header that
-        # differs from it only in its source fields is accepted alike and
-        # names the address and port those bytes hold (_v2_source).
-        if len(_v2_shapes) >= SHAPES_KEPT:
-            _v2_shapes.clear()
-            _tcp4_destinations.clear()
-        _v2_shapes.add(shape)
-        if whole[:16] == _TCP4_FIXED:
-            _tcp4_destinations.add(_TCP4.unpack_from(whole, 16)[1::2])
+    source, destination = info.source, info.destination
+    if not isinstance(source, (IPv4Address, IPv6Address)) or not isinstance(destination, (IPv4Address, IPv6Address)):
+        return Found(None, size, None)  # LOCAL or UNKNOWN (Twisted names both ends alike)
     if size != end + 2 and isinstance(source, IPv4Address):
         # v2 (the usual case): Twisted's parser wrote four octets and an
         # unsigned short, nothing to check (v1 text may be anything).
-        return Found((source.host, source.port), size)
-    checked = _checked(source.host, source.port)
+        checked: tuple[str, int] | None = (source.host, source.port)
+        to = (destination.host, destination.port)
+    else:
+        checked, to = _checked(source.host, source.port), _checked(destination.host, destination.port)
     if checked is None:
         raise HeaderRefused(f"a PROXY header whose source is no address and port: {whole[:64]!r}")
-    return Found(checked, size)
+    if to is None:
+        raise HeaderRefused(f"a PROXY header whose destination is no address and port: {whole[:64]!r}")
+    if shape:
+        # Twisted accepted a header naming an address: any other header that
+        # differs from it only in its source fields is accepted alike, names
+        # the address and port those bytes hold (_v2_source), and the same
+        # destination: the shape holds it.
+        if len(_v2_shapes) >= SHAPES_KEPT:
+            _v2_shapes.clear()
+            _tcp4_destinations.clear()
+        _v2_shapes[shape] = to
+        if whole[:16] == _TCP4_FIXED:
+            _tcp4_destinations[_TCP4.unpack_from(whole, 16)[1::2]] = to
+    return Found(checked, size, to)
 
 
 # The shapes of v2 headers Twisted accepted (read_header). Twisted's parser
 # costs 13 us a header (its address text is built byte by byte), as much as
 # the rest of a direct TCP connection's Python work; a balancer sends one
 # shape per listener, so Twisted reads the first header of each and the
-# others take their source from the bytes Twisted read it from.
-_v2_shapes: set[bytes] = set()
+# others take their source from the bytes Twisted read it from. By shape:
+# the destination Twisted read (the shape holds its bytes).
+_v2_shapes: dict[bytes, tuple[str, int]] = {}
 
 # The most common shape, a TCP client over IPv4 with no TLVs, known by its
 # first 16 bytes (signature, PROXY command, TCP4, 12 address bytes), then
 # source, destination, source port, destination port; its destinations
-# that Twisted accepted a header to are kept here as well, as
-# (address bytes, port).
+# that Twisted accepted a header to are kept here as well: (address
+# bytes, port), and that destination as Twisted read it.
 _TCP4_FIXED = V2_SIGNATURE + b"\x21\x11\x00\x0c"
 _TCP4 = struct.Struct("!4s4sHH")
 _TCP4_SIZE = 16 + _TCP4.size
-_tcp4_destinations: set[tuple[bytes, int]] = set()
+_tcp4_destinations: dict[tuple[bytes, int], tuple[str, int]] = {}
 
 
 def header_so_far(reader: Reading, data: bytes) -> Found | None:
@@ -237,7 +248,7 @@ class HeaderReader(_HeaderBytes):
         if answer is None:
             self.transport.loseConnection()
             return
-        hand_over(self.transport, answer, rest, peer=peer)
+        hand_over(self.transport, answer, rest, peer=peer, destination=found.destination)
 
 
 class HeaderFirst(_HeaderBytes):
@@ -281,7 +292,7 @@ class HeaderFirst(_HeaderBytes):
         self._done(Phase.HANDED)
         self.source, self.rest = found.source, self.buffer[found.size:]
         if found.source is not None:
-            claim_peer(self.transport, found.source)
+            claim_peer(self.transport, found.source, found.destination)
 
     def _done(self, phase: Phase) -> None:
         # Never in the gate's deadlines (its protocol keeps the deadline): none to leave.
@@ -305,19 +316,18 @@ def _checked(host: str, port: int) -> tuple[str, int] | None:
     return address.compressed, port
 
 
-def datagram_source(data: bytes) -> tuple[tuple[str, int] | None, int] | None:
+def datagram_header(data: bytes) -> Found | None:
     """
-    The v2 header at the start of a datagram: the source it names (L{None}
-    for LOCAL: the sender speaks for itself) and its size; L{None} when the
-    datagram starts with no valid one (v1 is for streams only).
+    The v2 header at the start of a datagram (its source L{None} for LOCAL:
+    the sender speaks for itself); L{None} when the datagram starts with no
+    valid one (v1 is for streams only).
     """
     if not data.startswith(V2_SIGNATURE):
         return None
     try:
-        found = read_header(data)
+        return read_header(data)
     except HeaderRefused:
         return None
-    return None if found is None else (found.source, found.size)
 
 
 class ProxyGate(protocol.Factory):

@@ -440,7 +440,8 @@ class _HeaderWait:
         found = header_so_far(self, data)
         if found is not None:
             self._done()
-            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:], self.local)
+            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:],
+                                     found.destination or self.local)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
@@ -557,8 +558,10 @@ class TCPRoute(Factory):
         either side; the relay connects the backend and splices. Behind a
         PROXY header (L{_HeaderWait}), C{source} is the client's address it
         names (L{None}: the proxy's own) and C{early} what the client sent
-        after it. C{local} is the listener's bound address, when it is one
-        (L{bound_address}); else the socket is asked.
+        after it. C{local} is the address a header sent on names as the
+        client's destination: the one a received header named, else the
+        listener's bound address, when it is one (L{bound_address}); else
+        the socket is asked.
         """
         name = self.name
         limits = self.limits

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from portrouter.config import split_hostport
 from portrouter.proxyheader import V2_SIGNATURE, header
-from portrouter.proxyproto import datagram_source
+from portrouter.proxyproto import datagram_header
 from portrouter.model import Project, ProxyProtocol
 from portrouter.interfaces import IReactor
 from portrouter.sessions import Sample
@@ -122,7 +122,9 @@ class _Session:
     def __init__(self, route: UDPRoute, client: tuple[Any, ...], started: float, sock: socket.socket,
                  reply_to: tuple[str, int]):
         self.route = route
-        self.client = client  # the session's key: (host, port), and the sender's after a PROXY header
+        # The session's key: (host, port); after a PROXY header, then the
+        # sender's, and the destination the header named.
+        self.client = client
         self.reply_to = reply_to  # where replies go: the client, or the proxy that sent its datagrams
         self.started = started
         self.last = started
@@ -338,12 +340,14 @@ class UDPRoute(DatagramProtocol):
         key = (addr, data[:size])
         known = self._seen.get(key) if size else None
         if known is None:
-            found = datagram_source(data)
+            found = datagram_header(data)
             if found is None:
                 self._refuse_header(addr, "a datagram without a valid PROXY v2 header from a trusted address")
                 return
-            source, size = found
-            known = (*source, *addr) if source is not None else addr  # LOCAL: the proxy speaks for itself
+            size = found.size
+            # Client and sender, and the address the client sent to (named
+            # as such in headers sent on); LOCAL: the proxy speaks for itself.
+            known = (*found.source, *addr, *found.destination) if found.source and found.destination else addr
             if len(self._seen) >= self.project.limits.udp_max_sessions:
                 self._seen.clear()
             self._seen[key] = known
@@ -411,7 +415,9 @@ class UDPRoute(DatagramProtocol):
         session = _Session(self, client, now, sock, reply_to)
         if self.project.send_proxy is not None:
             host = self.transport.getHost()
-            session.prefix = header("v2", client[:2], (host.host, host.port), "udp")
+            # To the address a received header named, else to this listener's.
+            to = client[4:6] if len(client) == 6 else (host.host, host.port)
+            session.prefix = header("v2", client[:2], to, "udp")
         self.sessions[client] = session
         self.reactor.addReader(session)
         return session

@@ -261,7 +261,9 @@ async def test_haproxy_tcp_in_front_names_the_client_and_its_port(
         tmp_path: Path, peers: list[Peer], logged: list[str], send: str, send_proxy: str) -> None:
     """
     A TCP route told of the client by HAProxy tells its backend: the
-    client's own address and port, which HAProxy's connection does not have.
+    client's own address and port, which HAProxy's connection does not have,
+    and the address the client connected to, HAProxy's (as HAProxy itself
+    sends on what it was told, with accept-proxy and send-proxy).
     """
     server = ThreadServer(first_bytes)
     route = free_port()
@@ -279,9 +281,11 @@ async def test_haproxy_tcp_in_front_names_the_client_and_its_port(
             line, _, rest = got.partition(b"\r\n")
             fields = line.split(b" ")
             assert fields[:3] == [b"PROXY", b"TCP4", CLIENT.encode()] and int(fields[4]) == client_port, got
+            assert fields[3] == LOOPBACK.encode() and int(fields[5]) == front, got
         else:
-            version_command, family, source, _, rest = parse_v2(got)
+            version_command, family, source, destination, rest = parse_v2(got)
             assert (version_command, family, source) == (0x21, 0x11, (CLIENT, client_port)), got
+            assert destination == (LOOPBACK, front), got
         assert rest == b"hello"
         await log_line(logged, rf"tcp ssh 127\.0\.0\.2:{client_port}: client closed; 5 bytes in, \d+ bytes out")
     finally:

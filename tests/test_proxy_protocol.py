@@ -13,6 +13,7 @@ import _socket
 import ipaddress
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -196,26 +197,33 @@ def first_bytes(conn: socket.socket) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_tcp_route_receives_and_sends_headers(tmp_path: Path, logged: list[str]) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_tcp_route_receives_and_sends_headers(tmp_path: Path, logged: list[str], direct: bool) -> None:
     """
-    A trusted header's source goes on in the header sent to the backend;
-    an untrusted client's forged header closes its connection.
+    A trusted header's source and destination (the balancer's address) go
+    on in the header sent to the backend, as HAProxy sends them on, whether
+    the route relays itself (a backend by address) or through Twisted's
+    transports (one by name); an untrusted client's forged header closes
+    its connection.
     """
     server = ThreadServer(first_bytes)
     trusted, untrusted = free_port(), free_port()
+    backend = server.address if direct else server.address.replace(LOOPBACK, "localhost")
     router = await start_router(config=parse({
         "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
         "projects": [
-            {"name": "ssh", "backend": server.address, "send_proxy": "v2",
+            {"name": "ssh", "backend": backend, "send_proxy": "v2",
              "listen": {"port": trusted, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"]}}},
             {"name": "git", "backend": server.address, "send_proxy": "v1",
              "listen": {"port": untrusted, "protocol": "tcp", "proxy_protocol": {"trusted": ["10.0.0.0/8"]}}},
         ]}))
     try:
-        reply = await in_thread(exchange, trusted, header("v1", CLIENT_V4, (LOOPBACK, trusted)) + b"hello")
+        assert is_direct(router) == direct
+        balancer = ("192.0.2.1", 22)
+        reply = await in_thread(exchange, trusted, header("v1", CLIENT_V4, balancer) + b"hello")
         info, rest = V2Parser().feed(reply[len(b"got:"):])
         assert info is not None and (info.source.host, info.source.port) == CLIENT_V4  # type: ignore[union-attr]
-        assert (info.destination.host, info.destination.port) == (LOOPBACK, trusted)  # type: ignore[union-attr]
+        assert (info.destination.host, info.destination.port) == balancer  # type: ignore[union-attr]
         assert rest == b"hello"
         await log_line(logged, r"tcp ssh 203\.0\.113\.7:40001: client closed; 5 bytes in, \d+ bytes out")
 
@@ -256,14 +264,17 @@ async def test_a_slow_header_is_closed_after_header_timeout(tmp_path: Path, logg
 # -- sending -----------------------------------------------------------------------------------
 
 
-def requests_on_one_connection(port: int, requests: list[bytes], preface: bytes = b"") -> list[bytes]:
+def requests_on_one_connection(port: int, requests: list[bytes], preface: bytes = b"",
+                               tls: ssl.SSLContext | None = None) -> list[bytes]:
     """
     Each request in turn on one client connection (after C{preface}, a PROXY
-    header); the response bodies (Content-Length framed).
+    header; then over C{tls}, if given); the response bodies (Content-Length
+    framed).
     """
     bodies = []
-    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
-        sock.sendall(preface)
+    with socket.create_connection((LOOPBACK, port), timeout=30) as raw:
+        raw.sendall(preface)
+        sock = raw if tls is None else tls.wrap_socket(raw, server_hostname="localhost")
         for request in requests:
             sock.sendall(request)
             reply = b""
@@ -304,8 +315,60 @@ class ProxyHTTPBackend:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_tls_ingress_reads_the_header_before_the_handshake(tmp_path: Path) -> None:
+    """
+    On a TLS listener the balancer's header comes first, then the client's
+    ClientHello (HAProxy's send-proxy in front of a TLS port): the handshake
+    and the request after it are the client's, and the header sent on (from
+    under the TLS transport) names the client and the balancer's address.
+    """
+    from tests.test_tls import PKI, client_context, store_config
+
+    pki = PKI(tmp_path)
+    backend = ProxyHTTPBackend()
+    data = store_config(pki, {"name": "k1", "backend": backend.server.address, "send_proxy": "v1"})
+    router = await start_router(config=parse({**data, "proxy_protocol": {"trusted": [LOOPBACK]}}))
+    try:
+        request = b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        bodies = await in_thread(requests_on_one_connection, router.port_of(), [request],
+                                 header("v2", CLIENT_V4, ("192.0.2.1", 443)), client_context(pki.cafile))
+        assert bodies == [b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443"]
+    finally:
+        await router.stopService()
+        backend.server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_ingress_closes_on_a_header_from_an_untrusted_address(tmp_path: Path) -> None:
+    """A header from an address not trusted to send one is no ClientHello: closed, and the backend never asked."""
+    from tests.test_tls import PKI, client_context, store_config
+
+    pki = PKI(tmp_path)
+    backend = ProxyHTTPBackend()
+    data = store_config(pki, {"name": "k1", "backend": backend.server.address, "send_proxy": "v1"})
+    router = await start_router(config=parse({**data, "proxy_protocol": {"trusted": ["10.0.0.0/8"]}}))
+    try:
+        request = b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        with pytest.raises((ssl.SSLError, OSError)):  # the handshake is answered with a close
+            await in_thread(requests_on_one_connection, router.port_of(), [request],
+                            header("v2", CLIENT_V4, ("192.0.2.1", 443)), client_context(pki.cafile))
+        assert not backend.headers
+        # The same client without a header is served, and named as itself.
+        done = await in_thread(requests_on_one_connection, router.port_of(), [request], b"", client_context(pki.cafile))
+        assert done[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    finally:
+        await router.stopService()
+        backend.server.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path) -> None:
-    """Two requests on one client connection share one backend connection; another client gets its own."""
+    """
+    Two requests on one client connection share one backend connection;
+    another client gets its own. Each header names the client and the
+    address it connected to, the balancer's, as the balancer's header named
+    them (HAProxy sends them on so): an IPv4 one mapped for an IPv6 client.
+    """
     backend = ProxyHTTPBackend()
     router = await start_router(config=parse({
         "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
@@ -316,13 +379,13 @@ async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path)
     try:
         def two_requests(client: tuple[str, int]) -> list[bytes]:
             request = b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n"
-            return requests_on_one_connection(port, [request] * 2, header("v2", client, (LOOPBACK, port)))
+            return requests_on_one_connection(port, [request] * 2, header("v2", client, ("192.0.2.1", 443)))
 
         first = await in_thread(two_requests, CLIENT_V4)
         second = await in_thread(two_requests, CLIENT_V6)
         assert first == [first[0]] * 2
-        assert first[0].startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 ")
-        assert second[0].startswith(b"PROXY TCP6 2001:db8::7 ::ffff:127.0.0.1 40002 ")
+        assert first[0] == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443"
+        assert second[0] == b"PROXY TCP6 2001:db8::7 ::ffff:192.0.2.1 40002 443"
         assert second == [second[0]] * 2
         assert len(backend.headers) == 2  # one backend connection per client connection
     finally:
@@ -330,11 +393,17 @@ async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path)
         backend.server.close()
 
 
+@pytest.mark.parametrize("behind", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path) -> None:
+async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path, behind: bool) -> None:
+    """
+    Each datagram to the backend starts with a header naming its client and
+    the address it was sent to: this listener, or, behind a balancer that
+    sends headers (C{behind}), the client and destination its header named.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((LOOPBACK, 0))
-    seen: list[tuple[str, int, bytes]] = []
+    seen: list[tuple[str, int, str, int, bytes]] = []
 
     def serve() -> None:
         sock.settimeout(30)
@@ -342,30 +411,37 @@ async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path) 
             data, peer = sock.recvfrom(65535)
             info, rest = V2Parser().feed(data)
             assert info is not None
-            seen.append((info.source.host, info.source.port, rest))  # type: ignore[union-attr]
+            seen.append((info.source.host, info.source.port,  # type: ignore[union-attr]
+                         info.destination.host, info.destination.port, rest))  # type: ignore[union-attr]
             sock.sendto(b"re:" + rest, peer)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     udp_port = free_port(socket.SOCK_DGRAM)
+    listen: dict[str, Any] = {"port": udp_port, "protocol": "udp", "interface": LOOPBACK}
+    if behind:
+        listen["proxy_protocol"] = {"trusted": [LOOPBACK]}
     router = await start_router(config=parse({
         "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
         "projects": [{"name": "dns", "backend": f"{LOOPBACK}:{sock.getsockname()[1]}", "send_proxy": "v2",
-                      "listen": {"port": udp_port, "protocol": "udp", "interface": LOOPBACK}}],
+                      "listen": listen}],
     }))
+    balancer = ("192.0.2.1", 53)
     try:
         def client() -> tuple[int, list[bytes]]:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
                 c.settimeout(30)
                 replies = []
                 for payload in (b"a", b"", b"c" * 1000):
-                    c.sendto(payload, (LOOPBACK, udp_port))
+                    c.sendto(header("v2", CLIENT_V4, balancer, "udp") + payload if behind else payload,
+                             (LOOPBACK, udp_port))
                     replies.append(c.recvfrom(65535)[0])
                 return c.getsockname()[1], replies
 
         own_port, replies = await in_thread(client)
         assert replies == [b"re:a", b"re:", b"re:" + b"c" * 1000]
-        assert seen == [(LOOPBACK, own_port, b"a"), (LOOPBACK, own_port, b""), (LOOPBACK, own_port, b"c" * 1000)]
+        named = (*CLIENT_V4, *balancer) if behind else (LOOPBACK, own_port, LOOPBACK, udp_port)
+        assert seen == [(*named, b"a"), (*named, b""), (*named, b"c" * 1000)]
     finally:
         await router.stopService()
         sock.close()
@@ -546,14 +622,20 @@ async def test_a_kept_backend_connection_closes_when_its_client_upgrades_and_lea
         backend.server.close()
 
 
-@pytest.mark.parametrize("forged", [
-    b"PROXY TCP4 notanip 127.0.0.1 1 2\r\n",
-    b"PROXY TCP4 1.2.3.4 127.0.0.1 99999 2\r\n",
+@pytest.mark.parametrize("forged, end", [
+    (b"PROXY TCP4 notanip 127.0.0.1 1 2\r\n", "source"),
+    (b"PROXY TCP4 1.2.3.4 127.0.0.1 99999 2\r\n", "source"),
+    (b"PROXY TCP4 1.2.3.4 not.an.ip 1 2\r\n", "destination"),
+    (b"PROXY TCP4 1.2.3.4 127.0.0.1 1 65536\r\n", "destination"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_header_whose_source_is_no_address_is_refused(tmp_path: Path, logged: list[str],
-                                                              forged: bytes) -> None:
-    """Twisted's v1 parser checks neither; nothing may escape into the log as a traceback."""
+                                                              forged: bytes, end: str) -> None:
+    """
+    Twisted's v1 parser checks neither the addresses nor the ports; nothing
+    may escape into the log as a traceback. The destination is named in
+    headers sent on, so it is held to the same.
+    """
     server = ThreadServer(first_bytes)
     port = free_port()
     router = await start_router(config=parse({
@@ -562,7 +644,7 @@ async def test_a_header_whose_source_is_no_address_is_refused(tmp_path: Path, lo
             "port": port, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"]}}}]}))
     try:
         assert await in_thread(exchange, port, forged + b"x") == b""
-        await log_line(logged, r"a PROXY header whose source is no address and port: b'PROXY TCP4 ")
+        await log_line(logged, f"a PROXY header whose {end} is no address and port: b'PROXY TCP4 ")
         assert not router.sessions.live and not any("Traceback" in line for line in logged)
     finally:
         await router.stopService()
@@ -747,6 +829,7 @@ async def test_a_slow_header_on_the_direct_path_is_reset_at_header_timeout(tmp_p
     (b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
      r"a PROXY header Twisted's parser refuses \(InvalidNetworkProtocol\): b'PROXY TCP9"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 2\r\n", r"a PROXY header whose source is no address and port"),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n", r"a PROXY header whose destination is no address and port"),
     (b"PROXY TCP4    \r\n", r"a PROXY header Twisted's parser refuses \(ValueError\): b'PROXY TCP4    "),
 ])
 @pytest_twisted.ensureDeferred
@@ -836,10 +919,12 @@ addresses = st.one_of(
 @settings(max_examples=300, deadline=None)
 def test_read_header_frames_what_haproxy_writes(version: str, source: str, port: int, after: bytes) -> None:
     """
-    Every prefix of a header needs more; the whole one names its source (as
-    Twisted's own incremental parser reads it) and leaves what follows.
+    Every prefix of a header needs more; the whole one names its source and
+    destination (as Twisted's own incremental parser reads them) and leaves
+    what follows.
     """
-    sent = header(version, (source, port), ("127.0.0.1" if ":" not in source else "::1", 443))
+    to = ("192.0.2.1" if ":" not in source else "2001:db8::1", 443)
+    sent = header(version, (source, port), to)
     for cut in range(len(sent)):
         assert read_header(sent[:cut]) is None
     found = read_header(sent + after)
@@ -847,6 +932,8 @@ def test_read_header_frames_what_haproxy_writes(version: str, source: str, port:
     info, rest = (V1Parser() if version == "v1" else V2Parser()).feed(sent + after)
     assert info is not None and rest == after
     assert found.source == (ipaddress.ip_address(info.source.host).compressed, port)  # type: ignore[union-attr]
+    assert found.destination == to == (ipaddress.ip_address(info.destination.host).compressed,  # type: ignore[union-attr]
+                                       info.destination.port)  # type: ignore[union-attr]
 
 
 @given(st.binary(max_size=200))
@@ -907,7 +994,8 @@ def test_a_v2_header_of_a_known_shape_reads_as_twisted_reads_it(
         # A TCP client over IPv4 with no TLVs: read by its destination, kept apart.
         # (TLV bytes the length field leaves out are data after the header.)
         tcp4 = command == 0x21 and family == 0x11 and len(tlvs) + length == 0
-        assert proxyproto._tcp4_destinations == ({(destination[:4], port)} if tcp4 else set())
+        named = alone[0].destination
+        assert proxyproto._tcp4_destinations == ({(destination[:4], port): named} if tcp4 else {})
 
 
 def forget_shapes() -> None:
@@ -925,7 +1013,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     """
     forget_shapes()
     first = header("v2", ("203.0.113.7", 40001), ("192.0.2.1", 443))
-    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), 28)
+    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), 28, ("192.0.2.1", 443))
 
     def parsed(data: bytes) -> Any:
         raise AssertionError("Twisted's parser asked again")
@@ -933,7 +1021,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     monkeypatch.setattr(V2Parser, "parse", staticmethod(parsed))
     monkeypatch.setattr(proxyproto, "_v2_source", lambda whole, n: parsed(whole))  # nor the shapes' path
     second = header("v2", ("198.51.100.9", 5), ("192.0.2.1", 443))
-    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), 28)
+    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), 28, ("192.0.2.1", 443))
     with pytest.raises(AssertionError, match="asked again"):
         read_header(header("v2", ("198.51.100.9", 5), ("192.0.2.2", 443)))
     forget_shapes()
