@@ -313,6 +313,20 @@ class TLSServerTransport(BufferingTLSTransport):
                     ProtocolWrapper.dataReceived(self, data)
         self._flushSendBIO()
 
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        transport: Any = self.transport
+        if (reason is not None and not self._handshakeDone and self._reason is None and reason.check(SSL.Error)
+                and getattr(transport, "connected", False)):
+            # A client that speaks no TLS (plain HTTP to an HTTPS port, a
+            # PROXY header from an address not trusted to send one) or none
+            # we speak (TLS 1.1, no common cipher): one line, as HAProxy
+            # logs its handshake failures. A client gone before or during
+            # its handshake (a port check: its connection is lost by now)
+            # is no error, and says nothing.
+            log.info("tls {peer} to port {port}: handshake failed ({why}); closed", peer=_show(transport.getPeer()),
+                     port=getattr(transport.getHost(), "port", "-"), why=openssl_reasons(reason.value))
+        super()._tlsShutdownFinished(reason)
+
     def _half_close(self) -> bool:
         if (self.disconnecting or self._tlsConnection.get_protocol_version_name() != "TLSv1.3"
                 or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol)):
@@ -320,6 +334,23 @@ class TLSServerTransport(BufferingTLSTransport):
         self._peer_closed = True
         self.wrappedProtocol.readConnectionLost()
         return True
+
+
+def openssl_reasons(error: BaseException | None) -> str:
+    """What OpenSSL said, its reasons joined: "wrong version number", "unsupported protocol"."""
+    if error is None:
+        return "no reason given"
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[-1] for entry in queue if isinstance(entry, tuple) and entry and entry[-1]]
+    return "; ".join(reasons) or str(error) or type(error).__name__
+
+
+def _show(address: Any) -> str:
+    """A peer as the logs write one (sessions.show_address; this layer is below it)."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return "unix"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class TLSFactory(TLSMemoryBIOFactory):

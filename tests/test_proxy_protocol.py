@@ -339,8 +339,11 @@ async def test_a_tls_ingress_reads_the_header_before_the_handshake(tmp_path: Pat
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_tls_ingress_closes_on_a_header_from_an_untrusted_address(tmp_path: Path) -> None:
-    """A header from an address not trusted to send one is no ClientHello: closed, and the backend never asked."""
+async def test_a_tls_ingress_closes_on_a_header_from_an_untrusted_address(tmp_path: Path, logged: list[str]) -> None:
+    """
+    A header from an address not trusted to send one is no ClientHello:
+    closed, with a line in the log, and the backend never asked.
+    """
     from tests.test_tls import PKI, client_context, store_config
 
     pki = PKI(tmp_path)
@@ -353,6 +356,8 @@ async def test_a_tls_ingress_closes_on_a_header_from_an_untrusted_address(tmp_pa
             await in_thread(requests_on_one_connection, router.port_of(), [request],
                             header("v2", CLIENT_V4, ("192.0.2.1", 443)), client_context(pki.cafile))
         assert not backend.headers
+        await log_line(logged, r"tls 127\.0\.0\.1:\d+ to port %d: handshake failed \(wrong version number\); closed"
+                       % router.port_of())
         # The same client without a header is served, and named as itself.
         done = await in_thread(requests_on_one_connection, router.port_of(), [request], b"", client_context(pki.cafile))
         assert done[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")

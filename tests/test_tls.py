@@ -342,12 +342,14 @@ def old_tls_refused(port: int, cafile: str) -> str:
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest_twisted.ensureDeferred
-async def test_tls_1_1_is_refused_on_every_kind_of_listener_1_2_and_1_3_spoken(pki: PKI) -> None:
+async def test_tls_1_1_is_refused_on_every_kind_of_listener_1_2_and_1_3_spoken(pki: PKI, logged: list[str]) -> None:
     service = ThreadServer(echo)
     router = await start_tls_router(store_config(pki, tls_project("echo", "tcp", service.address)))
     try:
         for port in (router.port_of(), router.port_of("echo")):  # ssl: strport, the store
             assert "TLSV1_ALERT_PROTOCOL_VERSION" in await in_thread(old_tls_refused, port, pki.cafile)
+            await log_line(logged, rf"tls 127\.0\.0\.1:\d+ to port {port}: handshake failed \(unsupported protocol\); "
+                                   r"closed")
             got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok")
             assert got["version"] == "TLSv1.3"
             got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok",
@@ -356,6 +358,46 @@ async def test_tls_1_1_is_refused_on_every_kind_of_listener_1_2_and_1_3_spoken(p
     finally:
         await router.stopService()
         service.close()
+
+
+def failed_handshakes(port: int, cafile: str, stranger: str) -> None:
+    """
+    A port check, a ClientHello cut short, plain HTTP, a client that trusts
+    only C{stranger} (a CA that signed nothing of ours), then a good one.
+    """
+    with socket.create_connection((LOOPBACK, port), timeout=30):
+        pass
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(100)  # the alert, or the close
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(port, stranger, "localhost")
+    handshake(port, cafile, "localhost")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_handshake_is_said_once_and_a_client_gone_during_one_is_not(pki: PKI, logged: list[str],
+                                                                                   tmp_path: Path) -> None:
+    """
+    A client that speaks no TLS, or refuses our certificate, gets one line
+    saying why (as HAProxy logs its handshake failures); one gone before or
+    during its handshake (a port check) is no error and says nothing.
+    """
+    router = await start_tls_router(store_config(pki))
+    port = router.port_of()
+    try:
+        (tmp_path / "stranger").mkdir()
+        await in_thread(failed_handshakes, port, pki.cafile, CA(str(tmp_path / "stranger"), "a stranger").path)
+        await log_line(logged, rf"tls 127\.0\.0\.1:\d+ to port {port}: handshake failed \(http request\); closed")
+        await log_line(logged, rf"tls 127\.0\.0\.1:\d+ to port {port}: handshake failed \(tlsv1 alert unknown ca\); "
+                               r"closed")
+        said = [line for line in logged if "handshake failed" in line]
+        assert len(said) == 2, said
+        assert not any("Traceback" in line or "Unhandled" in line for line in logged)
+    finally:
+        await router.stopService()
 
 
 # -- byte streams: TCP routes, ws routes, service ports ---------------------------------------
