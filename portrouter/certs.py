@@ -314,18 +314,30 @@ class TLSServerTransport(BufferingTLSTransport):
         self._flushSendBIO()
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
-        transport: Any = self.transport
-        if (reason is not None and not self._handshakeDone and self._reason is None and reason.check(SSL.Error)
-                and getattr(transport, "connected", False)):
-            # A client that speaks no TLS (plain HTTP to an HTTPS port, a
-            # PROXY header from an address not trusted to send one) or none
-            # we speak (TLS 1.1, no common cipher): one line, as HAProxy
-            # logs its handshake failures. A client gone before or during
-            # its handshake (a port check: its connection is lost by now)
-            # is no error, and says nothing.
-            log.info("tls {peer} to port {port}: handshake failed ({why}); closed", peer=_show(transport.getPeer()),
-                     port=getattr(transport.getHost(), "port", "-"), why=openssl_reasons(reason.value))
-        super()._tlsShutdownFinished(reason)
+        if reason is not None and reason.check(SSL.ZeroReturnError):
+            # The client's close_notify before its handshake was done: a
+            # clean close, whose reason is the connection's own (None says
+            # so). Twisted's _representsEOF reads the first argument of any
+            # error given, which this one has none of, and raised out of the
+            # reactor ("Unhandled Error").
+            reason = None
+        try:
+            transport: Any = self.transport
+            if (reason is not None and not self._handshakeDone and self._reason is None
+                    and reason.check(SSL.Error)
+                    and getattr(transport, "connected", False)):
+                # A client that speaks no TLS (plain HTTP to an HTTPS port, a
+                # PROXY header from an address not trusted to send one) or
+                # none we speak (TLS 1.1, no common cipher): one line, as
+                # HAProxy logs its handshake failures. A client gone before
+                # or during its handshake (a port check: its connection is
+                # lost by now; or its close_notify, above) is no error, and
+                # says nothing.
+                log.info("tls {peer} to port {port}: handshake failed ({why}); closed",
+                         peer=_show(transport.getPeer()), port=getattr(transport.getHost(), "port", "-"),
+                         why=openssl_reasons(reason.value) or reason.getErrorMessage())
+        finally:
+            super()._tlsShutdownFinished(reason)  # the connection closes, whatever the line did
 
     def _half_close(self) -> bool:
         if (self.disconnecting or self._tlsConnection.get_protocol_version_name() != "TLSv1.3"
@@ -337,12 +349,13 @@ class TLSServerTransport(BufferingTLSTransport):
 
 
 def openssl_reasons(error: BaseException | None) -> str:
-    """What OpenSSL said, its reasons joined: "wrong version number", "unsupported protocol"."""
-    if error is None:
-        return "no reason given"
-    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [entry[-1] for entry in queue if isinstance(entry, tuple) and entry and entry[-1]]
-    return "; ".join(reasons) or str(error) or type(error).__name__
+    """
+    What OpenSSL said, its reasons joined ("wrong version number",
+    "unsupported protocol"): pyOpenSSL's Error holds a list of (library,
+    function, reason) triples. Empty when it said nothing.
+    """
+    queue = error.args[0] if error is not None and error.args and isinstance(error.args[0], list) else []
+    return "; ".join(str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry and entry[-1])
 
 
 def _show(address: Any) -> str:

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from portrouter.certs import describe, tls_handle
+from portrouter.certs import describe, openssl_reasons, tls_handle
 from portrouter.logs import emitter
 
 # The session lines keep the namespace they were logged under when Sessions
@@ -194,10 +194,7 @@ def tls_problem(reason: Failure, transport: Any) -> str | None:
         if code:  # X509_V_OK is 0
             text = ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
             return f"backend TLS certificate verify failed: {text}"
-    # pyOpenSSL's Error holds a list of (library, function, reason) triples.
-    queue = value.args[0] if value.args and isinstance(value.args[0], list) else []
-    said = "; ".join(str(e[-1]) for e in queue if isinstance(e, tuple)) or reason.getErrorMessage()
-    return f"backend TLS handshake failed: {said}"
+    return f"backend TLS handshake failed: {openssl_reasons(value) or reason.getErrorMessage()}"
 
 
 class Sessions:

@@ -42,6 +42,7 @@ from tests.support import (
     wait_for,
 )
 from tests.test_operations import roundtrip
+from tests.test_hostnames import read_to_the_end
 from tests.test_service_ports import (
     ACCESS_KEY, SECRET_KEY, SIZE, Process, both_ways_service, echo, service_config, tool, tunnel_64_mib,
 )
@@ -355,20 +356,37 @@ async def test_tls_1_1_is_refused_on_every_kind_of_listener_1_2_and_1_3_spoken(p
             got = await in_thread(handshake, port, pki.cafile, "localhost", send=b"ok",
                                   newest=ssl.TLSVersion.TLSv1_2)
             assert got["version"] == "TLSv1.2"
+        # The tcp route's session, opened before the handshake, says how it ended too.
+        await log_line(logged, r"tcp echo 127\.0\.0\.1:\d+: client closed; 0 bytes in, 0 bytes out, .* tls=no-handshake$")
     finally:
         await router.stopService()
         service.close()
 
 
+def client_hello() -> bytes:
+    """The ClientHello Python's TLS client sends first."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
 def failed_handshakes(port: int, cafile: str, stranger: str) -> None:
     """
-    A port check, a ClientHello cut short, plain HTTP, a client that trusts
-    only C{stranger} (a CA that signed nothing of ours), then a good one.
+    A port check, a ClientHello cut short, a ClientHello and then at once a
+    close_notify, plain HTTP, a client that trusts only C{stranger} (a CA
+    that signed nothing of ours), then a good one.
     """
     with socket.create_connection((LOOPBACK, port), timeout=30):
         pass
     with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
         sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(client_hello() + b"\x15\x03\x03\x00\x02\x01\x00")  # and at once a close_notify alert
+        read_to_the_end(sock)
     with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.recv(100)  # the alert, or the close
@@ -383,7 +401,8 @@ async def test_a_failed_handshake_is_said_once_and_a_client_gone_during_one_is_n
     """
     A client that speaks no TLS, or refuses our certificate, gets one line
     saying why (as HAProxy logs its handshake failures); one gone before or
-    during its handshake (a port check) is no error and says nothing.
+    during its handshake (a port check; a close_notify, which Twisted's TLS
+    raised out of the reactor on) is no error and says nothing.
     """
     router = await start_tls_router(store_config(pki))
     port = router.port_of()
