@@ -71,10 +71,10 @@ class Found(NamedTuple):
     """A whole PROXY header at the start of a connection's first bytes."""
 
     source: tuple[str, int] | None  # None: LOCAL (v2) or UNKNOWN (v1), the proxy speaks for itself
-    size: int  # the header's bytes; what follows is the client's
     # The address the client connected to (the balancer's), to be named as
     # such in headers sent on, as HAProxy and Traefik do; None with source.
     destination: tuple[str, int] | None
+    size: int  # the header's bytes; what follows is the client's
 
 
 def read_header(buffer: bytes) -> Found | None:
@@ -93,10 +93,10 @@ def read_header(buffer: bytes) -> Found | None:
         # What a balancer sends for a TCP client over IPv4: the shape's
         # fields taken apart in one call (a tenth of a small HTTP request's
         # time went into reading the header the general way).
-        source, destination, port, destination_port = _TCP4.unpack_from(buffer, 16)
-        to = _tcp4_destinations.get((destination, destination_port))
+        packed_source, packed_destination, port, destination_port = _TCP4.unpack_from(buffer, 16)
+        to = _tcp4_destinations.get((packed_destination, destination_port))
         if to is not None:
-            return Found((socket.inet_ntoa(source), port), _TCP4_SIZE, to)
+            return Found((socket.inet_ntoa(packed_source), port), to, _TCP4_SIZE)
     if buffer.startswith(V2_SIGNATURE):
         if len(buffer) < 16:
             return None  # the fixed part says how long the rest is
@@ -109,7 +109,7 @@ def read_header(buffer: bytes) -> Found | None:
             shape = whole[:16] + whole[16 + n:16 + 2 * n] + whole[16 + 2 * n + 2:]
             to = _v2_shapes.get(shape)
             if to is not None:
-                return Found(_v2_source(whole, n), size, to)
+                return Found(_v2_source(whole, n), to, size)
     elif buffer.startswith(b"PROXY "):
         end = buffer.find(b"\r\n", 0, V1_MAX)
         if end < 0:
@@ -129,7 +129,7 @@ def read_header(buffer: bytes) -> Found | None:
         raise HeaderRefused(f"a PROXY header Twisted's parser refuses ({type(e).__name__}): {buffer[:64]!r}") from None
     source, destination = info.source, info.destination
     if not isinstance(source, (IPv4Address, IPv6Address)) or not isinstance(destination, (IPv4Address, IPv6Address)):
-        return Found(None, size, None)  # LOCAL or UNKNOWN (Twisted names both ends alike)
+        return Found(None, None, size)  # LOCAL or UNKNOWN (Twisted names both ends alike)
     if size != end + 2 and isinstance(source, IPv4Address):
         # v2 (the usual case): Twisted's parser wrote four octets and an
         # unsigned short, nothing to check (v1 text may be anything).
@@ -152,7 +152,7 @@ def read_header(buffer: bytes) -> Found | None:
         _v2_shapes[shape] = to
         if whole[:16] == _TCP4_FIXED:
             _tcp4_destinations[_TCP4.unpack_from(whole, 16)[1::2]] = to
-    return Found(checked, size, to)
+    return Found(checked, to, size)
 
 
 # The shapes of v2 headers Twisted accepted (read_header). Twisted's parser

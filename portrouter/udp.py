@@ -27,7 +27,7 @@ import ipaddress
 import socket
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IReadDescriptor, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
@@ -110,6 +110,21 @@ def awake(reactor: IReactor) -> Awake:
     return keeper
 
 
+class Proxied(NamedTuple):
+    """
+    A session's key behind a balancer's PROXY headers: the client it named,
+    the balancer that sent its datagrams, and the address the client sent
+    to (named in headers sent on). A client reaching two of a balancer's
+    addresses is two flows, two sessions. A direct client's key is its
+    (host, port), as Twisted gives it.
+    """
+
+    host: str  # host and port first: logs write a key as a client
+    port: int
+    sender: tuple[str, int]
+    to: tuple[str, int]
+
+
 @implementer(IReadDescriptor)
 class _Session:
     """One client's traffic: a connected socket to the backend, read by the reactor."""
@@ -122,9 +137,7 @@ class _Session:
     def __init__(self, route: UDPRoute, client: tuple[Any, ...], started: float, sock: socket.socket,
                  reply_to: tuple[str, int]):
         self.route = route
-        # The session's key: (host, port); after a PROXY header, then the
-        # sender's, and the destination the header named.
-        self.client = client
+        self.client = client  # the session's key: (host, port), or Proxied
         self.reply_to = reply_to  # where replies go: the client, or the proxy that sent its datagrams
         self.started = started
         self.last = started
@@ -222,7 +235,7 @@ class UDPRoute(DatagramProtocol):
 
     def __init__(self, reactor: IReactor, project: Project):
         self.reactor = reactor
-        self.sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()
+        self.sessions: OrderedDict[tuple[Any, ...], _Session] = OrderedDict()  # by key: (host, port), or Proxied
         self.dropped = 0  # datagrams of new clients dropped: a full session table, or no backend socket
         self.refused = 0
         self.send_errors = 0
@@ -345,9 +358,8 @@ class UDPRoute(DatagramProtocol):
                 self._refuse_header(addr, "a datagram without a valid PROXY v2 header from a trusted address")
                 return
             size = found.size
-            # Client and sender, and the address the client sent to (named
-            # as such in headers sent on); LOCAL: the proxy speaks for itself.
-            known = (*found.source, *addr, *found.destination) if found.source and found.destination else addr
+            # LOCAL: the proxy speaks for itself.
+            known = Proxied(*found.source, addr, found.destination) if found.source and found.destination else addr
             if len(self._seen) >= self.project.limits.udp_max_sessions:
                 self._seen.clear()
             self._seen[key] = known
@@ -415,8 +427,7 @@ class UDPRoute(DatagramProtocol):
         session = _Session(self, client, now, sock, reply_to)
         if self.project.send_proxy is not None:
             host = self.transport.getHost()
-            # To the address a received header named, else to this listener's.
-            to = client[4:6] if len(client) == 6 else (host.host, host.port)
+            to = client.to if isinstance(client, Proxied) else (host.host, host.port)
             session.prefix = header("v2", client[:2], to, "udp")
         self.sessions[client] = session
         self.reactor.addReader(session)

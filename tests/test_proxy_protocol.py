@@ -38,10 +38,11 @@ from portrouter.proxyproto import HeaderFirst, HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import (
-    LOOPBACK, ClockedReactor, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, start_router, stop_clocked,
-    wait_for,
+    LOOPBACK, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, start_router,
+    stop_clocked, wait_for,
 )
 from tests.test_hostnames import read_to_the_end
+from tests.test_tls import PKI, client_context, store_config
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
 
 CLIENT_V4 = ("203.0.113.7", 40001)
@@ -322,8 +323,6 @@ async def test_a_tls_ingress_reads_the_header_before_the_handshake(tmp_path: Pat
     and the request after it are the client's, and the header sent on (from
     under the TLS transport) names the client and the balancer's address.
     """
-    from tests.test_tls import PKI, client_context, store_config
-
     pki = PKI(tmp_path)
     backend = ProxyHTTPBackend()
     data = store_config(pki, {"name": "k1", "backend": backend.server.address, "send_proxy": "v1"})
@@ -344,8 +343,6 @@ async def test_a_tls_ingress_closes_on_a_header_from_an_untrusted_address(tmp_pa
     A header from an address not trusted to send one is no ClientHello:
     closed, with a line in the log, and the backend never asked.
     """
-    from tests.test_tls import PKI, client_context, store_config
-
     pki = PKI(tmp_path)
     backend = ProxyHTTPBackend()
     data = store_config(pki, {"name": "k1", "backend": backend.server.address, "send_proxy": "v1"})
@@ -404,7 +401,9 @@ async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path, 
     """
     Each datagram to the backend starts with a header naming its client and
     the address it was sent to: this listener, or, behind a balancer that
-    sends headers (C{behind}), the client and destination its header named.
+    sends headers (C{behind}), the client and destination its header named;
+    the same client through another of the balancer's addresses is another
+    session, which names that one.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((LOOPBACK, 0))
@@ -412,7 +411,7 @@ async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path, 
 
     def serve() -> None:
         sock.settimeout(30)
-        for _ in range(3):
+        for _ in range(4 if behind else 3):
             data, peer = sock.recvfrom(65535)
             info, rest = V2Parser().feed(data)
             assert info is not None
@@ -447,9 +446,80 @@ async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path, 
         assert replies == [b"re:a", b"re:", b"re:" + b"c" * 1000]
         named = (*CLIENT_V4, *balancer) if behind else (LOOPBACK, own_port, LOOPBACK, udp_port)
         assert seen == [(*named, b"a"), (*named, b""), (*named, b"c" * 1000)]
+        route = router.listeners["dns"].factory
+        assert len(route.sessions) == 1
+        if behind:
+            other = ("192.0.2.2", 53)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(30)
+                c.sendto(header("v2", CLIENT_V4, other, "udp") + b"d", (LOOPBACK, udp_port))
+                assert (await in_thread(c.recvfrom, 65535))[0] == b"re:d"
+            assert seen[-1] == (*CLIENT_V4, *other, b"d")
+            assert len(route.sessions) == 2
     finally:
         await router.stopService()
         sock.close()
+
+
+def header_line_then_echo(conn: socket.socket) -> None:
+    """A TCP service behind send_proxy v1: its header line back, then an echo."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    line, _, rest = data.partition(b"\r\n")
+    conn.sendall(line + b"|" + rest)
+    while chunk := conn.recv(65536):
+        conn.sendall(chunk)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ws_routes_and_service_ports_send_on_the_balancers_client_and_address(tmp_path: Path) -> None:
+    """
+    A ws route (behind its own listener's proxy_protocol) and a service port
+    (behind the ingress's), each with send_proxy, their clients behind a
+    balancer's header: the service's connection starts with a header naming
+    the client and the address it connected to, as the balancer named them.
+    """
+    service = ThreadServer(header_line_then_echo)
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-balancers-clients\n")
+    ws_port = free_port()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": [LOOPBACK]},
+        # The client is 203.0.113.7 now, no loopback client: the service port asks for credentials.
+        "auth": {"tokens": [{"token_file": str(token), "admin": True, "projects": ["*"]}]},
+        "projects": [
+            {"name": "k1", "host": LOOPBACK, "services": [
+                {"name": "echo", "protocol": "tcp", "port": service.port, "send_proxy": "v1"}]},
+            {"name": "wsr", "backend": service.address, "send_proxy": "v1", "listen": {
+                "port": ws_port, "protocol": "ws", "interface": LOOPBACK,
+                "proxy_protocol": {"trusted": [LOOPBACK]}}},
+        ]}))
+    ingress = router.port_of()
+
+    def through(port: int, target: str, balancer: tuple[str, int]) -> bytes:
+        raw = RawWebSocket(port)
+        try:
+            raw.sock.sendall(header("v2", CLIENT_V4, balancer))
+            status, _, _ = raw.request(target, {"Authorization": "Bearer a-token-for-the-balancers-clients"})
+            assert status == 101, status
+            raw.send(b"hello")
+            return raw.receive(len(b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"))
+        finally:
+            raw.close()
+
+    try:
+        got = await in_thread(through, ws_port, "/", ("192.0.2.1", 443))
+        assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
+        got = await in_thread(through, ingress, "/stream/session/k1/tcpproxy?app=echo", ("192.0.2.1", 443))
+        assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
+    finally:
+        await router.stopService()
+        service.close()
 
 
 # -- configuration and the table -------------------------------------------------------------
@@ -1009,6 +1079,27 @@ def forget_shapes() -> None:
     proxyproto._tcp4_destinations.clear()
 
 
+def test_a_known_shape_names_the_destination_its_bytes_hold() -> None:
+    """
+    IPv6, UDP and headers with TLVs are read by their shape, which holds
+    the destination: each header names its own, whichever shapes are known.
+    """
+    forget_shapes()
+    for transport in ("tcp", "udp"):
+        for to in (("2001:db8::1", 443), ("2001:db8::2", 8443), ("2001:db8::1", 443)):
+            for client in (("2001:db8::7", 40001), ("2001:db8::8", 40002)):
+                sent = header("v2", client, to, transport)
+                found = read_header(sent)
+                assert found is not None and (found.source, found.destination) == (client, to), (transport, to)
+        tlv = header("v2", ("198.51.100.9", 5), ("192.0.2.3", 53), transport)
+        with_tlv = tlv[:14] + struct.pack("!H", int.from_bytes(tlv[14:16], "big") + 3) + tlv[16:] + b"\x04\x00\x00"
+        for client in (("198.51.100.9", 5), ("198.51.100.10", 6)):
+            found = read_header(with_tlv[:16] + socket.inet_aton(client[0]) + with_tlv[20:24]
+                                + struct.pack("!H", client[1]) + with_tlv[26:])
+            assert found is not None and (found.source, found.destination) == (client, ("192.0.2.3", 53))
+    forget_shapes()
+
+
 def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     Once Twisted's parser has accepted a TCP4 header to a destination, the
@@ -1018,7 +1109,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     """
     forget_shapes()
     first = header("v2", ("203.0.113.7", 40001), ("192.0.2.1", 443))
-    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), 28, ("192.0.2.1", 443))
+    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), ("192.0.2.1", 443), 28)
 
     def parsed(data: bytes) -> Any:
         raise AssertionError("Twisted's parser asked again")
@@ -1026,7 +1117,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     monkeypatch.setattr(V2Parser, "parse", staticmethod(parsed))
     monkeypatch.setattr(proxyproto, "_v2_source", lambda whole, n: parsed(whole))  # nor the shapes' path
     second = header("v2", ("198.51.100.9", 5), ("192.0.2.1", 443))
-    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), 28, ("192.0.2.1", 443))
+    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), ("192.0.2.1", 443), 28)
     with pytest.raises(AssertionError, match="asked again"):
         read_header(header("v2", ("198.51.100.9", 5), ("192.0.2.2", 443)))
     forget_shapes()
