@@ -172,17 +172,9 @@ class Base(Section[R]):
     def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
                  portrouter_env: dict[str, str] | None):
         super().__init__(procs, tools, args, portrouter_env)
-        # The HTTP section's --http-rounds (Bench.OPTIONS): the sections
-        # built on this one (tls, hostnames) take no turns, and have no
-        # --NAME-rounds to ask for any.
-        self.rounds: int = max(1, getattr(args, "http_rounds", 5))
         self.root = self.work / "www"
         self.report = self.work / "wrk-report.lua"
         self.files: dict[str, bytes] = {}
-
-    def parameters(self) -> dict[str, Any]:
-        return {"connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES, "warmup_s": WARMUP,
-                "rounds": self.rounds, "rounds_rows": list(ROUNDS)}
 
     def prepare(self) -> None:
         self.root.mkdir(exist_ok=True)
@@ -298,6 +290,17 @@ class Bench(Base[Row]):
     PORTROUTER = frozenset({"portrouter", "portrouter-stdout", "portrouter-json", "portrouter-ingress"})
     DESCRIPTION = DESCRIPTION
     TURNS: ClassVar[frozenset[str]] = frozenset(ROUNDS)  # the rows measure_all has take turns
+
+    def __init__(self, procs: Procs, tools: dict[str, str], args: argparse.Namespace,
+                 portrouter_env: dict[str, str] | None):
+        super().__init__(procs, tools, args, portrouter_env)
+        # --http-rounds: the sections built on Base (tls, hostnames, cluster)
+        # take no turns, and have no --NAME-rounds to ask for any.
+        self.rounds: int = max(1, args.http_rounds)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"connections": CONNECTIONS, "wrk_threads": 1, "sizes": SIZES, "warmup_s": WARMUP,
+                "rounds": self.rounds, "rounds_rows": list(ROUNDS)}
     TOOLS: ClassVar[tuple[str, ...]] = ("taskset", "wrk", "nginx")
     TARGET_TOOLS = {
         "portrouter": ("twistd",), "portrouter-stdout": ("twistd",), "portrouter-json": ("twistd",),
