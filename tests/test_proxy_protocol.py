@@ -41,7 +41,8 @@ from tests.support import (
     LOOPBACK, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, start_router,
     stop_clocked, wait_for,
 )
-from tests.test_hostnames import read_to_the_end
+from tests.pki import CA
+from tests.test_hostnames import DOMAIN, ca, front_port, read_to_the_end, store  # noqa: F401 (ca, store: fixtures)
 from tests.test_tls import PKI, client_context, store_config
 from tests.test_services import log_line, logged  # noqa: F401 (a fixture)
 
@@ -516,6 +517,46 @@ async def test_ws_routes_and_service_ports_send_on_the_balancers_client_and_addr
         got = await in_thread(through, ws_port, "/", ("192.0.2.1", 443))
         assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
         got = await in_thread(through, ingress, "/stream/session/k1/tcpproxy?app=echo", ("192.0.2.1", 443))
+        assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
+    finally:
+        await router.stopService()
+        service.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostname_route_behind_the_tls_front_sends_on_the_balancers_client_and_address(
+        tmp_path: Path, ca: CA, store: Path) -> None:
+    """
+    The TLS front behind a balancer (the top-level proxy_protocol): the
+    header, then the ClientHello naming a TCP service port; the service's
+    connection starts with a header naming the client and the balancer's
+    address, from under the TLS that the front terminated.
+    """
+    service = ThreadServer(header_line_then_echo)
+    data = {
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "tls": {"certificates": str(store)},
+        "hostnames": {"domains": [DOMAIN], "listen": f"tcp:0:interface={LOOPBACK}"},
+        "proxy_protocol": {"trusted": [LOOPBACK]},
+        "projects": [{"name": "k1", "services": [
+            {"name": "sshd", "protocol": "tcp", "port": service.port, "send_proxy": "v1"}]}],
+    }
+    router = await start_router(config=parse(data))
+
+    def through(port: int, name: str) -> bytes:
+        ctx = ssl.create_default_context(cafile=ca.path)
+        with socket.create_connection((LOOPBACK, port), timeout=30) as raw:
+            raw.sendall(header("v2", CLIENT_V4, ("192.0.2.1", 443)))
+            with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                tls.sendall(b"hello")
+                want = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
+                got = b""
+                while len(got) < len(want) and (chunk := tls.recv(65536)):
+                    got += chunk
+                return got
+
+    try:
+        got = await in_thread(through, front_port(router), f"k1-{service.port}.{DOMAIN}")
         assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
     finally:
         await router.stopService()
