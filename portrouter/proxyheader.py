@@ -74,11 +74,17 @@ def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | No
     destination it named (C{proxied_to}, L{portrouter.relay.claim_peer});
     L{None} when not IP (UNIX).
     """
+    # Claimed from a header, both ends are at hand: no address objects made
+    # and no getsockname (a sending route behind a balancer asks per
+    # backend connection). A TLS transport finds its connection's (Twisted's
+    # __getattr__).
+    to = getattr(transport, "proxied_to", None)
+    if to is not None:
+        return transport.client, to  # the claimed peer, (host, port)
     peer, host = transport.getPeer(), transport.getHost()
     if not (hasattr(peer, "port") and hasattr(host, "port")):
         return None
-    to = getattr(transport, "proxied_to", None)  # a TLS transport finds its connection's (Twisted's __getattr__)
-    return (peer.host, peer.port), to if to is not None else (host.host, host.port)
+    return (peer.host, peer.port), (host.host, host.port)
 
 
 def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:
