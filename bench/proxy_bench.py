@@ -85,6 +85,7 @@ PEERS = ("haproxy",)  # measured beside portrouter unless --proxy-peers none
 CONCURRENCY = 16
 MESSAGE = 64  # bytes echoed per TCP connection
 WARMUP = 0.5
+STALLED = 10  # % of a core: a load that keeps neither core busier than this is waiting on something
 BODY = "x" * 100  # each HTTP response's body
 
 # The backend of the HTTP routes: the same server with and without proxy_protocol.
@@ -355,6 +356,14 @@ class Bench(Section[Row]):
         if result["errors"] > 0.01 * result["completed"]:
             raise BenchError(f"{result['errors']} {kind} connections through {who} failed ({result['first_error']}), "
                              f"{result['completed']} completed")
+        if max(result["busy_load_core"], result["busy_proxy_core"]) < STALLED:
+            # Once (HAProxy's plain routes, 2026-12-05): 5-10 connections a
+            # second for a whole run, with no error and both cores idle; its
+            # ratios came out at 2576x. Something waited, and that is no
+            # measurement of either proxy: an error, not a figure.
+            raise BenchError(f"{who} {kind} {target}: {result['completed']} connections in {seconds:g} s with both "
+                             f"cores idle (load {result['busy_load_core']:.0f}%, proxy {result['busy_proxy_core']:.0f}%)"
+                             ": the route stalled")
         if kind == "tcp":
             # Every relayed connection must end once the load stops: one that
             # leaks fails here rather than looking fast.
