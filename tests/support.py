@@ -235,6 +235,21 @@ def send_all_and_hash(sock: socket.socket, seed: int, size: int) -> str:
     return digest.hexdigest()
 
 
+def read_until(conn: socket.socket, marker: bytes, data: bytes = b"") -> tuple[bytes, bytes] | None:
+    """
+    What C{conn} sends (after C{data}, already read) up to C{marker}, and
+    what came after it; L{None} if it closes first. A test server's way to
+    read a line or a request head.
+    """
+    while marker not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(marker)
+    return head, rest
+
+
 def recv_all_and_hash(sock: socket.socket) -> tuple[int, str]:
     digest = hashlib.sha256()
     total = 0

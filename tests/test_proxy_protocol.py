@@ -38,8 +38,8 @@ from portrouter.proxyproto import HeaderFirst, HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import (
-    LOOPBACK, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, start_router,
-    stop_clocked, wait_for,
+    LOOPBACK, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, read_until,
+    start_router, stop_clocked, wait_for,
 )
 from tests.pki import CA
 from tests.test_hostnames import DOMAIN, ca, front_port, read_to_the_end, store  # noqa: F401 (ca, store: fixtures)
@@ -300,18 +300,16 @@ class ProxyHTTPBackend:
         self.server = ThreadServer(self.serve)
 
     def serve(self, conn: socket.socket) -> None:
-        data = b""
-        while b"\r\n" not in data:
-            data += conn.recv(65536)
-        line, _, data = data.partition(b"\r\n")
+        first = read_until(conn, b"\r\n")
+        if first is None:
+            return
+        line, data = first
         self.headers.append(line)
         while True:
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            _, _, data = data.partition(b"\r\n\r\n")
+            request = read_until(conn, b"\r\n\r\n", data)
+            if request is None:
+                return
+            data = request[1]
             body = line
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
@@ -464,13 +462,10 @@ async def test_a_udp_route_sends_a_v2_header_with_each_datagram(tmp_path: Path, 
 
 def header_line_then_echo(conn: socket.socket) -> None:
     """A TCP service behind send_proxy v1: its header line back, then an echo."""
-    data = b""
-    while b"\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        data += chunk
-    line, _, rest = data.partition(b"\r\n")
+    first = read_until(conn, b"\r\n")
+    if first is None:
+        return
+    line, rest = first
     conn.sendall(line + b"|" + rest)
     while chunk := conn.recv(65536):
         conn.sendall(chunk)

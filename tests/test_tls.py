@@ -38,8 +38,8 @@ from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.pki import CA, serial_of
 from tests.support import (
-    LOOPBACK, MiB, ThreadServer, Twistd, backendai_python, free_port, in_thread, pattern, recv_all_and_hash, start_router,
-    wait_for,
+    LOOPBACK, MiB, ThreadServer, Twistd, backendai_python, free_port, in_thread, pattern, read_until, recv_all_and_hash,
+    start_router, wait_for,
 )
 from tests.test_operations import roundtrip
 from tests.test_hostnames import read_to_the_end
@@ -260,14 +260,11 @@ def test_default_is_the_first_file_without_tls_default(pki: PKI) -> None:
 
 def upgrade_echo(conn: socket.socket) -> None:
     """A backend that says 101 to any request, then echoes."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = conn.recv(4096)
-        if not data:
-            return
-        head += data
+    request = read_until(conn, b"\r\n\r\n")
+    if request is None:
+        return
     conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-    rest = head.split(b"\r\n\r\n", 1)[1]
+    rest = request[1]
     if rest:
         conn.sendall(rest)
     echo(conn)
