@@ -16,6 +16,12 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # Twisted's V2Parser.PREFIX
 _V2_PROXY = 0x21  # version 2, command PROXY
 _FAMILY = {("tcp", 4): 0x11, ("tcp", 6): 0x21, ("udp", 4): 0x12, ("udp", 6): 0x22}
 
+# How a v2 header for a TCP client over IPv4 with no TLVs begins (signature,
+# PROXY command, TCP4, 12 address bytes): what a balancer sends most. Such a
+# header received is, byte for byte, the v2 header a route sends on for the
+# same client and destination (L{header}), which need not be built again.
+V2_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+
 
 def looks_like_header(data: bytes) -> bool:
     """Whether C{data}, a connection's first bytes, begins with a PROXY header (either version)."""

@@ -26,8 +26,8 @@ from zope.interface import implementer
 from portrouter.eventloop import after_round
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
-from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
-from portrouter.proxyproto import ProxyGate, header_so_far
+from portrouter.proxyheader import V2_TCP4, header, header_for, looks_like_header, might_be_header
+from portrouter.proxyproto import HeaderRefused, ProxyGate, header_so_far, read_header
 from portrouter.relay import ConnectDeadlines, SpliceRelay, StreamSide, detach, direct_address, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
@@ -292,7 +292,7 @@ class _DirectAccept:
         try:
             client.setblocking(False)
             if gate is not None:
-                direct.look_later(_HeaderWait(direct, gate, client, address, self.local, self))
+                direct.look_later(gate, client, address, self)
             else:
                 direct.accept_socket(client, address, local=self.local)
         except BaseException:
@@ -377,6 +377,11 @@ def _twisted_accept(port: tcp.Port, factory: Factory, sock: socket.socket, addre
         raise
 
 
+# A trusted client accepted in a round, until looked at (TCPRoute.look_later):
+# its listener's gate, socket, peer address, and the port's accept loop.
+_Arrived = tuple[ProxyGate, _socket.socket, tuple[Any, ...], "_DirectAccept | None"]
+
+
 @implementer(IReadDescriptor)
 class _HeaderWait:
     """
@@ -384,8 +389,8 @@ class _HeaderWait:
     L{portrouter.proxyproto.HeaderReader} without a Twisted transport, so the
     connection goes on to the relay as a plain client's does. The header
     usually comes with the connection: it is looked for first after the
-    reactor's turn (L{TCPRoute.look_later}), and only waited for (a reader)
-    when it has not come by then.
+    reactor's turn (L{TCPRoute._look}), and one of these is made only for a
+    client whose header has not come whole by then, or is refused.
     """
 
     __slots__ = ("route", "gate", "sock", "fd", "address", "local", "accepter", "buffer", "timeout", "registered")
@@ -403,18 +408,18 @@ class _HeaderWait:
         self.registered = False  # waiting: a reader of the reactor's, and in the gate's deadlines
         self.timeout = gate.setting.header_timeout
 
-    def start(self) -> None:
+    def start(self, first: bytes | None) -> None:
         """
-        The first look, a round of the reactor's after the accept. Only a
-        client whose header is not whole by then waits: header_timeout
-        counts from here (a round later than the accept), and the gate's
-        deadlines close it at stop; most read theirs now, and never touch
-        either.
+        Wait for the rest of the header, after the first look
+        (L{TCPRoute._look}) read C{first} (L{None}: nothing yet) and found
+        it no whole header. header_timeout counts from here (a round later
+        than the accept), and the gate's deadlines close it at stop.
         """
         if self.gate.closed:
             self.refuse("portrouter is stopping", abort=True)  # accepted in the round its listener stopped
             return
-        self.doRead()
+        if first is not None:
+            self.came(first)
         if self.fd >= 0:
             self.registered = True
             self.gate.reading.add(self, self.timeout)
@@ -432,16 +437,26 @@ class _HeaderWait:
         except BlockingIOError:
             return
         except OSError as e:
-            self._closed(f"{e.strerror} before its PROXY header was whole ({len(self.buffer)} bytes came)")
+            self.failed(e)
             return
+        self.came(data)
+
+    def failed(self, error: OSError) -> None:
+        """Reading the client failed (a reset, say)."""
+        self._closed(f"{error.strerror} before its PROXY header was whole ({len(self.buffer)} bytes came)")
+
+    def came(self, data: bytes) -> None:
+        """Read from the client: C{data}, or its EOF (empty)."""
         if not data:
             self._closed(f"closed by the client before its PROXY header was whole ({len(self.buffer)} bytes came)")
             return
         found = header_so_far(self, data)
         if found is not None:
             self._done()
-            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:],
-                                     found.destination or self.local)
+            buffer = self.buffer
+            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:],
+                                     found.destination or self.local,
+                                     buffer[:found.size] if buffer.startswith(V2_TCP4) else None)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
@@ -485,37 +500,74 @@ class TCPRoute(Factory):
         self.sessions = sessions
         self.services = services
         self.deadlines = ConnectDeadlines(reactor)  # the direct path's connect timeouts
-        self.arrived: list[_HeaderWait] = []  # trusted clients accepted this turn (look_later)
+        self.arrived: list[_Arrived] = []  # trusted clients accepted this turn (look_later)
         self.update(project)
 
-    def look_later(self, wait: _HeaderWait) -> None:
+    def look_later(self, gate: ProxyGate, sock: _socket.socket, address: tuple[Any, ...],
+                   accepter: _DirectAccept | None = None) -> None:
         """
-        Look for a trusted client's PROXY header once the reactor has done
-        the rest of its turn. A balancer sends the header when its connect
-        completes, about when the connection is accepted here: looked for at
-        once, it was missing every other time, and each miss cost a failed
-        read and a reader added and removed; after the turn it is missing
-        about one time in four.
+        Look for the PROXY header of a trusted client (C{sock}, from
+        C{address}, through C{gate}; C{accepter}: its port's accept loop)
+        once the reactor has done the rest of its turn. A balancer sends the
+        header when its connect completes, about when the connection is
+        accepted here: looked for at once, it was missing every other time,
+        and each miss cost a failed read and a reader added and removed;
+        after the turn it is missing about one time in four.
         """
         if not self.arrived:
             after_round(self.reactor, self._look)
-        self.arrived.append(wait)
+        self.arrived.append((gate, sock, address, accepter))
 
     def _look(self) -> None:
+        """
+        The first look at the trusted clients accepted in the round. Most
+        sent their whole header and their first bytes by now: read here, in
+        one call, and relayed. Every call a connection makes on the way is
+        about 0.2% of it, and this path is what receiving the PROXY protocol
+        costs (bench/README). Only the others wait, each with a
+        L{_HeaderWait}: a header not whole yet, refused, or a client gone.
+        """
         arrived, self.arrived = self.arrived, []
-        for wait in arrived:
+        for gate, sock, address, accepter in arrived:
+            local = None if accepter is None else accepter.local
+            wait = None
             try:
-                wait.start()
+                data = None
+                if not gate.closed:
+                    try:
+                        data = sock.recv(READ_AHEAD)
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        wait = _HeaderWait(self, gate, sock, address, local, accepter)
+                        wait.failed(e)
+                        continue
+                found = None
+                if data:
+                    try:
+                        found = read_header(data)
+                    except HeaderRefused:
+                        pass  # the wait refuses it, and says why
+                if found is None or data is None:
+                    wait = _HeaderWait(self, gate, sock, address, local, accepter)
+                    wait.start(data)
+                    continue
+                size = found.size
+                self.accept_socket(sock, address, found.source, data[size:], found.destination or local,
+                                   data[:size] if data.startswith(V2_TCP4) else None)
             except Exception as e:
                 # This client is closed, and the others of the round still go on.
-                wait.abandon()
+                if wait is not None:
+                    wait.abandon()
+                else:
+                    sock.close()  # a relay that was made closed it already: closing twice does nothing
                 if not (isinstance(e, OSError) and e.errno in _EXHAUSTED):
                     log.failure("tcp {project}: a trusted client's first look failed", project=self.name)
-                elif wait.accepter is not None:
-                    wait.accepter.ran_out(e)  # counted, and its port paused, as for a direct client
+                elif accepter is not None:
+                    accepter.ran_out(e)  # counted, and its port paused, as for a direct client
                 else:
                     log.warn("tcp {project} {peer}: closed, no descriptor for its backend connection",
-                             project=self.name, peer=show_address(wait.address))
+                             project=self.name, peer=show_address(address))
 
     def update(self, project: Project) -> None:
         """Take a changed manifest; new connections use it, open ones go on."""
@@ -551,7 +603,7 @@ class TCPRoute(Factory):
 
     def accept_socket(self, sock: _socket.socket, address: tuple[Any, ...],
                       source: tuple[str, int] | None = None, early: bytes = b"",
-                      local: tuple[str, int] | None = None) -> None:
+                      local: tuple[str, int] | None = None, received: bytes | None = None) -> None:
         """
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
         backend given by IP address. No Twisted transport is made for
@@ -561,7 +613,8 @@ class TCPRoute(Factory):
         after it. C{local} is the address a header sent on names as the
         client's destination: the one a received header named, else the
         listener's bound address, when it is one (L{bound_address}); else
-        the socket is asked.
+        the socket is asked. C{received} is the header read, when it is the
+        v2 header a v2 route sends on as it is (L{V2_TCP4}).
         """
         name = self.name
         limits = self.limits
@@ -578,8 +631,11 @@ class TCPRoute(Factory):
         relay.on_connect_failure = self.connect_failed
         session.bytes_in += len(early)  # the client's, after its header
         relay.heard = bool(early)
-        if self.send_proxy is not None:
-            early = header(self.send_proxy, (host, port), local or sock.getsockname()[:2]) + early
+        send_proxy = self.send_proxy
+        if send_proxy is not None:
+            if received is None or send_proxy != "v2":
+                received = header(send_proxy, (host, port), local or sock.getsockname()[:2])
+            early = received + early
         relay.early = early
         relay.connect(target, limits.connect_timeout, self.deadlines)
 

@@ -749,10 +749,7 @@ async def test_a_header_whose_source_is_no_address_is_refused(tmp_path: Path, lo
     """
     server = ThreadServer(first_bytes)
     port = free_port()
-    router = await start_router(config=parse({
-        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
-        "projects": [{"name": "ssh", "backend": server.address, "send_proxy": "v2", "listen": {
-            "port": port, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"]}}}]}))
+    router = await start_router(config=direct_route(tmp_path, server, port, send_proxy="v2"))
     try:
         assert await in_thread(exchange, port, forged + b"x") == b""
         await log_line(logged, f"a PROXY header whose {end} is no address and port: b'PROXY TCP4 ")
@@ -863,10 +860,10 @@ async def test_an_http_service_port_by_hostname_sends_the_services_own_header(tm
 # -- the direct TCP path: trusted clients read without a Twisted transport ----------------------
 
 
-def direct_route(tmp_path: Path, server: ThreadServer, port: int, **setting: Any) -> Any:
+def direct_route(tmp_path: Path, server: ThreadServer, port: int, send_proxy: str = "v1", **setting: Any) -> Any:
     return parse({
         "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
-        "projects": [{"name": "ssh", "backend": server.address, "send_proxy": "v1", "listen": {
+        "projects": [{"name": "ssh", "backend": server.address, "send_proxy": send_proxy, "listen": {
             "port": port, "protocol": "tcp", "proxy_protocol": {"trusted": ["127.0.0.1"], **setting}}}]})
 
 
@@ -900,6 +897,45 @@ async def test_a_header_in_single_bytes_reaches_the_direct_path(tmp_path: Path, 
         assert info is not None and (info.source.host, info.source.port) == CLIENT_V6  # type: ignore[union-attr]
         assert rest == b"after"
         await log_line(logged, r"tcp ssh \[2001:db8::7\]:40002: client closed; 5 bytes in, \d+ bytes out")
+    finally:
+        await router.stopService()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("how", ["whole", "in single bytes", "with a TLV", "as v1"])
+async def test_the_direct_path_sends_on_a_v2_header_as_it_came_when_it_is_the_one_it_would_send(
+        tmp_path: Path, logged: list[str], how: str) -> None:
+    """
+    A v2 header for a TCP client over IPv4 names the same client and
+    balancer, byte for byte, as the v2 header a route sends on: it goes on
+    as it came, read at the first look or waited for. One with a TLV goes
+    on without it (portrouter sends none), and a v1 one as v2.
+    """
+    server = ThreadServer(first_bytes)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port, send_proxy="v2"))
+    assert is_direct(router)
+    balancer = ("192.0.2.1", 2222)
+    sent = header("v2", CLIENT_V4, balancer)
+    came = {"whole": sent, "in single bytes": sent, "as v1": header("v1", CLIENT_V4, balancer),
+            # PP2_TYPE_ALPN, "h2": the length field counts it.
+            "with a TLV": sent[:14] + b"\x00\x11" + sent[16:] + b"\x01\x00\x02h2"}[how]
+    try:
+        def send(data: bytes) -> bytes:
+            with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+                if how == "in single bytes":
+                    for i in range(len(data)):
+                        sock.sendall(data[i:i + 1])
+                        read_by_the_router(port, sock.getsockname()[1], 1)
+                else:
+                    sock.sendall(data)
+                sock.sendall(b"after")
+                sock.shutdown(socket.SHUT_WR)
+                return read_to_the_end(sock)
+
+        assert await in_thread(send, came) == b"got:" + sent + b"after"
+        await log_line(logged, r"tcp ssh 203\.0\.113\.7:40001: client closed; 5 bytes in, \d+ bytes out")
     finally:
         await router.stopService()
         server.close()
@@ -1003,7 +1039,7 @@ async def test_a_client_accepted_in_the_turn_the_router_stops_is_closed_once(tmp
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(header("v2", CLIENT_V6, (LOOPBACK, port)) + b"early")
-        route.look_later(tcp._HeaderWait(route, gate, _socket.socket(fileno=ours.detach()), (LOOPBACK, 40009)))
+        route.look_later(gate, _socket.socket(fileno=ours.detach()), (LOOPBACK, 40009))
         assert route.arrived and not gate.reading  # not waiting yet: first looked at after the round
         gate.close_reading()
         await wait_for(lambda: not route.arrived, 15, "the turn's clients to be looked at")

@@ -352,7 +352,7 @@ def test_a_trusted_client_whose_first_look_fails_is_closed_and_the_others_go_on(
     for port, (ours, theirs) in enumerate(pairs, 40001):
         theirs.settimeout(30)
         theirs.sendall(header("v2", ("203.0.113.7", port), ("127.0.0.1", 5000)) + b"hi")
-        route.look_later(tcp._HeaderWait(route, gate, _socket.socket(fileno=ours.detach()), ("127.0.0.1", port)))
+        route.look_later(gate, _socket.socket(fileno=ours.detach()), ("127.0.0.1", port))
     globalLogPublisher.addObserver(lines.append)
     try:
         reactor.advance(0)  # the round's end (a turn, on a memory reactor): both are looked at
