@@ -73,12 +73,12 @@ def header(version: str, source: tuple[str, int], destination: tuple[str, int], 
         "!H", len(addresses)) + addresses
 
 
-def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | None:
+def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:
     """
-    (client, the address it connected to) of an accepted connection, for a
-    header: the listener's, or, behind a balancer's PROXY header, the
-    destination it named (C{proxied_to}, L{portrouter.relay.claim_peer});
-    L{None} when not IP (UNIX).
+    The header for a client connected over C{transport}: its address and the
+    listener's, or, behind a balancer's PROXY header, the destination that
+    named (C{proxied_to}, L{portrouter.relay.claim_peer}); for a client with
+    no address to name (UNIX), L{local_header}.
     """
     # Claimed from a header, both ends are at hand: no address objects made
     # and no getsockname (a sending route behind a balancer asks per
@@ -86,14 +86,11 @@ def address_pair(transport: Any) -> tuple[tuple[str, int], tuple[str, int]] | No
     # __getattr__).
     to = getattr(transport, "proxied_to", None)
     if to is not None:
-        return transport.client, to  # the claimed peer, (host, port)
+        received: bytes | None = transport.proxied_header  # set with proxied_to: the header, when V2_TCP4
+        if received is not None and version == "v2" and kind == "tcp":
+            return received  # byte for byte the one built below
+        return header(version, transport.client, to, kind)
     peer, host = transport.getPeer(), transport.getHost()
     if not (hasattr(peer, "port") and hasattr(host, "port")):
-        return None
-    return (peer.host, peer.port), (host.host, host.port)
-
-
-def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:
-    """The header for a client connected over C{transport}: its address, or none to name (L{local_header})."""
-    pair = address_pair(transport)
-    return header(version, *pair, kind) if pair is not None else local_header(version)
+        return local_header(version)
+    return header(version, (peer.host, peer.port), (host.host, host.port), kind)

@@ -863,30 +863,34 @@ def half_close(transport: Any) -> None:
         transport.loseConnection()
 
 
-def claim_peer(transport: Any, peer: tuple[str, int], destination: tuple[str, int] | None) -> None:
+def claim_peer(transport: Any, peer: tuple[str, int], destination: tuple[str, int] | None,
+               received: bytes | None = None) -> None:
     """
     Make an accepted connection say it came from C{peer} (a PROXY header's
     source), to C{destination} (its destination: the balancer's address,
     which headers sent on name, as HAProxy's and Traefik's do;
-    L{portrouter.proxyheader.address_pair}).
+    L{portrouter.proxyheader.header_for}). C{received} is the header itself
+    when a v2 header sent on is the same bytes (it began with
+    L{portrouter.proxyheader.V2_TCP4}).
     """
     # Twisted's tcp.Server answers getPeer() from .client, in its address type.
     transport.client = peer
     transport._addressType = IPv6Address if ":" in peer[0] else IPv4Address
     # getHost() stays the listener's: what the connection came in on here.
     transport.proxied_to = destination
+    transport.proxied_header = received
 
 
 def hand_over(transport: Any, protocol: Any, data: bytes = b"", peer: tuple[str, int] | None = None,
-              destination: tuple[str, int] | None = None) -> None:
+              destination: tuple[str, int] | None = None, received: bytes | None = None) -> None:
     """
     Give an accepted connection to C{protocol}, as if it had been built for
     it; C{data}, read before the choice was made, is delivered first. With
     C{peer} (a PROXY header's source), the connection says it came from
-    there, to C{destination} (L{claim_peer}).
+    there, to C{destination}, in C{received} (L{claim_peer}).
     """
     if peer is not None:
-        claim_peer(transport, peer, destination)
+        claim_peer(transport, peer, destination, received)
     # Twisted's tcp.Connection delivers every event to its .protocol.
     transport.protocol = protocol
     protocol.makeConnection(transport)

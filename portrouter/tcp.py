@@ -26,7 +26,7 @@ from zope.interface import implementer
 from portrouter.eventloop import after_round
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
-from portrouter.proxyheader import V2_TCP4, header, header_for, looks_like_header, might_be_header
+from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
 from portrouter.proxyproto import HeaderRefused, ProxyGate, header_so_far, read_header
 from portrouter.relay import ConnectDeadlines, SpliceRelay, StreamSide, detach, direct_address, pair_streams, splicable
 from portrouter.services import Services, Supervisor
@@ -453,10 +453,8 @@ class _HeaderWait:
         found = header_so_far(self, data)
         if found is not None:
             self._done()
-            buffer = self.buffer
-            self.route.accept_socket(self.sock, self.address, found.source, buffer[found.size:],
-                                     found.destination or self.local,
-                                     buffer[:found.size] if buffer.startswith(V2_TCP4) else None)
+            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:],
+                                     found.destination or self.local, found.as_sent)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
@@ -552,9 +550,8 @@ class TCPRoute(Factory):
                     wait = _HeaderWait(self, gate, sock, address, local, accepter)
                     wait.start(data)
                     continue
-                size = found.size
-                self.accept_socket(sock, address, found.source, data[size:], found.destination or local,
-                                   data[:size] if data.startswith(V2_TCP4) else None)
+                self.accept_socket(sock, address, found.source, data[found.size:], found.destination or local,
+                                   found.as_sent)
             except Exception as e:
                 # This client is closed, and the others of the round still go on.
                 if wait is not None:
@@ -613,8 +610,8 @@ class TCPRoute(Factory):
         after it. C{local} is the address a header sent on names as the
         client's destination: the one a received header named, else the
         listener's bound address, when it is one (L{bound_address}); else
-        the socket is asked. C{received} is the header read, when it is the
-        v2 header a v2 route sends on as it is (L{V2_TCP4}).
+        the socket is asked. C{received} is the header read, when a v2 route
+        sends it on as it came (L{portrouter.proxyproto.Found.as_sent}).
         """
         name = self.name
         limits = self.limits

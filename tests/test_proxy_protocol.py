@@ -293,7 +293,10 @@ def requests_on_one_connection(port: int, requests: list[bytes], preface: bytes 
 
 
 class ProxyHTTPBackend:
-    """An HTTP backend behind send_proxy: each connection's header, and its requests answered."""
+    """
+    An HTTP backend behind send_proxy: each connection's header (a v1 line,
+    or a v2 header's bytes), and its requests answered with it.
+    """
 
     def __init__(self) -> None:
         self.headers: list[bytes] = []
@@ -304,6 +307,16 @@ class ProxyHTTPBackend:
         if first is None:
             return
         line, data = first
+        if not line and data.startswith(V2_SIGNATURE[2:]):
+            # v2, whose signature begins with CRLF: its length field says the rest.
+            data = b"\r\n" + data
+            while len(data) < 16 or len(data) < 16 + int.from_bytes(data[14:16], "big"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            size = 16 + int.from_bytes(data[14:16], "big")
+            line, data = data[:size], data[size:]
         self.headers.append(line)
         while True:
             request = read_until(conn, b"\r\n\r\n", data)
@@ -389,6 +402,31 @@ async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path)
         assert second[0] == b"PROXY TCP6 2001:db8::7 ::ffff:192.0.2.1 40002 443"
         assert second == [second[0]] * 2
         assert len(backend.headers) == 2  # one backend connection per client connection
+    finally:
+        await router.stopService()
+        backend.server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_route_sends_on_a_v2_tcp4_header_as_it_came_and_builds_the_others(tmp_path: Path) -> None:
+    """
+    A v2 header for a TCP client over IPv4 with no TLVs is, byte for byte,
+    the v2 header sent on for it: it goes on as it came. One with a TLV goes
+    on without it; one for an IPv6 client, and a v1 one, are built anew.
+    """
+    backend = ProxyHTTPBackend()
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": ["127.0.0.1"]},
+        "projects": [{"name": "k1", "backend": backend.server.address, "send_proxy": "v2"}],
+    }))
+    port, balancer = router.port_of(), ("192.0.2.1", 443)
+    v4, v6 = header("v2", CLIENT_V4, balancer), header("v2", CLIENT_V6, balancer)
+    with_tlv = v4[:14] + b"\x00\x11" + v4[16:] + b"\x01\x00\x02h2"  # PP2_TYPE_ALPN "h2", counted by the length
+    try:
+        for came, sent in [(v4, v4), (with_tlv, v4), (header("v1", CLIENT_V4, balancer), v4), (v6, v6)]:
+            request = b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert await in_thread(requests_on_one_connection, port, [request], came) == [sent]
     finally:
         await router.stopService()
         backend.server.close()
@@ -1181,7 +1219,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     """
     forget_shapes()
     first = header("v2", ("203.0.113.7", 40001), ("192.0.2.1", 443))
-    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), ("192.0.2.1", 443), 28)
+    assert read_header(first + b"GET") == proxyproto.Found(("203.0.113.7", 40001), ("192.0.2.1", 443), 28, first)
 
     def parsed(data: bytes) -> Any:
         raise AssertionError("Twisted's parser asked again")
@@ -1189,7 +1227,7 @@ def test_a_tcp4_header_to_a_destination_twisted_accepted_is_read_without_it(monk
     monkeypatch.setattr(V2Parser, "parse", staticmethod(parsed))
     monkeypatch.setattr(proxyproto, "_v2_source", lambda whole, n: parsed(whole))  # nor the shapes' path
     second = header("v2", ("198.51.100.9", 5), ("192.0.2.1", 443))
-    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), ("192.0.2.1", 443), 28)
+    assert read_header(second) == proxyproto.Found(("198.51.100.9", 5), ("192.0.2.1", 443), 28, second)
     with pytest.raises(AssertionError, match="asked again"):
         read_header(header("v2", ("198.51.100.9", 5), ("192.0.2.2", 443)))
     forget_shapes()
