@@ -77,8 +77,9 @@ def header_for(version: str, transport: Any, kind: str = "tcp") -> bytes:
     """
     The header for a client connected over C{transport}: its address and the
     listener's, or, behind a balancer's PROXY header, the destination that
-    named (C{proxied_to}, L{portrouter.relay.claim_peer}); for a client with
-    no address to name (UNIX), L{local_header}.
+    named (C{proxied_to}, L{portrouter.relay.claim_peer}), and for a v2 TCP
+    header that header itself when it is the same bytes (C{proxied_header});
+    for a client with no address to name (UNIX), L{local_header}.
     """
     # Claimed from a header, both ends are at hand: no address objects made
     # and no getsockname (a sending route behind a balancer asks per

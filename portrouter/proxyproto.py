@@ -19,7 +19,8 @@ listeners close (it is no ClientHello), and TCP routes watch the first
 bytes (L{portrouter.tcp}) and close.
 
 Sending: L{portrouter.proxyheader.header} builds the v1 or v2 header a
-backend connection (or, v2, each datagram) starts with.
+backend connection (or, v2, each datagram) starts with; a received v2
+header that is the same bytes goes on as it came (L{Found.as_sent}).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ SHAPES_KEPT = 1024  # v2 header shapes Twisted accepted, kept (read_header)
 _V2_ADDRESS = {0x11: 4, 0x12: 4, 0x21: 16, 0x22: 16}
 
 class Reading(Protocol):
-    """A connection still reading its PROXY header (an HTTP channel's L{HeaderFirst}, or the direct TCP path's)."""
+    """A connection still reading its PROXY header (L{header_so_far}: Twisted's transports', the direct TCP path's)."""
 
     buffer: bytes  # what came so far
 

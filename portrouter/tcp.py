@@ -174,7 +174,7 @@ def accept_directly(port: tcp.Port, reactor: IReactor, name: str) -> None:
     route web") a C{doRead} of ours. It hands accepted sockets straight to
     their route's relay when the route can take them (L{TCPRoute.direct}):
     a route behind a L{ProxyGate} takes its trusted clients the same way,
-    once their header is read (L{_HeaderWait}). Every other client gets
+    once their header is read (L{TCPRoute.look_later}). Every other client gets
     Twisted's transport, as Twisted's port would make it. Out of
     descriptors, it stops accepting for a while (L{OUT_OF_DESCRIPTORS_PAUSE}).
     """
@@ -390,7 +390,8 @@ class _HeaderWait:
     connection goes on to the relay as a plain client's does. The header
     usually comes with the connection: it is looked for first after the
     reactor's turn (L{TCPRoute._look}), and one of these is made only for a
-    client whose header has not come whole by then, or is refused.
+    client whose header is not whole by then, or that is to be closed
+    (a refused header, a failed read, its EOF, the router stopping).
     """
 
     __slots__ = ("route", "gate", "sock", "fd", "address", "local", "accepter", "buffer", "timeout", "registered")
@@ -410,10 +411,12 @@ class _HeaderWait:
 
     def start(self, first: bytes | None) -> None:
         """
-        Wait for the rest of the header, after the first look
-        (L{TCPRoute._look}) read C{first} (L{None}: nothing yet) and found
-        it no whole header. header_timeout counts from here (a round later
-        than the accept), and the gate's deadlines close it at stop.
+        Take over from the first look (L{TCPRoute._look}), which read
+        C{first} (L{None}: nothing yet, or nothing asked as the router
+        stops) and found no whole header in it: closed if the router stops,
+        the client is gone or the header is refused, else waited for.
+        header_timeout counts from here (a round later than the accept),
+        and the gate's deadlines close it at stop.
         """
         if self.gate.closed:
             self.refuse("portrouter is stopping", abort=True)  # accepted in the round its listener stopped
@@ -605,7 +608,7 @@ class TCPRoute(Factory):
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
         backend given by IP address. No Twisted transport is made for
         either side; the relay connects the backend and splices. Behind a
-        PROXY header (L{_HeaderWait}), C{source} is the client's address it
+        PROXY header (L{look_later}), C{source} is the client's address it
         names (L{None}: the proxy's own) and C{early} what the client sent
         after it. C{local} is the address a header sent on names as the
         client's destination: the one a received header named, else the

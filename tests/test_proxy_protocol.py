@@ -33,7 +33,7 @@ from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
 from portrouter.metrics import registry_for, render
 from portrouter.proxyheader import V2_SIGNATURE, header
-from portrouter import proxyproto, tcp
+from portrouter import proxyheader, proxyproto, tcp
 from portrouter.proxyproto import HeaderFirst, HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
@@ -307,8 +307,8 @@ class ProxyHTTPBackend:
         if first is None:
             return
         line, data = first
-        if not line and data.startswith(V2_SIGNATURE[2:]):
-            # v2, whose signature begins with CRLF: its length field says the rest.
+        if not line:
+            # v2, whose signature begins with CRLF (a v1 line is never empty): its length field says the rest.
             data = b"\r\n" + data
             while len(data) < 16 or len(data) < 16 + int.from_bytes(data[14:16], "big"):
                 chunk = conn.recv(65536)
@@ -408,12 +408,21 @@ async def test_http_backend_connections_carry_one_clients_header(tmp_path: Path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_http_route_sends_on_a_v2_tcp4_header_as_it_came_and_builds_the_others(tmp_path: Path) -> None:
+async def test_an_http_route_sends_on_a_v2_tcp4_header_as_it_came_and_builds_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     A v2 header for a TCP client over IPv4 with no TLVs is, byte for byte,
-    the v2 header sent on for it: it goes on as it came. One with a TLV goes
-    on without it; one for an IPv6 client, and a v1 one, are built anew.
+    the v2 header sent on for it: it goes on as it came, none built. One
+    with a TLV goes on without it; one for an IPv6 client, and a v1 one,
+    are built anew.
     """
+    built: list[tuple[Any, ...]] = []
+
+    def building(*args: Any) -> bytes:
+        built.append(args)
+        return header(*args)
+
+    monkeypatch.setattr(proxyheader, "header", building)
     backend = ProxyHTTPBackend()
     router = await start_router(config=parse({
         "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
@@ -424,9 +433,12 @@ async def test_an_http_route_sends_on_a_v2_tcp4_header_as_it_came_and_builds_the
     v4, v6 = header("v2", CLIENT_V4, balancer), header("v2", CLIENT_V6, balancer)
     with_tlv = v4[:14] + b"\x00\x11" + v4[16:] + b"\x01\x00\x02h2"  # PP2_TYPE_ALPN "h2", counted by the length
     try:
-        for came, sent in [(v4, v4), (with_tlv, v4), (header("v1", CLIENT_V4, balancer), v4), (v6, v6)]:
+        for came, sent, builds in [(v4, v4, 0), (with_tlv, v4, 1), (header("v1", CLIENT_V4, balancer), v4, 1),
+                                   (v6, v6, 1)]:
             request = b"GET /k1/ HTTP/1.1\r\nHost: x\r\n\r\n"
+            built.clear()
             assert await in_thread(requests_on_one_connection, port, [request], came) == [sent]
+            assert len(built) == builds, came
     finally:
         await router.stopService()
         backend.server.close()
@@ -551,6 +563,53 @@ async def test_ws_routes_and_service_ports_send_on_the_balancers_client_and_addr
         assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
         got = await in_thread(through, ingress, "/stream/session/k1/tcpproxy?app=echo", ("192.0.2.1", 443))
         assert got == b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443|hello"
+    finally:
+        await router.stopService()
+        service.close()
+
+
+@pytest.mark.parametrize("behind", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_udp_service_port_sends_a_udp_v2_header_with_each_datagram(tmp_path: Path, behind: bool) -> None:
+    """
+    A UDP service port (udpproxy) with send_proxy: each datagram to the
+    service starts with a v2 header for UDP over IPv4 naming the client and
+    the address it connected to: the ingress's, or behind a balancer
+    (C{behind}), the client and the balancer's address its header named.
+    That header was for TCP, so it is not what goes on: one for UDP is built.
+    """
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.bind((LOOPBACK, 0))
+    service.settimeout(30)
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-balancers-clients\n")
+    router = await start_router(config=parse({
+        "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / "state"),
+        "proxy_protocol": {"trusted": [LOOPBACK]} if behind else None,
+        "auth": {"tokens": [{"token_file": str(token), "admin": True, "projects": ["*"]}]},
+        "projects": [{"name": "k1", "host": LOOPBACK, "services": [
+            {"name": "dns", "protocol": "udp", "port": service.getsockname()[1], "send_proxy": "v2"}]}]}))
+    ingress, balancer = router.port_of(), ("192.0.2.1", 443)
+
+    def one_datagram() -> tuple[bytes, tuple[str, int]]:
+        raw = RawWebSocket(ingress)
+        try:
+            if behind:
+                raw.sock.sendall(header("v2", CLIENT_V4, balancer))
+            status, _, _ = raw.request("/stream/kernel/k1/udpproxy?app=dns",
+                                       {"Authorization": "Bearer a-token-for-the-balancers-clients"})
+            assert status == 101, status
+            raw.send(b"hello")
+            data, _ = service.recvfrom(65535)
+            return data, raw.sock.getsockname()
+        finally:
+            raw.close()
+
+    try:
+        data, client = await in_thread(one_datagram)
+        client_and_address = (CLIENT_V4, balancer) if behind else (client, (LOOPBACK, ingress))
+        assert data == header("v2", *client_and_address, "udp") + b"hello"
+        assert data[13] == 0x12  # UDP over IPv4
     finally:
         await router.stopService()
         service.close()
@@ -943,13 +1002,21 @@ async def test_a_header_in_single_bytes_reaches_the_direct_path(tmp_path: Path, 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("how", ["whole", "in single bytes", "with a TLV", "as v1"])
 async def test_the_direct_path_sends_on_a_v2_header_as_it_came_when_it_is_the_one_it_would_send(
-        tmp_path: Path, logged: list[str], how: str) -> None:
+        tmp_path: Path, logged: list[str], monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """
     A v2 header for a TCP client over IPv4 names the same client and
     balancer, byte for byte, as the v2 header a route sends on: it goes on
-    as it came, read at the first look or waited for. One with a TLV goes
-    on without it (portrouter sends none), and a v1 one as v2.
+    as it came (none is built), read at the first look or waited for. One
+    with a TLV goes on without it (portrouter sends none), and a v1 one as
+    v2: those are built.
     """
+    built: list[tuple[Any, ...]] = []
+
+    def building(*args: Any) -> bytes:
+        built.append(args)
+        return header(*args)
+
+    monkeypatch.setattr(tcp, "header", building)
     server = ThreadServer(first_bytes)
     port = free_port()
     router = await start_router(config=direct_route(tmp_path, server, port, send_proxy="v2"))
@@ -973,6 +1040,7 @@ async def test_the_direct_path_sends_on_a_v2_header_as_it_came_when_it_is_the_on
                 return read_to_the_end(sock)
 
         assert await in_thread(send, came) == b"got:" + sent + b"after"
+        assert len(built) == (0 if how in ("whole", "in single bytes") else 1)
         await log_line(logged, r"tcp ssh 203\.0\.113\.7:40001: client closed; 5 bytes in, \d+ bytes out")
     finally:
         await router.stopService()
