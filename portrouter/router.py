@@ -530,7 +530,7 @@ class RouterService(MultiService):
         for name in {key.split("/")[0] for key in self.http.pools} - set(table.projects):
             self.http.forget(name)
         for name in {key[0] for key in self.commands.supervisors} - set(table.projects):
-            self.commands.forget(name)
+            self.commands.forget(name, self.config.drain_timeout)  # once its connections drained
         if removed and not first:
             self._drain(removed, [l for l in released if l.route.project in removed])
         return defer.gatherResults(closing)

@@ -120,6 +120,9 @@ class Supervisor:
         self.idle_timer: Any = None
         self.starts = 0
         self.stop_requested = False
+        # Its project was removed: the drain timeout's timer, until it is
+        # stopped (when its last connection ends, or the timer fires).
+        self.retiring: Any = None
         # What the dashboard shows: when the last start began, how long it
         # took to open the port, and why the last start failed (None once one succeeds).
         self.start_began: float | None = None
@@ -258,6 +261,9 @@ class Supervisor:
 
     def release(self) -> None:
         self.active = max(0, self.active - 1)
+        if self.active == 0 and self.retiring is not None:
+            self._retire()
+            return
         idle_stop = self.command.idle_stop
         if self.active == 0 and idle_stop is not None and self.process is not None:
             self.idle_timer = self.clock.callLater(idle_stop, self._idle)
@@ -269,9 +275,27 @@ class Supervisor:
                      service=self.name, seconds=self.command.idle_stop)
             self.stop()
 
+    def retire(self, drain_timeout: float) -> None:
+        """
+        Its project was removed: stopped once the connections using it have
+        ended, as the project's open connections drain, or when they are
+        closed after C{drain_timeout}; at once if none is open.
+        """
+        if self.active == 0:
+            self.stop()
+            return
+        if self.retiring is None:
+            self.retiring = self.clock.callLater(drain_timeout, self._retire)
+
+    def _retire(self) -> None:
+        self.stop()  # which cancels the timer, when the last connection ended first
+
     def stop(self) -> defer.Deferred[None]:
         """SIGTERM, then SIGKILL after a grace period; fires once it is gone."""
         self.stop_requested = True  # a start waiting for the last run to go is not made
+        timer, self.retiring = self.retiring, None
+        if timer is not None and timer.active():
+            timer.cancel()
         process, protocol = self.process, self.output_protocol
         self.ready = False
         if process is None or protocol is None:
@@ -322,6 +346,10 @@ class Services:
         self.reactor = reactor
         self.clock = clock
         self.supervisors: dict[tuple[str, str | None], Supervisor] = {}
+        # Those of removed projects, by the key they had, stopped once their
+        # connections drain (Supervisor.retire); a router that stops stops
+        # them with the rest.
+        self.retired: list[tuple[tuple[str, str | None], Supervisor]] = []
 
     def get(self, project: Any, service: Any = None) -> Supervisor | None:
         owner = service if service is not None else project
@@ -331,6 +359,8 @@ class Services:
         key = (project.name, service.name if service is not None else None)
         backend = project.service_endpoint(service) if service is not None else project.backend
         supervisor = self.supervisors.get(key)
+        if supervisor is None:
+            supervisor = self._taken_back(key)
         if supervisor is None or supervisor.command != command or supervisor.backend != backend:
             if supervisor is not None:
                 supervisor.stop()
@@ -340,23 +370,46 @@ class Services:
             self.supervisors[key] = supervisor
         return supervisor
 
-    def forget(self, project: str) -> defer.Deferred[Any]:
-        """Stop the commands of a project that is gone."""
-        stopping = [s.stop() for key, s in list(self.supervisors.items()) if key[0] == project]
+    def forget(self, project: str, drain_timeout: float) -> None:
+        """
+        Stop the commands of a project that is gone, each once the
+        connections using it have drained (L{Supervisor.retire}).
+        """
+        self.retired = [(k, s) for k, s in self.retired if s.retiring is not None]
         for key in [k for k in self.supervisors if k[0] == project]:
-            del self.supervisors[key]
-        return defer.gatherResults(stopping)
+            supervisor = self.supervisors.pop(key)
+            supervisor.retire(drain_timeout)
+            if supervisor.retiring is not None:
+                self.retired.append((key, supervisor))
+
+    def _taken_back(self, key: tuple[str, str | None]) -> Supervisor | None:
+        """
+        A removed project's command, still draining, when the project is
+        back: it serves again, not stopped, as if never removed (its
+        process holds the port, which a second one could not open).
+        """
+        for i, (retired_key, supervisor) in enumerate(self.retired):
+            if retired_key == key and supervisor.retiring is not None:
+                del self.retired[i]
+                supervisor.retiring.cancel()
+                supervisor.retiring = None
+                self.supervisors[key] = supervisor
+                return supervisor
+        return None
+
+    def _all(self) -> list[Supervisor]:
+        return [*self.supervisors.values(), *(s for _, s in self.retired)]
 
     def stop_starting(self) -> None:
         """Shutting down: starts still under way fail now (their clients are told)."""
-        for supervisor in self.supervisors.values():
+        for supervisor in self._all():
             if supervisor.starting is not None:
                 supervisor.stop()
 
     def kill_all(self) -> None:
-        for supervisor in self.supervisors.values():
+        for supervisor in self._all():
             if supervisor.process is not None:
                 _kill(supervisor.process)
 
     def stop_all(self) -> defer.Deferred[Any]:
-        return defer.gatherResults([s.stop() for s in self.supervisors.values()])
+        return defer.gatherResults([s.stop() for s in self._all()])

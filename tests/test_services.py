@@ -740,6 +740,64 @@ async def test_idle_stop_after_the_last_connection_then_started_again(tmp_path: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_removed_projects_command_serves_its_open_connections_until_they_drain(tmp_path: Path) -> None:
+    """
+    A removed project's open connections drain (README): the command that
+    serves them is stopped once the last one ends, or at drain_timeout,
+    not when the project goes. The project back meanwhile is served by the
+    same process.
+    """
+    echo = OnAClock(tmp_path)
+    sup, clock, router = echo.sup, echo.clock, echo.router
+    project = router.table.projects["echo"]
+
+    async def change(table: Any) -> None:
+        await router.serialised(lambda: router.change(table, persist=False))
+
+    try:
+        first = await echo.connected()
+        pid = sup.pid
+        assert pid is not None
+        await change(router.table.without("echo"))
+        await echo.echoed(first, b"served after the project went\n")
+        assert sup.pid == pid and sup.retiring is not None
+        # Back before the drain ended: the same process, no longer retiring.
+        await change(router.table.with_project(project))
+        echo.port = router.port_of("echo")
+        again = await echo.connected()
+        assert router.commands.get(project) is sup and sup.pid == pid and sup.retiring is None
+        first.close()
+        again.close()
+        await wait_for(lambda: sup.active == 0, what="the connections to end")
+        assert alive(pid), "stopped, though its project came back"
+
+        # Removed again: stopped when the last connection ends...
+        last = await echo.connected()
+        await change(router.table.without("echo"))
+        assert alive(pid)
+        last.close()
+        await gone(pid)
+        assert not router.commands.retired or all(s.retiring is None for _, s in router.commands.retired)
+
+        # ...or at drain_timeout, with a connection still open.
+        await change(router.table.with_project(project))
+        echo.port = router.port_of("echo")
+        sup = echo.sup = supervisor(router, "echo")
+        held = await echo.connected()
+        second = sup.pid
+        assert second not in (None, pid)
+        await change(router.table.without("echo"))
+        clock.advance(router.config.drain_timeout - 0.1)
+        held.sendall(b"still here\n")  # not echoed(), which moves the clock on while it waits
+        assert await in_thread(held.recv, 100) == b"still here\n"
+        clock.advance(0.1)
+        await gone(second)
+        held.close()
+    finally:
+        await stop_router(router, *echo.service.starts())
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_connection_while_the_service_is_stopping_gets_a_new_one(
         tmp_path: Path, monkeypatch: Any) -> None:
     """The next start waits for the old process to let go of the port, however long it takes."""
