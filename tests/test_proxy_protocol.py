@@ -568,6 +568,33 @@ async def test_ws_routes_and_service_ports_send_on_the_balancers_client_and_addr
         service.close()
 
 
+@pytest.mark.parametrize("version, expected", [("v1", b"PROXY UNKNOWN"),
+                                               ("v2", V2_SIGNATURE + b"\x20\x00\x00\x00")])
+@pytest_twisted.ensureDeferred
+async def test_a_client_with_no_address_to_name_gets_unknown_or_local(tmp_path: Path, version: str,
+                                                                      expected: bytes) -> None:
+    """A client of a UNIX socket ingress: v1 says UNKNOWN, v2 LOCAL, as HAProxy sends them."""
+    backend = ProxyHTTPBackend()
+    path = str(tmp_path / "ingress.sock")
+    router = await start_router(config=parse({
+        "ingress": f"unix:{path}", "state": str(tmp_path / "state"),
+        "projects": [{"name": "k1", "backend": backend.server.address, "send_proxy": version}]}))
+
+    def get_over_unix() -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            sock.sendall(get("/k1/"))
+            return read_to_the_end(sock)
+
+    try:
+        reply = await in_thread(get_over_unix)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.partition(b"\r\n\r\n")[2] == expected, reply
+    finally:
+        await router.stopService()
+        backend.server.close()
+
+
 @pytest.mark.parametrize("behind", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_udp_service_port_sends_a_udp_v2_header_with_each_datagram(tmp_path: Path, behind: bool) -> None:
@@ -677,21 +704,22 @@ def test_config_errors(project: dict[str, Any], message: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_table_shows_both_settings(tmp_path: Path, backend: Backend) -> None:
+    """Both settings in the table; a header_timeout not given is the header_timeout limit."""
     tcp_port = free_port()
     router = await start_router(config=ingress_config(tmp_path, ["127.0.0.1", "10.0.0.0/8"], [
         {"name": "k1", "backend": backend.address, "send_proxy": "v2"},
         {"name": "db", "backend": backend.address,
          "listen": {"port": tcp_port, "protocol": "tcp", "proxy_protocol": {"trusted": ["192.0.2.0/24"]}}},
-    ]))
+    ], defaults={"header_timeout": 7}))
     port = router.port_of()
     try:
         reply = await in_thread(exchange, port, header("v1", CLIENT_V4, (LOOPBACK, port)) + get("/_api/routes"))
         assert reply.startswith(b"HTTP/1.1 403"), reply[:100]  # the API sees the proxied client: not loopback
         reply = await in_thread(exchange, port, header("v1", ("127.0.0.1", 9), (LOOPBACK, port)) + get("/_api/routes"))
         rows = {r["project"]: r for r in json.loads(reply.partition(b"\r\n\r\n")[2])["routes"]}
-        assert rows[None]["proxy_protocol"] == {"trusted": ["127.0.0.1/32", "10.0.0.0/8"], "header_timeout": 30.0}
+        assert rows[None]["proxy_protocol"] == {"trusted": ["127.0.0.1/32", "10.0.0.0/8"], "header_timeout": 7.0}
         assert rows["k1"]["send_proxy"] == "v2"
-        assert rows["db"]["proxy_protocol"]["trusted"] == ["192.0.2.0/24"]
+        assert rows["db"]["proxy_protocol"] == {"trusted": ["192.0.2.0/24"], "header_timeout": 7.0}
         text = await in_thread(exchange, port, header("v1", ("127.0.0.1", 9), (LOOPBACK, port))
                                + get("/_api/routes?format=text"))
         assert b"(send PROXY v2)" in text and b"(PROXY from 192.0.2.0/24)" in text
