@@ -435,6 +435,42 @@ async def test_first_tcp_connection_gets_its_early_bytes_echoed(tmp_path: Path, 
         await stop_router(router, *service.starts())
 
 
+GREETER = """
+import os, socket, sys
+listening = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = listening.accept()
+    conn.sendall(f"{os.environ['GREETING']} from {os.getcwd()}\\n".encode())
+    conn.close()
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_runs_with_its_env_and_in_its_cwd(tmp_path: Path) -> None:
+    """The command's env is added to portrouter's own, and it runs in its cwd."""
+    work = tmp_path / "work"
+    work.mkdir()
+    port = free_port()
+    project = own_port("tcp", "greeter", f"tcp:{LOOPBACK}:{port}", [sys.executable, "-c", GREETER, str(port)],
+                       env={"GREETING": "hello"}, cwd=str(work))
+    router = await router_with(project)
+    sup = supervisor(router, "greeter")
+    pids: list[int] = []
+    try:
+        def greeted() -> bytes:
+            with socket.create_connection((LOOPBACK, router.port_of("greeter")), timeout=30) as sock:
+                got = b""
+                while chunk := sock.recv(1024):
+                    got += chunk
+                return got
+
+        assert await in_thread(greeted) == f"hello from {work}\n".encode()
+        assert sup.pid is not None
+        pids.append(sup.pid)
+    finally:
+        await stop_router(router, *pids)
+
+
 @pytest_twisted.ensureDeferred
 async def test_first_websocket_gets_its_first_message_answered(tmp_path: Path) -> None:
     """Both bridges: a service port on the ingress, and a ``ws`` route of its own."""
