@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+import pytest
 import pytest_twisted
 from twisted.internet import task
 
@@ -315,6 +316,41 @@ async def test_portrouter_tunnel_64_mib_each_way(tmp_path: Path) -> None:
     local = free_port()
     tunnel = portrouter_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path, "--token", ADMIN_TOKEN)
     await tunnel_64_mib(router, service, tunnel, local)
+
+
+@pytest.mark.parametrize("secret, answered", [(SECRET_KEY, True), ("not-the-secret", False)])
+@pytest_twisted.ensureDeferred
+async def test_portrouter_tunnel_signs_with_a_keypair(tmp_path: Path, secret: str, answered: bool) -> None:
+    """
+    ``--access-key A --secret-key S``: each WebSocket signed as Backend.AI's
+    client signs; a wrong secret is refused (403) and the local connection
+    closed with nothing relayed.
+    """
+    service = ThreadServer(echo)
+    router = await start_router(config=service_config(tmp_path, {"echo": service.port}))
+    local = free_port()
+    tunnel = portrouter_tunnel(stream_url(router.port_of(), "echo"), local, tmp_path,
+                               "--access-key", ACCESS_KEY, "--secret-key", secret)
+
+    def say_hello() -> bytes:
+        with socket.create_connection((LOOPBACK, local), timeout=30) as sock:
+            sock.sendall(b"hello\n")
+            got = b""
+            while len(got) < 6 and (chunk := sock.recv(100)):
+                got += chunk
+            return got
+
+    try:
+        await tunnel.listening_on(local)
+        assert await in_thread(say_hello) == (b"hello\n" if answered else b"")
+        if not answered:
+            await wait_for(lambda: "cannot reach" in tunnel.output() and "403" in tunnel.output(), 30,
+                           "the tunnel to say it was refused")
+            assert not service.accepted
+    finally:
+        tunnel.stop()
+        service.close()
+        await router.stopService()
 
 
 @pytest_twisted.ensureDeferred
