@@ -391,6 +391,71 @@ async def test_sigterm_lets_a_transfer_in_flight_finish(tmp_path: Path) -> None:
         backend.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_sigint_lets_a_request_finish_and_closes_the_rest_at_the_drain_timeout(tmp_path: Path) -> None:
+    """
+    SIGINT as the first signal drains as SIGTERM does: an HTTP request in
+    flight is answered; a connection still open at drain_timeout is closed,
+    its line saying so; twistd exits 0.
+    """
+    asked, answer = threading.Event(), threading.Event()
+
+    def held_http(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        asked.set()
+        if answer.wait(60):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nanswered")
+
+    web, held = ThreadServer(held_http), ThreadServer(echo)
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"ingress: tcp:0:interface={LOOPBACK}\nstate: {tmp_path / 'state'}\ndrain_timeout: 3\n"
+                      f"projects:\n  - {{name: web, backend: '{web.address}'}}\n")
+    daemon = Twistd("--config", str(config), "--tcp", route(held.address))
+    sock: socket.socket | None = None
+
+    def request(port: int) -> bytes:
+        with connect(port, timeout=60) as client:
+            client.sendall(b"GET /web/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while data := client.recv(65536):
+                reply += data
+            return reply
+
+    try:
+        port, ingress = await daemon.port_of("tcp-0"), await daemon.ingress_port()
+        sock = await in_thread(connect, port)
+        assert await in_thread(roundtrip, sock, b"open") == b"open"
+        reply = in_thread(request, ingress)
+        await wait_for(asked.is_set, 30, "the request to reach the backend")
+
+        daemon.proc.send_signal(signal.SIGINT)
+        await daemon.wait_line(r"draining 2 open connections \(at most 3 s\)")
+        assert await in_thread(refused, ingress)
+        answer.set()
+        got = await reply
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"answered"), got
+        assert await daemon.wait_exit(timeout=30) == 0, everything(daemon)
+        assert daemon.find(r"tcp tcp-0 127\.0\.0\.1:\d+: portrouter stopped; closed after the drain timeout "
+                           r"\(3 s\)"), everything(daemon)
+        sock.settimeout(10)
+        try:
+            assert await in_thread(sock.recv, 100) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        answer.set()
+        if sock is not None:
+            sock.close()
+        daemon.stop()
+        web.close()
+        held.close()
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest_twisted.ensureDeferred
 async def test_second_signal_stops_at_once(tmp_path: Path, second: signal.Signals) -> None:
