@@ -971,6 +971,42 @@ async def test_every_log_destination_gets_every_line_in_order_through_a_drain(
         backend.close()
 
 
+def running(pid: int) -> bool:
+    """Whether C{pid} runs: a daemon's parent is init, which may be slow to reap it (a zombie has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_started_without_n_logs_to_twistd_log(tmp_path: Path) -> None:
+    """Without ``-n``, twistd forks a daemon, and portrouter writes twistd's lines to the daemon's twistd.log."""
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"ingress: tcp:0:interface={LOOPBACK}\nstate: {tmp_path / 'state'}\n")
+    pidfile, log_file = tmp_path / "portrouter.pid", tmp_path / "twistd.log"
+    started = await in_thread(subprocess.run, [twistd_path(), "--pidfile", str(pidfile), "portrouter",
+                                               "--config", str(config)],
+                              cwd=tmp_path, capture_output=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    pid = int(await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "the pid file"))
+    try:
+        def logged(regex: str) -> re.Match[str] | None:
+            return re.search(regex, log_file.read_text()) if log_file.exists() else None
+
+        listening = await wait_for(lambda: logged(r"ingress listening on [\d.]+:(\d+)"), 30,
+                                   "the ingress line in twistd.log")
+        status, _, _ = await in_thread(get, int(listening.group(1)), "/_api/routes")
+        assert status == 200
+        os.kill(pid, signal.SIGTERM)
+        await wait_for(lambda: not running(pid), 30, "the daemon to exit")
+        assert logged(r"Server Shut Down"), log_file.read_text()
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_log_file_rotates_on_sigusr1_as_twistds_does(tmp_path: Path) -> None:
     backend = ThreadServer(echo)
