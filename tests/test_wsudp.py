@@ -22,6 +22,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from portrouter.config import parse
+from portrouter.metrics import registry_for, render
 from portrouter.relay import queued
 from portrouter.services import udp_bound
 from tests.support import (
@@ -224,11 +225,58 @@ async def test_a_udp_service_starts_on_demand_and_gets_the_early_datagrams(tmp_p
         await router.stopService()
 
 
+GATED_UDP_ECHO_SERVER = """
+import os, socket, sys, time
+while not os.path.exists(sys.argv[2]):  # the test says when to bind: until then, it is starting
+    time.sleep(0.01)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(data[:8], peer)
+"""
+
+
+def the_bridge(router: Any) -> Any:
+    """The one open udpproxy WebSocket's bridge on the router's ingress, or None."""
+    return next((c.tunnel for c in router.ingress.factory.channels if getattr(c, "tunnel", None) is not None), None)
+
+
 @pytest_twisted.ensureDeferred
-async def test_max_connections_and_a_client_that_does_not_read(tmp_path: Path) -> None:
+async def test_datagrams_while_the_service_starts_are_held_up_to_64_kib(tmp_path: Path, logged: list[str]) -> None:
+    """
+    What comes while an on-demand service starts is held, up to 64 KiB, and
+    sent once it is up; past that it is dropped, counted, and said when the
+    session ends.
+    """
+    port = free_port(socket.SOCK_DGRAM)
+    script, gate = tmp_path / "echo.py", tmp_path / "gate"
+    script.write_text(GATED_UDP_ECHO_SERVER)
+    router = await start_router(config=udp_config(tmp_path, [
+        {"name": "dns", "protocol": "udp", "port": port,
+         "command": [sys.executable, str(script), str(port), str(gate)]},
+    ]))
+    try:
+        ws = await in_thread(opened, router.port_of())
+        for i in range(9):  # 8 x 8000 bytes fit in 64 KiB, the ninth does not
+            ws.send(b"%08d" % i + bytes(7992))
+        await wait_for(lambda: (bridge := the_bridge(router)) is not None and bridge.dropped == 1, 30,
+                       "the ninth datagram to be dropped")
+        gate.touch()
+        assert [await in_thread(ws.frame) for _ in range(8)] == [(BINARY, b"%08d" % i) for i in range(8)]
+        ws.close()
+        await log_line(logged, r"^udp k1/dns 127\.0\.0\.1:\d+: 1 datagrams dropped, 0 refused by the service")
+        assert router.sessions.stats.datagrams_dropped["k1/dns"] == 1
+    finally:
+        await router.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_and_a_client_that_does_not_read(tmp_path: Path, logged: list[str]) -> None:
     """
     A service that floods a client that does not read: datagrams are dropped
-    and counted once the client's buffer is full, never queued without bound.
+    and counted once the client's buffer is full, never queued without bound;
+    the session's line says how many, and so does /_api/metrics.
     """
     flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flood.bind((LOOPBACK, 0))
@@ -259,15 +307,18 @@ async def test_max_connections_and_a_client_that_does_not_read(tmp_path: Path) -
 
         def dropping() -> bool:
             nonlocal bridge
-            bridge = next((c.tunnel for c in router.ingress.factory.channels  # type: ignore[union-attr]
-                           if getattr(c, "tunnel", None) is not None), None)
+            bridge = the_bridge(router)
             return bridge is not None and bridge.dropped > 1000
 
         await wait_for(dropping, 30, "the router to drop datagrams for the client that does not read")
         assert queued(bridge.transport) < 65536 + 8014  # its buffer, and at most one more frame
         ws.close()
         await wait_for(lambda: not router.sessions.live, 15, "the session to end")
-        assert router.sessions.stats.datagrams_dropped["k1/flood"] > 1000
+        dropped = router.sessions.stats.datagrams_dropped["k1/flood"]
+        assert dropped > 1000
+        await log_line(logged, rf"^udp k1/flood 127\.0\.0\.1:\d+: {dropped} datagrams dropped, 0 refused")
+        assert f'portrouter_service_datagrams_dropped_total{{project="k1/flood"}} {dropped}.0' in render(
+            registry_for(router)).decode()
     finally:
         stop.set()
         flood.close()
