@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.support import LOOPBACK, ThreadServer, Twistd, free_port, in_thread
+from portrouter.auth import sign_request
+from tests.support import LOOPBACK, RawWebSocket, ThreadServer, Twistd, free_port, in_thread
 
 
 def echo(conn: socket.socket) -> None:
@@ -86,3 +87,48 @@ async def test_port_in_use_stops_start_up_and_nothing_stays_bound(tmp_path: Any)
     finally:
         daemon.stop()
         holder.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_secret_files_are_read_relative_to_the_start_directory(tmp_path: Any) -> None:
+    """
+    ``token_file`` and ``secret_key_file`` given relative are read from the
+    directory twistd was started in, not the config file's.
+    """
+    service = ThreadServer(echo)
+    start, conf = tmp_path / "start", tmp_path / "conf"
+    (start / "secrets").mkdir(parents=True)
+    conf.mkdir()
+    (start / "secrets" / "ops.token").write_text("token-from-the-start-directory\n")
+    (start / "secrets" / "k1.secret").write_text("secret-from-the-start-directory\n")
+    config = conf / "routes.yaml"
+    config.write_text(
+        f"ingress: tcp:0:interface={LOOPBACK}\nstate: {tmp_path / 'state'}\n"
+        "auth:\n"
+        "  tokens: [{token_file: secrets/ops.token, admin: true}]\n"
+        "  keypairs: [{access_key: AKIARELATIVE, secret_key_file: secrets/k1.secret, projects: [k1]}]\n"
+        f"projects:\n  - {{name: k1, host: {LOOPBACK}, services: [{{name: echo, protocol: tcp, port: {service.port}}}]}}\n"
+    )
+    daemon = Twistd("--config", str(config), cwd=str(start))
+    try:
+        ingress = await daemon.ingress_port()
+
+        def status_of(target: str, headers: dict[str, str]) -> int:
+            raw = RawWebSocket(ingress)
+            try:
+                return raw.request(target, headers, upgrade=target.startswith("/stream/"))[0]
+            finally:
+                raw.close()
+
+        bearer = {"Authorization": "Bearer token-from-the-start-directory"}
+        assert await in_thread(status_of, "/_api/routes", bearer) == 200
+        assert await in_thread(status_of, "/_api/routes", {}) == 401
+        target = "/stream/session/k1/tcpproxy?app=echo"
+        signed = sign_request("GET", f"http://{LOOPBACK}:{ingress}{target}", "AKIARELATIVE",
+                              "secret-from-the-start-directory")
+        assert await in_thread(status_of, target, signed) == 101
+        wrong = sign_request("GET", f"http://{LOOPBACK}:{ingress}{target}", "AKIARELATIVE", "another-secret")
+        assert await in_thread(status_of, target, wrong) == 403
+    finally:
+        daemon.stop()
+        service.close()
