@@ -10,6 +10,7 @@ C{tests/test_proxy_peers.py}.
 from __future__ import annotations
 
 import _socket
+import hashlib
 import ipaddress
 import json
 import socket
@@ -33,13 +34,13 @@ from portrouter.config import ConfigError, load, parse
 from portrouter.front import Front
 from portrouter.metrics import registry_for, render
 from portrouter.proxyheader import V2_SIGNATURE, header
-from portrouter import proxyheader, proxyproto, tcp
+from portrouter import proxyheader, proxyproto, relay, tcp
 from portrouter.proxyproto import HeaderFirst, HeaderRefused, read_header
 from portrouter.router import RouterService
 from tests.httpbackend import Backend
 from tests.support import (
-    LOOPBACK, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets, read_until,
-    start_router, stop_clocked, wait_for,
+    LOOPBACK, MiB, ClockedReactor, RawWebSocket, ThreadServer, UDPEcho, free_port, in_thread, kernel_sockets,
+    read_until, send_all_and_hash, start_router, stop_clocked, wait_for,
 )
 from tests.pki import CA
 from tests.test_hostnames import DOMAIN, ca, front_port, read_to_the_end, store  # noqa: F401 (ca, store: fixtures)
@@ -995,6 +996,58 @@ def direct_route(tmp_path: Path, server: ThreadServer, port: int, send_proxy: st
 def is_direct(router: RouterService) -> bool:
     """The route's trusted clients take the direct path (the backend is an IP address)."""
     return router.listeners["ssh"].factory.direct is not None  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_clients_bulk_is_spliced_after_its_header(tmp_path: Path, logged: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The kernel connection stays the client's behind its header, so a bulk
+    transfer through the direct path is spliced as a direct client's is,
+    and arrives whole after the header sent on.
+    """
+    spliced = [0]
+    splice = relay._SPLICE
+    assert splice is not None
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        n: int = splice(*args, **kwargs)
+        spliced[0] += n
+        return n
+
+    monkeypatch.setattr(relay, "_SPLICE", counting)
+    size = 16 * MiB
+
+    def sink(conn: socket.socket) -> bytes:
+        head = read_until(conn, b"\r\n")  # the v1 header sent on
+        assert head is not None
+        digest, total = hashlib.sha256(head[1]), len(head[1])
+        while data := conn.recv(MiB):
+            digest.update(data)
+            total += len(data)
+        conn.sendall(b"%d %s" % (total, digest.hexdigest().encode()))
+        return head[0]
+
+    server = ThreadServer(sink)
+    port = free_port()
+    router = await start_router(config=direct_route(tmp_path, server, port))
+    assert is_direct(router)
+    try:
+        def send() -> tuple[str, bytes]:
+            with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
+                sock.sendall(header("v2", CLIENT_V4, (LOOPBACK, port)))
+                sent = send_all_and_hash(sock, 3, size)
+                sock.shutdown(socket.SHUT_WR)
+                return sent, read_to_the_end(sock)
+
+        sent, reply = await in_thread(send)
+        assert reply == b"%d %s" % (size, sent.encode())
+        assert spliced[0] >= size // 2, spliced  # bulk, through a pipe: twice per byte spliced
+        await wait_for(lambda: server.results, 30, "the backend's header")
+        assert server.results[0] == b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 %d" % port
+    finally:
+        await router.stopService()
+        server.close()
 
 
 @pytest_twisted.ensureDeferred
