@@ -515,3 +515,41 @@ async def test_reload_keeps_the_hostnames_section(tmp_path: Path, store: Path, b
         assert result.stdout.endswith("404")
     finally:
         await router.stopService()
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_reuse_port_lets_two_routers_bind_one_tls_front_and_one_manhole(tmp_path: Path, store: Path,
+                                                                              reuse_port: bool) -> None:
+    """
+    README: reuse_port sets SO_REUSEPORT on every tcp: listener, the TLS
+    front and the manhole too: two routers bind the same ones. Without it,
+    the second router cannot bind, and leaves nothing bound.
+    """
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("")
+    front, manhole = free_port(), free_port()
+
+    def router(name: str) -> RouterService:
+        return RouterService(parse({
+            "ingress": f"tcp:0:interface={LOOPBACK}", "state": str(tmp_path / name), "reuse_port": reuse_port,
+            "tls": {"certificates": str(store)},
+            "hostnames": {"domains": [DOMAIN], "listen": f"tcp:{front}:interface={LOOPBACK}"},
+            "manhole": {"listen": f"tcp:{manhole}:interface={LOOPBACK}", "authorized_keys": str(keys)},
+        }), reactor, Front)
+
+    first, second = router("a"), router("b")
+    first.privilegedStartService()
+    try:
+        if reuse_port:
+            second.privilegedStartService()
+            for r in (first, second):
+                assert r.tls_front is not None and r.manhole is not None
+                assert (r.tls_front.port.getHost().port, r.manhole.port.getHost().port) == (front, manhole)
+            await second.stopService()
+        else:
+            with pytest.raises(Exception, match=f"{front}.* in use|{manhole}.* in use"):
+                second.privilegedStartService()
+            assert (second.ingress, second.tls_front, second.manhole) == (None, None, None)
+    finally:
+        await first.stopService()
