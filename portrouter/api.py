@@ -174,6 +174,10 @@ class API:
             # At once, without reading (or asking for) a body it will not use.
             return self._error(channel, refusal, early=request.has_body)
         method = request.method
+        if method == b"HEAD":
+            # What GET would answer, without its body (the channel leaves it
+            # out), as every HTTP server must (RFC 9110 9.3.2).
+            method = b"GET"
         parts = rest.split(b"/")
         try:
             if parts == [b"routes"] and method == b"GET":
@@ -195,7 +199,7 @@ class API:
             if parts == [b"reload"] and method == b"POST":
                 # reload() takes the router's lock itself (SIGHUP comes there too).
                 return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._reload())))
-            if parts == [b"events"] and method == b"GET" and self.dashboard is not None:
+            if parts == [b"events"] and request.method == b"GET" and self.dashboard is not None:
                 return self.dashboard.hub.handler(channel, request)
             if parts == [b"nodes"] and method == b"GET":
                 return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._nodes())))

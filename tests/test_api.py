@@ -1325,3 +1325,21 @@ async def test_projects_may_take_the_names_of_the_routers_own_ports(tmp_path: Pa
     finally:
         await router.stopService()
         backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_answers_what_get_would_without_the_body(tmp_path: Path) -> None:
+    """Every reading endpoint takes HEAD, as every HTTP server must (RFC 9110): GET's head, no body."""
+    router = await api_router(tmp_path, projects=(parse_project({"name": "web", "backend": "tcp:127.0.0.1:4000"}),))
+    port = router.port_of()
+    try:
+        for path in ("/_api/routes", "/_api/routes?format=text", "/_api/projects", "/_api/projects/web",
+                     "/_api/metrics", "/_api/projects/nope"):
+            get_status, get_headers, body = await in_thread(call, port, "GET", path)
+            head_status, head_headers, nothing = await in_thread(call, port, "HEAD", path)
+            assert (head_status, nothing) == (get_status, b""), path
+            assert head_headers["content-type"] == get_headers["content-type"], path
+            if path != "/_api/metrics":  # its counters may move between the two calls
+                assert int(head_headers["content-length"]) == len(body), path
+    finally:
+        await router.stopService()

@@ -337,7 +337,9 @@ def test_only_an_admin_token_opens_it_and_the_cookie_is_not_the_token(tmp_path: 
         policy = dict(p.strip().split(" ", 1) for p in headers["content-security-policy"].split(";"))
         assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
         assert {policy[k] for k in ("script-src", "style-src", "img-src")} == {"'self'"}
-        # It opens reading, never a change; and a forged one opens nothing.
+        # It opens reading (GET, HEAD), never a change; and a forged one opens nothing.
+        assert call(port, "HEAD", "/_api/routes", headers=cookie)[:1] == (200,)
+        assert call(port, "HEAD", "/_api/routes")[:1] == (401,)
         assert call(port, "PUT", "/_api/projects/p", {"backend": "tcp:127.0.0.1:1"}, headers=cookie)[0] == 401
         assert call(port, "GET", "/_api/events", headers={"Cookie": "portrouter_dashboard=" + "0" * 64})[0] == 401
         # Scoped to portrouter's own paths: no project behind the ingress gets it.
