@@ -21,7 +21,9 @@ from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
+from OpenSSL import SSL
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -29,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from portrouter.certs import HTTP_PROTOCOLS
+from portrouter.certs import HTTP_PROTOCOLS, openssl_reasons
 from portrouter.model import Limits, Project
 from portrouter.interfaces import IConnection, IReactor
 from portrouter.proxyheader import header_for
@@ -196,6 +198,15 @@ class Bridge(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         self.holds = Holds(self.transport)
         super().connectionMade()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if isinstance(reason.value, SSL.Error):
+            # Said once already, as OpenSSL put it: by the TLS transport for
+            # a failed handshake (certs), else in the session's line.
+            # Autobahn would log it again, at error level, as "SSL error:
+            # http request (in )" for every client that spoke no TLS.
+            reason = Failure(ConnectionLost(f"TLS: {openssl_reasons(reason.value)}"))
+        super().connectionLost(reason)
 
     def onConnect(self, request: Any) -> str | None:
         # noVNC and websockify speak the "binary" subprotocol.
