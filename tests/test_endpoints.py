@@ -341,6 +341,33 @@ async def test_tls_backends_with_trust_roots_for_http_and_tcp_routes(authorities
         tcp_backend.close()
 
 
+@pytest.mark.parametrize("trusted", [True, False], ids=["our CA in the system store", "not in it"])
+@pytest_twisted.ensureDeferred
+async def test_a_tls_backend_without_trust_roots_is_verified_against_the_system_store(
+        authorities: Any, logged: list[str], monkeypatch: pytest.MonkeyPatch, trusted: bool) -> None:
+    """
+    Without trustRoots, the system store: OpenSSL's default paths, which
+    SSL_CERT_FILE names for this process. Our CA there, the backend is
+    reached; not there, a 502 saying why.
+    """
+    ca, stranger = authorities
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.path if trusted else stranger.path))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    http_backend = TLSBackend(ca.server_context("localhost"))
+    router = await start_router(("http", f"tcp:0:interface={LOOPBACK} -> tls:localhost:{http_backend.port}"))
+    try:
+        got = await in_thread(curl, "-i", f"http://{LOOPBACK}:{router.port_of('http-0')}/headers")
+        if trusted:
+            assert got.stdout.startswith(b"HTTP/1.1 200"), got.stdout
+        else:
+            assert got.stdout.startswith(b"HTTP/1.1 502"), got.stdout
+            await log_line(logged, r"^http-0: GET /headers: 502 backend TLS certificate verify failed: "
+                                   r"unable to get local issuer certificate$")
+    finally:
+        await router.stopService()
+        http_backend.close()
+
+
 @pytest.mark.parametrize("what, make, says", BAD_CERTIFICATES, ids=[b[0] for b in BAD_CERTIFICATES])
 @pytest_twisted.ensureDeferred
 async def test_tls_backend_that_does_not_verify_is_a_502_or_a_close_with_the_reason(
