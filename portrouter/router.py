@@ -538,19 +538,25 @@ class RouterService(MultiService):
     def _drain(self, projects: set[str], released: list[Listener]) -> None:
         """Open connections of removed projects may finish until drain_timeout."""
         timeout = self.config.drain_timeout
+        # Theirs now: a project deployed again meanwhile has new sessions
+        # of the same name, which are not closed with these.
+        sessions = [s for s in self.sessions.live if s.project.split("/")[0] in projects]
 
         def channels() -> list[Any]:
             # The removed projects' own ports, and requests for them on the
             # shared ports (path and hostname routes): looked at again when
             # the timer fires, so a kept-alive client that moved on to
-            # another project is left alone.
+            # another project is left alone, as are the requests of a
+            # project deployed again meanwhile (old and new alike: a request
+            # names a project, not which deployment of it).
+            gone = projects - set(self.table.projects)
             shared = [l for l in (self.ingress, self.tls_front) if l is not None]
             return [c for l in released for c in getattr(l.factory, "channels", ())] + [
                 c for l in shared for c in l.factory.channels
-                if c.busy and (c.project or "").split("/")[0] in projects]
+                if c.busy and (c.project or "").split("/")[0] in gone]
 
         def close() -> None:
-            left = [s for s in self.sessions.live if s.project.split("/")[0] in projects]
+            left = [s for s in sessions if s in self.sessions.live]
             for session in left:
                 session.reason = f"project removed; closed after the drain timeout ({timeout:g} s)"
                 session.close()
@@ -558,7 +564,7 @@ class RouterService(MultiService):
                 if channel.transport is not None:
                     channel.transport.abortConnection()
 
-        if any(s.project.split("/")[0] in projects for s in self.sessions.live) or channels():
+        if sessions or channels():
             self.reactor.callLater(timeout, close)
 
     def serialised(self, work: Callable[[], Coroutine[Any, Any, T]]) -> defer.Deferred[T]:

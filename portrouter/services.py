@@ -10,7 +10,8 @@ themselves, paused). A command that exits first, or a port that does not open
 within ``start_timeout``, fails every waiting connection with the reason; one
 service failing never blocks another. Output goes to the log line by line;
 ``idle_stop`` stops a service after its last connection; every child is
-stopped (SIGTERM, then SIGKILL) when portrouter stops.
+stopped (SIGTERM, then SIGKILL) when portrouter stops, and a removed
+project's once its open connections have drained (L{Supervisor.retire}).
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ class Supervisor:
         self.idle_timer: Any = None
         self.starts = 0
         self.stop_requested = False
-        # Its project was removed: the drain timeout's timer, until it is
-        # stopped (when its last connection ends, or the timer fires).
+        # Its project was removed (retire): it starts nothing any more, and
+        # is stopped when its last connection ends or this timer (the drain
+        # timeout's) fires; None once stopped, or never retired.
+        self.retired = False
         self.retiring: Any = None
         # What the dashboard shows: when the last start began, how long it
         # took to open the port, and why the last start failed (None once one succeeds).
@@ -152,6 +155,10 @@ class Supervisor:
         """Fire when the service accepts connections, starting it if needed."""
         if self.ready and self.process is not None:
             return defer.succeed(None)
+        if self.retired:
+            # A client that was still on its way when the project went (a
+            # WebSocket handshake): no process is started that nobody stops.
+            return defer.fail(StartFailed(f"{self.name}: its project was removed"))
         # Each waiter has its own Deferred: one giving up (its client left)
         # does not cancel the start the others wait for.
         waiter: defer.Deferred[None] = defer.Deferred()
@@ -281,6 +288,7 @@ class Supervisor:
         ended, as the project's open connections drain, or when they are
         closed after C{drain_timeout}; at once if none is open.
         """
+        self.retired = True
         if self.active == 0:
             self.stop()
             return
@@ -293,9 +301,10 @@ class Supervisor:
     def stop(self) -> defer.Deferred[None]:
         """SIGTERM, then SIGKILL after a grace period; fires once it is gone."""
         self.stop_requested = True  # a start waiting for the last run to go is not made
-        timer, self.retiring = self.retiring, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        for timer in (self.retiring, self.idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.retiring = self.idle_timer = None
         process, protocol = self.process, self.output_protocol
         self.ready = False
         if process is None or protocol is None:
@@ -360,7 +369,7 @@ class Services:
         backend = project.service_endpoint(service) if service is not None else project.backend
         supervisor = self.supervisors.get(key)
         if supervisor is None:
-            supervisor = self._taken_back(key)
+            self._replaced(key)
         if supervisor is None or supervisor.command != command or supervisor.backend != backend:
             if supervisor is not None:
                 supervisor.stop()
@@ -375,27 +384,22 @@ class Services:
         Stop the commands of a project that is gone, each once the
         connections using it have drained (L{Supervisor.retire}).
         """
-        self.retired = [(k, s) for k, s in self.retired if s.retiring is not None]
+        self.retired = [(k, s) for k, s in self.retired if s.retiring is not None or s.process is not None]
         for key in [k for k in self.supervisors if k[0] == project]:
             supervisor = self.supervisors.pop(key)
             supervisor.retire(drain_timeout)
-            if supervisor.retiring is not None:
-                self.retired.append((key, supervisor))
+            self.retired.append((key, supervisor))  # until gone: the router's stop waits for it
 
-    def _taken_back(self, key: tuple[str, str | None]) -> Supervisor | None:
+    def _replaced(self, key: tuple[str, str | None]) -> None:
         """
-        A removed project's command, still draining, when the project is
-        back: it serves again, not stopped, as if never removed (its
-        process holds the port, which a second one could not open).
+        A removed project's command still draining, when the project is
+        back: stopped now, as a changed command is, and a new one started on
+        demand (the old process holds the port, and a new start would take
+        it for its own). Kept among the retired until it is gone.
         """
-        for i, (retired_key, supervisor) in enumerate(self.retired):
+        for retired_key, supervisor in self.retired:
             if retired_key == key and supervisor.retiring is not None:
-                del self.retired[i]
-                supervisor.retiring.cancel()
-                supervisor.retiring = None
-                self.supervisors[key] = supervisor
-                return supervisor
-        return None
+                supervisor.stop()
 
     def _all(self) -> list[Supervisor]:
         return [*self.supervisors.values(), *(s for _, s in self.retired)]

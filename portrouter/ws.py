@@ -201,10 +201,11 @@ class Bridge(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         if isinstance(reason.value, SSL.Error):
-            # Said once already, as OpenSSL put it: by the TLS transport for
-            # a failed handshake (certs), else in the session's line.
-            # Autobahn would log it again, at error level, as "SSL error:
-            # http request (in )" for every client that spoke no TLS.
+            # A failed handshake is said once already, as OpenSSL put it, by
+            # the TLS transport (certs); later, the session's line says the
+            # client went (1006), as a tcp route's says it closed. Autobahn
+            # would log it again, at error level, as "SSL error: http
+            # request (in )" for every client that spoke no TLS.
             reason = Failure(ConnectionLost(f"TLS: {openssl_reasons(reason.value)}"))
         super().connectionLost(reason)
 

@@ -486,6 +486,42 @@ async def test_delete_stops_accepting_at_once_and_closes_open_connections_after_
         backend.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_project_deployed_again_keeps_its_new_connections_past_the_old_drain(tmp_path: Path) -> None:
+    """
+    The drain of a removed project closes the connections it had, not those
+    of the project deployed again under its name meanwhile.
+    """
+    backend = ThreadServer(echo)
+    port = free_port()
+    clock = Clock()
+    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
+    router = RouterService(config, ClockedReactor(clock), Front)
+    router.privilegedStartService()
+    router.startService()
+    ingress = router.port_of()
+    manifest = {"backend": backend.address, "listen": listen(port, "tcp")}
+    old = new = None
+    try:
+        assert (await api(ingress, "PUT", "/_api/projects/again", manifest))[0] == 201
+        old = await in_thread(connect, port)
+        assert await in_thread(say, old, b"old") == b"old"
+        assert await api(ingress, "DELETE", "/_api/projects/again") == (204, b"")
+        assert (await api(ingress, "PUT", "/_api/projects/again", manifest))[0] == 201
+        new = await in_thread(connect, port)
+        assert await in_thread(say, new, b"new") == b"new"
+        clock.advance(5.0)
+        assert await in_thread(closed_by_peer, old)
+        assert await in_thread(say, new, b"still here") == b"still here"
+        assert len(router.sessions.live) == 1
+    finally:
+        for sock in (old, new):
+            if sock is not None:
+                sock.close()
+        await stop_clocked(router, clock)
+        backend.close()
+
+
 def read_until(sock: socket.socket, marker: bytes) -> bytes:
     got = b""
     while marker not in got:

@@ -780,8 +780,8 @@ async def test_a_removed_projects_command_serves_its_open_connections_until_they
     """
     A removed project's open connections drain (README): the command that
     serves them is stopped once the last one ends, or at drain_timeout,
-    not when the project goes. The project back meanwhile is served by the
-    same process.
+    not when the project goes; and it starts nothing more. The project back
+    meanwhile stops it at once, as a changed command does, and starts anew.
     """
     echo = OnAClock(tmp_path)
     sup, clock, router = echo.sup, echo.clock, echo.router
@@ -791,31 +791,20 @@ async def test_a_removed_projects_command_serves_its_open_connections_until_they
         await router.serialised(lambda: router.change(table, persist=False))
 
     try:
-        first = await echo.connected()
+        # Removed with a connection open: it is still served, and stopped when it closes.
+        last = await echo.connected()
         pid = sup.pid
         assert pid is not None
         await change(router.table.without("echo"))
-        await echo.echoed(first, b"served after the project went\n")
+        await echo.echoed(last, b"served after the project went\n")
         assert sup.pid == pid and sup.retiring is not None
-        # Back before the drain ended: the same process, no longer retiring.
-        await change(router.table.with_project(project))
-        echo.port = router.port_of("echo")
-        again = await echo.connected()
-        assert router.commands.get(project) is sup and sup.pid == pid and sup.retiring is None
-        first.close()
-        again.close()
-        await wait_for(lambda: sup.active == 0, what="the connections to end")
-        assert alive(pid), "stopped, though its project came back"
-
-        # Removed again: stopped when the last connection ends...
-        last = await echo.connected()
-        await change(router.table.without("echo"))
-        assert alive(pid)
         last.close()
         await gone(pid)
-        assert not router.commands.retired or all(s.retiring is None for _, s in router.commands.retired)
+        await wait_for(lambda: sup.process is None, what="the exit to be noticed")
+        with pytest.raises(StartFailed, match="its project was removed"):
+            await sup.ensure()  # a client still on its way then starts nothing
 
-        # ...or at drain_timeout, with a connection still open.
+        # Or at drain_timeout, with a connection still open.
         await change(router.table.with_project(project))
         echo.port = router.port_of("echo")
         sup = echo.sup = supervisor(router, "echo")
@@ -829,6 +818,22 @@ async def test_a_removed_projects_command_serves_its_open_connections_until_they
         clock.advance(0.1)
         await gone(second)
         held.close()
+
+        # Back while it drains: the old process is stopped then, and the next connection starts a new one.
+        await change(router.table.with_project(project))
+        echo.port = router.port_of("echo")
+        sup = echo.sup = supervisor(router, "echo")
+        old = await echo.connected()
+        third = sup.pid
+        await change(router.table.without("echo"))
+        await change(router.table.with_project(project))
+        await gone(third)
+        assert await in_thread(old.recv, 100) == b""
+        old.close()
+        echo.port = router.port_of("echo")
+        sup = echo.sup = supervisor(router, "echo")
+        (await echo.connected()).close()
+        assert sup.pid not in (None, pid, second, third)
     finally:
         await stop_router(router, *echo.service.starts())
 
