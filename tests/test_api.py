@@ -439,17 +439,23 @@ async def test_replace_moving_a_port_keeps_the_open_connection_flowing(tmp_path:
 # -- delete with an open connection: drain ---------------------------------------------------
 
 
+def clocked_router(tmp_path: Path) -> tuple[RouterService, Clock]:
+    """A started router on a clock of the test's, with a drain_timeout of 5 s."""
+    clock = Clock()
+    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
+    router = RouterService(config, ClockedReactor(clock), Front)
+    router.privilegedStartService()
+    router.startService()
+    return router, clock
+
+
 @pytest_twisted.ensureDeferred
 async def test_delete_stops_accepting_at_once_and_closes_open_connections_after_drain_timeout(
     tmp_path: Path, relay_mode: str
 ) -> None:
     backend = ThreadServer(echo)
     port = free_port()
-    clock = Clock()
-    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
-    router = RouterService(config, ClockedReactor(clock), Front)
-    router.privilegedStartService()
-    router.startService()
+    router, clock = clocked_router(tmp_path)
     ingress = router.port_of()
     sock = None
     ended: list[dict[str, Any]] = []  # the log events of finished sessions
@@ -494,11 +500,7 @@ async def test_a_project_deployed_again_keeps_its_new_connections_past_the_old_d
     """
     backend = ThreadServer(echo)
     port = free_port()
-    clock = Clock()
-    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
-    router = RouterService(config, ClockedReactor(clock), Front)
-    router.privilegedStartService()
-    router.startService()
+    router, clock = clocked_router(tmp_path)
     ingress = router.port_of()
     manifest = {"backend": backend.address, "listen": listen(port, "tcp")}
     old = new = None
@@ -548,11 +550,7 @@ async def test_delete_drains_kept_alive_http_clients(tmp_path: Path) -> None:
     """
     web = Backend()
     port = free_port()
-    clock = Clock()
-    config = Config(ingress=f"tcp:0:interface={LOOPBACK}", state=str(tmp_path / "state"), drain_timeout=5.0)
-    router = RouterService(config, ClockedReactor(clock), Front)
-    router.privilegedStartService()
-    router.startService()
+    router, clock = clocked_router(tmp_path)
     ingress = router.port_of()
     idle = streaming = stuck = None
     try:
