@@ -126,6 +126,10 @@ class Supervisor:
         # timeout's) fires; None once stopped, or never retired.
         self.retired = False
         self.retiring: Any = None
+        # The run of the command this one replaces (its project deployed
+        # again, or its command changed), until it is gone: it may hold the
+        # port, and the first start's probe would take it for this one's.
+        self.predecessor: defer.Deferred[None] | None = None
         # What the dashboard shows: when the last start began, how long it
         # took to open the port, and why the last start failed (None once one succeeds).
         self.start_began: float | None = None
@@ -185,6 +189,9 @@ class Supervisor:
                 waiter.callback(None)
 
     async def _start(self) -> None:
+        predecessor, self.predecessor = self.predecessor, None
+        if predecessor is not None:
+            await predecessor
         if self.output_protocol is not None and not self.output_protocol.ended.called:
             # The last run is still being stopped (idle_stop, a start that
             # timed out): it may hold the port, and the probe would find it.
@@ -368,14 +375,14 @@ class Services:
         key = (project.name, service.name if service is not None else None)
         backend = project.service_endpoint(service) if service is not None else project.backend
         supervisor = self.supervisors.get(key)
-        if supervisor is None:
-            self._replaced(key)
+        ending = self._replaced(key) if supervisor is None else None
         if supervisor is None or supervisor.command != command or supervisor.backend != backend:
             if supervisor is not None:
-                supervisor.stop()
+                ending = supervisor.stop()
             name = project.name if service is None else f"{project.name}/{service.name}"
             supervisor = Supervisor(self.reactor, name, command, backend,
                                     owner.limits.start_timeout, self.clock)
+            supervisor.predecessor = ending
             self.supervisors[key] = supervisor
         return supervisor
 
@@ -390,16 +397,19 @@ class Services:
             supervisor.retire(drain_timeout)
             self.retired.append((key, supervisor))  # until gone: the router's stop waits for it
 
-    def _replaced(self, key: tuple[str, str | None]) -> None:
+    def _replaced(self, key: tuple[str, str | None]) -> defer.Deferred[None] | None:
         """
         A removed project's command still draining, when the project is
-        back: stopped now, as a changed command is, and a new one started on
-        demand (the old process holds the port, and a new start would take
-        it for its own). Kept among the retired until it is gone.
+        back: stopped now, as a changed command is; what fires once it is
+        gone, which the new one's first start waits for (the old process
+        holds the port, and the probe would take it for the new one's).
+        Kept among the retired until it is gone.
         """
+        ending = None
         for retired_key, supervisor in self.retired:
             if retired_key == key and supervisor.retiring is not None:
-                supervisor.stop()
+                ending = supervisor.stop()
+        return ending
 
     def _all(self) -> list[Supervisor]:
         return [*self.supervisors.values(), *(s for _, s in self.retired)]

@@ -839,6 +839,41 @@ async def test_a_removed_projects_command_serves_its_open_connections_until_they
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_project_back_while_its_command_drains_starts_anew_once_the_old_one_is_gone(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """
+    Deployed again while its old command still drains: the old process is
+    stopped, and the new one is started once it has gone, however long
+    that takes; the new connection is never handed to the old process.
+    """
+    monkeypatch.setattr(portrouter.services, "GRACE", 1.0)
+    echo = OnAClock(tmp_path, "--stubborn")  # ignores SIGTERM: killed after GRACE
+    router = echo.router
+    project = router.table.projects["echo"]
+
+    async def change(table: Any) -> None:
+        await router.serialised(lambda: router.change(table, persist=False))
+
+    try:
+        draining = await echo.connected()
+        old = echo.sup.pid
+        assert old is not None
+        await change(router.table.without("echo"))
+        await change(router.table.with_project(project))
+        echo.port = router.port_of("echo")
+        echo.sup = supervisor(router, "echo")
+        assert alive(old)  # SIGTERMed, which it ignores
+        with await echo.connected() as sock:
+            await gone(old)
+            await echo.echoed(sock, b"served by the new one\n")
+        assert echo.sup.pid not in (None, old)
+        assert echo.service.starts() == [old, echo.sup.pid]
+        draining.close()
+    finally:
+        await stop_router(router, *echo.service.starts())
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_connection_while_the_service_is_stopping_gets_a_new_one(
         tmp_path: Path, monkeypatch: Any) -> None:
     """The next start waits for the old process to let go of the port, however long it takes."""
