@@ -195,7 +195,8 @@ class API:
                         lambda: self._deploy(name, body))))
                 if method == b"DELETE":
                     return Fixed(lambda: self._later(channel, self.router.serialised(lambda: self._delete(name))))
-                raise APIError(405, "method_not_allowed", f"{method.decode()} is not allowed here")
+                raise APIError(405, "method_not_allowed", f"{request.method.decode()} is not allowed here",
+                               headers=[(b"Allow", b"GET, HEAD, PUT, DELETE")])  # RFC 9110: a 405 says what is
             if parts == [b"reload"] and method == b"POST":
                 # reload() takes the router's lock itself (SIGHUP comes there too).
                 return Fixed(lambda: self._later(channel, defer.Deferred.fromCoroutine(self._reload())))

@@ -1363,7 +1363,10 @@ async def test_projects_may_take_the_names_of_the_routers_own_ports(tmp_path: Pa
 
 @pytest_twisted.ensureDeferred
 async def test_head_answers_what_get_would_without_the_body(tmp_path: Path) -> None:
-    """Every reading endpoint takes HEAD, as every HTTP server must (RFC 9110): GET's head, no body."""
+    """
+    Every reading endpoint takes HEAD, as every HTTP server must (RFC 9110):
+    GET's head, no body; a method not taken is a 405 with Allow.
+    """
     router = await api_router(tmp_path, projects=(parse_project({"name": "web", "backend": "tcp:127.0.0.1:4000"}),))
     port = router.port_of()
     try:
@@ -1375,5 +1378,9 @@ async def test_head_answers_what_get_would_without_the_body(tmp_path: Path) -> N
             assert head_headers["content-type"] == get_headers["content-type"], path
             if path != "/_api/metrics":  # its counters may move between the two calls
                 assert int(head_headers["content-length"]) == len(body), path
+        # A method a project does not take: 405, saying which it takes.
+        status, headers, body = await in_thread(call, port, "PATCH", "/_api/projects/web")
+        assert (status, headers["allow"]) == (405, "GET, HEAD, PUT, DELETE")
+        assert json.loads(body)["error"] == {"code": "method_not_allowed", "message": "PATCH is not allowed here"}
     finally:
         await router.stopService()
