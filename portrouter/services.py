@@ -276,7 +276,7 @@ class Supervisor:
     def release(self) -> None:
         self.active = max(0, self.active - 1)
         if self.active == 0 and self.retiring is not None:
-            self._retire()
+            self.stop()  # retired, and its last connection ended before the drain timeout: stop() cancels it
             return
         idle_stop = self.command.idle_stop
         if self.active == 0 and idle_stop is not None and self.process is not None:
@@ -300,10 +300,7 @@ class Supervisor:
             self.stop()
             return
         if self.retiring is None:
-            self.retiring = self.clock.callLater(drain_timeout, self._retire)
-
-    def _retire(self) -> None:
-        self.stop()  # which cancels the timer, when the last connection ended first
+            self.retiring = self.clock.callLater(drain_timeout, self.stop)
 
     def stop(self) -> defer.Deferred[None]:
         """SIGTERM, then SIGKILL after a grace period; fires once it is gone."""

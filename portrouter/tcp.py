@@ -27,7 +27,7 @@ from portrouter.eventloop import after_round
 from portrouter.model import Limits, Project, Service
 from portrouter.interfaces import IReactor
 from portrouter.proxyheader import header, header_for, looks_like_header, might_be_header
-from portrouter.proxyproto import HeaderRefused, ProxyGate, header_so_far, read_header
+from portrouter.proxyproto import Found, HeaderRefused, ProxyGate, header_so_far, read_header
 from portrouter.relay import ConnectDeadlines, SpliceRelay, StreamSide, detach, direct_address, pair_streams, splicable
 from portrouter.services import Services, Supervisor
 from portrouter.sessions import Sample, Sessions, connect_failure, peer_of, show_address, tls_problem
@@ -456,8 +456,7 @@ class _HeaderWait:
         found = header_so_far(self, data)
         if found is not None:
             self._done()
-            self.route.accept_socket(self.sock, self.address, found.source, self.buffer[found.size:],
-                                     found.destination or self.local, found.as_sent)
+            self.route.accept_socket(self.sock, self.address, self.local, found, self.buffer[found.size:])
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(f"closed before its PROXY header was whole ({len(self.buffer)} bytes came)")
@@ -553,8 +552,7 @@ class TCPRoute(Factory):
                     wait = _HeaderWait(self, gate, sock, address, local, accepter)
                     wait.start(data)
                     continue
-                self.accept_socket(sock, address, found.source, data[found.size:], found.destination or local,
-                                   found.as_sent)
+                self.accept_socket(sock, address, local, found, data[found.size:])
             except Exception as e:
                 # This client is closed, and the others of the round still go on.
                 if wait is not None:
@@ -601,23 +599,23 @@ class TCPRoute(Factory):
         self.direct = None if supervisor is not None else direct_address(self.endpoint)
         self.sample = Sample(project.access_log)  # which connections get a line in the log
 
-    def accept_socket(self, sock: _socket.socket, address: tuple[Any, ...],
-                      source: tuple[str, int] | None = None, early: bytes = b"",
-                      local: tuple[str, int] | None = None, received: bytes | None = None) -> None:
+    def accept_socket(self, sock: _socket.socket, address: tuple[Any, ...], local: tuple[str, int] | None = None,
+                      found: Found | None = None, early: bytes = b"") -> None:
         """
         The direct path (L{accept_directly}): a plain TCP client to a plain TCP
         backend given by IP address. No Twisted transport is made for
-        either side; the relay connects the backend and splices. Behind a
-        PROXY header (L{look_later}), C{source} is the client's address it
-        names (L{None}: the proxy's own) and C{early} what the client sent
-        after it. C{local} is the address a header sent on names as the
-        client's destination: the one a received header named, else the
-        listener's bound address, when it is one (L{bound_address}); else
-        the socket is asked. C{received} is the header read, when a v2 route
-        sends it on as it came (L{portrouter.proxyproto.Found.as_sent}).
+        either side; the relay connects the backend and splices. C{local} is
+        the listener's bound address, when it is one (L{bound_address}),
+        which a header sent on names as the client's destination (else the
+        socket is asked). Behind a PROXY header (L{look_later}), C{found} is
+        that header, whose source is the client (L{None}: the proxy's own)
+        and whose destination a header sent on names instead (or whose
+        bytes it is: L{Found.as_sent}); C{early} is what the client sent
+        after it.
         """
         name = self.name
         limits = self.limits
+        source = found.source if found is not None else None
         host, port = source or (address[0], address[1])
         peer = show_address((host, port))
         if limits.max_connections is not None and self.sessions.full("tcp", name, limits.max_connections, peer):
@@ -633,9 +631,11 @@ class TCPRoute(Factory):
         relay.heard = bool(early)
         send_proxy = self.send_proxy
         if send_proxy is not None:
-            if received is None or send_proxy != "v2":
-                received = header(send_proxy, (host, port), local or sock.getsockname()[:2])
-            early = received + early
+            sent = found.as_sent if found is not None and send_proxy == "v2" else None
+            if sent is None:
+                to = found.destination if found is not None else None
+                sent = header(send_proxy, (host, port), to or local or sock.getsockname()[:2])
+            early = sent + early
         relay.early = early
         relay.connect(target, limits.connect_timeout, self.deadlines)
 

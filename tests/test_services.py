@@ -838,13 +838,15 @@ async def test_a_removed_projects_command_serves_its_open_connections_until_they
         await stop_router(router, *echo.service.starts())
 
 
+@pytest.mark.parametrize("how", ["deployed again while it drains", "its command changed"])
 @pytest_twisted.ensureDeferred
-async def test_a_project_back_while_its_command_drains_starts_anew_once_the_old_one_is_gone(
-        tmp_path: Path, monkeypatch: Any) -> None:
+async def test_a_replaced_command_starts_anew_once_the_old_one_is_gone(
+        tmp_path: Path, monkeypatch: Any, how: str) -> None:
     """
-    Deployed again while its old command still drains: the old process is
-    stopped, and the new one is started once it has gone, however long
-    that takes; the new connection is never handed to the old process.
+    Deployed again while its old command still drains, or with a changed
+    command: the old process is stopped, and the new one is started once it
+    has gone, however long that takes; the new connection is never handed
+    to the old process.
     """
     monkeypatch.setattr(portrouter.services, "GRACE", 1.0)
     echo = OnAClock(tmp_path, "--stubborn")  # ignores SIGTERM: killed after GRACE
@@ -858,7 +860,11 @@ async def test_a_project_back_while_its_command_drains_starts_anew_once_the_old_
         draining = await echo.connected()
         old = echo.sup.pid
         assert old is not None
-        await change(router.table.without("echo"))
+        if how == "its command changed":
+            assert project.command is not None
+            project = replace(project, command=replace(project.command, argv=(*project.command.argv, "--changed")))
+        else:
+            await change(router.table.without("echo"))
         await change(router.table.with_project(project))
         echo.port = router.port_of("echo")
         echo.sup = supervisor(router, "echo")
